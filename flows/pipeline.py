@@ -1,0 +1,80 @@
+"""Prefect orchestration of the DVC pipeline: one task per stage, each `dvc repro <stage>`.
+
+No ML here: DVC decides what is stale, the stages do the work. Run locally with
+`python -m flows.pipeline`, or serve it on a GPU worker with `--serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot help
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(f"stage '{stage}' failed (dvc repro exit code {returncode}); see its log above")
+        self.stage, self.returncode = stage, returncode
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return not (isinstance(exc, StageFailed) and exc.returncode == INPUT_ERROR_EXIT)
+
+
+def _stage_env() -> dict[str, str]:
+    """The stages' `python` must be this interpreter (the project's venv)."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, repo: str) -> None:
+    """Bring one stage up to date; stream its output into the task log."""
+    logger = get_run_logger()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=_stage_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logger.info("[%s] %s", stage, line.rstrip())
+    returncode = proc.wait()
+    if returncode != 0:
+        raise StageFailed(stage, returncode)
+
+
+@flow(name="synthmed-pipeline", log_prints=True)
+def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES)) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    for stage in stages:
+        repro_stage(stage, repo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repo", default=str(REPO_ROOT), help="repository root (where dvc.yaml is)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--serve", action="store_true", help="serve as a deployment on this (GPU) machine")
+    parser.add_argument("--cron", default=None, help="with --serve: schedule, e.g. '0 2 * * *'")
+    args = parser.parse_args(argv)
+    if args.serve:
+        pipeline.serve(name="synthmed-pipeline", cron=args.cron,
+                       parameters={"repo": args.repo, "stages": args.stages})
+    else:
+        pipeline(repo=args.repo, stages=args.stages)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""DVC stage `train_ldm`: text-conditioned latent diffusion on VAE latents of the train split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+
+from synthmed.config import as_dict, load_params, require_inputs, run_stage
+from synthmed.data.dataset import split_images
+from synthmed.errors import PipelineError
+from synthmed.io import atomic_path, write_json
+from synthmed.models.unet import build_unet
+from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm
+from synthmed.provenance import seed_everything, write_provenance
+from synthmed.runtime import pick_device
+from synthmed.text.encoder import TextEncoder
+
+DATASET = "data/ingest/dataset"
+PAIRS = "data/paraphrase/pairs.csv"
+VAE = "data/train_vae/vae"
+OUT = "data/train_ldm"
+
+
+@dataclass
+class TrainLDMParams:
+    text_encoder: str
+    text_max_length: int
+    caption_sources: list[str]  # which pair rows to train on: original, rule, llm
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention_head_dim: int
+    norm_num_groups: int
+    dropout: float
+    num_train_timesteps: int
+    prediction_type: Literal["epsilon", "v_prediction"]
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    context_dropout: float
+    sample_posterior: bool
+    grad_clip: float
+
+
+def main() -> None:
+    p, seed = load_params("train_ldm", TrainLDMParams)
+    g = seed_everything(seed)
+    device = pick_device()
+    require_inputs("train_ldm", PAIRS, DATASET, f"{VAE}/config.json")
+    pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
+    pairs = pairs[(pairs["split"] == "train") & pairs["caption_source"].isin(p.caption_sources)]
+    if pairs.empty:
+        raise PipelineError(f"{PAIRS}: no train pairs with caption_source in {p.caption_sources}; "
+                            "check train_ldm.caption_sources")
+    rows, images = split_images(DATASET, ["train"])
+    vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
+    encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
+    data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist())
+
+    unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
+                      block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
+                      cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
+                      norm_num_groups=p.norm_num_groups, dropout=p.dropout).to(device)
+    scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type)
+    cfg = LDMTrainConfig(p.steps, p.batch_size, p.lr, p.weight_decay, p.context_dropout,
+                         p.sample_posterior, p.grad_clip)
+    log = train_ldm(unet, scheduler, data, cfg, g)
+
+    with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
+        unet.to("cpu").save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "text_encoder.json").write_text(json.dumps(
+            {"name_or_path": p.text_encoder, "max_length": p.text_max_length}, indent=2) + "\n")
+    with atomic_path(f"{OUT}/loss.csv") as tmp:
+        pd.DataFrame(log).to_csv(tmp, index=False, float_format="%.6g")
+    write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
+                     inputs=[PAIRS, DATASET, VAE])
+    tail = log[-max(1, len(log) // 10):]
+    write_json("metrics/train_ldm.json", {
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "train_images": int(len(rows)),
+        "train_pairs": int(len(pairs)),
+        "unique_captions": len(set(pairs["text"])),
+        "parameters": sum(x.numel() for x in unet.parameters()),
+    })
+    print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

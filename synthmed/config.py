@@ -1,0 +1,115 @@
+"""Typed, validated access to one stage's section of params.yaml.
+
+Each stage declares its params as a dataclass; every field must be present in
+params.yaml (so `dvc exp run -S stage.key=value` always has a key to set) and of
+the declared type. Unknown keys are rejected, which catches typos in sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar
+
+import yaml
+
+from synthmed.errors import PipelineError
+
+T = TypeVar("T")
+PARAMS_FILE = "params.yaml"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run from the repository root, where params.yaml lives")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise PipelineError(f"{path}: not valid YAML{where} ({problem}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a mapping of stage names to sections")
+    return data
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise PipelineError(f"{where} = {value!r} is not supported; use one of: {choices}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise PipelineError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where} must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (
+        isinstance(value, bool) and tp is not bool
+    )):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise PipelineError(f"{where} must be {name}, got {value!r}")
+
+
+def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tuple[T, int]:
+    """Return (validated params of ``stage``, shared seed) from params.yaml."""
+    path = Path(path)
+    data = _read_yaml(path)
+    seed = data.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise PipelineError(f"{path}: top-level 'seed' must be an integer (e.g. seed: 42)")
+    section = data.get(stage)
+    if not isinstance(section, dict):
+        raise PipelineError(f"{path}: section '{stage}:' is missing or not a mapping; restore it from the README")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in section:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise PipelineError(f"{path}: unknown key '{stage}.{key}'{hint}")
+    values = {}
+    for name, field in fields.items():
+        where = f"{path}: {stage}.{name}"
+        if name not in section:
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
+                continue
+            raise PipelineError(f"{path}: key '{stage}.{name}' is missing; add it (see README, 'Params')")
+        values[name] = _check_type(section[name], hints[name], where)
+    try:
+        return cls(**values), seed
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"{path}: {stage}: {exc}") from None
+
+
+def as_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def require_inputs(stage: str, *paths: str | Path) -> None:
+    """Stop with one line if an upstream artifact is missing."""
+    for path in paths:
+        if not Path(path).exists():
+            raise PipelineError(f"{path}: missing upstream artifact; run `dvc repro {stage}` to build it first")

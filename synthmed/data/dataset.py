@@ -1,0 +1,32 @@
+"""Load the images of one split of an ImageFolder as tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from synthmed.data.imagefolder import load_images, read_metadata
+from synthmed.errors import PipelineError
+
+
+def to_model_range(images_uint8) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float in [-1, 1]."""
+    return torch.as_tensor(images_uint8).float() / 127.5 - 1.0
+
+
+def split_frame(folder: str | Path, splits: list[str]) -> pd.DataFrame:
+    """One row per image (first caption) of the given splits, in file order."""
+    df = read_metadata(folder)
+    rows = df[df["split"].isin(splits)].drop_duplicates("file_name")
+    if rows.empty:
+        raise PipelineError(f"{folder}/metadata.csv: no images in split(s) {', '.join(splits)}; "
+                            "check ingest.split_fractions")
+    return rows.reset_index(drop=True)
+
+
+def split_images(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, torch.Tensor]:
+    """(rows, uint8 images [N, C, H, W]) for the given splits."""
+    rows = split_frame(folder, splits)
+    return rows, torch.as_tensor(load_images(folder, rows["file_name"].tolist()))

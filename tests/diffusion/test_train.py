@@ -1,0 +1,92 @@
+"""The LDM must learn from the VAE latents of the real training images, paired with their captions.
+
+One published LoRA script trained on random latents by mistake; this test records
+what reaches the noise scheduler and the UNet and would fail on such a bug.
+"""
+
+import pandas as pd
+import torch
+
+from synthmed.data.dataset import to_model_range
+from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm
+from synthmed.models.unet import build_unet
+from synthmed.text.encoder import TextEncoder
+from tests.models.test_autoencoder import tiny_vae
+
+
+def tiny_unet(cross_dim=384):
+    torch.manual_seed(0)
+    return build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+                      cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=8, dropout=0.0)
+
+
+def test_ldm_is_fed_encoded_training_images_with_their_captions():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(5, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    names = [f"img{i}.png" for i in range(5)]
+    pairs = pd.DataFrame({"file_name": names + names[:2], "text": [f"caption {i}" for i in range(7)]})
+    vae = tiny_vae().eval()
+    vae.register_to_config(scaling_factor=0.7)
+    encoder = TextEncoder(max_length=8)
+    data = build_latent_pairs(vae, encoder, pairs, images, names)
+
+    with torch.no_grad():
+        expected = vae.encode(to_model_range(images)).latent_dist.mean * 0.7
+    caption_emb = dict(zip(pairs["text"], encoder.encode(pairs["text"].tolist())[0]))
+
+    unet, scheduler = tiny_unet(), make_noise_scheduler(1000)
+    seen = {"x0": [], "noisy": [], "unet_in": [], "text": []}
+    add_noise = scheduler.add_noise
+
+    def spy_add_noise(x0, noise, t):
+        out = add_noise(x0, noise, t)
+        seen["x0"].append(x0.clone())
+        seen["noisy"].append(out.clone())
+        return out
+
+    scheduler.add_noise = spy_add_noise
+    unet.register_forward_pre_hook(
+        lambda m, args, kwargs: (seen["unet_in"].append(args[0].clone()),
+                                 seen["text"].append(kwargs["encoder_hidden_states"].clone())) and None,
+        with_kwargs=True,
+    )
+    cfg = LDMTrainConfig(steps=4, batch_size=6, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=1.0)
+    train_ldm(unet, scheduler, data, cfg, g)
+
+    assert len(seen["x0"]) == 4
+    for x0, noisy, unet_in, text in zip(seen["x0"], seen["noisy"], seen["unet_in"], seen["text"]):
+        assert torch.equal(unet_in, noisy)  # the UNet sees the noised latents, not something else
+        for row, emb in zip(x0, text):
+            dist = (expected - row).flatten(1).abs().amax(1)
+            i = int(dist.argmin())
+            assert dist[i] < 1e-5, "a training latent is not the VAE encoding of any training image"
+            own = [caption_emb[c] for c in pairs.loc[pairs["file_name"] == names[i], "text"]]
+            assert any(torch.allclose(emb, e, atol=1e-5) for e in own), "latent paired with a foreign caption"
+
+
+def test_context_dropout_uses_the_empty_caption():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    pairs = pd.DataFrame({"file_name": ["a", "b"], "text": ["x", "y"]})
+    data = build_latent_pairs(tiny_vae().eval(), TextEncoder(max_length=8), pairs, images, ["a", "b"])
+    from synthmed.diffusion.train import draw_batch
+
+    cfg = LDMTrainConfig(steps=1, batch_size=2000, lr=0, weight_decay=0, context_dropout=0.25,
+                         sample_posterior=True, grad_clip=0)
+    _, caps = draw_batch(data, cfg, g)
+    share = float((caps == data.uncond_index).float().mean())
+    assert 0.2 < share < 0.3
+    assert data.text_mask[data.uncond_index].sum() == 2
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(4, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    pairs = pd.DataFrame({"file_name": list("abcd"), "text": list("wxyz")})
+    data = build_latent_pairs(tiny_vae().eval(), TextEncoder(max_length=8), pairs, images, list("abcd"))
+    cfg = LDMTrainConfig(steps=120, batch_size=8, lr=2e-3, weight_decay=0.0, context_dropout=0.1,
+                         sample_posterior=True, grad_clip=1.0)
+    log = train_ldm(tiny_unet(), make_noise_scheduler(1000), data, cfg, g)
+    first, last = sum(r["loss"] for r in log[:20]) / 20, sum(r["loss"] for r in log[-20:]) / 20
+    assert last < first

@@ -1,0 +1,60 @@
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from synthmed.config import load_params, require_inputs
+from synthmed.errors import PipelineError
+
+
+@dataclass
+class P:
+    lr: float
+    steps: int
+    mode: Literal["a", "b"]
+    sizes: list[int]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = "seed: 3\nstage:\n  lr: 1\n  steps: 10\n  mode: a\n  sizes: [1, 2]\n"
+
+
+def test_valid_section_is_typed(tmp_path):
+    p, seed = load_params("stage", P, write(tmp_path, GOOD))
+    assert seed == 3 and p.lr == 1.0 and isinstance(p.lr, float) and p.sizes == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (GOOD.replace("  steps: 10\n", ""), "key 'stage.steps' is missing"),
+        (GOOD.replace("steps: 10", "stepz: 10"), "unknown key 'stage.stepz'; did you mean 'steps'?"),
+        (GOOD.replace("steps: 10", "steps: ten"), "stage.steps must be int"),
+        (GOOD.replace("mode: a", "mode: c"), "stage.mode = 'c' is not supported; use one of: a, b"),
+        (GOOD.replace("sizes: [1, 2]", "sizes: 3"), "stage.sizes must be a list"),
+        (GOOD.replace("seed: 3", "seed: x"), "'seed' must be an integer"),
+        ("seed: 1\n", "section 'stage:' is missing"),
+        ("seed: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(PipelineError) as err:
+        load_params("stage", P, path)
+    assert expected in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(PipelineError, match="params.yaml: not found"):
+        load_params("stage", P, tmp_path / "params.yaml")
+
+
+def test_missing_upstream_artifact_names_file_and_command(tmp_path):
+    with pytest.raises(PipelineError, match=r"data/x.csv: missing upstream artifact; run `dvc repro s`"):
+        require_inputs("s", "data/x.csv")
