@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot help
 
 
+_STAGE_EXIT = re.compile(r"exited with (\d+)")
+
+
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int):
-        super().__init__(f"stage '{stage}' failed (dvc repro exit code {returncode}); see its log above")
-        self.stage, self.returncode = stage, returncode
+    def __init__(self, stage: str, stage_exit: int | None, last_error: str):
+        super().__init__(f"stage '{stage}' failed: {last_error or 'see its log above'}")
+        self.stage, self.stage_exit = stage, stage_exit
 
 
 def _worth_retrying(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
-    return not (isinstance(exc, StageFailed) and exc.returncode == INPUT_ERROR_EXIT)
+    return not (isinstance(exc, StageFailed) and exc.stage_exit == INPUT_ERROR_EXIT)
 
 
 def _stage_env() -> dict[str, str]:
@@ -46,11 +50,16 @@ def repro_stage(stage: str, repo: str) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert proc.stdout is not None
+    errors = []
     for line in proc.stdout:
-        logger.info("[%s] %s", stage, line.rstrip())
-    returncode = proc.wait()
-    if returncode != 0:
-        raise StageFailed(stage, returncode)
+        line = line.rstrip()
+        logger.info("[%s] %s", stage, line)
+        if line.startswith(("error:", "ERROR:")):
+            errors.append(line)
+    if proc.wait() != 0:
+        # DVC exits 255 whatever happened; the stage's own exit code is in its message.
+        codes = [int(m.group(1)) for line in errors for m in [_STAGE_EXIT.search(line)] if m]
+        raise StageFailed(stage, codes[-1] if codes else None, errors[0] if errors else "")
 
 
 @flow(name="synthmed-pipeline", log_prints=True)

@@ -62,14 +62,15 @@ def main() -> None:
     if len(classes) < 2:
         raise PipelineError(f"{REAL}/metadata.csv: the classifier needs at least 2 labels in train, got {classes}")
     code = {c: i for i, c in enumerate(classes)}
-    keep_test = test_rows["label"].isin(code).to_numpy()
-    keep_aug = aug_rows["label"].isin(code).to_numpy()
+    # Classes unseen in real train cannot be scored; their rows are left out.
+    keep_test = torch.tensor(test_rows["label"].isin(code).tolist())
+    keep_aug = torch.tensor(aug_rows["label"].isin(code).tolist())
     as_y = lambda rows: torch.tensor([code[c] for c in rows["label"]])  # noqa: E731
     cfg = ClassifierConfig(p.classifier_epochs, p.classifier_lr, p.classifier_batch_size)
     seeds = [derive_seed(seed, "classifier", i) % 2**31 for i in range(p.classifier_seeds)]
     metrics.update(compare_real_vs_augmented(
-        real_train, as_y(train_rows), synth_aug[keep_aug], as_y(aug_rows[keep_aug]),
-        real_test[keep_test], as_y(test_rows[keep_test]), len(classes), cfg, seeds))
+        real_train, as_y(train_rows), synth_aug[keep_aug], as_y(aug_rows[keep_aug.numpy()]),
+        real_test[keep_test], as_y(test_rows[keep_test.numpy()]), len(classes), cfg, seeds))
     metrics["n_synthetic_augment"] = int(keep_aug.sum())
     write_json("metrics/evaluate.json", metrics)
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_std")))

@@ -71,7 +71,9 @@ def main() -> None:
     uncond_emb, uncond_mask = encoder.encode([""])
     model_sha = sha256_file(f"{MODEL}/unet/diffusion_pytorch_model.safetensors")
 
-    digests, grid = [], []
+    # The grid shows images spread over the whole plan (all planes/labels), not just the first few.
+    grid_at = set(torch.linspace(0, len(plan) - 1, min(p.grid_images, len(plan))).round().long().tolist())
+    digests, grid = [], {}
     with atomic_path(f"{OUT}/dataset", is_dir=True) as tmp:
         for start, images in generate_batches(unet, vae, scheduler, emb[idx], mask[idx], uncond_emb, uncond_mask,
                                               plan["seed"].tolist(), p.num_inference_steps, p.guidance_scale,
@@ -80,13 +82,13 @@ def main() -> None:
                 path = tmp / plan["file_name"].iloc[start + k]
                 Image.fromarray(to_array(img)).save(path, format="PNG")
                 digests.append(sha256_bytes(path.read_bytes()))
-                if len(grid) < p.grid_images:
-                    grid.append(to_array(img))
+                if start + k in grid_at:
+                    grid[start + k] = to_array(img)
         plan["model_sha256"] = model_sha
         plan["sha256"] = digests
         plan["seed"] = plan["seed"].astype(str)  # 63-bit seeds stay exact in any CSV reader
         plan.to_csv(tmp / METADATA, index=False)
-    save_png(image_grid(grid, plan["text"].tolist()[: len(grid)], ncol=8), f"{OUT}/grid.png")
+    save_png(image_grid(list(grid.values()), plan["text"].iloc[list(grid)].tolist(), ncol=8), f"{OUT}/grid.png")
     write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed,
                      inputs=[PAIRS, VAE, MODEL])
     write_json("metrics/generate.json", {"images": len(plan), "prompts": len(captions)})

@@ -16,7 +16,7 @@ def assign_splits(
     """Return a split name per item such that no group spans two splits.
 
     Groups are stratified by their majority label and dealt, in a seeded order,
-    to the split whose share (of the stratum and overall) is furthest below target.
+    to the split furthest below its target count (within the stratum and overall).
     """
     if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
         raise PipelineError(f"split fractions must give train, val and test (>= 0), got {fractions}")
@@ -31,23 +31,23 @@ def assign_splits(
         by_label[label].append(g)
     rng = random.Random(seed)
     group_split: dict[str, str] = {}
-    n_total = len(groups)
     taken_total = dict.fromkeys(SPLITS, 0)
     for label in sorted(by_label):
         stratum = sorted(by_label[label])
         rng.shuffle(stratum)
-        size = sum(len(members[g]) for g in stratum)
         taken = dict.fromkeys(SPLITS, 0)
         for g in stratum:
-            # Relative shortfall within the stratum plus overall, so that rounding
-            # in small strata does not pile up on one split.
-            def shortfall(s: str) -> float:
-                return (target[s] - taken[s] / size) + (target[s] - taken_total[s] / n_total)
+            n = len(members[g])
+            # Deficit after adding this group, within the stratum and overall, so that
+            # rounding in small strata does not pile up on one split.
+            def deficit(s: str) -> float:
+                stratum_size, total = sum(taken.values()) + n, sum(taken_total.values()) + n
+                return (target[s] * stratum_size - taken[s]) + (target[s] * total - taken_total[s])
 
-            split = max(SPLITS, key=shortfall)
+            split = max(SPLITS, key=deficit)
             group_split[g] = split
-            taken[split] += len(members[g])
-            taken_total[split] += len(members[g])
+            taken[split] += n
+            taken_total[split] += n
     return [group_split[g] for g in groups]
 
 

@@ -1,0 +1,148 @@
+"""End to end: the real DVC DAG and the real Prefect flow on the demo, tiny profile.
+
+Copies the working tree into a fresh git repo, runs `dvc repro`, checks every
+declared output and metric, that a second repro runs nothing, that a rerun of a
+training stage reproduces its artifacts byte for byte, that `dvc exp run -S`
+shows up in `dvc exp show`, and that the Prefect flow drives the same DAG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate"]
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git+DVC repo holding the project's files and the tiny params profile."""
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith(("metrics/", "data/")) or rel == "dvc.lock" or not (REPO_ROOT / rel).is_file():
+            continue
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, root / rel)
+    shutil.copy(REPO_ROOT / "tests/e2e/params_tiny.yaml", root / "params.yaml")
+    os.environ["DVC_SITE_CACHE_DIR"] = str(root.parent / "dvc-site-cache")
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    return root
+
+
+def declared_outputs(repo: Path) -> dict[str, list[str]]:
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in spec.items():
+        paths = []
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+        out[name] = paths
+    return out
+
+
+def lock_hashes(repo: Path, stage: str) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return {o["path"]: o["md5"] for o in lock.get("outs", [])}
+
+
+def test_pipeline_end_to_end(repo: Path, prefect_harness):
+    # 1. The whole DAG runs and every declared output exists.
+    dvc(repo, "repro")
+    outputs = declared_outputs(repo)
+    assert list(outputs) == STAGES
+    for stage, paths in outputs.items():
+        for p in paths:
+            assert (repo / p).exists(), f"{stage} did not write {p}"
+    metrics = {}
+    for stage in STAGES:
+        m = json.loads((repo / f"metrics/{stage}.json").read_text()) if stage != "evaluate" else None
+        if m is not None:
+            metrics.update({f"{stage}.{k}": v for k, v in m.items()})
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    metrics.update(evaluation)
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
+    for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "clf_real_acc", "clf_aug_auc"):
+        assert key in evaluation
+    assert evaluation["fd_effnet"] > 0 and 0 <= evaluation["clf_real_acc"] <= 1
+    synth = (repo / "data/generate/dataset/metadata.csv").read_text().splitlines()
+    assert synth[0].split(",")[:2] == ["file_name", "text"] and "seed" in synth[0] and "sha256" in synth[0]
+
+    # 2. Nothing reruns when nothing changed.
+    again = dvc(repo, "repro").stdout
+    assert "Running stage" not in again, again
+    assert "up to date" in dvc(repo, "status").stdout
+
+    # 3. Same params and seed, same artifacts: force the training and sampling stages again.
+    before = {s: lock_hashes(repo, s) for s in ("train_ldm", "generate")}
+    dvc(repo, "repro", "--force", "--single-item", "train_ldm")
+    dvc(repo, "repro", "--force", "--single-item", "generate")
+    assert {s: lock_hashes(repo, s) for s in ("train_ldm", "generate")} == before
+
+    # 4. An experiment with one param changed appears in `dvc exp show` with its metrics.
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "evaluate.classifier_epochs=4")
+    table = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    exps = [e for commit in table for e in (commit.get("experiments") or [])]
+    found = [r for e in exps for r in e.get("revs", []) if r.get("name") == "more-epochs"]
+    assert found, table
+    data = found[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["classifier_epochs"] == 4
+    assert "clf_aug_acc" in data["metrics"]["metrics/evaluate.json"]["data"]
+
+    # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
+    from flows.pipeline import StageFailed, pipeline
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["generate"]["guidance_scale"] = 2.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    grid_before = lock_hashes(repo, "generate")
+    pipeline(repo=str(repo))
+    assert lock_hashes(repo, "generate") != grid_before
+    assert "up to date" in dvc(repo, "status").stdout
+
+    # 6. A stage with bad params fails the flow once (no retries), naming the stage.
+    params["ingest"]["source"] = "dicomm"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state = pipeline(repo=str(repo), stages=["ingest"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="stage 'ingest' failed: error: params.yaml: ingest.source = 'dicomm'"):
+        state.result()
+    runs = asyncio.run(_task_runs("dvc repro ingest"))
+    assert [r.run_count for r in runs if r.state.is_failed()] == [1]
+
+
+async def _task_runs(name: str):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return [r for r in await client.read_task_runs() if r.name == name]

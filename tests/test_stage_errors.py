@@ -1,0 +1,71 @@
+"""Bad params or inputs stop a stage with one line naming the key/file, exit 2, and no outputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import write_imagefolder
+
+
+def run_stage(workdir: Path, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, capture_output=True, text=True)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def set_param(workdir: Path, stage: str, **values) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params[stage].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_source(workdir):
+    set_param(workdir, "ingest", source="dicomm")
+    assert_one_line_error(run_stage(workdir, "ingest"), "ingest.source = 'dicomm'", "demo, imagefolder")
+    assert not (workdir / "data").exists()
+
+
+def test_missing_key(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    del params["train_vae"]["lr"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert_one_line_error(run_stage(workdir, "train_vae"), "train_vae.lr' is missing")
+
+
+def test_missing_upstream_artifact(workdir):
+    assert_one_line_error(run_stage(workdir, "train_vae"), "data/ingest/dataset", "dvc repro train_vae")
+
+
+def test_empty_dataset(workdir):
+    folder = workdir / "raw"
+    folder.mkdir()
+    (folder / "metadata.csv").write_text("file_name,text\n")
+    set_param(workdir, "ingest", source="imagefolder", path="raw")
+    assert_one_line_error(run_stage(workdir, "ingest"), "raw/metadata.csv", "empty")
+    assert not (workdir / "data").exists()
+
+
+def test_too_few_images(workdir):
+    write_imagefolder(workdir / "raw", [("a.png", "x"), ("b.png", "y")])
+    set_param(workdir, "ingest", source="imagefolder", path="raw", min_images=5)
+    assert_one_line_error(run_stage(workdir, "ingest"), "found 2 images", "ingest.min_images=5")
+    assert not (workdir / "data").exists()
