@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -100,12 +101,23 @@ def as_dict(params: Any) -> dict:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 2."""
+    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 2.
+
+    The wall time goes to logs/timings/<stage>.json, outside every DVC output, so
+    that cached artifacts stay identical across reruns.
+    """
+    stage = Path(sys.argv[0]).stem  # `python -m stages.ingest` -> "ingest"
+    start = time.perf_counter()
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    seconds = time.perf_counter() - start
+    print(f"{stage}: finished in {seconds:.1f} s")
+    from synthmed.io import write_json
+
+    write_json(Path("logs/timings") / f"{stage}.json", {"stage": stage, "wall_s": round(seconds, 2)})
 
 
 def require_inputs(stage: str, *paths: str | Path) -> None:
