@@ -27,7 +27,7 @@ OUT = "data/train_ldm"
 
 
 @dataclass
-class TrainLDMParams:
+class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model's
     text_encoder: str
     text_max_length: int
     caption_sources: list[str]  # which pair rows to train on: original, rule, llm
@@ -38,13 +38,6 @@ class TrainLDMParams:
     dropout: float
     num_train_timesteps: int
     prediction_type: Literal["epsilon", "v_prediction"]
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    context_dropout: float
-    sample_posterior: bool
-    grad_clip: float
 
 
 def main() -> None:
@@ -67,9 +60,7 @@ def main() -> None:
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
                       norm_num_groups=p.norm_num_groups, dropout=p.dropout).to(device)
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type)
-    cfg = LDMTrainConfig(p.steps, p.batch_size, p.lr, p.weight_decay, p.context_dropout,
-                         p.sample_posterior, p.grad_clip)
-    log = train_ldm(unet, scheduler, data, cfg, g)
+    log = train_ldm(unet, scheduler, data, p, g)
 
     with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
         unet.to("cpu").save_pretrained(tmp / "unet")

@@ -21,15 +21,11 @@ OUT = "data/train_vae"
 
 
 @dataclass
-class TrainVAEParams:
+class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model's
     block_out_channels: list[int]
     layers_per_block: int
     latent_channels: int
     norm_num_groups: int
-    steps: int
-    batch_size: int
-    lr: float
-    kl_weight: float
 
 
 def main() -> None:
@@ -43,7 +39,7 @@ def main() -> None:
     vae = build_autoencoder(in_channels=train.shape[1], block_out_channels=p.block_out_channels,
                             layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
                             norm_num_groups=p.norm_num_groups, sample_size=train.shape[-1]).to(device)
-    log = train_autoencoder(vae, train, VAETrainConfig(p.steps, p.batch_size, p.lr, p.kl_weight), g)
+    log = train_autoencoder(vae, train, p, g)
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train, g))
     recon = reconstruct(vae, val)
     metrics = reconstruction_metrics(val, recon)
