@@ -1,17 +1,23 @@
-"""DVC stage `ingest`: build or read the dataset, split it, hash it, describe it."""
+"""DVC stage `ingest`: read or build the dataset, check it, split it, hash it, describe it."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from synthmed.config import as_dict, load_params, run_stage
-from synthmed.data.imagefolder import read_imagefolder, write_imagefolder
-from synthmed.data.manifest import build_manifest, check_pixels_not_shared, write_manifest
+from synthmed.data.card import dataset_card
+from synthmed.data.decode import DecodeOptions
+from synthmed.data.dicom import DicomParams
+from synthmed.data.imagefolder import write_imagefolder
+from synthmed.data.manifest import (build_manifest, build_pairs, check_pixels_not_shared, dataset_stats,
+                                    write_manifest)
+from synthmed.data.nifti import NiftiParams
+from synthmed.data.problems import Problems
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.errors import PipelineError
-from synthmed.io import write_json
+from synthmed.io import write_json, write_text
 from synthmed.provenance import seed_everything, write_provenance
 from synthmed.viz import image_grid, save_png
 
@@ -19,69 +25,93 @@ OUT = "data/ingest"
 
 
 @dataclass
+class DemoParams:
+    slice_step_mm: int  # distance between slices
+    slab_slices: int  # neighbouring slices per group
+    min_brain_fraction: float  # skip slices with less brain than this
+
+
+@dataclass
 class IngestParams:
-    source: Literal["demo", "imagefolder"]
-    path: str  # imagefolder: the folder holding the images and metadata.csv
+    source: Literal["demo", "imagefolder", "imageclef", "nifti", "dicom"]
+    path: str  # the dataset folder (or NIfTI file) for every source but demo
     resolution: int
     channels: Literal[1, 3]
     crop: Literal["pad", "crop"]
     split_fractions: dict[str, float]
     min_images: int
-    # demo only
-    slice_step_mm: int
-    slab_slices: int
-    min_brain_fraction: float
+    on_error: Literal["fail", "skip"]
+    workers: int  # decode processes; 0 = one per core
+    max_image_pixels: int  # larger images are refused (decompression bombs)
+    demo: DemoParams
+    nifti: NiftiParams
+    dicom: DicomParams
 
 
-def load_samples(p: IngestParams):
+def load_samples(p: IngestParams, problems: Problems):
     if p.source == "demo":
         from synthmed.data.demo import demo_samples
 
         if p.channels != 1:
             raise PipelineError("params.yaml: ingest.channels must be 1 for the demo (MRI is greyscale)")
-        return demo_samples(resolution=p.resolution, slice_step_mm=p.slice_step_mm,
-                            slab_slices=p.slab_slices, min_brain_fraction=p.min_brain_fraction)
-    if not p.path:
-        raise PipelineError("params.yaml: ingest.path is empty; set it to your ImageFolder (images + metadata.csv)")
-    return read_imagefolder(p.path, resolution=p.resolution, crop=p.crop, channels=p.channels)
+        return demo_samples(resolution=p.resolution, **as_dict(p.demo))
+    if not Path(p.path).exists():
+        raise PipelineError(f"params.yaml: ingest.path={p.path!r} does not exist; point it to your {p.source} dataset")
+    if p.source == "nifti":
+        from synthmed.data.nifti import read_nifti
+
+        return read_nifti(p.path, p.nifti, resolution=p.resolution, crop=p.crop, channels=p.channels,
+                          problems=problems)
+    if p.source == "dicom":
+        from synthmed.data.dicom import read_dicom
+
+        return read_dicom(p.path, p.dicom, resolution=p.resolution, crop=p.crop, channels=p.channels,
+                          problems=problems)
+    from synthmed.data.imagefolder import read_imageclef, read_imagefolder
+
+    reader = read_imagefolder if p.source == "imagefolder" else read_imageclef
+    opts = DecodeOptions(p.resolution, p.crop, p.channels, p.max_image_pixels)
+    return reader(p.path, opts, problems, p.workers)
 
 
 def main() -> None:
     p, seed = load_params("ingest", IngestParams)
     seed_everything(seed)
-    samples = load_samples(p)
+    problems = Problems(p.on_error)
+    samples = load_samples(p, problems)
     if len(samples) < p.min_images:
         raise PipelineError(
-            f"ingest found {len(samples)} images, fewer than ingest.min_images={p.min_images}; "
+            f"ingest found {len(samples)} usable images, fewer than ingest.min_images={p.min_images}; "
             "add images or lower the threshold"
         )
     # A split given by the dataset wins; the rest is assigned group-aware.
-    assigned = assign_splits([s.group for s in samples], [s.label for s in samples], p.split_fractions, seed)
-    for s, split in zip(samples, assigned):
+    for s in samples:
         if s.split and s.split not in SPLITS:
-            raise PipelineError(f"{s.source}: split '{s.split}' is not one of {', '.join(SPLITS)}")
-        s.split = s.split or split
+            raise PipelineError(f"{s.source}: split '{s.split}' is not one of {', '.join(SPLITS)}; fix the split column")
+    todo = [s for s in samples if not s.split]
+    for s, split in zip(todo, assign_splits([s.group for s in todo], [s.label for s in todo],
+                                            p.split_fractions, seed)):
+        s.split = split
     check_no_leak([s.group for s in samples], [s.split for s in samples])
-    manifest = build_manifest(samples)
-    check_pixels_not_shared(manifest)
+    images, pairs = build_manifest(samples), build_pairs(samples)
+    check_pixels_not_shared(images)
+    stats = dataset_stats(images, pairs)
 
-    metadata = write_imagefolder(f"{OUT}/dataset", samples)
-    write_manifest(f"{OUT}/manifest.parquet", manifest)
+    write_imagefolder(f"{OUT}/dataset", samples)
+    write_manifest(f"{OUT}/manifest", images, pairs)
+    problems.write(f"{OUT}/problems.csv")
     preview = samples[:: max(1, len(samples) // 16)][:16]
     save_png(image_grid([s.pixels for s in preview], [s.captions[0] for s in preview], ncol=8),
              f"{OUT}/samples.png")
+    write_text(f"{OUT}/card.md", dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
+                                              params=as_dict(p), stats=stats, images=images, pairs=pairs,
+                                              problems=problems.counts()))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
-                     inputs=[p.path] if p.source == "imagefolder" else [])
-    per_split = Counter(s.split for s in samples)
-    write_json("metrics/ingest.json", {
-        "images": len(samples),
-        "pairs": len(metadata),
-        "unique_captions": int(metadata["text"].nunique()),
-        "labels": len({s.label for s in samples}),
-        "groups": len({s.group for s in samples}),
-        **{f"images_{k}": per_split.get(k, 0) for k in SPLITS},
-    })
-    print(f"ingest: {len(samples)} images ({dict(per_split)}) -> {OUT}/dataset")
+                     inputs=[p.path] if p.source != "demo" else [])
+    write_json("metrics/ingest.json", {**stats, "rows_dropped": len(problems.items)})
+    print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
+          f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
+          + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else ""))
 
 
 if __name__ == "__main__":

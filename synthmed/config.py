@@ -65,6 +65,34 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     raise PipelineError(f"{where} must be {name}, got {value!r}")
 
 
+def _build(cls: type[T], section: Any, key: str, path: Path) -> T:
+    """Validate a mapping against dataclass ``cls``; nested dataclass fields recurse."""
+    if not isinstance(section, dict):
+        raise PipelineError(f"{path}: section '{key}:' is missing or not a mapping; restore it from the README")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in section:
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise PipelineError(f"{path}: unknown key '{key}.{name}'{hint}")
+    values = {}
+    for name, field in fields.items():
+        if name not in section:
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
+                continue
+            raise PipelineError(f"{path}: key '{key}.{name}' is missing; add it (see README, 'Params')")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, section[name], f"{key}.{name}", path)
+        else:
+            values[name] = _check_type(section[name], tp, f"{path}: {key}.{name}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"{path}: {key}: {exc}") from None
+
+
 def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tuple[T, int]:
     """Return (validated params of ``stage``, shared seed) from params.yaml."""
     path = Path(path)
@@ -72,28 +100,7 @@ def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tup
     seed = data.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise PipelineError(f"{path}: top-level 'seed' must be an integer (e.g. seed: 42)")
-    section = data.get(stage)
-    if not isinstance(section, dict):
-        raise PipelineError(f"{path}: section '{stage}:' is missing or not a mapping; restore it from the README")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in section:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise PipelineError(f"{path}: unknown key '{stage}.{key}'{hint}")
-    values = {}
-    for name, field in fields.items():
-        where = f"{path}: {stage}.{name}"
-        if name not in section:
-            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
-                continue
-            raise PipelineError(f"{path}: key '{stage}.{name}' is missing; add it (see README, 'Params')")
-        values[name] = _check_type(section[name], hints[name], where)
-    try:
-        return cls(**values), seed
-    except (ValueError, TypeError) as exc:
-        raise PipelineError(f"{path}: {stage}: {exc}") from None
+    return _build(cls, data.get(stage), stage, path), seed
 
 
 def as_dict(params: Any) -> dict:

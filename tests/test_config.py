@@ -8,11 +8,17 @@ from synthmed.errors import PipelineError
 
 
 @dataclass
+class Inner:
+    depth: int
+
+
+@dataclass
 class P:
     lr: float
     steps: int
     mode: Literal["a", "b"]
     sizes: list[int]
+    inner: Inner
 
 
 def write(tmp_path, text):
@@ -21,12 +27,13 @@ def write(tmp_path, text):
     return path
 
 
-GOOD = "seed: 3\nstage:\n  lr: 1\n  steps: 10\n  mode: a\n  sizes: [1, 2]\n"
+GOOD = "seed: 3\nstage:\n  lr: 1\n  steps: 10\n  mode: a\n  sizes: [1, 2]\n  inner: {depth: 2}\n"
 
 
 def test_valid_section_is_typed(tmp_path):
     p, seed = load_params("stage", P, write(tmp_path, GOOD))
     assert seed == 3 and p.lr == 1.0 and isinstance(p.lr, float) and p.sizes == [1, 2]
+    assert p.inner == Inner(depth=2)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +46,8 @@ def test_valid_section_is_typed(tmp_path):
         (GOOD.replace("sizes: [1, 2]", "sizes: 3"), "stage.sizes must be a list"),
         (GOOD.replace("seed: 3", "seed: x"), "'seed' must be an integer"),
         ("seed: 1\n", "section 'stage:' is missing"),
+        (GOOD.replace("{depth: 2}", "{deep: 2}"), "unknown key 'stage.inner.deep'; did you mean 'depth'?"),
+        (GOOD.replace("{depth: 2}", "{depth: x}"), "stage.inner.depth must be int"),
         ("seed: [1\n", "not valid YAML"),
     ],
 )

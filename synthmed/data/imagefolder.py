@@ -1,82 +1,214 @@
-"""ImageFolder datasets: images plus metadata.csv (file_name,text[,label,group,split])."""
+"""Image–text folders: the ImageFolder convention (metadata.csv / metadata.jsonl) and ImageCLEF.
+
+Readers turn their metadata into `Row`s; `rows_to_samples` then checks them,
+decodes every image once (in parallel) and merges the captions of an image.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files
+from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
-from synthmed.data.transforms import prepare
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes
 
 METADATA = "metadata.csv"
+METADATA_JSONL = "metadata.jsonl"
 REQUIRED = ("file_name", "text")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+OPTIONAL = ("label", "group", "split")
+_OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+@dataclass
+class Row:
+    line: int  # 1-based line in the metadata file (the CSV header is line 1)
+    file_name: str
+    texts: list[str]
+    meta: dict[str, str] = field(default_factory=dict)  # label / group / split when given
+
+
+def _decode_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PipelineError(f"{path}, row {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); "
+                            "re-save the file as UTF-8") from None
+
+
+def read_csv_rows(path: Path, delimiter: str = ",", columns: dict[str, str] | None = None) -> list[Row]:
+    """CSV metadata -> rows; ``columns`` renames the file's columns to file_name/text."""
+    text = _decode_text(path)
+    header = text.splitlines()[0] if text.strip() else ""
+    names = [c.strip() for c in header.split(delimiter)]
+    columns = columns or {}
+    wanted = list(columns) or list(REQUIRED)
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        found = [d for d in [",", *_OTHER_DELIMITERS] if d != delimiter and all(c in header.split(d) for c in wanted)]
+        if found:
+            name = _OTHER_DELIMITERS.get(found[0], "comma")
+            raise PipelineError(f"{path}, row 1: the file is {name}-separated ({found[0]!r}) but {delimiter!r} is "
+                                f"expected; re-save it with {delimiter!r} as the delimiter")
+        raise PipelineError(f"{path}, row 1: missing column(s) {', '.join(missing)} (found: {', '.join(names)}); "
+                            f"the header must include {', '.join(wanted)}")
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        raise PipelineError(f"{path}: {str(exc).strip()}; quote captions that contain {delimiter!r}") from None
+    df = df.rename(columns=columns)
+    extra = [c for c in OPTIONAL if c in df.columns]
+    return [
+        Row(i + 2, rec["file_name"], [rec["text"]], {c: rec[c] for c in extra if rec[c] != ""})
+        for i, rec in enumerate(df.to_dict("records"))
+    ]
+
+
+def read_jsonl_rows(path: Path, problems: Problems) -> list[Row]:
+    rows = []
+    for line_no, line in enumerate(_decode_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            problems.report("malformed_row", f"{where(path, line_no)}: not a JSON object ({exc}); fix the line",
+                            file=path, row=line_no)
+            continue
+        missing = [c for c in REQUIRED if c not in rec]
+        if missing:
+            problems.report("missing_field", f"{where(path, line_no)}: missing {', '.join(missing)}; "
+                            "every line needs file_name and text", file=path, row=line_no)
+            continue
+        texts = rec["text"] if isinstance(rec["text"], list) else [rec["text"]]
+        rows.append(Row(line_no, str(rec["file_name"]), [str(t) for t in texts],
+                        {c: str(rec[c]) for c in OPTIONAL if rec.get(c) not in (None, "")}))
+    return rows
 
 
 def read_metadata(folder: str | Path) -> pd.DataFrame:
+    """The metadata.csv of a dataset this pipeline wrote (one row per image–caption pair)."""
     path = Path(folder) / METADATA
     if not path.is_file():
         raise PipelineError(f"{path}: not found; an ImageFolder needs a metadata.csv with columns file_name,text")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise PipelineError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}); "
-            "the header must include file_name,text"
-        )
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; the header must include file_name,text")
     return df
 
 
-def read_imagefolder(folder: str | Path, *, resolution: int, crop: str = "pad", channels: int = 1) -> list[Sample]:
-    """Read and preprocess every image in an ImageFolder; rows of one image merge their captions."""
-    folder = Path(folder)
-    df = read_metadata(folder)
-    meta = folder / METADATA
-    samples: dict[str, Sample] = {}
-    for row_no, row in enumerate(df.itertuples(index=False), start=2):  # row 1 is the header
-        name, text = row.file_name.strip(), row.text.strip()
-        where = f"{meta}, row {row_no}"
-        if not text:
-            raise PipelineError(f"{where}: empty caption for '{name}'; write a caption or drop the row")
-        if name in samples:
-            samples[name].captions.append(text)
+def _normalise(name: str) -> str:
+    return PurePosixPath(name.strip().replace("\\", "/")).as_posix()
+
+
+def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions, problems: Problems,
+                    workers: int = 0, default_group: str = "image") -> list[Sample]:
+    """Check rows, decode each referenced image once, merge captions per image."""
+    by_image: dict[str, list[Row]] = {}
+    seen_pairs: dict[tuple[str, str], int] = {}
+    for row in rows:
+        name = _normalise(row.file_name)
+        at = where(meta, row.line)
+        if not name or name.startswith("../") or PurePosixPath(name).is_absolute():
+            problems.report("bad_file_name", f"{at}: file_name {row.file_name!r} must be a path inside {root}",
+                            file=meta, row=row.line)
             continue
-        path = folder / name
-        if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-            raise PipelineError(f"{where}: '{name}' has an unsupported extension; use one of {sorted(IMAGE_EXTENSIONS)}")
-        if not path.is_file():
-            raise PipelineError(f"{where}: image '{name}' not found in {folder}; fix file_name or add the file")
-        data = path.read_bytes()
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                pixels = np.asarray(im)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PipelineError(f"{where}: cannot decode image '{name}' ({exc}); replace or remove it") from None
-        samples[name] = Sample(
-            file_name=Path(name).with_suffix(".png").as_posix().replace("/", "__"),
-            pixels=prepare(pixels, resolution, crop),
-            captions=[text],
-            group=getattr(row, "group", "") or name,
-            label=getattr(row, "label", ""),
-            split=getattr(row, "split", ""),
-            source=str(path),
-            source_sha256=sha256_bytes(data),
-        )
-    if not samples:
+        texts = [t.strip() for t in row.texts]
+        if not texts or any(not t for t in texts):
+            problems.report("empty_caption", f"{at}: empty caption for '{name}'; write a caption or drop the row",
+                            file=meta, row=row.line)
+            continue
+        dup = next((seen_pairs[(name, t)] for t in texts if (name, t) in seen_pairs), None)
+        if dup is not None:
+            problems.report("duplicate_row", f"{at}: duplicate of row {dup} (same file_name '{name}' and caption); "
+                            "remove one of them", file=meta, row=row.line)
+            continue
+        first = by_image.get(name, [None])[0]
+        if first is not None and first.meta != row.meta:
+            problems.report("conflicting_rows", f"{at}: '{name}' has label/group/split {row.meta} but row "
+                            f"{first.line} says {first.meta}; make them agree", file=meta, row=row.line)
+            continue
+        seen_pairs.update({(name, t): row.line for t in texts})
+        by_image.setdefault(name, []).append(Row(row.line, name, texts, row.meta))
+
+    names = list(by_image)
+    decoded = decode_files([root / n for n in names], opts, workers)
+    samples, used = [], set()
+    for name, result in zip(names, decoded):
+        rows_of = by_image[name]
+        if result.pixels is None:
+            line = rows_of[0].line
+            problems.report(result.reason, f"{where(meta, line)}: image '{name}': {result.detail}; "
+                            f"fix or replace {root / name}, or drop its rows", file=meta, row=line)
+            continue
+        out = PurePosixPath(name).with_suffix(".png").as_posix().replace("/", "__")
+        if out in used:  # a.jpg and a.png would both become a.png
+            out = f"{PurePosixPath(out).stem}_{result.source_sha256[:8]}.png"
+        used.add(out)
+        m = rows_of[0].meta
+        samples.append(Sample(
+            file_name=out, pixels=result.pixels, captions=[t for r in rows_of for t in r.texts],
+            group=m.get("group") or (name if default_group == "image" else ""),
+            label=m.get("label", ""), split=m.get("split", ""), source=str(root / name),
+            source_sha256=result.source_sha256,
+        ))
+    return samples
+
+
+def read_imagefolder(folder: str | Path, opts: DecodeOptions, problems: Problems, workers: int = 0) -> list[Sample]:
+    """Hugging Face ImageFolder: images plus metadata.csv or metadata.jsonl."""
+    folder = Path(folder)
+    csv_path, jsonl_path = folder / METADATA, folder / METADATA_JSONL
+    if csv_path.is_file() and jsonl_path.is_file():
+        raise PipelineError(f"{folder}: both metadata.csv and metadata.jsonl exist; keep one")
+    if csv_path.is_file():
+        meta, rows = csv_path, read_csv_rows(csv_path)
+    elif jsonl_path.is_file():
+        meta, rows = jsonl_path, read_jsonl_rows(jsonl_path, problems)
+    else:
+        raise PipelineError(f"{csv_path}: not found; an ImageFolder needs metadata.csv (file_name,text) "
+                            "or metadata.jsonl")
+    if not rows:
         raise PipelineError(f"{meta}: no rows; the dataset is empty")
-    return list(samples.values())
+    return rows_to_samples(folder, rows, meta, opts, problems, workers)
 
 
-def write_imagefolder(folder: str | Path, samples: list[Sample], columns: dict[str, list] | None = None) -> pd.DataFrame:
+def read_imageclef(folder: str | Path, opts: DecodeOptions, problems: Problems, workers: int = 0) -> list[Sample]:
+    """ImageCLEFmed MEDVQA-GI: prompt-gt.csv (`Filename;Prompt`) next to images/.
+
+    Filenames often lack their extension; the group is the image, so all prompts
+    of one image stay in one split.
+    """
+    folder = Path(folder)
+    meta = folder / "prompt-gt.csv"
+    images = folder / "images"
+    if not meta.is_file():
+        raise PipelineError(f"{meta}: not found; the ImageCLEF layout is prompt-gt.csv next to images/")
+    rows = read_csv_rows(meta, delimiter=";", columns={"Filename": "file_name", "Prompt": "text"})
+    if not rows:
+        raise PipelineError(f"{meta}: no rows; the dataset is empty")
+    for row in rows:
+        name = row.file_name.strip()
+        if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            row.file_name = next((name + ext for ext in (".jpg", ".jpeg", ".png") if (images / (name + ext)).is_file()),
+                                 name + ".jpg")
+    return rows_to_samples(images, rows, meta, opts, problems, workers)
+
+
+def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame:
     """Atomically write samples as PNGs plus metadata.csv (one row per image-caption pair)."""
     rows = []
     with atomic_path(folder, is_dir=True) as tmp:

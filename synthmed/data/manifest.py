@@ -1,4 +1,4 @@
-"""The manifest: one row per image with its hashes, written as parquet."""
+"""The manifest: one row per image with its hashes, one row per (image, caption) pair."""
 
 from __future__ import annotations
 
@@ -29,6 +29,29 @@ def build_manifest(samples: list[Sample]) -> pd.DataFrame:
     )
 
 
+def build_pairs(samples: list[Sample]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"id": s.file_name, "caption": c, "caption_source": "original", "split": s.split}
+         for s in samples for c in s.captions],
+        columns=["id", "caption", "caption_source", "split"],
+    )
+
+
+def dataset_stats(images: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
+    labels = images["label"][images["label"] != ""]
+    per_split = images["split"].value_counts()
+    return {
+        "images": len(images),
+        "pairs": len(pairs),
+        "unique_captions": int(pairs["caption"].nunique()),
+        "captions_per_image": round(len(pairs) / max(len(images), 1), 4),
+        "groups": int(images["group"].nunique()),
+        "labels": int(labels.nunique()),
+        "largest_label_share": round(float(labels.value_counts(normalize=True).max()), 4) if len(labels) else 0.0,
+        **{f"images_{k}": int(per_split.get(k, 0)) for k in ("train", "val", "test")},
+    }
+
+
 def check_pixels_not_shared(manifest: pd.DataFrame) -> None:
     """Identical preprocessed pixels on two sides of the split are leakage: stop."""
     splits = defaultdict(set)
@@ -42,6 +65,7 @@ def check_pixels_not_shared(manifest: pd.DataFrame) -> None:
             )
 
 
-def write_manifest(path: str | Path, manifest: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        manifest.to_parquet(tmp, index=False)
+def write_manifest(folder: str | Path, images: pd.DataFrame, pairs: pd.DataFrame) -> None:
+    with atomic_path(folder, is_dir=True) as tmp:
+        images.to_parquet(tmp / "images.parquet", index=False)
+        pairs.to_parquet(tmp / "pairs.parquet", index=False)

@@ -1,49 +1,149 @@
-import pytest
+import json
 
-from synthmed.data.imagefolder import read_imagefolder
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthmed.data.decode import DecodeOptions, decode_files
+from synthmed.data.imagefolder import read_imageclef, read_imagefolder
 from synthmed.data.manifest import build_manifest, check_pixels_not_shared
+from synthmed.data.problems import Problems
 from synthmed.errors import PipelineError
 from tests.helpers import write_imagefolder
+
+OPTS = DecodeOptions(resolution=16)
+
+
+def read(root, on_error="fail", opts=OPTS):
+    problems = Problems(on_error)
+    return read_imagefolder(root, opts, problems, workers=1), problems
 
 
 def test_reads_resizes_and_merges_captions(tmp_path):
     root = write_imagefolder(tmp_path / "ds", [("a.png", "one"), ("a.png", "two"), ("b.png", "three")],
                              label=["x", "x", "y"], group=["p1", "p1", "p2"])
-    samples = read_imagefolder(root, resolution=16)
+    samples, _ = read(root)
     assert [s.file_name for s in samples] == ["a.png", "b.png"]
     assert samples[0].captions == ["one", "two"] and samples[0].group == "p1" and samples[1].label == "y"
     assert samples[0].pixels.shape == (16, 16) and len(samples[0].source_sha256) == 64
 
 
+def test_jsonl_with_caption_lists_and_subfolders(tmp_path):
+    root = tmp_path / "ds"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(root / "sub" / "a.jpg")
+    lines = [{"file_name": "sub/a.jpg", "text": ["first", "second"], "label": "polyp"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    samples, _ = read(root, opts=DecodeOptions(resolution=16, channels=3, crop="crop"))
+    (s,) = samples
+    assert s.file_name == "sub__a.png" and s.captions == ["first", "second"] and s.label == "polyp"
+    assert s.group == "sub/a.jpg" and s.pixels.shape == (16, 16, 3)
+
+
 def test_group_defaults_to_image(tmp_path):
     root = write_imagefolder(tmp_path / "ds", [("a.png", "one")])
-    assert read_imagefolder(root, resolution=8)[0].group == "a.png"
+    assert read(root)[0][0].group == "a.png"
+
+
+def _bomb(root):
+    Image.new("L", (9000, 9000)).save(root / "b.png")
+
+
+BAD_INPUT = [
+    (lambda r: (r / "b.png").unlink(), "missing_image", "row 3: image 'b.png': file not found"),
+    (lambda r: (r / "b.png").write_bytes(b""), "corrupt_image", "row 3: image 'b.png': zero-byte file"),
+    (lambda r: (r / "b.png").write_bytes(b"\x89PNG garbage"), "corrupt_image", "row 3: image 'b.png': cannot decode"),
+    (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\nb.png,  \n"), "empty_caption",
+     "row 3: empty caption for 'b.png'"),
+    (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\nb.gif,two\n"), "unsupported_extension",
+     "row 3: image 'b.gif': use one of"),
+    (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\na.png,one\n"), "duplicate_row",
+     "row 3: duplicate of row 2"),
+    (lambda r: (r / "metadata.csv").write_text("file_name,text,label\na.png,one,x\na.png,two,y\n"),
+     "conflicting_rows", "row 3: 'a.png' has label/group/split"),
+    (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\n../b.png,two\n"), "bad_file_name",
+     "row 3: file_name '../b.png' must be a path inside"),
+    (_bomb, "image_too_large", "row 3: image 'b.png': 9000x9000 pixels exceeds ingest.max_image_pixels"),
+]
+
+
+@pytest.mark.parametrize("mutate, reason, expected", BAD_INPUT, ids=[b[1] + str(i) for i, b in enumerate(BAD_INPUT)])
+def test_bad_rows_fail_naming_file_row_and_fix_or_are_skipped(tmp_path, mutate, reason, expected):
+    root = write_imagefolder(tmp_path / "ds", [("a.png", "one"), ("b.png", "two")])
+    mutate(root)
+    opts = DecodeOptions(resolution=16, max_image_pixels=10_000_000)
+    with pytest.raises(PipelineError) as err:
+        read(root, opts=opts)
+    assert expected in str(err.value) and str(root / "metadata.csv") in str(err.value)
+    samples, problems = read(root, "skip", opts=opts)
+    assert [p.reason for p in problems.items] == [reason] and problems.items[0].row == 3
+    assert [s.file_name for s in samples] == ["a.png"]
 
 
 @pytest.mark.parametrize(
-    "mutate, expected",
+    "content, expected",
     [
-        (lambda r: (r / "b.png").unlink(), "row 3: image 'b.png' not found"),
-        (lambda r: (r / "b.png").write_bytes(b""), "row 3: cannot decode image 'b.png'"),
-        (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\nb.png,  \n"), "row 3: empty caption"),
-        (lambda r: (r / "metadata.csv").write_text("name,text\na.png,x\n"), "missing column(s) file_name"),
-        (lambda r: (r / "metadata.csv").write_bytes(b"file_name,text\na.png,caf\xe9\n"), "not UTF-8"),
-        (lambda r: (r / "metadata.csv").write_text("file_name,text\na.gif,x\n"), "unsupported extension"),
-        (lambda r: (r / "metadata.csv").unlink(), "metadata.csv: not found"),
+        ("name,text\na.png,x\n", "row 1: missing column(s) file_name (found: name, text)"),
+        ("file_name;text\na.png;x\n", "row 1: the file is semicolon-separated (';')"),
+        ("file_name\ttext\na.png\tx\n", "row 1: the file is tab-separated"),
+        ("file_name,text\n", "no rows; the dataset is empty"),
     ],
 )
-def test_bad_input_names_file_and_row(tmp_path, mutate, expected):
-    root = write_imagefolder(tmp_path / "ds", [("a.png", "one"), ("b.png", "two")])
-    mutate(root)
-    with pytest.raises(PipelineError) as err:
-        read_imagefolder(root, resolution=8)
-    assert expected in str(err.value) and "metadata.csv" in str(err.value)
+def test_unusable_metadata_stops_whatever_on_error(tmp_path, content, expected):
+    root = write_imagefolder(tmp_path / "ds", [("a.png", "one")])
+    (root / "metadata.csv").write_text(content)
+    for mode in ("fail", "skip"):
+        with pytest.raises(PipelineError, match="metadata.csv") as err:
+            read(root, mode)
+        assert expected in str(err.value)
+
+
+def test_non_utf8_names_the_row(tmp_path):
+    root = write_imagefolder(tmp_path / "ds", [("a.png", "one")])
+    (root / "metadata.csv").write_bytes(b"file_name,text\na.png,caf\xe9\n")
+    with pytest.raises(PipelineError, match=r"metadata.csv, row 2: not UTF-8 \(byte 0xe9\); re-save"):
+        read(root)
+
+
+def test_missing_metadata(tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(PipelineError, match="metadata.csv: not found"):
+        read(tmp_path / "ds")
+
+
+def test_imageclef_layout_resolves_extensions_and_keeps_prompts_of_an_image_together(tmp_path):
+    root = tmp_path / "clef"
+    (root / "images").mkdir(parents=True)
+    for name in ("cl8k_1", "cl8k_2"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.jpg")
+    rows = ["Filename;Prompt", "cl8k_1;generate an image with one polyp", "cl8k_1.jpg;an image of a polyp",
+            "cl8k_2;an image with no polyps; colon"]
+    (root / "prompt-gt.csv").write_text("\n".join(rows[:3]) + '\ncl8k_2;"an image with no polyps; colon"\n')
+    samples = read_imageclef(root, DecodeOptions(resolution=16, channels=3), Problems("fail"), workers=1)
+    assert [s.file_name for s in samples] == ["cl8k_1.png", "cl8k_2.png"]
+    assert samples[0].captions == ["generate an image with one polyp", "an image of a polyp"]
+    assert samples[0].group == "cl8k_1.jpg" and samples[1].captions == ["an image with no polyps; colon"]
+
+
+def test_imageclef_comma_file_is_reported_as_wrong_delimiter(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "prompt-gt.csv").write_text("Filename,Prompt\na,b\n")
+    with pytest.raises(PipelineError, match=r"prompt-gt.csv, row 1: the file is comma-separated"):
+        read_imageclef(tmp_path, OPTS, Problems("fail"))
+
+
+def test_parallel_decode_matches_serial(tmp_path):
+    root = write_imagefolder(tmp_path / "ds", [(f"{i}.png", "c") for i in range(70)])
+    paths = [root / f"{i}.png" for i in range(70)]
+    serial, parallel = decode_files(paths, OPTS, workers=1), decode_files(paths, OPTS, workers=2)
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(serial, parallel))
 
 
 def test_identical_pixels_in_two_splits_are_rejected(tmp_path):
     root = write_imagefolder(tmp_path / "ds", [("a.png", "one"), ("b.png", "two")])
     (root / "b.png").write_bytes((root / "a.png").read_bytes())
-    samples = read_imagefolder(root, resolution=8)
+    samples, _ = read(root)
     samples[0].split, samples[1].split = "train", "test"
     with pytest.raises(PipelineError, match="identical images in different splits: a.png"):
         check_pixels_not_shared(build_manifest(samples))

@@ -1,0 +1,43 @@
+"""A dataset card in markdown: what was ingested, how it splits, what was dropped."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def _table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame, pairs: pd.DataFrame,
+                 problems: dict[str, int]) -> str:
+    by_label = (images.assign(label=images["label"].replace("", "(none)"))
+                .pivot_table(index="label", columns="split", values="id", aggfunc="count", fill_value=0)
+                .reset_index())
+    lengths = pairs["caption"].str.split().str.len()
+    examples = pairs.drop_duplicates("caption").head(5)["caption"].tolist()
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(problems.items())) or "none"
+    return f"""# Dataset card
+
+- Source: `{source}`
+- Images: {stats['images']} ({stats['images_train']} train / {stats['images_val']} val / {stats['images_test']} test), \
+{stats['groups']} groups; splits never cut a group
+- Pairs (image, caption): {stats['pairs']}; unique captions: {stats['unique_captions']}; \
+captions per image: {stats['captions_per_image']}
+- Caption length (words): median {lengths.median():.0f}, min {lengths.min()}, max {lengths.max()}
+- Resolution: {params['resolution']} px, {params['channels']} channel(s), {params['crop']} to square
+- Rows dropped (`ingest.on_error: skip`): {dropped} (details in `problems.csv`)
+
+## Images per label and split
+
+{_table(by_label)}
+
+## Example captions
+
+""" + "\n".join(f"- {c}" for c in examples) + """
+
+![samples](samples.png)
+"""
