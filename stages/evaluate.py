@@ -44,9 +44,28 @@ def fidelity(real_train, real_test, synth, p: EvaluateParams, seed: int) -> dict
     return out
 
 
+def downstream(train_rows, real_train, test_rows, real_test, classes, p: EvaluateParams, seed: int) -> dict:
+    """Classifier on real train vs real train + synthetic (from augment_splits captions)."""
+    aug_rows, synth_aug = split_images(SYNTH, p.augment_splits)
+    code = {c: i for i, c in enumerate(classes)}
+    # Unlabelled images, and classes unseen in real train, cannot be scored: left out.
+    keep = {name: rows["label"].isin(code).to_numpy(copy=True)
+            for name, rows in (("train", train_rows), ("test", test_rows), ("aug", aug_rows))}
+    as_y = lambda rows: torch.tensor([code[c] for c in rows["label"]])  # noqa: E731
+    cfg = ClassifierConfig(p.classifier_epochs, p.classifier_lr, p.classifier_batch_size)
+    seeds = [derive_seed(seed, "classifier", i) % 2**31 for i in range(p.classifier_seeds)]
+    out = compare_real_vs_augmented(
+        real_train[keep["train"]], as_y(train_rows[keep["train"]]), synth_aug[keep["aug"]],
+        as_y(aug_rows[keep["aug"]]), real_test[keep["test"]], as_y(test_rows[keep["test"]]), len(classes), cfg, seeds)
+    return {**out, "n_synthetic_augment": int(keep["aug"].sum())}
+
+
 def main() -> None:
     p, seed = load_params("evaluate", EvaluateParams)
     require_inputs("evaluate", REAL, SYNTH)
+    if p.fidelity_split in p.augment_splits:
+        raise PipelineError("params.yaml: evaluate.augment_splits must not contain evaluate.fidelity_split "
+                            "(synthetic images from test captions would leak into classifier training)")
     seed_everything(seed)
     train_rows, real_train = split_images(REAL, ["train"])
     test_rows, real_test = split_images(REAL, [p.fidelity_split])
@@ -54,24 +73,11 @@ def main() -> None:
     metrics = {"n_real_train": len(real_train), "n_real_test": len(real_test), "n_synthetic_fidelity": len(synth_fid)}
     metrics.update(fidelity(real_train, real_test, synth_fid, p, seed))
 
-    aug_rows, synth_aug = split_images(SYNTH, p.augment_splits)
-    if p.fidelity_split in p.augment_splits:
-        raise PipelineError("params.yaml: evaluate.augment_splits must not contain evaluate.fidelity_split "
-                            "(synthetic images from test captions would leak into classifier training)")
-    classes = sorted(set(train_rows["label"]))
-    if len(classes) < 2:
-        raise PipelineError(f"{REAL}/metadata.csv: the classifier needs at least 2 labels in train, got {classes}")
-    code = {c: i for i, c in enumerate(classes)}
-    # Classes unseen in real train cannot be scored; their rows are left out.
-    keep_test = torch.tensor(test_rows["label"].isin(code).tolist())
-    keep_aug = torch.tensor(aug_rows["label"].isin(code).tolist())
-    as_y = lambda rows: torch.tensor([code[c] for c in rows["label"]])  # noqa: E731
-    cfg = ClassifierConfig(p.classifier_epochs, p.classifier_lr, p.classifier_batch_size)
-    seeds = [derive_seed(seed, "classifier", i) % 2**31 for i in range(p.classifier_seeds)]
-    metrics.update(compare_real_vs_augmented(
-        real_train, as_y(train_rows), synth_aug[keep_aug], as_y(aug_rows[keep_aug.numpy()]),
-        real_test[keep_test], as_y(test_rows[keep_test.numpy()]), len(classes), cfg, seeds))
-    metrics["n_synthetic_augment"] = int(keep_aug.sum())
+    classes = sorted(set(train_rows["label"]) - {""})
+    if len(classes) >= 2:
+        metrics.update(downstream(train_rows, real_train, test_rows, real_test, classes, p, seed))
+    else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
+        print(f"evaluate: no downstream classifier ({len(classes)} label(s) in the train split; it needs 2+)")
     write_json("metrics/evaluate.json", metrics)
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_std")))
 

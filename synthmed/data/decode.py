@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from synthmed.data.transforms import prepare
 from synthmed.io import sha256_bytes
+from synthmed.runtime import progress
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -69,7 +70,7 @@ def decode_files(paths: list[str | Path], opts: DecodeOptions, workers: int = 0)
     """decode_file over many paths, order kept; workers=0 means one per core."""
     workers = workers or os.cpu_count() or 1
     jobs = [(str(p), opts) for p in paths]
-    if workers == 1 or len(jobs) < 64:
-        return [_decode_star(j) for j in jobs]
+    if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a few images
+        return [_decode_star(j) for j in progress(jobs, desc="decode")]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_decode_star, jobs, chunksize=32))
+        return list(progress(pool.map(_decode_star, jobs, chunksize=32), total=len(jobs), desc="decode"))
