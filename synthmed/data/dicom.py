@@ -1,0 +1,301 @@
+"""DICOM folders: every file under ``ingest.path``, one Sample per image frame.
+
+Privacy comes first. Captions are built only from whitelisted, non-identifying
+attributes; file names, groups and sources are pseudonymous digests; problems
+name a file by its digest, never by its path (real exports put patient names in
+paths). ``python -m synthmed.data.dicom FOLDER [ID]`` maps digests back to paths
+on the machine that holds the data.
+
+Digests are plain (unkeyed) SHA-256: pseudonyms, not anonymisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import re
+import string
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
+
+from synthmed.data.problems import Problems
+from synthmed.data.sample import Sample
+from synthmed.data.transforms import prepare, to_uint8
+from synthmed.errors import PipelineError
+from synthmed.io import sha256_bytes
+
+FIELDS = ("modality", "body_part", "view", "laterality", "rows", "columns")
+DEFAULT_TEMPLATE = "{modality} image of the {body_part}{view}"
+PERCENTILES = (0.5, 99.5)
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index, not an image
+LATERALITY = {"L": "left", "R": "right", "B": "bilateral"}
+_CODE = re.compile(r"[A-Z0-9 _]{1,16}")  # the DICOM Code String alphabet
+SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+                         "YBR_PARTIAL_420"}  # pydicom hands the colour ones back as RGB
+KNOWN_PHOTOMETRIC = SUPPORTED_PHOTOMETRIC | {"PALETTE COLOR", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK", "XYB"}
+_EXAMPLE = {"modality": "CT", "body_part": "chest", "view": "PA", "laterality": "left", "rows": 512, "columns": 512}
+
+
+@dataclass
+class DicomParams:
+    window: str = "auto"  # auto | percentile | "<center>,<width>" e.g. "40,400"
+    caption_template: str = DEFAULT_TEMPLATE  # str.format over FIELDS
+    label_field: str = ""  # "" or one of FIELDS; the label takes the plain value ("chest", "PA")
+
+    def __post_init__(self) -> None:
+        parse_window(self.window)
+        check_template(self.caption_template)
+        if self.label_field not in ("",) + FIELDS:
+            raise PipelineError(
+                f"ingest.dicom.label_field: unknown field '{self.label_field}'; use \"\" or one of {', '.join(FIELDS)}"
+            )
+
+
+def parse_window(text: str) -> str | tuple[float, float]:
+    """Return "auto", "percentile" or the (low, high) range of "<center>,<width>"."""
+    t = str(text).strip().lower()
+    if t in ("auto", "percentile"):
+        return t
+    try:
+        center, width = (float(x) for x in t.split(","))
+    except ValueError:
+        center, width = math.nan, math.nan
+    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+        raise PipelineError(
+            f"ingest.dicom.window: {text!r} is not valid; use auto, percentile or \"<center>,<width>\" "
+            "with a positive width, e.g. \"40,400\""
+        )
+    return center - width / 2, center + width / 2
+
+
+def check_template(template: str) -> None:
+    """Only whitelisted fields may reach a caption: anything else stops before reading a file."""
+    allowed = ", ".join(FIELDS)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise PipelineError(f"ingest.dicom.caption_template: malformed ({exc}); allowed fields: {allowed}") from None
+    unknown = [n for n in names if n not in FIELDS]
+    if unknown:
+        raise PipelineError(
+            f"ingest.dicom.caption_template: unknown field(s) {', '.join(repr(n) for n in unknown)}; "
+            f"allowed fields: {allowed}"
+        )
+    try:  # format specs are checked on example values, e.g. "{rows:d}" is fine, "{modality:d}" is not
+        text = template.format(**_render(_EXAMPLE))
+    except (ValueError, TypeError) as exc:
+        raise PipelineError(f"ingest.dicom.caption_template: {exc}; allowed fields: {allowed}") from None
+    if not text.strip():
+        raise PipelineError(f"ingest.dicom.caption_template: gives an empty caption; "
+                            f"use e.g. {DEFAULT_TEMPLATE!r}; allowed fields: {allowed}")
+
+
+def _os_clutter(rel: Path) -> bool:
+    """Hidden files and folders (.DS_Store, .git) and Thumbs.db are not part of an export."""
+    return rel.name == "Thumbs.db" or any(part.startswith(".") for part in rel.parts)
+
+
+def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str, channels: int,
+               problems: Problems) -> list[Sample]:
+    """Read every file under ``folder`` (recursively, sorted); bad files go to ``problems``."""
+    folder = Path(folder)
+    window = parse_window(p.window)
+    check_template(p.caption_template)
+    paths = sorted(f for f in folder.rglob("*") if f.is_file() and not _os_clutter(f.relative_to(folder))) \
+        if folder.is_dir() else []
+    if not paths:
+        raise PipelineError("ingest.path: the DICOM folder is missing or has no files; "
+                            "point it at a folder of DICOM files")
+    samples: list[Sample] = []
+    with _quiet_pydicom():
+        for path in paths:
+            samples += _read_file(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels,
+                                  problems)
+    return samples
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom warns about and logs malformed values verbatim, and those can be names: mute both."""
+    log = logging.getLogger("pydicom")
+    was_disabled, log.disabled = log.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.disabled = was_disabled
+
+
+def file_id(rel: str) -> str:
+    """Pseudonymous id of a file from its path relative to the DICOM folder."""
+    return "dicom_" + sha256_bytes(rel.encode())[:16]
+
+
+def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, float], resolution: int,
+               crop: str, channels: int, problems: Problems) -> list[Sample]:
+    fid = file_id(rel)
+    ref = f"DICOM file {fid} (see its path with: python -m synthmed.data.dicom <ingest.path> {fid})"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # str(exc) would quote the path
+        problems.report("unreadable_file", f"{ref}: cannot read ({exc.strerror}); check its permissions", file=fid)
+        return []
+    try:  # parse from memory so no pydicom message can quote the path
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except Exception:  # InvalidDicomError, or any parse failure of a damaged header
+        problems.report("not_dicom", f"{ref}: not a DICOM file (or its header is damaged); "
+                        "remove it from the folder or re-export it as DICOM", file=fid)
+        return []
+    if str(_get(ds.file_meta, "MediaStorageSOPClassUID")) == DICOMDIR_SOP_CLASS:
+        return []
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        problems.report("no_pixel_data", f"{ref}: DICOM without pixel data (a report, structured document or "
+                        "presentation state?); remove it from the folder", file=fid)
+        return []
+    if _code(ds, "BurnedInAnnotation") == "YES":
+        problems.report("burned_in_annotation", f"{ref}: flagged BurnedInAnnotation=YES, its pixels may show "
+                        "patient details; remove it or export a de-identified copy", file=fid)
+        return []
+    photometric = _code(ds, "PhotometricInterpretation")
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        shown = photometric if photometric in KNOWN_PHOTOMETRIC else "missing or unrecognised"  # never echo free text
+        problems.report("unsupported_image", f"{ref}: PhotometricInterpretation {shown} is not supported; "
+                        "convert it to MONOCHROME2 or RGB", file=fid)
+        return []
+    try:
+        frames = _frames(ds, photometric, window, channels)
+    except Exception as exc:  # decoders raise many types; their text names the codec or a size
+        syntax = _get(ds.file_meta, "TransferSyntaxUID")
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        # one line, and quoted values dropped: a malformed element is quoted in conversion errors
+        detail = re.sub(r"'[^']*'", "'...'", " ".join(str(exc).split()))
+        problems.report("corrupt_image", f"{ref}: cannot decode its pixels ({name}: {detail}); "
+                        "install a decoder for it (e.g. pylibjpeg) or re-export uncompressed", file=fid)
+        return []
+
+    plain = _plain_fields(ds)
+    caption = p.caption_template.format(**_render(plain)).strip()
+    if not caption:  # e.g. a template of "{view}" on a file without a view
+        problems.report("empty_caption", f"{ref}: ingest.dicom.caption_template gives an empty caption for it; "
+                        "add a field it has, e.g. {modality}", file=fid)
+        return []
+    series = str(_get(ds, "SeriesInstanceUID") or _get(ds, "StudyInstanceUID") or "").strip() or rel
+    out = []
+    for k, frame in enumerate(frames, start=1):
+        pixels = prepare(frame, resolution, crop)
+        if channels == 3 and pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        suffix = f"_f{k:03d}" if len(frames) > 1 else ""  # 1-based, like DICOM frame numbers
+        out.append(Sample(
+            file_name=f"{fid}{suffix}.png",
+            pixels=pixels,
+            captions=[caption],
+            group="series-" + sha256_bytes(series.encode())[:16],  # frames and slices of a series stay together
+            label=str(plain[p.label_field]) if p.label_field else "",
+            source="dicom:" + fid.removeprefix("dicom_"),
+            source_sha256=sha256_bytes(data),
+        ))
+    return out
+
+
+def _frames(ds: pydicom.Dataset, photometric: str, window: str | tuple[float, float],
+            channels: int) -> list[np.ndarray]:
+    """Decoded frames as uint8 (H, W) or (H, W, 3), before squaring and resizing."""
+    arr = ds.pixel_array  # YBR is converted to RGB here
+    if _get(ds, "SamplesPerPixel") == 3:
+        high = 255 if arr.dtype == np.uint8 else 2 ** int(ds.BitsStored) - 1
+        rgb = to_uint8(arr, 0, high)  # colour has no modality LUT or window: just scale the bit depth
+        frames = list(rgb) if rgb.ndim == 4 else [rgb]
+        return frames if channels == 3 else [np.asarray(Image.fromarray(f).convert("L")) for f in frames]
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    low, high = _range(values, ds, window)
+    grey = to_uint8(values, low, high)
+    if photometric == "MONOCHROME1":  # low values are white there: invert so bright = dense everywhere
+        grey = 255 - grey
+    return list(grey) if grey.ndim == 3 else [grey]
+
+
+def _range(values: np.ndarray, ds: pydicom.Dataset, window: str | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(window, tuple):
+        return window
+    if window == "auto":
+        center, width = _first(_get(ds, "WindowCenter")), _first(_get(ds, "WindowWidth"))
+        if center is not None and width is not None and width > 0:
+            return center - width / 2, center + width / 2
+    low, high = np.percentile(values, PERCENTILES)  # over all frames, so slices of one file match
+    return float(low), float(high)
+
+
+def _get(ds: pydicom.Dataset, keyword: str) -> object:
+    """An element's value, or None when absent or malformed (conversion errors quote the raw value)."""
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
+def _first(value: object) -> float | None:
+    """First value of a possibly multi-valued DS element, or None."""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0] if len(value) else None
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _code(ds: pydicom.Dataset, *keywords: str) -> str:
+    """First valid Code String among ``keywords``; anything else (e.g. a name typed into the tag) is dropped."""
+    for kw in keywords:
+        value = _get(ds, kw)
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = value[0] if len(value) else ""
+        text = str(value or "").strip().upper()
+        if _CODE.fullmatch(text):
+            return text
+    return ""
+
+
+def _plain_fields(ds: pydicom.Dataset) -> dict[str, object]:
+    """The whitelisted fields as plain values; these are also the label values."""
+    return {
+        "modality": _code(ds, "Modality") or "unknown",
+        "body_part": _code(ds, "BodyPartExamined").lower().replace("_", " ") or "unknown",
+        "view": _code(ds, "ViewPosition") or "unknown",
+        "laterality": LATERALITY.get(_code(ds, "ImageLaterality", "Laterality"), "unknown"),
+        "rows": int(ds.Rows),  # binary US, always valid once the pixels decoded
+        "columns": int(ds.Columns),
+    }
+
+
+def _render(plain: dict[str, object]) -> dict[str, object]:
+    """Template values: view and laterality read naturally or vanish when unknown."""
+    view, side = plain["view"], plain["laterality"]
+    return {
+        **plain,
+        "body_part": "unknown body part" if plain["body_part"] == "unknown" else plain["body_part"],
+        "view": f", {view} view" if view != "unknown" else "",
+        "laterality": f"{side} " if side != "unknown" else "",
+    }
+
+
+if __name__ == "__main__":  # local use only: prints real paths
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m synthmed.data.dicom FOLDER [ID]   (lists 'id  relative/path')")
+    root = Path(sys.argv[1])
+    for f in sorted(f for f in root.rglob("*") if f.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if len(sys.argv) == 2 or file_id(rel) == sys.argv[2]:
+            print(f"{file_id(rel)}  {rel}")

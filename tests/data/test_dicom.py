@@ -1,0 +1,312 @@
+import hashlib
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
+
+from synthmed.data.dicom import DicomParams, read_dicom
+from synthmed.data.problems import Problems
+from synthmed.errors import PipelineError
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1001"
+SERIES_UID = "1.2.826.0.1.3680043.8.498.1002"
+INSTANCE_ROOT = "1.2.826.0.1.3680043.8.498.2"
+IDENTIFIERS = ["Doe", "Jane", "PID-778899", "19700101", "20240102", "101530", "St Example", "Example Road",
+               "ACC123", "STUDY-77", "Smith", "Operator", "Chest pain", STUDY_UID, SERIES_UID, INSTANCE_ROOT]
+
+SLOPE, INTERCEPT = 2.0, -1024.0
+RAW = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 3) % 4000
+RAW[10, 20] = 1262  # rescaled: 2 * 1262 - 1024 = 1500 HU
+PAD = 4  # 32 rows padded to 40: 4 zero rows on top
+
+
+def write_dcm(path: Path, pixels: np.ndarray | None = RAW, photometric: str = "MONOCHROME2",
+              sop_class: str = CTImageStorage, **attrs) -> Path:
+    """A small CT file full of identifiers; attrs override (None deletes) any element."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    instance = INSTANCE_ROOT + str(int(hashlib.sha256(path.name.encode()).hexdigest()[:4], 16))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = instance
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "PID-778899", "19700101"
+    ds.StudyDate, ds.SeriesDate, ds.StudyTime = "20240102", "20240102", "101530"
+    ds.InstitutionName, ds.InstitutionAddress = "St Example Hospital", "1 Example Road"
+    ds.ReferringPhysicianName, ds.OperatorsName = "Smith^John", "Operator^Olga"
+    ds.AccessionNumber, ds.StudyID = "ACC123", "STUDY-77"
+    ds.StudyDescription, ds.SeriesDescription = "Chest pain Jane Doe", "Doe PA chest"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CT", "CHEST", "PA"
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, 8 * pixels.dtype.itemsize)
+    ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
+    for key, value in attrs.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def read(folder, on_error="fail", resolution=40, channels=1, crop="pad", **params):
+    problems = Problems(on_error)
+    samples = read_dicom(folder, DicomParams(**{"window": "1000,4000", **params}), resolution=resolution,
+                         crop=crop, channels=channels, problems=problems)
+    return samples, problems
+
+
+def file_id(rel: str) -> str:
+    return "dicom_" + hashlib.sha256(rel.encode()).hexdigest()[:16]
+
+
+def image(sample) -> np.ndarray:
+    """The 32x40 image area of a 40 px padded sample."""
+    return sample.pixels[PAD : PAD + 32]
+
+
+def test_shape_dtype_names_and_hashes(tmp_path):
+    path = write_dcm(tmp_path / "Doe_Jane" / "scan1.dcm")
+    (grey,), _ = read(tmp_path, resolution=16)
+    (rgb,), _ = read(tmp_path, resolution=16, channels=3)
+    assert grey.pixels.shape == (16, 16) and grey.pixels.dtype == np.uint8
+    assert rgb.pixels.shape == (16, 16, 3) and (rgb.pixels == grey.pixels[..., None]).all()
+    assert grey.file_name == file_id("Doe_Jane/scan1.dcm") + ".png"
+    assert grey.source == "dicom:" + file_id("Doe_Jane/scan1.dcm").removeprefix("dicom_")
+    assert grey.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rescale_and_explicit_window(tmp_path):
+    write_dcm(tmp_path / "a.dcm")
+    (s,), _ = read(tmp_path, window="1000,4000")  # [-1000, 3000] HU
+    hu = RAW.astype(float) * SLOPE + INTERCEPT
+    expected = np.clip(np.rint((hu + 1000.0) / 4000.0 * 255.0), 0, 255)
+    assert s.pixels[PAD + 10, 20] == 159  # 1500 HU: 2500 / 4000 * 255 = 159.4
+    assert np.array_equal(image(s), expected.astype(np.uint8))
+    assert (s.pixels[:PAD] == 0).all() and (s.pixels[PAD + 32 :] == 0).all()  # padding stays black
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    write_dcm(tmp_path / "m2" / "a.dcm")
+    write_dcm(tmp_path / "m1" / "a.dcm", photometric="MONOCHROME1")
+    (m2,), _ = read(tmp_path / "m2")
+    (m1,), _ = read(tmp_path / "m1")
+    assert np.array_equal(image(m1), 255 - image(m2))
+
+
+def test_auto_uses_the_files_window_else_percentiles(tmp_path):
+    write_dcm(tmp_path / "win" / "a.dcm", WindowCenter=[1000, 40], WindowWidth=[4000, 400])
+    write_dcm(tmp_path / "nowin" / "a.dcm")
+    auto, explicit, pct = (read(tmp_path / "win", window=w)[0][0] for w in ("auto", "1000,4000", "percentile"))
+    assert np.array_equal(auto.pixels, explicit.pixels)
+    assert not np.array_equal(auto.pixels, pct.pixels)
+    no_window = read(tmp_path / "nowin", window="auto")[0][0]
+    assert np.array_equal(no_window.pixels, pct.pixels)
+    assert image(pct).min() == 0 and image(pct).max() == 255  # 0.5-99.5 percentiles span the range
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # writing the mis-filed body part
+def test_captions_and_labels_from_whitelisted_fields(tmp_path):
+    write_dcm(tmp_path / "full" / "a.dcm", ImageLaterality="L")
+    write_dcm(tmp_path / "sparse" / "a.dcm", BodyPartExamined=None, ViewPosition=None)
+    write_dcm(tmp_path / "misfiled" / "a.dcm", BodyPartExamined="Doe^Jane")
+    assert read(tmp_path / "full")[0][0].captions == ["CT image of the chest, PA view"]
+    assert read(tmp_path / "sparse")[0][0].captions == ["CT image of the unknown body part"]
+    assert read(tmp_path / "misfiled")[0][0].captions == ["CT image of the unknown body part, PA view"]
+    (s,), _ = read(tmp_path / "full", caption_template="{laterality}{body_part} {modality} {rows}x{columns}",
+                   label_field="view")
+    assert s.captions == ["left chest CT 32x40"] and s.label == "PA"
+    assert read(tmp_path / "full", label_field="body_part")[0][0].label == "chest"
+    assert read(tmp_path / "sparse", label_field="body_part")[0][0].label == "unknown"
+    assert read(tmp_path / "full")[0][0].label == ""
+
+
+def patch(path: Path, old: bytes, new: bytes) -> None:
+    """Put a malformed value into a written file (pydicom refuses to write most of them)."""
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+
+
+def malformed(path: Path) -> None:
+    # Conversion warnings and errors quote such values verbatim.
+    write_dcm(path, WindowCenter="1111", WindowWidth="4000", SeriesInstanceUID="9.9.9.99")
+    patch(path, b"1111", b"Doe ")
+    patch(path, b"9.9.9.99", b"Doe^Jane")
+
+
+def test_no_identifier_reaches_samples_messages_warnings_or_logs(tmp_path, caplog):
+    patient = tmp_path / "Doe_Jane"
+    write_dcm(patient / "Jane_Doe_1.dcm")
+    write_dcm(patient / "Jane_Doe_2.dcm", pixels=np.stack([RAW, RAW // 2]))
+    malformed(patient / "Jane_Doe_3.dcm")
+    bad = {
+        "Jane_Doe_notes.txt": lambda p: p.write_text("Doe^Jane PID-778899"),
+        "Jane_Doe_sr.dcm": lambda p: write_dcm(p, pixels=None),
+        "Jane_Doe_cut.dcm": lambda p: write_dcm(p, PixelData=b"\0" * 10),
+        "Jane_Doe_burned.dcm": lambda p: write_dcm(p, BurnedInAnnotation="YES"),
+        "Jane_Doe_frames.dcm": lambda p: (write_dcm(p, NumberOfFrames="7777"), patch(p, b"7777", b"Jane")),
+        "Jane_Doe_pi.dcm": lambda p: (write_dcm(p), patch(p, b"MONOCHROME2 ", b"DOE JANE    ")),
+    }
+    for name, make in bad.items():
+        make(patient / name)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples, problems = read(tmp_path, on_error="skip", window="auto")
+        messages = []
+        for name in bad:  # under fail, each broken file alone stops the read
+            solo = tmp_path / "solo" / "Doe_Jane"
+            shutil.rmtree(tmp_path / "solo", ignore_errors=True)
+            solo.mkdir(parents=True)
+            shutil.copy(patient / name, solo / name)
+            with pytest.raises(PipelineError) as err:
+                read(tmp_path / "solo")
+            messages.append(str(err.value))
+    assert len(samples) == 4 and len(problems.items) == len(bad)
+    assert [p.reason for p in problems.items] == ["burned_in_annotation", "corrupt_image", "corrupt_image",
+                                                  "not_dicom", "unsupported_image", "no_pixel_data"]
+    text = repr([(s.captions, s.file_name, s.group, s.label, s.split, s.source, s.source_sha256, s.extra)
+                 for s in samples]) + repr([vars(p) for p in problems.items]) + repr(messages)
+    text += repr([str(w.message) for w in caught]) + caplog.text
+    leaked = [i for i in IDENTIFIERS if i.lower() in text.lower()]
+    assert leaked == [], leaked
+    assert all(file_id(f"Doe_Jane/{n}") in m for n, m in zip(bad, messages))
+
+
+def test_series_group_frames_and_slices(tmp_path):
+    write_dcm(tmp_path / "p1" / "s1.dcm")
+    write_dcm(tmp_path / "p1" / "s2.dcm")
+    write_dcm(tmp_path / "p1" / "multi.dcm", pixels=np.stack([RAW, RAW // 2, RAW // 3]))
+    write_dcm(tmp_path / "p2" / "s1.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.3")
+    write_dcm(tmp_path / "p3" / "s1.dcm", SeriesInstanceUID=None, StudyInstanceUID="1.2.826.0.1.3680043.8.498.4")
+    samples, _ = read(tmp_path)
+    by_name = {s.file_name: s for s in samples}
+    frames = [by_name[file_id("p1/multi.dcm") + f"_f{k:03d}.png"] for k in (1, 2, 3)]
+    assert len(samples) == 7 and not np.array_equal(frames[0].pixels, frames[1].pixels)
+    p1 = {by_name[file_id(f"p1/{n}.dcm") + ".png"].group for n in ("s1", "s2")} | {f.group for f in frames}
+    assert len(p1) == 1 and re.fullmatch(r"series-[0-9a-f]{16}", p1.pop())
+    assert len({s.group for s in samples}) == 3
+
+
+def test_non_dicom_file_fails_or_is_skipped(tmp_path):
+    write_dcm(tmp_path / "a.dcm")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    with pytest.raises(PipelineError, match=file_id("notes/readme.txt")) as err:
+        read(tmp_path)
+    assert "not a DICOM file" in str(err.value)
+    samples, problems = read(tmp_path, on_error="skip")
+    assert [s.file_name for s in samples] == [file_id("a.dcm") + ".png"]
+    assert problems.counts() == {"not_dicom": 1} and problems.items[0].file == file_id("notes/readme.txt")
+
+
+@pytest.mark.parametrize(
+    "make, reason, params",
+    [
+        (lambda p: write_dcm(p, pixels=None), "no_pixel_data", {}),
+        (lambda p: write_dcm(p, PixelData=b"\0" * 10), "corrupt_image", {}),
+        (lambda p: write_dcm(p, BurnedInAnnotation="YES"), "burned_in_annotation", {}),
+        (lambda p: write_dcm(p, PhotometricInterpretation="PALETTE COLOR"), "unsupported_image", {}),
+        (lambda p: write_dcm(p, ViewPosition=None), "empty_caption", {"caption_template": "{view}"}),
+    ],
+)
+def test_unusable_dicom_is_reported(tmp_path, make, reason, params):
+    write_dcm(tmp_path / "ok.dcm")
+    make(tmp_path / "bad.dcm")
+    samples, problems = read(tmp_path, on_error="skip", **params)
+    assert len(samples) == 1 and problems.counts() == {reason: 1}
+    assert problems.items[0].file == file_id("bad.dcm")
+
+
+def test_compressed_without_decoder_is_corrupt_image(tmp_path):
+    path = write_dcm(tmp_path / "jls.dcm")
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"not really jpeg-ls"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(PipelineError, match=r"cannot decode its pixels \(JPEG-LS Lossless") as err:
+        read(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_dicomdir_is_ignored_and_empty_folder_fails(tmp_path):
+    write_dcm(tmp_path / "DICOMDIR", pixels=None, sop_class="1.2.840.10008.1.3.10")
+    samples, problems = read(tmp_path, on_error="skip")
+    assert samples == [] and problems.items == []
+    with pytest.raises(PipelineError, match="ingest.path"):
+        read(tmp_path / "missing")
+
+
+def test_rgb_kept_or_converted(tmp_path):
+    red = np.zeros((32, 40, 3), np.uint8)
+    red[..., 0] = 255
+    write_dcm(tmp_path / "rgb.dcm", pixels=red, photometric="RGB")
+    (colour,), _ = read(tmp_path, channels=3)
+    (grey,), _ = read(tmp_path, channels=1)
+    assert (image(colour) == [255, 0, 0]).all()
+    assert image(grey).shape == (32, 40) and (image(grey) == 76).all()  # ITU-R 601 luma of pure red
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        ({"caption_template": "{modality} of {PatientName}"}, "ingest.dicom.caption_template"),
+        ({"caption_template": "{modality"}, "ingest.dicom.caption_template"),
+        ({"caption_template": "{modality:d}"}, "ingest.dicom.caption_template"),
+        ({"caption_template": "{modality.__class__}"}, "ingest.dicom.caption_template"),
+        ({"caption_template": "  "}, "ingest.dicom.caption_template"),
+        ({"window": "40"}, "ingest.dicom.window"),
+        ({"window": "40,-400"}, "ingest.dicom.window"),
+        ({"window": "level,width"}, "ingest.dicom.window"),
+        ({"label_field": "PatientID"}, "ingest.dicom.label_field"),
+    ],
+)
+def test_bad_params_name_the_key(params, name):
+    with pytest.raises(PipelineError, match=re.escape(name)) as err:
+        DicomParams(**params)
+    if "caption_template" in name:
+        assert "modality, body_part, view, laterality, rows, columns" in str(err.value)
+
+
+def test_pydicom_sample_files(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    names = ["CT_small.dcm", "MR_small.dcm"]
+    paths = [get_testdata_file(n, download=False) for n in names]
+    if None in paths:
+        pytest.skip("pydicom test files not installed")
+    for name, path in zip(names, paths):
+        shutil.copy(path, tmp_path / name)
+    samples, _ = read(tmp_path, window="auto", resolution=32)
+    assert [s.captions for s in samples] == [[f"{m} image of the unknown body part"] for m in ("CT", "MR")]
+    assert all(s.pixels.shape == (32, 32) and s.pixels.std() > 10 for s in samples)
+    text = repr([(s.captions, s.file_name, s.group, s.source) for s in samples]).lower()
+    assert not any(i in text for i in ("compressedsamples", "1ct1", "4mr1", "jfk", "toshiba", "ct_small", "mr_small"))
+
+
+def test_locator_maps_an_id_back_to_its_path(tmp_path):
+    write_dcm(tmp_path / "Doe_Jane" / "scan1.dcm")
+    fid = file_id("Doe_Jane/scan1.dcm")
+    out = subprocess.run([sys.executable, "-m", "synthmed.data.dicom", str(tmp_path), fid],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]).stdout
+    assert out.strip() == f"{fid}  Doe_Jane/scan1.dcm"
+
+
+def test_os_clutter_is_ignored(tmp_path):
+    from synthmed.data.dicom import _os_clutter
+
+    assert _os_clutter(Path(".DS_Store")) and _os_clutter(Path("a/.hidden/x.dcm")) and _os_clutter(Path("Thumbs.db"))
+    assert not _os_clutter(Path("Doe_Jane/scan1.dcm"))
