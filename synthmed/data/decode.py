@@ -43,6 +43,8 @@ def decode_file(path: str | Path, opts: DecodeOptions) -> Decoded:
         data = path.read_bytes()
     except FileNotFoundError:
         return Decoded(None, reason="missing_image", detail="file not found")
+    except OSError as exc:  # permissions, a directory named like an image, I/O errors
+        return Decoded(None, reason="unreadable_image", detail=f"cannot read ({exc.strerror or exc})")
     if not data:
         return Decoded(None, reason="corrupt_image", detail="zero-byte file")
     try:

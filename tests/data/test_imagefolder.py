@@ -63,6 +63,8 @@ BAD_INPUT = [
      "conflicting_rows", "row 3: 'a.png' has label/group/split"),
     (lambda r: (r / "metadata.csv").write_text("file_name,text\na.png,one\n../b.png,two\n"), "bad_file_name",
      "row 3: file_name '../b.png' must be a path inside"),
+    (lambda r: ((r / "b.png").unlink(), (r / "b.png").mkdir()), "unreadable_image",
+     "row 3: image 'b.png': cannot read"),
     (_bomb, "image_too_large", "row 3: image 'b.png': 9000x9000 pixels exceeds ingest.max_image_pixels"),
 ]
 
