@@ -67,5 +67,5 @@ def test_empty_dataset(workdir):
 def test_too_few_images(workdir):
     write_imagefolder(workdir / "raw", [("a.png", "x"), ("b.png", "y")])
     set_param(workdir, "ingest", source="imagefolder", path="raw", min_images=5)
-    assert_one_line_error(run_stage(workdir, "ingest"), "found 2 images", "ingest.min_images=5")
+    assert_one_line_error(run_stage(workdir, "ingest"), "found 2 usable images", "ingest.min_images=5")
     assert not (workdir / "data").exists()

@@ -44,7 +44,8 @@ def repo(tmp_path_factory) -> Path:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        if rel.startswith(("metrics/", "data/")) or rel == "dvc.lock" or not (REPO_ROOT / rel).is_file():
+        generated = rel.startswith("metrics/") or (rel.startswith("data/") and not rel.startswith("data/raw/"))
+        if generated or rel == "dvc.lock" or not (REPO_ROOT / rel).is_file():
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / rel, root / rel)
