@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,10 +13,13 @@ from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_json
 from synthmed.provenance import write_provenance
-from synthmed.text.paraphrase import augment_pairs, make_paraphraser
+from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
+from synthmed.text.paraphrase import augment_pairs, make_offline_paraphraser
+from synthmed.text.salient import load_vocabulary
 
 DATASET = "data/ingest/dataset"
 OUT = "data/paraphrase"
+CACHE = f"{OUT}/cache"  # DVC output with persist: true, so paid-for answers survive reruns
 
 
 @dataclass
@@ -25,35 +29,60 @@ class ParaphraseParams:
     strategy: Literal["add", "replace_some", "replace_all"]
     p_replace: float
     splits: list[str]  # which splits get paraphrases; others keep their originals only
+    prompt_template: str  # versioned prompt file (a DVC dependency)
+    vocabulary: str  # finding/anatomy terms a paraphrase must keep
+    min_length_ratio: float
+    max_length_ratio: float
+    openai: OpenAIParams
+
+
+def make_paraphraser(p: ParaphraseParams, seed: int):
+    backend = p.backend
+    if backend == "openai" and not os.environ.get(p.openai.api_key_env):
+        print(f"paraphrase: ${p.openai.api_key_env} is not set; using the offline rule backend instead")
+        backend = "rule"
+    if backend != "openai":
+        return make_offline_paraphraser(backend, seed)
+    rules = Validation(load_vocabulary(p.vocabulary), p.min_length_ratio, p.max_length_ratio)
+    return OpenAIParaphraser(p.openai, p.prompt_template, rules, ResponseCache(CACHE), seed)
 
 
 def main() -> None:
     p, seed = load_params("paraphrase", ParaphraseParams)
     require_inputs("paraphrase", DATASET)
     pairs = read_metadata(DATASET)
-    paraphraser = make_paraphraser(p.backend, seed)
-    print(f"paraphrase: backend={paraphraser.name}")
+    paraphraser = make_paraphraser(p, seed)
+    print(f"paraphrase: backend={paraphraser.name}"
+          + (f" model={p.openai.model} at {p.openai.base_url or 'OpenAI'}" if paraphraser.name == "llm" else ""))
     eligible = pairs["split"].isin(p.splits)
     unique = sorted(pairs.loc[eligible, "text"].unique())
+    os.makedirs(CACHE, exist_ok=True)
     paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
     augmented = augment_pairs(pairs[eligible], paraphrases, paraphraser.name, p.strategy, p.p_replace, seed)
-    rest = pairs[~eligible].assign(caption_source="original")
-    out = pd.concat([augmented, rest], ignore_index=True)
+    out = pd.concat([augmented, pairs[~eligible].assign(caption_source="original")], ignore_index=True)
     if out.empty:
         raise PipelineError(f"{DATASET}/metadata.csv: no pairs left after paraphrasing; check paraphrase.splits")
     columns = ["file_name", "text", "caption_source", "split", "label", "group"]
     with atomic_path(f"{OUT}/pairs.csv") as tmp:
         out[columns].to_csv(tmp, index=False)
     write_provenance(f"{OUT}/provenance.json", stage="paraphrase", params=as_dict(p), seed=seed,
-                     inputs=[f"{DATASET}/metadata.csv"])
+                     inputs=[f"{DATASET}/metadata.csv", p.prompt_template, p.vocabulary])
+    stats = getattr(paraphraser, "stats", LLMStats())
     n_para = sum(len(v) for v in paraphrases.values())
+    reasons = ("empty", "malformed", "refusal", "identical", "duplicate", "length", "salient")
     write_json("metrics/paraphrase.json", {
         "unique_captions_before": int(pairs["text"].nunique()),
         "unique_captions_after": int(out["text"].nunique()),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
         "pairs": len(out),
+        "llm": int(paraphraser.name == "llm"),
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "tokens": stats.prompt_tokens + stats.completion_tokens,
+        **{f"rejected_{r}": stats.rejected.get(r, 0) for r in reasons},
     })
-    print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {len(out)} pairs")
+    print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {len(out)} pairs; "
+          f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")
 
 
 if __name__ == "__main__":

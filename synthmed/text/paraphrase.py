@@ -1,8 +1,8 @@
 """Caption augmentation: paraphrasing backends and the pair-table strategies.
 
 A backend maps each *unique* caption to up to n paraphrases. The offline
-default is a deterministic rule-based rewriter; an LLM backend plugs in by
-implementing the same `Paraphraser` protocol.
+default is a deterministic rule-based rewriter; the LLM backend
+(synthmed.text.llm) implements the same `Paraphraser` protocol.
 """
 
 from __future__ import annotations
@@ -82,16 +82,13 @@ class NoParaphraser:
         return {c: [] for c in captions}
 
 
-def make_paraphraser(backend: str, seed: int) -> Paraphraser:
+def make_offline_paraphraser(backend: str, seed: int) -> Paraphraser:
+    """The backends that need no network; the LLM one lives in synthmed.text.llm."""
     if backend == "rule":
         return RuleParaphraser(seed)
     if backend == "none":
         return NoParaphraser()
-    if backend == "openai":
-        raise PipelineError(
-            "params.yaml: paraphrase.backend=openai is not available in this version; use rule or none"
-        )
-    raise PipelineError(f"params.yaml: paraphrase.backend={backend!r} is unknown; use rule or none")
+    raise PipelineError(f"params.yaml: paraphrase.backend={backend!r} is not an offline backend; use rule or none")
 
 
 def augment_pairs(

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from synthmed.errors import PipelineError
-from synthmed.text.paraphrase import RuleParaphraser, augment_pairs, make_paraphraser
+from synthmed.text.paraphrase import RuleParaphraser, augment_pairs, make_offline_paraphraser
 from synthmed.text.salient import keeps_salient, salient_terms
 
 CAPTIONS = [
@@ -46,6 +46,6 @@ def test_strategies_add_and_replace():
 
 
 def test_backend_choice():
-    assert make_paraphraser("none", 0).paraphrase(["x"], 2) == {"x": []}
-    with pytest.raises(PipelineError, match="paraphrase.backend=openai is not available"):
-        make_paraphraser("openai", 0)
+    assert make_offline_paraphraser("none", 0).paraphrase(["x"], 2) == {"x": []}
+    with pytest.raises(PipelineError, match="not an offline backend"):
+        make_offline_paraphraser("openai", 0)

@@ -1,0 +1,170 @@
+"""The OpenAI backend against a local OpenAI-compatible server: the real openai client, real HTTP."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+import synthmed.text.llm as llm
+from synthmed.errors import PipelineError
+from synthmed.text.llm import OpenAIParams, OpenAIParaphraser, ResponseCache, Validation, parse_reply
+from synthmed.text.salient import load_vocabulary
+from tests.conftest import REPO_ROOT
+from tests.text.fake_openai import FakeOpenAI, completion, paraphrases
+
+KEY = "sk-test-SECRET-0123456789abcdef"
+ENV = "SYNTHMED_TEST_OPENAI_KEY"
+CAPTIONS = ["one polyp in the upper-left of the image", "Chest X-ray shows right lower lobe consolidation"]
+
+
+def caption_of(body: dict) -> str:
+    return re.search(r"Caption: (.*)", body["messages"][1]["content"]).group(1).strip()
+
+
+def good(body: dict, n: int):
+    c = caption_of(body)
+    return paraphrases(f"Image: {c}", f"{c}, as seen on the image")
+
+
+def make(tmp_path, url, monkeypatch, **overrides) -> OpenAIParaphraser:
+    monkeypatch.setenv(ENV, KEY)
+    params = dict(model="test-model", base_url=url, temperature=0.7, max_concurrency=2, timeout_s=5.0,
+                  max_requests=50, max_retries=3, backoff_s=0.01, max_attempts=2, api_key_env=ENV)
+    params.update(overrides)
+    rules = Validation(load_vocabulary(REPO_ROOT / "prompts/salient_terms.txt"), 0.5, 2.0)
+    return OpenAIParaphraser(OpenAIParams(**params), REPO_ROOT / "prompts/paraphrase_v1.yaml", rules,
+                             ResponseCache(tmp_path / "cache"), seed=3)
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(llm, "_sleep", waits.append)
+    return waits
+
+
+def test_happy_path_sends_unique_captions_with_key_header(tmp_path, monkeypatch):
+    with FakeOpenAI(good) as server:
+        para = make(tmp_path, server.url, monkeypatch)
+        out = para.paraphrase(CAPTIONS, n=2)
+    assert out[CAPTIONS[0]] == [f"Image: {CAPTIONS[0]}", f"{CAPTIONS[0]}, as seen on the image"]
+    assert len(server.requests) == 2 and para.stats.requests == 2 and para.stats.cache_hits == 0
+    assert para.stats.prompt_tokens + para.stats.completion_tokens == 100
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["body"]["model"] == "test-model"
+    assert req["headers"]["authorization"] == f"Bearer {KEY}"
+    assert {caption_of(r["body"]) for r in server.requests} == set(CAPTIONS)
+
+
+def test_rate_limit_honours_retry_after(tmp_path, monkeypatch, sleeps):
+    def handler(body, n):
+        if n == 1:
+            return 429, {"Retry-After": "1.5"}, '{"error": {"message": "slow down", "type": "rate_limit"}}'
+        return good(body, n)
+
+    with FakeOpenAI(handler) as server:
+        out = make(tmp_path, server.url, monkeypatch).paraphrase(CAPTIONS[:1], n=2)
+    assert len(out[CAPTIONS[0]]) == 2 and len(server.requests) == 2
+    assert sleeps == [1.5]
+
+
+def test_server_errors_back_off_exponentially_then_succeed(tmp_path, monkeypatch, sleeps):
+    def handler(body, n):
+        return (500, {}, '{"error": {"message": "boom"}}') if n <= 3 else good(body, n)
+
+    with FakeOpenAI(handler) as server:
+        para = make(tmp_path, server.url, monkeypatch)
+        out = para.paraphrase(CAPTIONS[:1], n=2)
+    assert len(out[CAPTIONS[0]]) == 2 and para.stats.requests == 4
+    assert len(sleeps) == 3 and all(0.01 * 2**i <= w <= 0.01 * 2**i + 0.01 for i, w in enumerate(sleeps))
+
+
+def test_persistent_failure_stops_with_a_clear_message(tmp_path, monkeypatch, sleeps):
+    with FakeOpenAI(lambda body, n: (503, {}, "{}")) as server:
+        with pytest.raises(PipelineError, match="no answer after 4 tries"):
+            make(tmp_path, server.url, monkeypatch).paraphrase(CAPTIONS[:1], n=2)
+
+
+def test_malformed_replies_are_rejected_and_retried(tmp_path, monkeypatch, sleeps):
+    def handler(body, n):
+        if n == 1:
+            return 200, {}, "this is not json"  # broken HTTP body: a transient failure
+        if n == 2:
+            return completion("Sure! Here are some paraphrases: first, second")  # not the JSON asked for
+        return good(body, n)
+
+    with FakeOpenAI(handler) as server:
+        para = make(tmp_path, server.url, monkeypatch)
+        out = para.paraphrase(CAPTIONS[:1], n=2)
+    assert len(out[CAPTIONS[0]]) == 2 and len(server.requests) == 3
+    assert para.stats.rejected["malformed"] == 1
+
+
+def test_timeout_is_retried(tmp_path, monkeypatch, sleeps):
+    def handler(body, n):
+        if n == 1:
+            time.sleep(1.0)
+        return good(body, n)
+
+    with FakeOpenAI(handler) as server:
+        para = make(tmp_path, server.url, monkeypatch, timeout_s=0.3)
+        out = para.paraphrase(CAPTIONS[:1], n=2)
+    assert len(out[CAPTIONS[0]]) == 2 and para.stats.requests == 2 and len(sleeps) == 1
+
+
+def test_paraphrases_that_drop_salient_content_are_rejected(tmp_path, monkeypatch):
+    def handler(body, n):
+        return paraphrases("a growth in the upper-left of the image",  # drops the finding word 'polyp'
+                           "one polyp in the lower-left of the image",  # wrong position
+                           "two polyps in the upper-left of the image",  # wrong count
+                           "one polyp in the upper-left of the image",  # identical
+                           "polyp upper-left 1",  # too short
+                           "I'm sorry, I can't help with that",
+                           "In the image's upper-left there is one polyp")
+
+    with FakeOpenAI(handler) as server:
+        para = make(tmp_path, server.url, monkeypatch, max_attempts=1)
+        out = para.paraphrase(CAPTIONS[:1], n=2)
+    assert out[CAPTIONS[0]] == ["In the image's upper-left there is one polyp"]
+    assert dict(para.stats.rejected) == {"salient": 3, "identical": 1, "length": 1, "refusal": 1}
+
+
+def test_second_run_is_served_from_cache(tmp_path, monkeypatch):
+    with FakeOpenAI(good) as server:
+        first = make(tmp_path, server.url, monkeypatch).paraphrase(CAPTIONS, n=2)
+        again = make(tmp_path, server.url, monkeypatch)
+        second = again.paraphrase(CAPTIONS, n=2)
+    assert second == first and len(server.requests) == 2
+    assert again.stats.requests == 0 and again.stats.cache_hits == 2
+    files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 2 and not any(KEY in f.read_text() for f in files)
+
+
+def test_auth_failure_names_the_variable_not_the_key(tmp_path, monkeypatch):
+    with FakeOpenAI(lambda b, n: (401, {}, '{"error": {"message": "bad key ' + KEY + '"}}')) as server:
+        with pytest.raises(PipelineError) as err:
+            make(tmp_path, server.url, monkeypatch).paraphrase(CAPTIONS[:1], n=2)
+    assert ENV in str(err.value) and KEY not in str(err.value)
+
+
+def test_budget_is_a_hard_stop(tmp_path, monkeypatch):
+    with FakeOpenAI(good) as server:
+        with pytest.raises(PipelineError, match=r"budget exhausted \(paraphrase.openai.max_requests=1\)"):
+            make(tmp_path, server.url, monkeypatch, max_requests=1, max_concurrency=1).paraphrase(CAPTIONS, n=2)
+
+
+def test_missing_key_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    rules = Validation(frozenset(), 0.5, 2.0)
+    with pytest.raises(PipelineError, match=f"environment variable {ENV} is not set"):
+        OpenAIParaphraser(OpenAIParams("m", "http://127.0.0.1:9/v1", 0.5, 1, 1.0, 1, 0, 0.01, 1, ENV),
+                          REPO_ROOT / "prompts/paraphrase_v1.yaml", rules, ResponseCache(tmp_path), 0)
+
+
+def test_parse_reply_variants():
+    assert parse_reply('```json\n{"paraphrases": ["a", "b"]}\n```') == (["a", "b"], "")
+    assert parse_reply("") == ([], "empty")
+    assert parse_reply("I'm sorry, but I cannot do that.") == ([], "refusal")
+    assert parse_reply('{"paraphrase": "a"}') == ([], "malformed")
