@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
+from synthmed.config import load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
 from synthmed.io import write_json

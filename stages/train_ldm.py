@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
-import torch
 from diffusers import AutoencoderKL
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
