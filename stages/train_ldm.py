@@ -12,10 +12,11 @@ from diffusers import AutoencoderKL
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_json
+from synthmed.io import atomic_path, sha256_bytes, write_json
 from synthmed.models.unet import build_unet
-from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm
-from synthmed.provenance import seed_everything, write_provenance
+from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
+                                     train_ldm)
+from synthmed.provenance import input_hashes, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.text.encoder import TextEncoder
 
@@ -23,6 +24,7 @@ DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
 VAE = "data/train_vae/vae"
 OUT = "data/train_ldm"
+CHECKPOINTS = "data/checkpoints/train_ldm"  # persistent DVC output: survives a killed run
 
 
 @dataclass
@@ -59,7 +61,15 @@ def main() -> None:
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
                       norm_num_groups=p.norm_num_groups, dropout=p.dropout).to(device)
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type)
-    log = train_ldm(unet, scheduler, data, p, g)
+    # A checkpoint is resumed only by the run that wrote it: same params, seed and inputs.
+    fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
+                                           "inputs": input_hashes([PAIRS, DATASET, VAE])}, sort_keys=True).encode())
+    try:
+        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint)
+    except NonFiniteLoss as exc:
+        raise PipelineError(str(exc)) from None
+    if ema is not None:
+        ema.copy_to(unet.parameters())  # sample with the EMA weights
 
     with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
         unet.to("cpu").save_pretrained(tmp / "unet")

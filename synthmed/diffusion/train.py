@@ -11,13 +11,17 @@ the unconditional model that classifier-free guidance needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
 
 from synthmed.data.dataset import to_model_range
+from synthmed.diffusion.checkpoint import load_latest, save_checkpoint
 from synthmed.models.autoencoder import encode_posterior
 from synthmed.runtime import progress
 from synthmed.text.encoder import TextEncoder
@@ -44,6 +48,11 @@ class LDMTrainConfig:
     context_dropout: float
     sample_posterior: bool
     grad_clip: float
+    warmup_steps: int  # linear warm-up, then cosine decay to 0
+    ema_decay: float  # 0 = no EMA; sampling uses the EMA weights when on
+    min_snr_gamma: float  # 0 = plain MSE; e.g. 5 = min-SNR-gamma loss weighting
+    checkpoint_every: int  # 0 = no checkpoints
+    keep_checkpoints: int
 
 
 def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame,
@@ -81,13 +90,49 @@ def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generato
     return z * data.scaling_factor, cap
 
 
-def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs,
-              cfg: LDMTrainConfig, generator: torch.Generator) -> list[dict]:
+def _loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weighting (Hang et al. 2023), normalised for the prediction type."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    snr = compute_snr(scheduler, t)
+    weight = torch.clamp(snr, max=gamma) / snr
+    return weight * snr / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs, cfg: LDMTrainConfig,
+              generator: torch.Generator, checkpoint_dir: str | Path | None = None,
+              fingerprint: str = "") -> tuple[list[dict], EMAModel | None]:
+    """Train in place; return the loss log and the EMA weights (None without EMA).
+
+    With ``checkpoint_dir`` the full state (weights, EMA, optimizer, LR schedule,
+    RNG states, log) is saved every ``checkpoint_every`` steps, and a rerun with
+    the same ``fingerprint`` continues from the newest checkpoint: on the CPU the
+    result is byte-identical to an uninterrupted run.
+    """
     device = next(unet.parameters()).device
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=unet.config) if cfg.ema_decay > 0 else None
+    log: list[dict] = []
+    start = 0
+    state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start, log = state["step"], state["log"]
+        print(f"train_ldm: resuming from step {start} ({checkpoint_dir})")
     unet.train()
-    log = []
-    for step in progress(range(cfg.steps), desc="train_ldm"):
+    for step in progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps):
         z0, cap = draw_batch(data, cfg, generator)
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
@@ -95,12 +140,28 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
         pred = unet(noisy.to(device), t.to(device), encoder_hidden_states=data.text_emb[cap].to(device),
                     encoder_attention_mask=data.text_mask[cap].to(device)).sample
-        loss = F.mse_loss(pred.float(), target.to(device))
+        per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * _loss_weights(scheduler, t, cfg.min_snr_gamma).to(device)).mean()
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {step}{where}; lower train_ldm.lr "
+                                "or raise warmup_steps")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
-        log.append({"step": step, "loss": loss.item()})
+        lr_sched.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        log.append({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0]})
+        done = step + 1
+        if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(checkpoint_dir, done, {
+                "step": done, "fingerprint": fingerprint, "unet": unet.state_dict(), "optimizer": opt.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "log": log,
+            }, cfg.keep_checkpoints)
+            print(f"train_ldm: checkpoint at step {done}", flush=True)
     unet.eval()
-    return log
+    return log, ema

@@ -14,6 +14,9 @@ from synthmed.text.encoder import TextEncoder
 from tests.models.test_autoencoder import tiny_vae
 
 
+PLAIN = dict(warmup_steps=0, ema_decay=0.0, min_snr_gamma=0.0, checkpoint_every=0, keep_checkpoints=0)
+
+
 def tiny_unet(cross_dim=384):
     torch.manual_seed(0)
     return build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
@@ -51,7 +54,7 @@ def test_ldm_is_fed_encoded_training_images_with_their_captions():
         with_kwargs=True,
     )
     cfg = LDMTrainConfig(steps=4, batch_size=6, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
-                         sample_posterior=False, grad_clip=1.0)
+                         sample_posterior=False, grad_clip=1.0, **PLAIN)
     train_ldm(unet, scheduler, data, cfg, g)
 
     assert len(seen["x0"]) == 4
@@ -73,7 +76,7 @@ def test_context_dropout_uses_the_empty_caption():
     from synthmed.diffusion.train import draw_batch
 
     cfg = LDMTrainConfig(steps=1, batch_size=2000, lr=0, weight_decay=0, context_dropout=0.25,
-                         sample_posterior=True, grad_clip=0)
+                         sample_posterior=True, grad_clip=0, **PLAIN)
     _, caps = draw_batch(data, cfg, g)
     share = float((caps == data.uncond_index).float().mean())
     assert 0.2 < share < 0.3
@@ -86,7 +89,21 @@ def test_loss_decreases_on_a_fixed_batch():
     pairs = pd.DataFrame({"file_name": list("abcd"), "text": list("wxyz")})
     data = build_latent_pairs(tiny_vae().eval(), TextEncoder(max_length=8), pairs, images, list("abcd"))
     cfg = LDMTrainConfig(steps=120, batch_size=8, lr=2e-3, weight_decay=0.0, context_dropout=0.1,
-                         sample_posterior=True, grad_clip=1.0)
-    log = train_ldm(tiny_unet(), make_noise_scheduler(1000), data, cfg, g)
+                         sample_posterior=True, grad_clip=1.0, **PLAIN)
+    log, _ = train_ldm(tiny_unet(), make_noise_scheduler(1000), data, cfg, g)
     first, last = sum(r["loss"] for r in log[:20]) / 20, sum(r["loss"] for r in log[-20:]) / 20
     assert last < first
+
+
+def test_non_finite_loss_stops_with_the_step():
+    import pytest
+
+    from synthmed.diffusion.train import LatentPairs, NonFiniteLoss
+
+    data = LatentPairs(latent_mean=torch.full((2, 4, 8, 8), float("nan")), latent_std=torch.ones(2, 4, 8, 8),
+                       scaling_factor=1.0, image_index=torch.arange(2), caption_index=torch.tensor([1, 1]),
+                       text_emb=torch.zeros(2, 3, 384), text_mask=torch.ones(2, 3, dtype=torch.long), uncond_index=0)
+    cfg = LDMTrainConfig(steps=3, batch_size=2, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=1.0, **PLAIN)
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 0"):
+        train_ldm(tiny_unet(), make_noise_scheduler(1000), data, cfg, torch.Generator().manual_seed(0))

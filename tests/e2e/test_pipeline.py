@@ -104,6 +104,9 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
 
     # 3. Same params and seed, same artifacts: force the training and sampling stages again.
     before = {s: lock_hashes(repo, s) for s in ("train_ldm", "generate")}
+    assert sorted(p.name for p in (repo / "data/checkpoints/train_ldm").iterdir()) == ["step00000020.pt",
+                                                                                       "step00000030.pt"]
+    shutil.rmtree(repo / "data/checkpoints/train_ldm")  # else the rerun would resume from the final checkpoint
     dvc(repo, "repro", "--force", "--single-item", "train_ldm")
     dvc(repo, "repro", "--force", "--single-item", "generate")
     assert {s: lock_hashes(repo, s) for s in ("train_ldm", "generate")} == before

@@ -1,0 +1,50 @@
+"""A SIGKILLed training run resumes from its last checkpoint and ends byte-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from synthmed.diffusion.checkpoint import load_latest, save_checkpoint
+from tests.conftest import REPO_ROOT
+
+SCRIPT = [sys.executable, "-m", "tests.diffusion.resume_script"]
+
+
+def run(ckpt, out) -> subprocess.CompletedProcess:
+    return subprocess.run([*SCRIPT, str(ckpt), str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    full = run(tmp_path / "ckpt_full", tmp_path / "full.pt")
+    assert full.returncode == 0, full.stderr
+
+    proc = subprocess.Popen([*SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "resumed.pt")], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # kill hard right after the second checkpoint lands
+        if "checkpoint at step 20" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed.pt").exists()
+
+    again = run(tmp_path / "ckpt", tmp_path / "resumed.pt")
+    assert again.returncode == 0, again.stderr
+    resumed_from = int(again.stdout.split("resuming from step ")[1].split()[0])
+    assert resumed_from >= 20 and "checkpoint at step 60" in again.stdout
+    a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
+    assert [r["step"] for r in b["log"]] == list(range(60))
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step00000050.pt", "step00000060.pt"]
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    save_checkpoint(tmp_path / "c", 10, {"fingerprint": "old", "step": 10}, keep=2)
+    assert load_latest(tmp_path / "c", "old")["step"] == 10
+    assert load_latest(tmp_path / "c", "new") is None and not (tmp_path / "c").exists()
