@@ -61,6 +61,9 @@ def main() -> None:
 
     vae = AutoencoderKL.from_pretrained(VAE).to(device).eval()
     unet = UNet2DConditionModel.from_pretrained(f"{MODEL}/unet").to(device).eval()
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise PipelineError(f"{MODEL}/unet expects {unet.config.in_channels} latent channels but {VAE} gives "
+                            f"{vae.config.latent_channels}; rerun train_ldm on this VAE (dvc repro train_ldm)")
     scheduler = DDIMScheduler.from_pretrained(f"{MODEL}/scheduler")
     text_cfg = json.loads(open(f"{MODEL}/text_encoder.json").read())
     encoder = TextEncoder(text_cfg["name_or_path"], text_cfg["max_length"], device)

@@ -1,31 +1,57 @@
-"""DVC stage `train_vae`: train the AutoencoderKL on the train split; validate on val."""
+"""DVC stage `train_vae`: train (or fine-tune, or only validate) the AutoencoderKL; validate on val."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
+from diffusers import AutoencoderKL
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images, to_model_range
-from synthmed.io import atomic_path, write_json
+from synthmed.errors import PipelineError
+from synthmed.io import atomic_path, sha256_bytes, write_json
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, latent_scaling_factor,
                                          reconstruct, reconstruction_metrics, train_autoencoder)
-from synthmed.provenance import seed_everything, write_provenance
+from synthmed.provenance import input_hashes, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
 DATASET = "data/ingest/dataset"
 OUT = "data/train_vae"
+CHECKPOINTS = "data/checkpoints/train_vae"  # persistent DVC output: survives a killed run
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model's
-    block_out_channels: list[int]
+    pretrained: str  # "" = build from the params below; else a local folder or hub id of an AutoencoderKL
+    pretrained_mode: Literal["finetune", "validate"]  # validate: no training, metrics + scaling factor only
+    block_out_channels: list[int]  # downsampling factor = 2 ** (len - 1)
     layers_per_block: int
     latent_channels: int
     norm_num_groups: int
+
+
+def load_vae(p: TrainVAEParams, channels: int, size: int) -> AutoencoderKL:
+    if not p.pretrained:
+        return build_autoencoder(in_channels=channels, block_out_channels=p.block_out_channels,
+                                 layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
+                                 norm_num_groups=p.norm_num_groups, sample_size=size)
+    path = Path(p.pretrained)
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None  # a whole pipeline's folder
+    try:
+        vae = AutoencoderKL.from_pretrained(p.pretrained, subfolder=subfolder, local_files_only=path.is_dir())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"train_vae.pretrained={p.pretrained!r} cannot be loaded ({type(exc).__name__}); "
+                            "give a local folder with an AutoencoderKL (config.json + weights)") from None
+    if vae.config.in_channels != channels:
+        raise PipelineError(f"the pretrained VAE expects {vae.config.in_channels} channel(s) but the images have "
+                            f"{channels}; set ingest.channels to {vae.config.in_channels}")
+    return vae
 
 
 def main() -> None:
@@ -35,11 +61,15 @@ def main() -> None:
     _, train_u8 = split_images(DATASET, ["train"])
     _, val_u8 = split_images(DATASET, ["val"])
     train, val = to_model_range(train_u8), to_model_range(val_u8)
-    device = pick_device()
-    vae = build_autoencoder(in_channels=train.shape[1], block_out_channels=p.block_out_channels,
-                            layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
-                            norm_num_groups=p.norm_num_groups, sample_size=train.shape[-1]).to(device)
-    log = train_autoencoder(vae, train, p, g)
+    vae = load_vae(p, train.shape[1], train.shape[-1]).to(pick_device())
+    log = []
+    if not (p.pretrained and p.pretrained_mode == "validate"):
+        fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
+                                               "inputs": input_hashes([DATASET])}, sort_keys=True).encode())
+        try:
+            log = train_autoencoder(vae, train, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint)
+        except FloatingPointError as exc:
+            raise PipelineError(f"{exc}; the last good checkpoint is in {CHECKPOINTS}") from None
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train, g))
     recon = reconstruct(vae, val)
     metrics = reconstruction_metrics(val, recon)
@@ -47,17 +77,18 @@ def main() -> None:
     with atomic_path(f"{OUT}/vae", is_dir=True) as tmp:
         vae.to("cpu").save_pretrained(tmp)
     with atomic_path(f"{OUT}/loss.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False, float_format="%.6g")
+        pd.DataFrame(log, columns=["step", "loss", "recon", "kl"]).to_csv(tmp, index=False, float_format="%.6g")
     # Originals (top row) over their reconstructions, spread across the val split.
     pick = torch.linspace(0, len(val) - 1, min(8, len(val))).long()
     recon_u8 = ((recon[pick] + 1) * 127.5).round().to(torch.uint8)
     save_png(image_grid([to_array(x) for x in [*val_u8[pick], *recon_u8]], ncol=len(pick)), f"{OUT}/recon.png")
     write_provenance(f"{OUT}/provenance.json", stage="train_vae", params=as_dict(p), seed=seed,
                      inputs=[DATASET])
+    tail = log[-50:]
     write_json("metrics/train_vae.json", {
         **{f"val_{k}": v for k, v in metrics.items()},
         "scaling_factor": float(vae.config.scaling_factor),
-        "final_loss": sum(r["loss"] for r in log[-50:]) / len(log[-50:]),
+        "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
     })
     print(f"train_vae: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")

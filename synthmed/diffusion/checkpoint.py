@@ -45,3 +45,19 @@ def load_latest(folder: str | Path, fingerprint: str) -> dict | None:
         shutil.rmtree(folder)  # params or inputs changed since: start afresh
         return None
     return state
+
+
+def capture(step: int, fingerprint: str, log: list[dict], generator: torch.Generator, **stateful) -> dict:
+    """Everything a resumed run needs: step, log, RNG states and each object's state_dict."""
+    return {"step": step, "fingerprint": fingerprint, "log": log, "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **{name: obj.state_dict() for name, obj in stateful.items() if obj is not None}}
+
+
+def restore(state: dict, generator: torch.Generator, **stateful) -> tuple[int, list[dict]]:
+    for name, obj in stateful.items():
+        if obj is not None:
+            obj.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["log"]

@@ -21,7 +21,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from synthmed.data.dataset import to_model_range
-from synthmed.diffusion.checkpoint import load_latest, save_checkpoint
+from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.models.autoencoder import encode_posterior
 from synthmed.runtime import progress
 from synthmed.text.encoder import TextEncoder
@@ -120,16 +120,10 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
                    model_config=unet.config) if cfg.ema_decay > 0 else None
     log: list[dict] = []
     start = 0
+    stateful = {"unet": unet, "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema}
     state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if state is not None:
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, log = state["step"], state["log"]
+        start, log = restore(state, generator, **stateful)
         print(f"train_ldm: resuming from step {start} ({checkpoint_dir})")
     unet.train()
     for step in progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps):
@@ -157,11 +151,8 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         log.append({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0]})
         done = step + 1
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(checkpoint_dir, done, {
-                "step": done, "fingerprint": fingerprint, "unet": unet.state_dict(), "optimizer": opt.state_dict(),
-                "lr_scheduler": lr_sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "log": log,
-            }, cfg.keep_checkpoints)
+            save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
+                            cfg.keep_checkpoints)
             print(f"train_ldm: checkpoint at step {done}", flush=True)
     unet.eval()
     return log, ema

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.runtime import progress
 
 
@@ -35,28 +38,59 @@ class VAETrainConfig:
     batch_size: int
     lr: float
     kl_weight: float
+    recon_loss: Literal["l1", "l2", "l1+l2"]
+    ssim_weight: float  # 0 = off; else weight of (1 - SSIM)
+    checkpoint_every: int  # 0 = no checkpoints
+    keep_checkpoints: int
 
 
-def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig,
-                      generator: torch.Generator) -> list[dict]:
-    """Train on images in [-1, 1] with L1 reconstruction + KL; return the loss log."""
+def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> torch.Tensor:
+    loss = torch.zeros((), device=x.device)
+    if "l1" in cfg.recon_loss:
+        loss = loss + F.l1_loss(recon, x)
+    if "l2" in cfg.recon_loss:
+        loss = loss + F.mse_loss(recon, x)
+    if cfg.ssim_weight > 0:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        loss = loss + cfg.ssim_weight * (1 - ssim((recon + 1) / 2, (x + 1) / 2, data_range=1.0))
+    return loss
+
+
+def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generator,
+                      checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> list[dict]:
+    """Train on images in [-1, 1] with reconstruction (+ SSIM) + KL; return the loss log.
+
+    Checkpoints and resume work as in the LDM trainer (synthmed.diffusion.checkpoint).
+    """
     device = next(vae.parameters()).device
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    stateful = {"vae": vae, "optimizer": opt}
+    log: list[dict] = []
+    start = 0
+    state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    if state is not None:
+        start, log = restore(state, generator, **stateful)
+        print(f"train_vae: resuming from step {start} ({checkpoint_dir})")
     vae.train()
-    log = []
-    for step in progress(range(cfg.steps), desc="train_vae"):
+    for step in progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         x = images[idx].to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-        recon = vae.decode(z).sample
-        rec = F.l1_loss(recon, x)
+        rec = _recon_loss(vae.decode(z).sample, x, cfg)
         kl = posterior.kl().mean()
         loss = rec + cfg.kl_weight * kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"VAE loss became {loss.item()} at step {step}; lower train_vae.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step, "loss": loss.item(), "recon_l1": rec.item(), "kl": kl.item()})
+        log.append({"step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item()})
+        done = step + 1
+        if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
+                            cfg.keep_checkpoints)
     vae.eval()
     return log
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from synthmed.errors import PipelineError
+
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 
 
@@ -31,10 +33,17 @@ class TextEncoder:
 
         path = resolve_text_encoder(name_or_path)
         local = Path(path).is_dir()
-        config = AutoConfig.from_pretrained(path, local_files_only=local)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        model_cls = CLIPTextModel if config.model_type == "clip" else AutoModel
-        self.model = model_cls.from_pretrained(path, local_files_only=local).to(device).eval().requires_grad_(False)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=local)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            model_cls = CLIPTextModel if config.model_type == "clip" else AutoModel
+            model = model_cls.from_pretrained(path, local_files_only=local)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(
+                f"text encoder {name_or_path!r} cannot be loaded ({type(exc).__name__}): without a network, "
+                f"download it elsewhere (e.g. `hf download {name_or_path} --local-dir models/text_encoder`) and "
+                "set train_ldm.text_encoder to that local folder") from None
+        self.model = model.to(device).eval().requires_grad_(False)
         self.max_length = max_length
         self.device = torch.device(device)
         self.hidden_size = self.model.config.hidden_size

@@ -11,3 +11,13 @@ def test_minilm_token_embeddings_offline():
     assert not torch.allclose(emb[0], emb[1])
     again, _ = enc.encode(["axial slice at z = +10 mm"])
     assert torch.allclose(again[0], emb[0], atol=1e-5)
+
+
+def test_unloadable_encoder_says_which_and_how(monkeypatch):
+    import pytest
+
+    from synthmed.errors import PipelineError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match=r"text encoder 'openai/clip-vit-large-patch14' cannot be loaded.*local folder"):
+        TextEncoder("openai/clip-vit-large-patch14")
