@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
+import torch
 from diffusers import AutoencoderKL
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
@@ -39,6 +40,7 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     dropout: float
     num_train_timesteps: int
     prediction_type: Literal["epsilon", "v_prediction"]
+    gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
 
 
 def main() -> None:
@@ -60,6 +62,8 @@ def main() -> None:
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
                       norm_num_groups=p.norm_num_groups, dropout=p.dropout).to(device)
+    if p.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type)
     # A checkpoint is resumed only by the run that wrote it: same params, seed and inputs.
     fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
@@ -68,6 +72,10 @@ def main() -> None:
         log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint)
     except NonFiniteLoss as exc:
         raise PipelineError(str(exc)) from None
+    except torch.OutOfMemoryError:
+        raise PipelineError(f"out of memory at batch_size={p.batch_size}; lower train_ldm.batch_size or set "
+                            "train_ldm.gradient_checkpointing: true (training resumes from the last checkpoint)"
+                            ) from None
     if ema is not None:
         ema.copy_to(unet.parameters())  # sample with the EMA weights
 

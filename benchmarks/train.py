@@ -1,0 +1,141 @@
+"""Training throughput and trainer overhead at the demo config; prints JSON.
+
+- overhead: our LDM training step (batch drawing, min-SNR weighting, clipping, LR schedule,
+  EMA, logging) against a bare forward/backward/optimizer step of the same UNet on a fixed
+  batch, measured in the same process. Target ratio <= 1.15.
+- images per second for the VAE and the LDM trainers.
+- peak memory per LDM step with and without gradient checkpointing (each in its own process:
+  peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
+
+    .venv/bin/python benchmarks/train.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from synthmed.diffusion.train import LatentPairs, LDMTrainConfig, make_noise_scheduler, train_ldm  # noqa: E402
+from synthmed.models.autoencoder import VAETrainConfig, build_autoencoder, train_autoencoder  # noqa: E402
+from synthmed.models.unet import build_unet  # noqa: E402
+from synthmed.runtime import pick_device  # noqa: E402
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def demo_unet(latent: int, device, checkpointing: bool = False):
+    p = PARAMS["train_ldm"]
+    unet = build_unet(sample_size=latent, in_channels=4, block_out_channels=p["block_out_channels"],
+                      layers_per_block=p["layers_per_block"], cross_attention_dim=384,
+                      attention_head_dim=p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
+                      dropout=p["dropout"]).to(device)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def fake_data(n: int, latent: int, g) -> LatentPairs:
+    return LatentPairs(latent_mean=torch.randn(n, 4, latent, latent, generator=g),
+                       latent_std=torch.rand(n, 4, latent, latent, generator=g) * 0.1, scaling_factor=1.0,
+                       image_index=torch.arange(n), caption_index=torch.arange(1, n + 1),
+                       text_emb=torch.randn(n + 1, 48, 384, generator=g),
+                       text_mask=torch.ones(n + 1, 48, dtype=torch.long), uncond_index=0)
+
+
+def ldm_cfg(steps: int) -> LDMTrainConfig:
+    p = {k: PARAMS["train_ldm"][k] for k in LDMTrainConfig.__dataclass_fields__}
+    return LDMTrainConfig(**{**p, "steps": steps, "checkpoint_every": 0})
+
+
+def bare_steps(unet, data: LatentPairs, batch: int, steps: int, device) -> float:
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    z = data.latent_mean[:batch].to(device)
+    t = torch.randint(1000, (batch,)).to(device)
+    emb, mask = data.text_emb[1 : batch + 1].to(device), data.text_mask[1 : batch + 1].to(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = F.mse_loss(unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample, z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def activation_mb(checkpointing: bool, data: LatentPairs, batch: int, device) -> float:
+    """Memory autograd keeps for the backward pass of one LDM step (saved tensors, de-duplicated).
+
+    Unlike process RSS this isolates what gradient checkpointing trades away; on CUDA the
+    peak allocated memory of the step is measured as well by the caller.
+    """
+    unet = demo_unet(16, device, checkpointing).train()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    z = data.latent_mean[:batch].to(device)
+    t = torch.randint(1000, (batch,)).to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = unet(z, t, encoder_hidden_states=data.text_emb[1 : batch + 1].to(device),
+                   encoder_attention_mask=data.text_mask[1 : batch + 1].to(device)).sample
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    out.float().mean().backward()
+    return sum(v for k, v in seen.items() if k not in params) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    device = pick_device()
+    g = torch.Generator().manual_seed(0)
+    batch = PARAMS["train_ldm"]["batch_size"]
+    data = fake_data(256, 16, g)
+
+    unet = demo_unet(16, device)
+    bare_steps(unet, data, batch, 3, device)  # warm-up
+    bare = bare_steps(unet, data, batch, args.steps, device)
+    unet = demo_unet(16, device)
+    train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(3), g)  # warm-up
+    start = time.perf_counter()
+    train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(args.steps), g)
+    ours = (time.perf_counter() - start) / args.steps
+
+    v = PARAMS["train_vae"]
+    vae = build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
+                            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
+                            norm_num_groups=v["norm_num_groups"], sample_size=64).to(device)
+    images = torch.rand(256, 1, 64, 64, generator=g) * 2 - 1
+    vcfg = VAETrainConfig(**{**{k: v[k] for k in VAETrainConfig.__dataclass_fields__}, "steps": args.steps,
+                             "checkpoint_every": 0})
+    start = time.perf_counter()
+    train_autoencoder(vae, images, vcfg, g)
+    vae_step = (time.perf_counter() - start) / args.steps
+
+    print(json.dumps({
+        "benchmark": "train", "device": device.type, "threads": torch.get_num_threads(), "steps": args.steps,
+        "ldm_batch": batch, "ldm_step_s": round(ours, 4), "bare_step_s": round(bare, 4),
+        "trainer_overhead_ratio": round(ours / bare, 3), "target_ratio": 1.15,
+        "ldm_images_per_s": round(batch / ours, 1),
+        "vae_batch": v["batch_size"], "vae_step_s": round(vae_step, 4),
+        "vae_images_per_s": round(v["batch_size"] / vae_step, 1),
+        "ldm_activation_mb": round(activation_mb(False, data, batch, device), 2),
+        "ldm_activation_mb_grad_checkpointing": round(activation_mb(True, data, batch, device), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
