@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.imagefolder import METADATA
-from synthmed.diffusion.sample import generate_batches
+from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes, sha256_file, write_json
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
 from synthmed.runtime import pick_device
-from synthmed.text.encoder import TextEncoder
 from synthmed.viz import image_grid, save_png, to_array
 
 PAIRS = "data/paraphrase/pairs.csv"
-VAE = "data/train_vae/vae"
 MODEL = "data/train_ldm/model"
 OUT = "data/generate"
 
@@ -53,34 +49,25 @@ def prompts_for(pairs: pd.DataFrame, splits: list[str], n: int, seed: int) -> pd
 
 def main() -> None:
     p, seed = load_params("generate", GenerateParams)
-    require_inputs("generate", PAIRS, f"{VAE}/config.json", f"{MODEL}/unet/config.json")
+    require_inputs("generate", PAIRS, f"{MODEL}/model_index.json")
     seed_everything(seed)
     device = pick_device()
     pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
     plan = prompts_for(pairs, p.splits, p.images_per_caption, seed)
 
-    vae = AutoencoderKL.from_pretrained(VAE).to(device).eval()
-    unet = UNet2DConditionModel.from_pretrained(f"{MODEL}/unet").to(device).eval()
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise PipelineError(f"{MODEL}/unet expects {unet.config.in_channels} latent channels but {VAE} gives "
-                            f"{vae.config.latent_channels}; rerun train_ldm on this VAE (dvc repro train_ldm)")
-    scheduler = DDIMScheduler.from_pretrained(f"{MODEL}/scheduler")
-    text_cfg = json.loads(open(f"{MODEL}/text_encoder.json").read())
-    encoder = TextEncoder(text_cfg["name_or_path"], text_cfg["max_length"], device)
-    captions = sorted(plan["text"].unique())
-    emb, mask = encoder.encode(captions)
-    row_of = {c: i for i, c in enumerate(captions)}
-    idx = torch.tensor([row_of[t] for t in plan["text"]])
-    uncond_emb, uncond_mask = encoder.encode([""])
+    pipe = SynthMedPipeline.from_pretrained(MODEL).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise PipelineError(f"{MODEL}: the UNet expects {pipe.unet.config.in_channels} latent channels but the VAE "
+                            f"gives {pipe.vae.config.latent_channels}; rerun train_ldm (dvc repro train_ldm)")
     model_sha = sha256_file(f"{MODEL}/unet/diffusion_pytorch_model.safetensors")
 
     # The grid shows images spread over the whole plan (all planes/labels), not just the first few.
     grid_at = set(torch.linspace(0, len(plan) - 1, min(p.grid_images, len(plan))).round().long().tolist())
     digests, grid = [], {}
     with atomic_path(f"{OUT}/dataset", is_dir=True) as tmp:
-        for start, images in generate_batches(unet, vae, scheduler, emb[idx], mask[idx], uncond_emb, uncond_mask,
-                                              plan["seed"].tolist(), p.num_inference_steps, p.guidance_scale,
-                                              p.batch_size):
+        for start, images in pipe(plan["text"].tolist(), plan["seed"].tolist(), num_inference_steps=p.num_inference_steps,
+                                  guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             for k, img in enumerate(images):
                 path = tmp / plan["file_name"].iloc[start + k]
                 Image.fromarray(to_array(img)).save(path, format="PNG")
@@ -93,9 +80,9 @@ def main() -> None:
         plan.to_csv(tmp / METADATA, index=False)
     save_png(image_grid(list(grid.values()), plan["text"].iloc[list(grid)].tolist(), ncol=8), f"{OUT}/grid.png")
     write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed,
-                     inputs=[PAIRS, VAE, MODEL])
-    write_json("metrics/generate.json", {"images": len(plan), "prompts": len(captions)})
-    print(f"generate: {len(plan)} images from {len(captions)} captions -> {OUT}/dataset")
+                     inputs=[PAIRS, MODEL])
+    write_json("metrics/generate.json", {"images": len(plan), "prompts": int(plan["text"].nunique())})
+    print(f"generate: {len(plan)} images from {plan['text'].nunique()} captions -> {OUT}/dataset")
 
 
 if __name__ == "__main__":

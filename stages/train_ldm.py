@@ -8,12 +8,13 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes, write_json
+from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
                                      train_ldm)
@@ -41,6 +42,31 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     num_train_timesteps: int
     prediction_type: Literal["epsilon", "v_prediction"]
     gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
+
+
+def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in as_dict(p).items())
+    return f"""# synthmed latent diffusion model
+
+Text-to-image latent diffusion (MSDM-style) trained by the `train_ldm` stage of synthmed.
+Conditioning: frozen `{p.text_encoder}` token embeddings (max {p.text_max_length} tokens); weights are
+{'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}.
+
+```python
+from synthmed.diffusion.pipeline import SynthMedPipeline
+pipe = SynthMedPipeline.from_pretrained("data/train_ldm/model")
+images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 mm"], seeds=[0])
+```
+
+- Run fingerprint (params, seed {seed}, input hashes): `{fingerprint}`
+- Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
+{metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
+- Final training loss: {metrics['final_loss']:.4f}; UNet parameters: {metrics['parameters']:,}
+
+| param | value |
+|---|---|
+{rows}
+"""
 
 
 def main() -> None:
@@ -79,23 +105,24 @@ def main() -> None:
     if ema is not None:
         ema.copy_to(unet.parameters())  # sample with the EMA weights
 
-    with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
-        unet.to("cpu").save_pretrained(tmp / "unet")
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / "text_encoder.json").write_text(json.dumps(
-            {"name_or_path": p.text_encoder, "max_length": p.text_max_length}, indent=2) + "\n")
-    with atomic_path(f"{OUT}/loss.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False, float_format="%.6g")
-    write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
-                     inputs=[PAIRS, DATASET, VAE])
     tail = log[-max(1, len(log) // 10):]
-    write_json("metrics/train_ldm.json", {
+    metrics = {
         "final_loss": sum(r["loss"] for r in tail) / len(tail),
         "train_images": int(len(rows)),
         "train_pairs": int(len(pairs)),
         "unique_captions": len(set(pairs["text"])),
         "parameters": sum(x.numel() for x in unet.parameters()),
-    })
+    }
+    pipe = SynthMedPipeline(unet.to("cpu"), vae.to("cpu"), DDIMScheduler.from_config(scheduler.config),
+                            text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
+    with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
+        pipe.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics))
+    with atomic_path(f"{OUT}/loss.csv") as tmp:
+        pd.DataFrame(log).to_csv(tmp, index=False, float_format="%.6g")
+    write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
+                     inputs=[PAIRS, DATASET, VAE])
+    write_json("metrics/train_ldm.json", metrics)
     print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
 
 
