@@ -42,6 +42,9 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     num_train_timesteps: int
     prediction_type: Literal["epsilon", "v_prediction"]
     gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
+    augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
+    brightness: float  # max shift, as a fraction of the intensity range
+    contrast: float  # max relative contrast change
 
 
 def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
@@ -82,7 +85,8 @@ def main() -> None:
     rows, images = split_images(DATASET, ["train"])
     vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
     encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
-    data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist())
+    data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), p.augment_copies,
+                              p.brightness, p.contrast, g)
 
     unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,

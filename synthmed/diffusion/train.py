@@ -29,14 +29,15 @@ from synthmed.text.encoder import TextEncoder
 
 @dataclass
 class LatentPairs:
-    latent_mean: torch.Tensor  # [N_images, C, h, w], unscaled VAE posterior mean
-    latent_std: torch.Tensor  # [N_images, C, h, w]
+    latent_mean: torch.Tensor  # [N_images * variants, C, h, w], unscaled VAE posterior mean
+    latent_std: torch.Tensor  # [N_images * variants, C, h, w]
     scaling_factor: float
     image_index: torch.Tensor  # [N_pairs] long
     caption_index: torch.Tensor  # [N_pairs] long, into text_emb
     text_emb: torch.Tensor  # [N_captions, L, D]; row `uncond_index` is the empty caption
     text_mask: torch.Tensor  # [N_captions, L]
     uncond_index: int
+    variants: int = 1  # encodings per image: the original, then brightness/contrast-augmented copies
 
 
 @dataclass
@@ -55,10 +56,29 @@ class LDMTrainConfig:
     keep_checkpoints: int
 
 
-def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame,
-                       images: torch.Tensor, file_names: list[str]) -> LatentPairs:
-    """Encode each training image once and each unique caption once (plus the empty one)."""
-    mean, std = encode_posterior(vae, to_model_range(images))
+def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Random brightness shift and contrast scaling of images in [-1, 1]; never flips (prompts encode
+    position and side)."""
+    n = len(images)
+    b = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * brightness * 2  # [-1, 1] range is 2 wide
+    c = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * contrast
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return ((images - mean) * c + mean + b).clamp(-1, 1)
+
+
+def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images: torch.Tensor,
+                       file_names: list[str], augment_copies: int = 0, brightness: float = 0.0,
+                       contrast: float = 0.0, generator: torch.Generator | None = None) -> LatentPairs:
+    """Encode each training image once and each unique caption once (plus the empty one).
+
+    With ``augment_copies`` each image is also encoded that many times with random
+    brightness/contrast, once, here: augmentation costs nothing per training step.
+    """
+    x = to_model_range(images)
+    views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
+    # interleave so that the encodings of image i are rows i*V .. i*V + V-1
+    mean, std = encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1))
     index_of = {name: i for i, name in enumerate(file_names)}
     captions = [""] + sorted(pairs["text"].unique())
     caption_of = {c: i for i, c in enumerate(captions)}
@@ -67,7 +87,7 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
         latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
         image_index=torch.tensor([index_of[f] for f in pairs["file_name"]]),
         caption_index=torch.tensor([caption_of[c] for c in pairs["text"]]),
-        text_emb=emb, text_mask=mask, uncond_index=0,
+        text_emb=emb, text_mask=mask, uncond_index=0, variants=len(views),
     )
 
 
@@ -80,7 +100,9 @@ def make_noise_scheduler(num_train_timesteps: int, prediction_type: str = "epsil
 def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generator):
     """Clean scaled latents and caption rows for one step (CPU tensors)."""
     pick = torch.randint(len(data.image_index), (cfg.batch_size,), generator=generator)
-    img = data.image_index[pick]
+    img = data.image_index[pick] * data.variants
+    if data.variants > 1:  # a random view of each image (the original or an augmented copy)
+        img = img + torch.randint(data.variants, (cfg.batch_size,), generator=generator)
     cap = data.caption_index[pick].clone()
     drop = torch.rand(cfg.batch_size, generator=generator) < cfg.context_dropout
     cap[drop] = data.uncond_index

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from synthmed.data.dataset import to_model_range
-from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm
+from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, draw_batch, make_noise_scheduler, train_ldm
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
 from tests.models.test_autoencoder import tiny_vae
@@ -107,3 +107,24 @@ def test_non_finite_loss_stops_with_the_step():
                          sample_posterior=False, grad_clip=1.0, **PLAIN)
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 0"):
         train_ldm(tiny_unet(), make_noise_scheduler(1000), data, cfg, torch.Generator().manual_seed(0))
+
+
+def test_augmented_views_are_encoded_once_and_drawn_per_image():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(3, 1, 16, 16, generator=g) * 200 + 20).to(torch.uint8)
+    pairs = pd.DataFrame({"file_name": ["a", "b", "c"], "text": ["x", "y", "z"]})
+    vae = tiny_vae().eval()
+    data = build_latent_pairs(vae, TextEncoder(max_length=8), pairs, images, ["a", "b", "c"], augment_copies=2,
+                              brightness=0.2, contrast=0.2, generator=g)
+    assert data.variants == 3 and data.latent_mean.shape[0] == 9
+    with torch.no_grad():
+        plain = vae.encode(to_model_range(images)).latent_dist.mean
+    assert torch.allclose(data.latent_mean[::3], plain, atol=1e-5)  # view 0 is the unaugmented image
+    assert not torch.allclose(data.latent_mean[1::3], plain, atol=1e-3)
+    cfg = LDMTrainConfig(steps=1, batch_size=600, lr=0, weight_decay=0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0, **PLAIN)
+    z, caps = draw_batch(data, cfg, g)
+    for row, cap in zip(z[:50], caps[:50]):  # every drawn latent is a view of its caption's image
+        i = int(cap) - 1
+        views = data.latent_mean[i * 3 : i * 3 + 3] * data.scaling_factor
+        assert (views - row).flatten(1).abs().amax(1).min() < 1e-6
