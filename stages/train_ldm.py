@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,11 +17,13 @@ from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes, write_json
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
+from synthmed.diffusion.sample import decode_to_uint8, sample_latents
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
-                                     train_ldm)
+                                     train_ldm, validation_loss)
 from synthmed.provenance import input_hashes, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.text.encoder import TextEncoder
+from synthmed.viz import image_grid, save_png, to_array
 
 DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
@@ -42,9 +45,22 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     num_train_timesteps: int
     prediction_type: Literal["epsilon", "v_prediction"]
     gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
+    validate_every: int  # steps between validation loss + fixed-prompt sample grids (0 = only at the end)
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
+
+
+def sample_grid(unet, vae, train_scheduler, encoder, prompts: list[str]):
+    sched = DDIMScheduler.from_config(train_scheduler.config)
+    emb, mask = encoder.encode(prompts)
+    uncond_emb, uncond_mask = encoder.encode([""])
+    was_training = unet.training
+    unet.eval()
+    images = decode_to_uint8(vae, sample_latents(unet, sched, emb, mask, uncond_emb, uncond_mask,
+                                                 list(range(len(prompts))), 25, 3.0))
+    unet.train(was_training)
+    return image_grid([to_array(x) for x in images], prompts, ncol=8)
 
 
 def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
@@ -98,8 +114,20 @@ def main() -> None:
     # A checkpoint is resumed only by the run that wrote it: same params, seed and inputs.
     fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
                                            "inputs": input_hashes([PAIRS, DATASET, VAE])}, sort_keys=True).encode())
+    val_rows, val_images = split_images(DATASET, ["val"])
+    val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist())
+    # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
+    grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
+    shutil.rmtree(f"{OUT}/progress", ignore_errors=True)
+
+    def on_every(step: int, model) -> dict:
+        """Validation loss and a grid of fixed prompts with fixed seeds, as training goes."""
+        save_png(sample_grid(model, vae, scheduler, encoder, grid_prompts), f"{OUT}/progress/step{step:07d}.png")
+        return {"val_loss": validation_loss(model, scheduler, val_data)}
+
     try:
-        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint)
+        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint,
+                             every=p.validate_every or p.steps, on_every=on_every)
     except NonFiniteLoss as exc:
         raise PipelineError(str(exc)) from None
     except torch.OutOfMemoryError:
@@ -112,6 +140,7 @@ def main() -> None:
     tail = log[-max(1, len(log) // 10):]
     metrics = {
         "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "val_loss": next(r["val_loss"] for r in reversed(log) if "val_loss" in r),
         "train_images": int(len(rows)),
         "train_pairs": int(len(pairs)),
         "unique_captions": len(set(pairs["text"])),
@@ -122,8 +151,11 @@ def main() -> None:
     with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics))
+    frame = pd.DataFrame(log)
     with atomic_path(f"{OUT}/loss.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False, float_format="%.6g")
+        frame[["step", "loss", "lr"]].to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(f"{OUT}/val_loss.csv") as tmp:
+        frame.dropna(subset=["val_loss"])[["step", "val_loss"]].to_csv(tmp, index=False, float_format="%.6g")
     write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
                      inputs=[PAIRS, DATASET, VAE])
     write_json("metrics/train_ldm.json", metrics)

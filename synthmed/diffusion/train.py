@@ -11,6 +11,7 @@ the unconditional model that classifier-free guidance needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -125,15 +126,44 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+@torch.no_grad()
+def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs,
+                    batch_size: int = 64) -> float:
+    """Denoising loss on held-out latents with fixed noise and timesteps (its own generator,
+    so the training RNG stream, and thus resumed runs, stay untouched)."""
+    g = torch.Generator().manual_seed(1234)
+    device = next(unet.parameters()).device
+    was_training = unet.training
+    unet.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data.image_index), batch_size):
+        img = data.image_index[i : i + batch_size] * data.variants
+        cap = data.caption_index[i : i + batch_size]
+        z0 = data.latent_mean[img] * data.scaling_factor
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=g)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+        pred = unet(scheduler.add_noise(z0, noise, t).to(device), t.to(device),
+                    encoder_hidden_states=data.text_emb[cap].to(device),
+                    encoder_attention_mask=data.text_mask[cap].to(device)).sample
+        total += F.mse_loss(pred.float(), target.to(device), reduction="sum").item() / z0[0].numel()
+        count += len(z0)
+    unet.train(was_training)
+    return total / max(count, 1)
+
+
 def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs, cfg: LDMTrainConfig,
-              generator: torch.Generator, checkpoint_dir: str | Path | None = None,
-              fingerprint: str = "") -> tuple[list[dict], EMAModel | None]:
+              generator: torch.Generator, checkpoint_dir: str | Path | None = None, fingerprint: str = "",
+              every: int = 0, on_every: Callable[[int, UNet2DConditionModel], dict] | None = None,
+              ) -> tuple[list[dict], EMAModel | None]:
     """Train in place; return the loss log and the EMA weights (None without EMA).
 
     With ``checkpoint_dir`` the full state (weights, EMA, optimizer, LR schedule,
     RNG states, log) is saved every ``checkpoint_every`` steps, and a rerun with
     the same ``fingerprint`` continues from the newest checkpoint: on the CPU the
-    result is byte-identical to an uninterrupted run.
+    result is byte-identical to an uninterrupted run. Every ``every`` steps
+    ``on_every(step, unet)`` runs (validation, sample grids); what it returns is
+    merged into that step's log entry, which is checkpointed with the rest.
     """
     device = next(unet.parameters()).device
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -172,6 +202,8 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
             ema.step(unet.parameters())
         log.append({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0]})
         done = step + 1
+        if on_every and every and (done % every == 0 or done == cfg.steps):
+            log[-1].update(on_every(done, unet))
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
                             cfg.keep_checkpoints)
