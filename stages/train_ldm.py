@@ -17,7 +17,6 @@ from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes, write_json
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
-from synthmed.diffusion.sample import decode_to_uint8, sample_latents
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
                                      train_ldm, validation_loss)
 from synthmed.provenance import input_hashes, seed_everything, write_provenance
@@ -49,18 +48,6 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
-
-
-def sample_grid(unet, vae, train_scheduler, encoder, prompts: list[str]):
-    sched = DDIMScheduler.from_config(train_scheduler.config)
-    emb, mask = encoder.encode(prompts)
-    uncond_emb, uncond_mask = encoder.encode([""])
-    was_training = unet.training
-    unet.eval()
-    images = decode_to_uint8(vae, sample_latents(unet, sched, emb, mask, uncond_emb, uncond_mask,
-                                                 list(range(len(prompts))), 25, 3.0))
-    unet.train(was_training)
-    return image_grid([to_array(x) for x in images], prompts, ncol=8)
 
 
 def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
@@ -119,10 +106,18 @@ def main() -> None:
     # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
     grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
     shutil.rmtree(f"{OUT}/progress", ignore_errors=True)
+    # The pipeline wraps the UNet being trained: it samples the progress grids and is saved at the end.
+    pipe = SynthMedPipeline(unet, vae, DDIMScheduler.from_config(scheduler.config),
+                            text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
+    pipe.use_text_encoder(encoder).set_progress_bar_config(disable=True)
 
     def on_every(step: int, model) -> dict:
         """Validation loss and a grid of fixed prompts with fixed seeds, as training goes."""
-        save_png(sample_grid(model, vae, scheduler, encoder, grid_prompts), f"{OUT}/progress/step{step:07d}.png")
+        model.eval()
+        images = pipe.generate(grid_prompts, list(range(len(grid_prompts))), num_inference_steps=25,
+                               guidance_scale=3.0)
+        model.train()
+        save_png(image_grid([to_array(x) for x in images], grid_prompts, ncol=8), f"{OUT}/progress/step{step:07d}.png")
         return {"val_loss": validation_loss(model, scheduler, val_data)}
 
     try:
@@ -146,10 +141,8 @@ def main() -> None:
         "unique_captions": len(set(pairs["text"])),
         "parameters": sum(x.numel() for x in unet.parameters()),
     }
-    pipe = SynthMedPipeline(unet.to("cpu"), vae.to("cpu"), DDIMScheduler.from_config(scheduler.config),
-                            text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
     with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
-        pipe.save_pretrained(tmp)
+        pipe.to("cpu").save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics))
     frame = pd.DataFrame(log)
     with atomic_path(f"{OUT}/loss.csv") as tmp:

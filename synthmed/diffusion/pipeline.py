@@ -23,6 +23,11 @@ class SynthMedPipeline(DiffusionPipeline):
         self.register_to_config(text_encoder_name=text_encoder_name, text_max_length=text_max_length)
         self._encoder: TextEncoder | None = None
 
+    def use_text_encoder(self, encoder: TextEncoder) -> "SynthMedPipeline":
+        """Share an encoder that is already loaded (e.g. by the trainer) instead of loading another."""
+        self._encoder = encoder
+        return self
+
     @property
     def text_encoder(self) -> TextEncoder:
         """Loaded on first use: the frozen encoder is referenced, not copied into the folder."""
