@@ -3,7 +3,8 @@
 - overhead: our LDM training step (batch drawing, min-SNR weighting, clipping, LR schedule,
   EMA, logging) against a bare forward/backward/optimizer step of the same UNet on a fixed
   batch, measured in the same process. Target ratio <= 1.15.
-- images per second for the VAE and the LDM trainers.
+- images per second for the VAE and the LDM trainers (the LDM with and without self-conditioning,
+  whose gradient-free first pass on half the batch is part of the recipe, not overhead).
 - peak memory per LDM step with and without gradient checkpointing (each in its own process:
   peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
 
@@ -34,12 +35,12 @@ from synthmed.runtime import pick_device  # noqa: E402
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def demo_unet(latent: int, device, checkpointing: bool = False):
+def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False):
     p = PARAMS["train_ldm"]
     unet = build_unet(sample_size=latent, in_channels=4, block_out_channels=p["block_out_channels"],
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
                       attention_head_dim=p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
-                      dropout=p["dropout"]).to(device)
+                      dropout=p["dropout"], self_condition=self_condition).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -112,6 +113,10 @@ def main() -> None:
     start = time.perf_counter()
     train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(args.steps), g)
     ours = (time.perf_counter() - start) / args.steps
+    unet = demo_unet(16, device, self_condition=True)
+    start = time.perf_counter()
+    train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(args.steps), g)
+    self_cond = (time.perf_counter() - start) / args.steps
 
     v = PARAMS["train_vae"]
     vae = build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
@@ -129,6 +134,7 @@ def main() -> None:
         "ldm_batch": batch, "ldm_step_s": round(ours, 4), "bare_step_s": round(bare, 4),
         "trainer_overhead_ratio": round(ours / bare, 3), "target_ratio": 1.15,
         "ldm_images_per_s": round(batch / ours, 1),
+        "ldm_images_per_s_self_condition": round(batch / self_cond, 1),
         "vae_batch": v["batch_size"], "vae_step_s": round(vae_step, 4),
         "vae_images_per_s": round(v["batch_size"] / vae_step, 1),
         "ldm_activation_mb": round(activation_mb(False, data, batch, device), 2),

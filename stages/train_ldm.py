@@ -1,4 +1,8 @@
-"""DVC stage `train_ldm`: text-conditioned latent diffusion on VAE latents of the train split."""
+"""DVC stage `train_ldm`: text-conditioned latent diffusion on VAE latents of the train split.
+
+`dvc repro train_ldm` trains on one device; `accelerate launch -m stages.train_ldm` trains the
+same recipe data-parallel on several GPUs (the main process writes the outputs).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
                                      train_ldm, validation_loss)
 from synthmed.provenance import input_hashes, seed_everything, write_provenance
-from synthmed.runtime import pick_device
+from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
 from synthmed.viz import image_grid, save_png, to_array
 
@@ -41,7 +45,9 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     attention_head_dim: int
     norm_num_groups: int
     dropout: float
+    self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
     num_train_timesteps: int
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
     prediction_type: Literal["epsilon", "v_prediction"]
     gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
     validate_every: int  # steps between validation loss + fixed-prompt sample grids (0 = only at the end)
@@ -78,7 +84,8 @@ images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 m
 def main() -> None:
     p, seed = load_params("train_ldm", TrainLDMParams)
     g = seed_everything(seed)
-    device = pick_device()
+    accelerator = make_accelerator(p.mixed_precision)
+    device = accelerator.device
     require_inputs("train_ldm", PAIRS, DATASET, f"{VAE}/config.json")
     pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
     pairs = pairs[(pairs["split"] == "train") & pairs["caption_source"].isin(p.caption_sources)]
@@ -94,10 +101,11 @@ def main() -> None:
     unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
-                      norm_num_groups=p.norm_num_groups, dropout=p.dropout).to(device)
+                      norm_num_groups=p.norm_num_groups, dropout=p.dropout,
+                      self_condition=p.self_condition).to(device)
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type)
+    scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
     # A checkpoint is resumed only by the run that wrote it: same params, seed and inputs.
     fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
                                            "inputs": input_hashes([PAIRS, DATASET, VAE])}, sort_keys=True).encode())
@@ -105,7 +113,8 @@ def main() -> None:
     val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist())
     # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
     grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
-    shutil.rmtree(f"{OUT}/progress", ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(f"{OUT}/progress", ignore_errors=True)
     # The pipeline wraps the UNet being trained: it samples the progress grids and is saved at the end.
     pipe = SynthMedPipeline(unet, vae, DDIMScheduler.from_config(scheduler.config),
                             text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
@@ -122,13 +131,17 @@ def main() -> None:
 
     try:
         log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint,
-                             every=p.validate_every or p.steps, on_every=on_every)
+                             every=p.validate_every or p.steps, on_every=on_every, accelerator=accelerator)
+    except ValueError as exc:  # batch_size not divisible into micro-batches / processes
+        raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
     except NonFiniteLoss as exc:
         raise PipelineError(str(exc)) from None
     except torch.OutOfMemoryError:
-        raise PipelineError(f"out of memory at batch_size={p.batch_size}; lower train_ldm.batch_size or set "
-                            "train_ldm.gradient_checkpointing: true (training resumes from the last checkpoint)"
-                            ) from None
+        raise PipelineError(f"out of memory at batch_size={p.batch_size}; raise train_ldm.grad_accum_steps (same "
+                            "effective batch, smaller micro-batches), lower batch_size, or set "
+                            "gradient_checkpointing: true (training resumes from the last checkpoint)") from None
+    if not accelerator.is_main_process:
+        return
     if ema is not None:
         ema.copy_to(unet.parameters())  # sample with the EMA weights
 

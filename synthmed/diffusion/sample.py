@@ -1,4 +1,4 @@
-"""DDIM sampling with classifier-free guidance; every image from its own seed."""
+"""Sampling with classifier-free guidance; every image from its own seed."""
 
 from __future__ import annotations
 
@@ -8,13 +8,33 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from synthmed.runtime import progress
 
 
+def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
+    return unet.config.in_channels == 2 * unet.config.out_channels
+
+
+def predicted_x0(scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+    """The clean-latent estimate implied by an epsilon or v prediction at timestep(s) t.
+
+    Clamped because at high noise an epsilon model's x0 estimate amplifies its error
+    ~1/sqrt(alpha_bar) times; the latents are scaled to unit variance, so +-4 loses nothing.
+    """
+    t = torch.as_tensor(t).round().long().reshape(-1).cpu()
+    ab = scheduler.alphas_cumprod[t].to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+    else:
+        x0 = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+    return x0.clamp(-4, 4)
+
+
 @torch.no_grad()
 def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_emb: torch.Tensor,
                    cond_mask: torch.Tensor, uncond_emb: torch.Tensor, uncond_mask: torch.Tensor,
                    seeds: list[int], num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
     """Denoise one latent per seed. cond_*: [N, L, D] / [N, L]; uncond_*: [1, L, D] / [1, L]."""
     device = next(unet.parameters()).device
-    c, s = unet.config.in_channels, unet.config.sample_size
+    c, s = unet.config.out_channels, unet.config.sample_size
+    self_cond = is_self_conditioned(unet)
     # Initial noise from each image's own seed, drawn on the CPU so it is device-independent.
     latents = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(sd)) for sd in seeds])
     latents = latents.to(device) * scheduler.init_noise_sigma
@@ -22,11 +42,16 @@ def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_em
     emb = torch.cat([uncond_emb.expand(n, -1, -1), cond_emb]).to(device)
     mask = torch.cat([uncond_mask.expand(n, -1), cond_mask]).to(device)
     scheduler.set_timesteps(num_inference_steps)
+    x0_prev = torch.zeros_like(latents)  # self-conditioning: the previous step's clean estimate
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_u, eps_c = unet(model_in, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        if self_cond:
+            model_in = torch.cat([model_in, torch.cat([x0_prev, x0_prev])], dim=1)
+        pred_u, pred_c = unet(model_in, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.chunk(2)
+        pred = pred_u + guidance_scale * (pred_c - pred_u)
+        if self_cond:
+            x0_prev = predicted_x0(scheduler, model_in[:n, :c], pred, t)
+        latents = scheduler.step(pred, t, latents).prev_sample
     return latents
 
 

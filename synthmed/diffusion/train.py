@@ -1,4 +1,4 @@
-"""Text-conditioned latent diffusion training (epsilon objective, context dropout).
+"""Text-conditioned latent diffusion training (MSDM recipe: context dropout, self-conditioning, EMA).
 
 The training set is a table of (image index, caption index) pairs over latents
 encoded once from the real training images: each step draws pairs, samples a
@@ -6,13 +6,21 @@ latent from the VAE posterior of *that image*, noises it and asks the UNet to
 predict the noise given the caption's token embeddings. With probability
 ``context_dropout`` the caption is replaced by the empty caption, which teaches
 the unconditional model that classifier-free guidance needs.
+
+Self-conditioning (Chen et al. 2023, used by MSDM) is on when the UNet takes twice the
+latent channels: on half the samples of a batch the model first predicts x0 without
+gradient, and that estimate is concatenated to its input for the real prediction.
+
+The loop runs through `accelerate`: one process on a CPU or GPU, data-parallel under
+`accelerate launch`, with bf16/fp16 autocast on CUDA and gradient accumulation.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable, Literal
 
 import pandas as pd
 import torch
@@ -23,8 +31,9 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
+from synthmed.diffusion.sample import is_self_conditioned, predicted_x0
 from synthmed.models.autoencoder import encode_posterior
-from synthmed.runtime import progress
+from synthmed.runtime import make_accelerator, progress
 from synthmed.text.encoder import TextEncoder
 
 
@@ -43,8 +52,10 @@ class LatentPairs:
 
 @dataclass
 class LDMTrainConfig:
-    steps: int
-    batch_size: int
+    steps: int  # optimizer steps
+    batch_size: int  # per optimizer step, over all processes; split evenly between them
+    grad_accum_steps: int  # micro-batches per optimizer step (each batch_size / grad_accum_steps)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"]  # CUDA only; "auto" = bf16 where supported
     lr: float
     weight_decay: float
     context_dropout: float
@@ -92,20 +103,23 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
     )
 
 
-def make_noise_scheduler(num_train_timesteps: int, prediction_type: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear",
+def make_noise_scheduler(num_train_timesteps: int, prediction_type: str = "epsilon",
+                         beta_schedule: str = "scaled_linear") -> DDPMScheduler:
+    """The training noise schedule (Stable Diffusion's scaled-linear betas by default)."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
                          clip_sample=False)
 
 
-def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generator):
-    """Clean scaled latents and caption rows for one step (CPU tensors)."""
-    pick = torch.randint(len(data.image_index), (cfg.batch_size,), generator=generator)
+def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generator, size: int | None = None):
+    """Clean scaled latents and caption rows for one (micro-)batch (CPU tensors)."""
+    size = size or cfg.batch_size
+    pick = torch.randint(len(data.image_index), (size,), generator=generator)
     img = data.image_index[pick] * data.variants
     if data.variants > 1:  # a random view of each image (the original or an augmented copy)
-        img = img + torch.randint(data.variants, (cfg.batch_size,), generator=generator)
+        img = img + torch.randint(data.variants, (size,), generator=generator)
     cap = data.caption_index[pick].clone()
-    drop = torch.rand(cfg.batch_size, generator=generator) < cfg.context_dropout
+    drop = torch.rand(size, generator=generator) < cfg.context_dropout
     cap[drop] = data.uncond_index
     z = data.latent_mean[img]
     if cfg.sample_posterior:
@@ -126,11 +140,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _unet_input(unet, noisy: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor:
+    if not is_self_conditioned(unet):
+        return noisy
+    return torch.cat([noisy, torch.zeros_like(noisy) if x0_prev is None else x0_prev], dim=1)
+
+
 @torch.no_grad()
 def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs,
                     batch_size: int = 64) -> float:
     """Denoising loss on held-out latents with fixed noise and timesteps (its own generator,
-    so the training RNG stream, and thus resumed runs, stay untouched)."""
+    so the training RNG stream, and thus resumed runs, stay untouched). A self-conditioned
+    model is scored on its first pass (no previous estimate)."""
     g = torch.Generator().manual_seed(1234)
     device = next(unet.parameters()).device
     was_training = unet.training
@@ -143,8 +164,8 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=g)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
-        pred = unet(scheduler.add_noise(z0, noise, t).to(device), t.to(device),
-                    encoder_hidden_states=data.text_emb[cap].to(device),
+        noisy = scheduler.add_noise(z0, noise, t).to(device)
+        pred = unet(_unet_input(unet, noisy, None), t.to(device), encoder_hidden_states=data.text_emb[cap].to(device),
                     encoder_attention_mask=data.text_mask[cap].to(device)).sample
         total += F.mse_loss(pred.float(), target.to(device), reduction="sum").item() / z0[0].numel()
         count += len(z0)
@@ -155,58 +176,93 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
 def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs, cfg: LDMTrainConfig,
               generator: torch.Generator, checkpoint_dir: str | Path | None = None, fingerprint: str = "",
               every: int = 0, on_every: Callable[[int, UNet2DConditionModel], dict] | None = None,
-              ) -> tuple[list[dict], EMAModel | None]:
+              accelerator=None) -> tuple[list[dict], EMAModel | None]:
     """Train in place; return the loss log and the EMA weights (None without EMA).
 
     With ``checkpoint_dir`` the full state (weights, EMA, optimizer, LR schedule,
     RNG states, log) is saved every ``checkpoint_every`` steps, and a rerun with
     the same ``fingerprint`` continues from the newest checkpoint: on the CPU the
     result is byte-identical to an uninterrupted run. Every ``every`` steps
-    ``on_every(step, unet)`` runs (validation, sample grids); what it returns is
-    merged into that step's log entry, which is checkpointed with the rest.
+    ``on_every(step, unet)`` runs on the main process (validation, sample grids);
+    what it returns is merged into that step's log entry, which is checkpointed.
+
+    Every process draws the same global batch from ``generator`` and trains on its
+    own slice of it, so the RNG streams stay in step across processes.
     """
-    device = next(unet.parameters()).device
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    if micro * cfg.grad_accum_steps != cfg.batch_size or micro % acc.num_processes:
+        raise ValueError(f"batch_size {cfg.batch_size} must split into grad_accum_steps={cfg.grad_accum_steps} "
+                         f"micro-batches divisible by {acc.num_processes} processes")
+    rank, world = acc.process_index, acc.num_processes
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    model, opt = acc.prepare(unet, opt)
+    device = acc.device
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=unet.config) if cfg.ema_decay > 0 else None
+    self_cond = is_self_conditioned(unet)
     log: list[dict] = []
     start = 0
-    stateful = {"unet": unet, "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema}
+    stateful = {"unet": unet, "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema, "scaler": acc.scaler}
     state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if state is not None:
         start, log = restore(state, generator, **stateful)
         print(f"train_ldm: resuming from step {start} ({checkpoint_dir})")
-    unet.train()
-    for step in progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps):
-        z0, cap = draw_batch(data, cfg, generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
-        noisy = scheduler.add_noise(z0, noise, t)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
-        pred = unet(noisy.to(device), t.to(device), encoder_hidden_states=data.text_emb[cap].to(device),
-                    encoder_attention_mask=data.text_mask[cap].to(device)).sample
-        per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _loss_weights(scheduler, t, cfg.min_snr_gamma).to(device)).mean()
-        if not torch.isfinite(loss):
-            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
-            raise NonFiniteLoss(f"loss became {loss.item()} at step {step}{where}; lower train_ldm.lr "
-                                "or raise warmup_steps")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    model.train()
+    quiet = {} if acc.is_main_process else {"disable": True}
+    for step in progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps, **quiet):
+        total = 0.0
+        for k in range(cfg.grad_accum_steps):
+            z0, cap = draw_batch(data, cfg, generator, micro)
+            noise = torch.randn(z0.shape, generator=generator)
+            t = torch.randint(scheduler.config.num_train_timesteps, (micro,), generator=generator)
+            use_prev = torch.rand(micro, generator=generator) < 0.5 if self_cond else None
+            mine = slice(rank * micro // world, (rank + 1) * micro // world)  # this process's share
+            z0, cap, noise, t = z0[mine], cap[mine], noise[mine], t[mine]
+            noisy = scheduler.add_noise(z0, noise, t).to(device)
+            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+            cond = {"encoder_hidden_states": data.text_emb[cap].to(device),
+                    "encoder_attention_mask": data.text_mask[cap].to(device)}
+            x0_prev = None
+            if self_cond:  # first pass without gradient, only for the samples that use its estimate
+                x0_prev = torch.zeros_like(noisy)
+                rows = use_prev[mine].nonzero().flatten()
+                if len(rows):
+                    with torch.no_grad():
+                        sub = {k: v[rows.to(device)] for k, v in cond.items()}
+                        first = model(_unet_input(unet, noisy[rows], None), t[rows].to(device), **sub).sample
+                    x0_prev[rows] = predicted_x0(scheduler, noisy[rows], first.float(), t[rows])
+            # only the last micro-batch synchronises gradients across processes
+            with acc.no_sync(model) if k < cfg.grad_accum_steps - 1 else nullcontext():
+                pred = model(_unet_input(unet, noisy, x0_prev), t.to(device), **cond).sample
+                per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
+                loss = (per_sample * _loss_weights(scheduler, t, cfg.min_snr_gamma).to(device)).mean()
+                if not torch.isfinite(loss):
+                    where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
+                    raise NonFiniteLoss(f"loss became {loss.item()} at step {step}{where}; lower train_ldm.lr "
+                                        "or raise warmup_steps")
+                acc.backward(loss / cfg.grad_accum_steps)
+            total += loss.item() / cfg.grad_accum_steps
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         lr_sched.step()
+        opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(unet.parameters())
-        log.append({"step": step, "loss": loss.item(), "lr": lr_sched.get_last_lr()[0]})
+        log.append({"step": step, "loss": total, "lr": lr_sched.get_last_lr()[0]})
         done = step + 1
         if on_every and every and (done % every == 0 or done == cfg.steps):
-            log[-1].update(on_every(done, unet))
+            if acc.is_main_process:
+                log[-1].update(on_every(done, unet))
+            acc.wait_for_everyone()
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
-                            cfg.keep_checkpoints)
-            print(f"train_ldm: checkpoint at step {done}", flush=True)
+            if acc.is_main_process:
+                save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
+                                cfg.keep_checkpoints)
+                print(f"train_ldm: checkpoint at step {done}", flush=True)
+            acc.wait_for_everyone()
     unet.eval()
     return log, ema

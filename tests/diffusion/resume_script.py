@@ -18,7 +18,7 @@ if __name__ == "__main__":
         scaling_factor=0.8, image_index=torch.arange(6), caption_index=torch.arange(1, 7),
         text_emb=torch.randn(7, 5, 384, generator=g), text_mask=torch.ones(7, 5, dtype=torch.long), uncond_index=0,
     )
-    cfg = LDMTrainConfig(steps=60, batch_size=4, lr=1e-3, weight_decay=0.01, context_dropout=0.1,
+    cfg = LDMTrainConfig(steps=60, batch_size=4, grad_accum_steps=1, mixed_precision="no", lr=1e-3, weight_decay=0.01, context_dropout=0.1,
                          sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9, min_snr_gamma=5.0,
                          checkpoint_every=10, keep_checkpoints=2)
     unet = tiny_unet()

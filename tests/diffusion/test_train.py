@@ -14,7 +14,7 @@ from synthmed.text.encoder import TextEncoder
 from tests.models.test_autoencoder import tiny_vae
 
 
-PLAIN = dict(warmup_steps=0, ema_decay=0.0, min_snr_gamma=0.0, checkpoint_every=0, keep_checkpoints=0)
+PLAIN = dict(grad_accum_steps=1, mixed_precision="no", warmup_steps=0, ema_decay=0.0, min_snr_gamma=0.0, checkpoint_every=0, keep_checkpoints=0)
 
 
 def tiny_unet(cross_dim=384):
@@ -128,3 +128,113 @@ def test_augmented_views_are_encoded_once_and_drawn_per_image():
         i = int(cap) - 1
         views = data.latent_mean[i * 3 : i * 3 + 3] * data.scaling_factor
         assert (views - row).flatten(1).abs().amax(1).min() < 1e-6
+
+
+def _toy_data(n=6, g=None):
+    from synthmed.diffusion.train import LatentPairs
+
+    g = g or torch.Generator().manual_seed(0)
+    return LatentPairs(latent_mean=torch.randn(n, 4, 8, 8, generator=g), latent_std=torch.zeros(n, 4, 8, 8),
+                       scaling_factor=1.0, image_index=torch.arange(n), caption_index=torch.arange(1, n + 1),
+                       text_emb=torch.randn(n + 1, 5, 384, generator=g),
+                       text_mask=torch.ones(n + 1, 5, dtype=torch.long), uncond_index=0)
+
+
+def test_predicted_x0_inverts_the_forward_process_for_both_parameterisations():
+    from synthmed.diffusion.sample import predicted_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 900])
+    for kind in ("epsilon", "v_prediction"):
+        sched = make_noise_scheduler(1000, kind)
+        x_t = sched.add_noise(x0, noise, t)
+        pred = noise if kind == "epsilon" else sched.get_velocity(x0, noise, t)
+        assert torch.allclose(predicted_x0(sched, x_t, pred, t), x0.clamp(-4, 4), atol=1e-4)
+
+
+def test_self_conditioning_feeds_the_first_pass_estimate_on_half_the_samples():
+    from synthmed.diffusion.sample import predicted_x0
+
+    torch.manual_seed(0)
+    unet = build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+                      cross_attention_dim=384, attention_head_dim=4, norm_num_groups=8, dropout=0.0,
+                      self_condition=True)
+    assert unet.config.in_channels == 8 and unet.config.out_channels == 4
+    calls = []
+    unet.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0].clone(), args[1].clone(),
+                                                                          out.sample.detach().clone())),
+                               with_kwargs=True)
+    sched = make_noise_scheduler(1000)
+    cfg = LDMTrainConfig(steps=6, batch_size=32, lr=0.0, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0.0, **PLAIN)
+    train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+    assert len(calls) == 12  # a gradient-free first pass, then the training pass, every step
+    used = 0
+    for (first_in, first_t, first_out), (train_in, train_t, _) in zip(calls[::2], calls[1::2]):
+        assert torch.count_nonzero(first_in[:, 4:]) == 0  # the first pass has no previous estimate
+        prev = train_in[:, 4:]
+        with_prev = prev.flatten(1).abs().amax(1) > 0
+        assert with_prev.sum() == len(first_in)  # the first pass ran only for the samples that use it
+        expected = predicted_x0(sched, first_in[:, :4], first_out, first_t)
+        assert torch.allclose(prev[with_prev], expected, atol=1e-5)
+        assert torch.equal(train_in[with_prev, :4], first_in[:, :4])
+        used += int(with_prev.sum())
+    assert 0.35 < used / (6 * 32) < 0.65
+
+    # sampling: the previous step's estimate comes back as input, starting from zeros
+    from diffusers import DDIMScheduler
+
+    from synthmed.diffusion.sample import sample_latents
+
+    calls.clear()
+    sample_latents(unet.eval(), DDIMScheduler.from_config(sched.config), torch.randn(2, 5, 384),
+                   torch.ones(2, 5, dtype=torch.long), torch.zeros(1, 5, 384), torch.ones(1, 5, dtype=torch.long),
+                   [0, 1], num_inference_steps=3, guidance_scale=2.0)
+    assert len(calls) == 3 and calls[0][0].shape[1] == 8
+    assert torch.count_nonzero(calls[0][0][:, 4:]) == 0
+    assert all(torch.count_nonzero(c[0][:, 4:]) > 0 for c in calls[1:])
+
+
+def test_gradient_accumulation_equals_one_large_batch_step():
+    """Two micro-batches of 4 must give the same update and logged loss as one batch of those 8 samples
+    (Adam's first step is nearly sign(gradient), hence the tolerance)."""
+    import copy
+
+    unet = tiny_unet()
+    start = copy.deepcopy(unet)
+    seen = []
+    unet.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"].clone())), with_kwargs=True)
+    sched = make_noise_scheduler(1000)
+    noises = []
+    add_noise = sched.add_noise
+    sched.add_noise = lambda x0, n, t: (noises.append(n.clone()), add_noise(x0, n, t))[1]
+    cfg = LDMTrainConfig(steps=1, batch_size=8, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0.0, **{**PLAIN, "grad_accum_steps": 2})
+    log, _ = train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and seen[0][0].shape[0] == 4
+
+    x, t, emb = (torch.cat(parts) for parts in zip(*seen))
+    opt = torch.optim.AdamW(start.parameters(), lr=1e-3, weight_decay=0.0)
+    loss = torch.nn.functional.mse_loss(start(x, t, encoder_hidden_states=emb).sample, torch.cat(noises))
+    loss.backward()
+    opt.step()
+    assert abs(log[0]["loss"] - loss.item()) < 1e-6
+    for a, b in zip(unet.parameters(), start.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_that_does_not_split_into_micro_batches_is_refused():
+    import pytest
+
+    cfg = LDMTrainConfig(steps=1, batch_size=6, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0.0, **{**PLAIN, "grad_accum_steps": 4})
+    with pytest.raises(ValueError, match="grad_accum_steps=4"):
+        train_ldm(tiny_unet(), make_noise_scheduler(1000), _toy_data(), cfg, torch.Generator().manual_seed(0))
+
+
+def test_cpu_training_runs_in_full_precision_whatever_is_asked():
+    from synthmed.runtime import make_accelerator
+
+    assert make_accelerator("bf16").mixed_precision == "no"
