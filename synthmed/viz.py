@@ -47,3 +47,7 @@ def to_array(image) -> np.ndarray:
     """uint8 tensor/array [C, H, W] -> [H, W] (C == 1) or [H, W, 3] for PIL."""
     a = np.asarray(image)
     return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+
+def load_png(path: str | Path) -> np.ndarray:
+    return np.asarray(Image.open(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -35,13 +37,16 @@ def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_em
     device = next(unet.parameters()).device
     c, s = unet.config.out_channels, unet.config.sample_size
     self_cond = is_self_conditioned(unet)
-    # Initial noise from each image's own seed, drawn on the CPU so it is device-independent.
-    latents = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(sd)) for sd in seeds])
+    # Each image has its own CPU generator: its initial noise (and a stochastic sampler's noise)
+    # depends on its seed alone, not on the batch it is in or on the device.
+    gens = [torch.Generator().manual_seed(sd) for sd in seeds]
+    latents = torch.stack([torch.randn((c, s, s), generator=g) for g in gens])
+    scheduler.set_timesteps(num_inference_steps)  # first: init_noise_sigma depends on it (Euler)
     latents = latents.to(device) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     n = len(seeds)
     emb = torch.cat([uncond_emb.expand(n, -1, -1), cond_emb]).to(device)
     mask = torch.cat([uncond_mask.expand(n, -1), cond_mask]).to(device)
-    scheduler.set_timesteps(num_inference_steps)
     x0_prev = torch.zeros_like(latents)  # self-conditioning: the previous step's clean estimate
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
@@ -51,7 +56,7 @@ def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_em
         pred = pred_u + guidance_scale * (pred_c - pred_u)
         if self_cond:
             x0_prev = predicted_x0(scheduler, model_in[:n, :c], pred, t)
-        latents = scheduler.step(pred, t, latents).prev_sample
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
 
 

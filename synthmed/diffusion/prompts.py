@@ -1,0 +1,75 @@
+"""What to generate: one row per image, each with a seed of its own.
+
+Prompts come from the captions of held-out images, from a user's prompt file or
+from per-label templates. Image k of prompt i gets the seed
+derive_seed(global seed, "generate", i, k), so any image can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+from synthmed.errors import PipelineError
+from synthmed.provenance import derive_seed
+
+PROMPT_COLUMNS = ("text", "prompt", "Prompt", "caption")
+
+
+def heldout_prompts(pairs: pd.DataFrame, splits: list[str], source: str) -> pd.DataFrame:
+    """The original captions of the images in ``splits`` (each image's split is kept)."""
+    src = pairs[pairs["split"].isin(splits) & (pairs["caption_source"] == "original")]
+    if src.empty:
+        raise PipelineError(f"{source}: no original captions in split(s) {splits}; check generate.splits")
+    return pd.DataFrame({"text": src["text"].to_numpy(), "label": src["label"].to_numpy(),
+                         "split": src["split"].to_numpy(), "source_file_name": src["file_name"].to_numpy()})
+
+
+def file_prompts(path: str | Path) -> pd.DataFrame:
+    """A .txt file (one prompt per line) or a .csv/.tsv with a text/prompt column and an optional label."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: prompt file not found; set generate.prompt_file to a .txt or .csv file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 (byte offset {exc.start}); re-save the file as UTF-8") from None
+    if path.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in text.splitlines()]
+        rows = pd.DataFrame({"text": prompts, "label": ""})
+        rows["line"] = range(1, len(rows) + 1)
+    else:
+        header = text.splitlines()[0] if text.strip() else ""
+        delimiter = max([",", ";", "\t"], key=header.count)  # ImageCLEF's prompt files are ;-separated
+        df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
+        column = next((c for c in PROMPT_COLUMNS if c in df.columns), None)
+        if column is None:
+            raise PipelineError(f"{path}, row 1: no prompt column (found: {', '.join(df.columns)}); "
+                                f"name it one of: {', '.join(PROMPT_COLUMNS)}")
+        rows = pd.DataFrame({"text": df[column].str.strip(), "label": df.get("label", pd.Series("", index=df.index))})
+        rows["line"] = range(2, len(rows) + 2)
+    empty = rows[rows["text"] == ""]
+    if len(rows) == 0 or len(empty) == len(rows):
+        raise PipelineError(f"{path}: no prompts in the file; add one prompt per row")
+    if len(empty):
+        raise PipelineError(f"{path}, row {empty['line'].iloc[0]}: empty prompt; remove the row or write a prompt")
+    return rows.drop(columns="line").assign(split="", source_file_name="")
+
+
+def template_prompts(templates: dict[str, list[str]]) -> pd.DataFrame:
+    """label -> captions, e.g. {"axial_superior": ["Superior axial T1 brain MRI slice"]}."""
+    rows = [{"text": t, "label": label} for label, texts in templates.items() for t in texts]
+    if not rows:
+        raise PipelineError("params.yaml: generate.templates is empty; add label: [caption, ...] entries")
+    return pd.DataFrame(rows).assign(split="", source_file_name="")
+
+
+def expand(prompts: pd.DataFrame, images_per_prompt: int, seed: int) -> pd.DataFrame:
+    """One row per image to generate: prompt_index, sample_index, seed, file_name."""
+    plan = prompts.loc[prompts.index.repeat(images_per_prompt)].reset_index(drop=True)
+    plan.insert(0, "prompt_index", plan.index // images_per_prompt)
+    plan.insert(1, "sample_index", plan.index % images_per_prompt)
+    plan["seed"] = [derive_seed(seed, "generate", i, k) for i, k in zip(plan["prompt_index"], plan["sample_index"])]
+    return plan

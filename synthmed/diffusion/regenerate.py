@@ -1,0 +1,68 @@
+"""Regenerate one image of a generated dataset from its metadata row, alone.
+
+    python -m synthmed.diffusion.regenerate synth_000012.png [--dataset data/generate/dataset]
+        [--model data/train_ldm/model] [--out regenerated.png]
+
+The seed, prompt, sampler, steps and guidance come from the row; the exit code is 0
+when the regenerated pixels equal the stored image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from synthmed.data.imagefolder import read_metadata
+from synthmed.diffusion.schedulers import make_sampler
+from synthmed.io import sha256_tree
+from synthmed.viz import load_png, to_array
+
+
+def regenerate(pipe, row: pd.Series) -> np.ndarray:
+    """The image of one metadata row (HW or HWC uint8), generated on its own."""
+    pipe.scheduler = make_sampler(row["scheduler"], pipe.scheduler.config)
+    images = pipe.generate([row["text"]], [int(row["seed"])], num_inference_steps=int(row["num_inference_steps"]),
+                           guidance_scale=float(row["guidance_scale"]), batch_size=1)
+    return to_array(images[0])
+
+
+def find_row(meta: pd.DataFrame, name: str) -> pd.Series:
+    hit = meta[(meta["file_name"] == name) | (meta["file_name"].str.split("/").str[-1] == name)]
+    if hit.empty:
+        raise SystemExit(f"error: {name} is not in metadata.csv; give a file_name from it")
+    return hit.iloc[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file_name")
+    ap.add_argument("--dataset", default="data/generate/dataset")
+    ap.add_argument("--model", default="data/train_ldm/model")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    from synthmed.diffusion.pipeline import SynthMedPipeline
+    from synthmed.runtime import pick_device
+
+    row = find_row(read_metadata(args.dataset), args.file_name)
+    if sha256_tree(args.model) != row["model_sha256"]:
+        print(f"warning: {args.model} is not the model that made this image (model_sha256 differs)", file=sys.stderr)
+    pipe = SynthMedPipeline.from_pretrained(args.model).to(pick_device())
+    pipe.set_progress_bar_config(disable=True)
+    image = regenerate(pipe, row)
+    out = Path(args.out or f"regenerated_{Path(row['file_name']).name}")
+    Image.fromarray(image).save(out)
+    stored = load_png(Path(args.dataset) / row["file_name"])
+    same = stored.shape == image.shape and np.array_equal(stored, image)
+    diff = "identical" if same else f"differs in {int((stored != image).sum())} pixel values"
+    print(f"{row['file_name']} (seed {row['seed']}, {row['scheduler']}, {row['num_inference_steps']} steps) "
+          f"-> {out}: {diff}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

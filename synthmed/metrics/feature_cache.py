@@ -1,0 +1,40 @@
+"""Features extracted once per image, keyed by the sha256 of its pixels, shared by every metric.
+
+The cache is one file per feature extractor; reruns (new synthetic sets, new params) only
+embed images not seen before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from synthmed.io import atomic_path, sha256_bytes
+from synthmed.metrics.fidelity import extract_features
+
+
+def pixel_keys(images_uint8: torch.Tensor) -> list[str]:
+    return [sha256_bytes(str(tuple(x.shape)).encode() + x.numpy().tobytes()) for x in images_uint8]
+
+
+class FeatureCache:
+    def __init__(self, path: str | Path, extractor: nn.Module, batch_size: int = 64):
+        self.path, self.extractor, self.batch_size = Path(path), extractor, batch_size
+        self.store: dict[str, torch.Tensor] = torch.load(self.path) if self.path.is_file() else {}
+        self.computed = 0
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """[N, D] float64 features of uint8 images [N, C, H, W]; new images are embedded once."""
+        keys = pixel_keys(images_uint8)
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        if missing:
+            feats = extract_features(self.extractor, images_uint8[missing], self.batch_size)
+            self.store.update({keys[i]: f for i, f in zip(missing, feats)})
+            self.computed += len(missing)
+        return torch.stack([self.store[k] for k in keys]) if keys else torch.zeros(0)
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save(self.store, tmp)

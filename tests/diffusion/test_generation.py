@@ -1,0 +1,117 @@
+"""Generation: prompt plans, per-image seeds, samplers, resumable shards and single-image regeneration."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from diffusers import DDIMScheduler
+
+from synthmed.diffusion.pipeline import SynthMedPipeline
+from synthmed.diffusion.prompts import expand, file_prompts, template_prompts
+from synthmed.diffusion.regenerate import main as regenerate_cli, regenerate
+from synthmed.diffusion.schedulers import SAMPLERS, make_sampler
+from synthmed.diffusion.shards import write_shards
+from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.errors import PipelineError
+from synthmed.io import sha256_tree
+from tests.conftest import REPO_ROOT
+from tests.diffusion.test_train import tiny_unet
+from tests.models.test_autoencoder import tiny_vae
+
+PROMPTS = ["axial slice at z = +10 mm", "coronal slice", "left sagittal slice", "axial slice at z = -20 mm"]
+
+
+def test_prompt_files_and_templates(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\nsecond prompt\n")
+    assert file_prompts(tmp_path / "p.txt")["text"].tolist() == ["first prompt", "second prompt"]
+    (tmp_path / "clef.csv").write_text("ID;Prompt\n1;an x-ray of the chest\n2;a CT of the head\n")  # ImageCLEF style
+    assert file_prompts(tmp_path / "clef.csv")["text"].tolist() == ["an x-ray of the chest", "a CT of the head"]
+    (tmp_path / "labelled.csv").write_text("text,label\nx,a\n,b\n")
+    with pytest.raises(PipelineError, match=r"labelled.csv, row 3: empty prompt"):
+        file_prompts(tmp_path / "labelled.csv")
+    (tmp_path / "bad.csv").write_text("caption_text,label\nx,a\n")
+    with pytest.raises(PipelineError, match="no prompt column"):
+        file_prompts(tmp_path / "bad.csv")
+    t = template_prompts({"a": ["one", "two"], "b": ["three"]})
+    assert t["label"].tolist() == ["a", "a", "b"]
+
+
+def test_each_image_seed_depends_only_on_the_global_seed_and_its_indices():
+    plan = expand(pd.DataFrame({"text": ["a", "b"]}), 3, seed=42)
+    assert plan[["prompt_index", "sample_index"]].values.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert plan["seed"].nunique() == 6
+    longer = expand(pd.DataFrame({"text": ["a", "b", "c"]}), 3, seed=42)
+    assert longer["seed"].iloc[:6].tolist() == plan["seed"].tolist()  # adding prompts changes no earlier image
+    assert expand(pd.DataFrame({"text": ["a", "b"]}), 3, seed=43)["seed"].iloc[0] != plan["seed"].iloc[0]
+
+
+def tiny_pipe(tmp_path):
+    sched = DDIMScheduler.from_config(make_noise_scheduler(1000).config)
+    pipe = SynthMedPipeline(tiny_unet(), tiny_vae().eval(), sched, text_max_length=8)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "model")
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_regenerates_an_image_alone_from_its_seed(tmp_path, sampler):
+    pipe = tiny_pipe(tmp_path)
+    pipe.scheduler = make_sampler(sampler, pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == "epsilon"  # the trained objective is kept
+    batch = pipe.generate(PROMPTS, [11, 12, 13, 14], num_inference_steps=5, batch_size=4)
+    row = pd.Series({"text": PROMPTS[2], "seed": "13", "scheduler": sampler, "num_inference_steps": "5",
+                     "guidance_scale": "3.0"})
+    alone = regenerate(pipe, row)
+    # ddpm draws fresh noise every step from the image's own generator; float rounding
+    # that differs between batch sizes may move a pixel by one level there
+    assert np.abs(alone.astype(int) - batch[2, 0]).max() <= (1 if sampler == "ddpm" else 0)
+
+
+def test_killed_generation_resumes_after_its_finished_shards(tmp_path):
+    script = [sys.executable, "-m", "tests.diffusion.shard_script"]
+    full = subprocess.run([*script, str(tmp_path / "full")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0, full.stderr
+    assert "stats 10 0" in full.stdout
+
+    proc = subprocess.Popen([*script, str(tmp_path / "out")], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    seen = 0
+    for line in proc.stdout:  # kill hard in the middle of the third shard (images 7 and 8 of 10)
+        seen += line.startswith("rendered")
+        if seen == 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert sorted(p.name for p in (tmp_path / "out").glob("shard_*")) == ["shard_00000", "shard_00001"]
+
+    again = subprocess.run([*script, str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "stats 4 6" in again.stdout  # two shards of 3 skipped, the last two shards rendered
+    assert not list((tmp_path / "out").glob(".*"))  # the killed run's half shard is gone
+    assert pd.read_csv(tmp_path / "out.csv").equals(pd.read_csv(tmp_path / "full.csv"))
+    for name in pd.read_csv(tmp_path / "full.csv")["file_name"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_regenerate_cli_reproduces_a_generated_image(tmp_path, capsys):
+    pipe = tiny_pipe(tmp_path)
+    plan = expand(pd.DataFrame({"text": PROMPTS, "label": ""}), 1, seed=7).assign(
+        image_index=range(4), scheduler="ddim", num_inference_steps=4, guidance_scale=3.0,
+        model_sha256=sha256_tree(tmp_path / "model"))
+
+    def render(rows):
+        for _, imgs in pipe(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=4, batch_size=4):
+            yield from (img[0] for img in imgs.numpy())
+
+    meta, _ = write_shards(plan, tmp_path / "dataset", 2, "fp", render)
+    meta.to_csv(tmp_path / "dataset/metadata.csv", index=False)
+    name = meta["file_name"].iloc[3].split("/")[-1]
+    code = regenerate_cli([name, "--dataset", str(tmp_path / "dataset"), "--model", str(tmp_path / "model"),
+                           "--out", str(tmp_path / "again.png")])
+    assert code == 0 and "identical" in capsys.readouterr().out
