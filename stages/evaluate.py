@@ -81,8 +81,12 @@ def fidelity(feat: dict, p: EvaluateParams, seed: int) -> dict[str, float]:
         out[f"fd_effnet{suffix}"] = frechet_distance(feat["test"], fake)
         mean, std, size = kernel_distance(feat["test"], fake, p.kid_subset_size, p.kid_subsets, seed)
         out[f"kid_effnet{suffix}"], out[f"kid_effnet{suffix}_std"] = mean, std
-        out.update({f"{k}{suffix}": v for k, v in prdc(feat["test"], fake, p.prdc_k).items()})
-    out["kid_subset_size"] = size
+        out.setdefault("kid_subset_size", size)
+        try:
+            out.update({f"{k}{suffix}": v for k, v in prdc(feat["test"], fake, p.prdc_k).items()})
+        except ValueError as exc:
+            raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
+                                "generate.images_per_prompt") from None
     return out
 
 
@@ -163,10 +167,13 @@ def downstream(images: dict, rows: dict, classes, p: EvaluateParams, seed: int) 
     aug.plot(table, f"{OUT}/augmentation.png")
 
     # Prompt adherence: classifiers trained on all real train images label the synthetic ones.
+    full = {c.rep: c.model for c in cells if c.regime == aug.regime_name(1.0) and c.arm == "real"}
     synth_x, labelled = images["synth"], synth_y >= 0
+    if not labelled.any():
+        return {**flat, "n_synthetic_pool": len(pool_x)}
     hits, real_acc = [], []
     for rep in range(a.seeds):
-        model = train_classifier(real_x, real_y, len(classes), cfg, cells[rep].clf_seed)
+        model = full.get(rep) or train_classifier(real_x, real_y, len(classes), cfg, aug.classifier_seed(seed, rep))
         hits.append(float((predict(model, synth_x[labelled]).argmax(1) == synth_y[labelled].numpy()).mean()))
         real_acc.append(score_classifier(model, test_x, test_y)["acc"])
     return {**flat, "adherence_acc": sum(hits) / len(hits), "adherence_real_test_acc": sum(real_acc) / len(real_acc),

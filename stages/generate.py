@@ -81,6 +81,7 @@ def main() -> None:
             yield from (to_array(img) for img in images)
 
     meta, stats = write_shards(plan, DATASET, p.shard_size, fingerprint, render)
+    meta = meta[["file_name", "text", *[c for c in meta.columns if c not in ("file_name", "text")]]]
     with atomic_path(f"{DATASET}/{METADATA}") as tmp:  # last: a dataset without it is unfinished
         meta.to_csv(tmp, index=False)  # seeds as text: 63-bit values stay exact in any CSV reader
     # The grid shows images spread over the whole plan (all planes/labels), not just the first few.

@@ -41,6 +41,7 @@ class Cell:
     synth_idx: np.ndarray
     synth_requested: int = 0
     scores: dict = field(default_factory=dict)
+    model: object = None  # the trained classifier, once run
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -52,6 +53,10 @@ def stratified_subset(labels: np.ndarray, fraction: float, rng: np.random.Genera
     return np.sort(np.concatenate(picks))
 
 
+def classifier_seed(seed: int, rep: int) -> int:
+    return derive_seed(seed, "classifier", rep) % 2**31
+
+
 def plan_cells(real_labels: np.ndarray, pool_size: int, fractions: list[float], ratios: list[float],
                arms: list[str], reps: int, seed: int) -> list[Cell]:
     """Every (regime, arm, repetition) with the indices of its real and synthetic training images."""
@@ -59,7 +64,7 @@ def plan_cells(real_labels: np.ndarray, pool_size: int, fractions: list[float], 
     for f in fractions:
         for rep in range(reps):
             real = stratified_subset(real_labels, f, np.random.default_rng(derive_seed(seed, "regime", f, rep)))
-            clf_seed = derive_seed(seed, "classifier", rep) % 2**31
+            clf_seed = classifier_seed(seed, rep)
             cells.append(Cell(regime_name(f), "real", rep, clf_seed, real, np.array([], dtype=int)))
             extra = [(ratio_name(r), r, real) for r in ratios] if "real_synth" in arms else []
             extra += [("synth", 1.0, np.array([], dtype=int))] if "synth" in arms else []
@@ -78,8 +83,8 @@ def run_cells(cells: list[Cell], real_x, real_y, synth_x, synth_y, test_x, test_
     for cell in progress(cells, desc="classifier cells"):
         x = torch.cat([real_x[cell.real_idx], synth_x[cell.synth_idx]])
         y = torch.cat([real_y[cell.real_idx], synth_y[cell.synth_idx]])
-        model = train_classifier(x, y, n_classes, cfg, cell.clf_seed)
-        cell.scores = score_classifier(model, test_x, test_y)
+        cell.model = train_classifier(x, y, n_classes, cfg, cell.clf_seed)
+        cell.scores = score_classifier(cell.model, test_x, test_y)
         rows.append({"regime": cell.regime, "arm": cell.arm, "rep": cell.rep, "n_real": len(cell.real_idx),
                      "n_synth": len(cell.synth_idx), "n_synth_requested": cell.synth_requested, **cell.scores})
     return pd.DataFrame(rows)

@@ -91,11 +91,18 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     metrics.update(evaluation)
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
-    for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "clf_real_acc", "clf_aug_auc"):
+    for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "precision", "recall", "density",
+                "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
+                "mem_frac_below_p5_pixel", "aug_auc_100pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
+                "aug_bacc_100pct_synth", "adherence_acc", "adherence_real_test_acc"):
         assert key in evaluation
-    assert evaluation["fd_effnet"] > 0 and 0 <= evaluation["clf_real_acc"] <= 1
+    assert evaluation["fd_effnet"] > 0 and 0 <= evaluation["aug_acc_100pct_real"] <= 1
     synth = (repo / "data/generate/dataset/metadata.csv").read_text().splitlines()
-    assert synth[0].split(",")[:2] == ["file_name", "text"] and "seed" in synth[0] and "sha256" in synth[0]
+    header = synth[0].split(",")
+    assert header[:2] == ["file_name", "text"]
+    for column in ("label", "seed", "scheduler", "num_inference_steps", "guidance_scale", "model_sha256", "sha256"):
+        assert column in header
+    assert evaluation["n_synthetic"] == len(synth) - 1
 
     # 2. Nothing reruns when nothing changed.
     again = dvc(repo, "repro").stdout
@@ -107,6 +114,7 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert sorted(p.name for p in (repo / "data/checkpoints/train_ldm").iterdir()) == ["step00000020.pt",
                                                                                        "step00000030.pt"]
     shutil.rmtree(repo / "data/checkpoints")  # else the reruns would resume from their final checkpoints
+    shutil.rmtree(repo / "data/generate/dataset")  # else generate would keep its finished shards
     for stage in before:
         dvc(repo, "repro", "--force", "--single-item", stage)
     assert {s: lock_hashes(repo, s) for s in before} == before
@@ -114,14 +122,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     # 4. An experiment with one param changed appears in `dvc exp show` with its metrics.
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
-    dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "evaluate.classifier_epochs=4")
+    dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "evaluate.classifier.steps=30")
     table = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     exps = [e for commit in table for e in (commit.get("experiments") or [])]
     found = [r for e in exps for r in e.get("revs", []) if r.get("name") == "more-epochs"]
     assert found, table
     data = found[0]["data"]
-    assert data["params"]["params.yaml"]["data"]["evaluate"]["classifier_epochs"] == 4
-    assert "clf_aug_acc" in data["metrics"]["metrics/evaluate.json"]["data"]
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 30
+    assert "aug_gain_auc_100pct_1x" in data["metrics"]["metrics/evaluate.json"]["data"]
 
     # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
     from flows.pipeline import StageFailed, pipeline
@@ -134,7 +142,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert lock_hashes(repo, "generate") != grid_before
     assert "up to date" in dvc(repo, "status").stdout
 
-    # 6. A stage with bad params fails the flow once (no retries), naming the stage.
+    # 6. The privacy gate fails evaluate when it is armed with a limit no set can meet.
+    gated = {**params, "evaluate": {**params["evaluate"], "privacy": {"fail_on_violation": True,
+                                                                     "max_fraction_below_p1": -1.0}}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(gated, sort_keys=False))
+    failed = dvc(repo, "repro", "evaluate", check=False)
+    assert failed.returncode != 0 and "privacy gate" in failed.stderr + failed.stdout
+
+    # 7. A stage with bad params fails the flow once (no retries), naming the stage.
     params["ingest"]["source"] = "dicomm"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     state = pipeline(repo=str(repo), stages=["ingest"], return_state=True)

@@ -39,4 +39,4 @@ def test_confidence_interval_and_paired_test_on_known_data():
     # differences 1, 2, 3: t = 2 / (1 / sqrt 3) = 3.4641, two-sided p with 2 df = 0.0742
     assert paired_p([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
     assert paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0
-    assert paired_p([2.0, 3.0], [1.0, 2.0]) == 0.0
+    assert paired_p([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == 0.25  # all three flips agree: exact sign-flip p

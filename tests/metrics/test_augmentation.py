@@ -1,0 +1,61 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthmed.metrics.augmentation import plan_cells, run_cells, summarise
+from synthmed.metrics.downstream import ClassifierConfig
+
+
+def test_regimes_and_arms_get_the_right_counts_and_pair_by_seed():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])  # 100 real train images
+    cells = plan_cells(labels, pool_size=120, fractions=[0.1, 1.0], ratios=[0.5, 2.0], arms=["real_synth", "synth"],
+                       reps=3, seed=0)
+    assert len(cells) == 2 * 3 * 4  # regimes x seeds x (real, 0.5x, 2x, synth)
+    by = {(c.regime, c.arm, c.rep): c for c in cells}
+    small = by[("10pct", "real", 0)]
+    assert np.bincount(labels[small.real_idx]).tolist() == [5, 3, 2]  # stratified
+    assert len(by[("10pct", "0p5x", 0)].synth_idx) == 5 and len(by[("10pct", "2x", 0)].synth_idx) == 20
+    assert len(by[("10pct", "synth", 0)].real_idx) == 0 and len(by[("10pct", "synth", 0)].synth_idx) == 10
+    assert len(by[("100pct", "real", 1)].real_idx) == 100
+    capped = by[("100pct", "2x", 1)]
+    assert capped.synth_requested == 200 and len(capped.synth_idx) == 120  # the pool has only 120
+    assert len(np.unique(capped.synth_idx)) == 120  # drawn without replacement
+    for rep in range(3):  # within a repetition every arm shares the real subset and classifier seed
+        arms = [c for c in cells if c.regime == "10pct" and c.rep == rep]
+        assert len({c.clf_seed for c in arms}) == 1
+        assert all(np.array_equal(c.real_idx, small.real_idx if rep == 0 else arms[0].real_idx)
+                   for c in arms if c.arm != "synth")
+    assert not np.array_equal(by[("10pct", "real", 0)].real_idx, by[("10pct", "real", 1)].real_idx)
+    assert len({by[("10pct", "real", r)].clf_seed for r in range(3)}) == 3
+    tiny = plan_cells(labels, 10, [0.01], [1.0], [], 1, 0)
+    assert np.bincount(labels[tiny[0].real_idx]).tolist() == [1, 1, 1]  # at least one image per class
+
+
+def test_summary_gains_and_p_values_on_known_runs():
+    runs = pd.DataFrame({
+        "regime": ["10pct"] * 6, "arm": ["real"] * 3 + ["1x"] * 3, "rep": [0, 1, 2] * 2,
+        "n_real": 10, "n_synth": [0] * 3 + [10] * 3, "n_synth_requested": 0,
+        "auc": [0.6, 0.7, 0.8, 0.7, 0.9, 1.1], "acc": [0.5] * 6, "bacc": [0.5, 0.5, 0.5, 0.6, 0.6, 0.6],
+    })
+    table, flat = summarise(runs)
+    assert flat["aug_auc_10pct_real"] == pytest.approx(0.7)
+    assert flat["aug_gain_auc_10pct_1x"] == pytest.approx(0.2)  # paired differences 0.1, 0.2, 0.3
+    assert flat["aug_gain_auc_10pct_1x_p"] == pytest.approx(0.07418, abs=1e-4)  # t = 3.46 with 2 df
+    assert flat["aug_gain_acc_10pct_1x_p"] == 1.0 and flat["aug_gain_bacc_10pct_1x_p"] == 0.25
+    row = table.set_index("arm").loc["1x"]
+    assert row["gain_auc_ci95"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-4)
+
+
+def test_cells_train_and_score_on_the_real_test_set():
+    g = torch.Generator().manual_seed(0)
+    # two classes that differ in brightness: learnable in a few steps
+    def make(n):
+        y = torch.arange(n) % 2
+        x = (torch.rand(n, 1, 16, 16, generator=g) * 80 + 40 + 120 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+        return x, y
+    (rx, ry), (sx, sy), (tx, ty) = make(40), make(40), make(30)
+    cells = plan_cells(ry.numpy(), len(sx), [0.5], [1.0], ["real_synth", "synth"], 2, 0)
+    runs = run_cells(cells, rx, ry, sx, sy, tx, ty, 2, ClassifierConfig(steps=40, lr=0.01, batch_size=16))
+    assert len(runs) == 6 and set(runs["arm"]) == {"real", "1x", "synth"}
+    assert runs["auc"].min() > 0.9 and (runs["n_synth"] == [0, 20, 20, 0, 20, 20]).all()
