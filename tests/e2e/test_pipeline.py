@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate"]
+STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate", "evaluate_vlp"]
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,164 @@
+"""DVC stage `evaluate_vlp`: does pretraining a dual encoder on synthetic pairs match real pairs?
+
+Arms: `real` (real train images with their captions), `synth` (synthetic images with the
+captions they were generated from: train/val captions, never test), `real_synth` (both).
+Every arm trains for the same steps from the same seeds; each model is then scored on the
+real test split by linear probing (with 1 %, 10 %, 100 % of the labelled real train images),
+zero-shot classification (one caption per label) and image<->text retrieval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from synthmed.config import as_dict, load_params, require_inputs, run_stage
+from synthmed.data.dataset import split_frame
+from synthmed.data.imagefolder import load_images, read_metadata
+from synthmed.errors import PipelineError
+from synthmed.io import atomic_path, write_json, write_text
+from synthmed.metrics.augmentation import regime_name, stratified_subset
+from synthmed.metrics.stats import mean_ci
+from synthmed.provenance import derive_seed, seed_everything, write_provenance
+from synthmed.text.encoder import TextEncoder
+from synthmed.vlp.evaluation import image_features, linear_probe, retrieval_recall, zero_shot
+from synthmed.vlp.text import TextTower
+from synthmed.vlp.train import VLPConfig, pretrain
+
+REAL = "data/ingest/dataset"
+SYNTH = "data/generate/dataset"
+OUT = "data/evaluate_vlp"
+
+
+@dataclass
+class EvaluateVLPParams(VLPConfig):
+    test_split: str
+    synthetic_splits: list[str]  # synthetic pairs from captions of these splits (never the test split)
+    arms: list[Literal["real", "synth", "real_synth"]]
+    text_encoder: str
+    text_max_length: int
+    seeds: int
+    probe_fractions: list[float]
+    zero_shot_templates: dict[str, str]  # label -> caption; labels without one are left out of zero-shot
+
+
+def corpora(p: EvaluateVLPParams) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    real_rows = split_frame(REAL, ["train"])
+    synth_rows = read_metadata(SYNTH).drop_duplicates("file_name")
+    synth_rows = synth_rows[synth_rows.get("split", pd.Series("", index=synth_rows.index))
+                            .isin(p.synthetic_splits + [""])]
+    real = (torch.as_tensor(load_images(REAL, real_rows["file_name"].tolist())), real_rows["text"].tolist())
+    if synth_rows.empty and set(p.arms) - {"real"}:
+        raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.synthetic_splits} captions; "
+                            "add them to generate.splits or set evaluate_vlp.arms: [real]")
+    synth = (torch.as_tensor(load_images(SYNTH, synth_rows["file_name"].tolist())), synth_rows["text"].tolist())
+    both = (torch.cat([real[0], synth[0]]), real[1] + synth[1])
+    return {name: data for name, data in (("real", real), ("synth", synth), ("real_synth", both)) if name in p.arms}
+
+
+def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, seed: int) -> dict[str, float]:
+    out = {}
+    feats_train = image_features(model, data["train_x"], projected=False)
+    feats_test = image_features(model, data["test_x"], projected=False)
+    for f in p.probe_fractions:
+        rng = np.random.default_rng(derive_seed(seed, "probe", f, rep))
+        idx = stratified_subset(data["train_y"], f, rng)
+        scores = linear_probe(feats_train[idx], data["train_y"][idx], feats_test, data["test_y"])
+        out.update({f"probe_{k}_{regime_name(f)}": v for k, v in scores.items()})
+    img_emb = image_features(model, data["test_x"], projected=True)
+    with torch.no_grad():
+        if data["zs_labels"]:
+            class_emb = model.embed_texts(tower.pooled([p.zero_shot_templates[c] for c in data["zs_labels"]]))
+            zs = data["zs_mask"]
+            out.update({f"zeroshot_{k}": v for k, v in zero_shot(img_emb[zs], class_emb, data["zs_y"]).items()})
+        cap_emb = model.embed_texts(tower.pooled(data["test_captions"]))
+    out.update(retrieval_recall(img_emb, cap_emb, data["test_caption_index"]))
+    return out
+
+
+def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
+    def cell(arm, col):
+        r = table[(table["arm"] == arm)].iloc[0]
+        return f"{r[col]:.3f} ± {r[col + '_ci95']:.3f}"
+
+    fracs = [regime_name(f) for f in p.probe_fractions]
+    lines = ["# Vision-language pretraining: real vs synthetic pairs", "",
+             f"Mean ± 95 % CI over {p.seeds} seeds; every arm trained {p.steps} steps from the same seeds. "
+             f"Scores on the real `{p.test_split}` split.", "",
+             "## Linear probe (macro AUC / accuracy) by share of labelled real train images", "",
+             "| arm | " + " | ".join(fracs) + " |", "|---|" + "---|" * len(fracs)]
+    for arm in p.arms:
+        lines.append(f"| {arm} | " + " | ".join(f"{cell(arm, f'probe_auc_{f}')} / {cell(arm, f'probe_acc_{f}')}"
+                                              for f in fracs) + " |")
+    cols = [c for c in ("zeroshot_acc", "zeroshot_auc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                        "t2i_r10") if c in table.columns]
+    lines += ["", "## Zero-shot classification and retrieval", "", "| arm | " + " | ".join(cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for arm in p.arms:
+        lines.append(f"| {arm} | " + " | ".join(cell(arm, c) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p, seed = load_params("evaluate_vlp", EvaluateVLPParams)
+    require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
+    if p.test_split in p.synthetic_splits:
+        raise PipelineError("params.yaml: evaluate_vlp.synthetic_splits must not contain evaluate_vlp.test_split "
+                            "(pretraining on images generated from test captions would leak the test set)")
+    seed_everything(seed)
+    train_rows, test_rows = split_frame(REAL, ["train"]), split_frame(REAL, [p.test_split])
+    classes = sorted(set(train_rows["label"]) - {""})
+    if len(classes) < 2:
+        raise PipelineError(f"{REAL}/metadata.csv: evaluate_vlp needs labels (2+ classes in train) for probing "
+                            "and zero-shot; drop the stage from your pipeline for unlabelled data")
+    code = {c: i for i, c in enumerate(classes)}
+    train_rows = train_rows[train_rows["label"].isin(code)]
+    test_rows = test_rows[test_rows["label"].isin(code)].reset_index(drop=True)
+    captions = sorted(set(test_rows["text"]))
+    zs_labels = [c for c in classes if c in p.zero_shot_templates]
+    zs_code = {c: i for i, c in enumerate(zs_labels)}
+    data = {
+        "train_x": torch.as_tensor(load_images(REAL, train_rows["file_name"].tolist())),
+        "train_y": train_rows["label"].map(code).to_numpy(),
+        "test_x": torch.as_tensor(load_images(REAL, test_rows["file_name"].tolist())),
+        "test_y": test_rows["label"].map(code).to_numpy(),
+        "test_captions": captions,
+        "test_caption_index": test_rows["text"].map({c: i for i, c in enumerate(captions)}).to_numpy(),
+        "zs_labels": zs_labels, "zs_mask": test_rows["label"].isin(zs_code).to_numpy(),
+        "zs_y": test_rows["label"][test_rows["label"].isin(zs_code)].map(zs_code).to_numpy(),
+    }
+    tower = TextTower(TextEncoder(p.text_encoder, p.text_max_length), p.text_trainable_layers)
+    rows = []
+    for arm, (x, texts) in corpora(p).items():
+        for rep in range(p.seeds):
+            model_seed = derive_seed(seed, "vlp", rep) % 2**31  # the same for every arm
+            model, tuned, log = pretrain(x, texts, tower, p, model_seed, desc=f"vlp {arm} seed {rep}")
+            rows.append({"arm": arm, "rep": rep, "pairs": len(x), "final_loss": float(np.mean(log[-20:])),
+                         "temperature": float(model.logit_scale.exp() ** -1),
+                         **evaluate_model(model, tuned, p, data, rep, seed)})
+    runs = pd.DataFrame(rows)
+    metrics_cols = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]
+    table, flat = [], {}
+    for arm, grp in runs.groupby("arm", sort=False):
+        row = {"arm": arm, "pairs": int(grp["pairs"].iloc[0])}
+        for c in metrics_cols:
+            row[c], row[f"{c}_ci95"] = mean_ci(grp[c])
+            flat[f"vlp_{c}_{arm}"] = row[c]
+        table.append(row)
+    table = pd.DataFrame(table)
+    with atomic_path(f"{OUT}/runs.csv") as tmp:
+        runs.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(f"{OUT}/summary.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(f"{OUT}/report.md", report(table, p))
+    write_provenance(f"{OUT}/provenance.json", stage="evaluate_vlp", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
+    write_json("metrics/evaluate_vlp.json", flat)
+    print(report(table, p))
+
+
+if __name__ == "__main__":
+    run_stage(main)

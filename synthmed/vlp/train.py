@@ -1,0 +1,72 @@
+"""Contrastive pretraining of the dual encoder on one corpus of (image, caption) pairs.
+
+Every arm (real, synthetic, real + synthetic) trains for the same number of steps from
+the same seed: the model's initialisation and the batch-drawing generator depend on the
+seed only, so arms differ in their data alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from synthmed.data.dataset import to_model_range
+from synthmed.runtime import progress
+from synthmed.vlp.model import DualEncoder, info_nce
+from synthmed.vlp.text import TextTower
+
+
+@dataclass
+class VLPConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    width: int  # image ResNet base width
+    depth: int  # basic blocks per ResNet stage
+    embed_dim: int
+    text_trainable_layers: int  # 0 = frozen text encoder (pooled features computed once)
+
+
+def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: VLPConfig, seed: int,
+             desc: str = "vlp") -> tuple[DualEncoder, TextTower, list[float]]:
+    """Train a fresh dual encoder on (uint8 images [N, C, H, W], captions).
+
+    Returns the model, the text tower it was trained with (a tuned copy when
+    text_trainable_layers > 0, so every arm starts from the same text weights) and the loss log.
+    """
+    tuned = cfg.text_trainable_layers > 0
+    if tuned:
+        tower = copy.deepcopy(tower)
+    torch.manual_seed(seed)
+    model = DualEncoder(images.shape[1], tower.out_features, cfg.width, cfg.depth, cfg.embed_dim)
+    g = torch.Generator().manual_seed(seed)
+    unique = sorted(set(captions))
+    row = {c: i for i, c in enumerate(unique)}
+    caption_ids = torch.tensor([row[c] for c in captions])
+    if tuned:
+        tokens = tower.tokenize(unique)
+        tower.model.train()
+    else:
+        cached = tower.pooled(unique)
+    params = list(model.parameters()) + [p for p in tower.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    log = []
+    model.train()
+    for _ in progress(range(cfg.steps), desc=desc):
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
+        cap = caption_ids[idx]
+        # one positive per caption: duplicates of a caption in a batch would be false negatives
+        keep = torch.tensor([i for i, c in enumerate(cap.tolist()) if c not in cap[:i].tolist()])
+        idx, cap = idx[keep], cap[keep]
+        feats = tower(tokens["input_ids"][cap], tokens["attention_mask"][cap]) if tuned else cached[cap]
+        loss = info_nce(model.embed_images(to_model_range(images[idx])), model.embed_texts(feats),
+                        model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.clamp_temperature()
+        log.append(loss.item())
+    tower.model.eval()
+    return model.eval(), tower, log
