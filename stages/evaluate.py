@@ -190,8 +190,8 @@ def main() -> None:
     rows = {"train": split_frame(REAL, ["train"]), "test": split_frame(REAL, [p.fidelity_split]),
             "synth": read_metadata(SYNTH).drop_duplicates("file_name").reset_index(drop=True)}
     split = rows["synth"].get("split", pd.Series("", index=rows["synth"].index))
-    fid_mask = ((split == p.fidelity_split) | (split == "")).to_numpy()
-    pool_mask = (split.isin(p.augment_splits) | (split == "")).to_numpy()
+    fid_mask = ((split == p.fidelity_split) | (split == "")).to_numpy(copy=True)
+    pool_mask = (split.isin(p.augment_splits) | (split == "")).to_numpy(copy=True)
     if not fid_mask.any():
         raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
                             f"{p.fidelity_split} to generate.splits or set evaluate.fidelity_split")

@@ -128,7 +128,7 @@ def main() -> None:
         "test_y": test_rows["label"].map(code).to_numpy(),
         "test_captions": captions,
         "test_caption_index": test_rows["text"].map({c: i for i, c in enumerate(captions)}).to_numpy(),
-        "zs_labels": zs_labels, "zs_mask": test_rows["label"].isin(zs_code).to_numpy(),
+        "zs_labels": zs_labels, "zs_mask": test_rows["label"].isin(zs_code).to_numpy(copy=True),
         "zs_y": test_rows["label"][test_rows["label"].isin(zs_code)].map(zs_code).to_numpy(),
     }
     tower = TextTower(TextEncoder(p.text_encoder, p.text_max_length), p.text_trainable_layers)
@@ -138,7 +138,7 @@ def main() -> None:
             model_seed = derive_seed(seed, "vlp", rep) % 2**31  # the same for every arm
             model, tuned, log = pretrain(x, texts, tower, p, model_seed, desc=f"vlp {arm} seed {rep}")
             rows.append({"arm": arm, "rep": rep, "pairs": len(x), "final_loss": float(np.mean(log[-20:])),
-                         "temperature": float(model.logit_scale.exp() ** -1),
+                         "temperature": 1 / model.logit_scale.exp().item(),
                          **evaluate_model(model, tuned, p, data, rep, seed)})
     runs = pd.DataFrame(rows)
     metrics_cols = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 
@@ -64,5 +64,6 @@ def score_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor
     probs, y = predict(model, images), labels.numpy()
     pred = probs.argmax(1)
     aucs = [roc_auc_score(y == c, probs[:, c]) for c in np.unique(y) if 0 < (y == c).sum() < len(y)]
+    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]  # balanced accuracy over present classes
     return {"auc": float(np.mean(aucs)) if aucs else float("nan"), "acc": float((pred == y).mean()),
-            "bacc": float(balanced_accuracy_score(y, pred))}
+            "bacc": float(np.mean(recalls))}

@@ -28,11 +28,12 @@ class BasicBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """A small ResNet: four stages of `depth` basic blocks at widths w, 2w, 4w, 8w; output 8w features."""
+    """A small ResNet: a stride-2 stem, then four stages of `depth` basic blocks at widths w, 2w, 4w, 8w
+    (each after the first halving the resolution); output 8w features."""
 
     def __init__(self, in_channels: int, width: int, depth: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width),
                                    nn.ReLU()]
         c = width
         for i, w in enumerate((width, width * 2, width * 4, width * 8)):
