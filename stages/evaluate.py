@@ -94,7 +94,8 @@ def per_label_prdc(feat: dict, test_rows, fid_rows, k: int) -> pd.DataFrame:
     """PRDC per label, for labels with more than k real and synthetic images."""
     rows = []
     for label in sorted(set(test_rows["label"]) & set(fid_rows["label"]) - {""}):
-        real, fake = (test_rows["label"] == label).to_numpy(), (fid_rows["label"] == label).to_numpy()
+        real = (test_rows["label"] == label).to_numpy(copy=True)
+        fake = (fid_rows["label"] == label).to_numpy(copy=True)
         if real.sum() > k and fake.sum() > k:
             rows.append({"label": label, "n_real": int(real.sum()), "n_synthetic": int(fake.sum()),
                          **prdc(feat["test"][real], feat["synth_fid"][fake], k)})

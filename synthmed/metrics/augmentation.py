@@ -137,11 +137,12 @@ def plot(table: pd.DataFrame, path, metrics=("auc", "bacc")) -> None:
                     if p < 0.05:
                         ax.text(x, mean + ci + 0.01, "*", ha="center")
         ax.set_xticks(np.arange(len(regimes)), regimes)
-        ax.set_ylim(0, 1.08)
+        ax.set_ylim(0, 1.1)
         ax.set_title({"auc": "macro AUC", "acc": "accuracy", "bacc": "balanced accuracy"}[m])
         ax.set_xlabel("real training data")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(arms), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
