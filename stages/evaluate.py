@@ -183,10 +183,10 @@ def downstream(images: dict, rows: dict, classes, p: EvaluateParams, seed: int) 
 
 def main() -> None:
     p, seed = load_params("evaluate", EvaluateParams)
-    require_inputs("evaluate", REAL, f"{SYNTH}/metadata.csv")
     if p.fidelity_split in p.augment_splits:
         raise PipelineError("params.yaml: evaluate.augment_splits must not contain evaluate.fidelity_split "
                             "(synthetic images from test captions would leak into classifier training)")
+    require_inputs("evaluate", REAL, f"{SYNTH}/metadata.csv")
     seed_everything(seed)
     rows = {"train": split_frame(REAL, ["train"]), "test": split_frame(REAL, [p.fidelity_split]),
             "synth": read_metadata(SYNTH).drop_duplicates("file_name").reset_index(drop=True)}

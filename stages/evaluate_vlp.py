@@ -105,10 +105,10 @@ def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
 
 def main() -> None:
     p, seed = load_params("evaluate_vlp", EvaluateVLPParams)
-    require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
     if p.test_split in p.synthetic_splits:
         raise PipelineError("params.yaml: evaluate_vlp.synthetic_splits must not contain evaluate_vlp.test_split "
                             "(pretraining on images generated from test captions would leak the test set)")
+    require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
     seed_everything(seed)
     train_rows, test_rows = split_frame(REAL, ["train"]), split_frame(REAL, [p.test_split])
     classes = sorted(set(train_rows["label"]) - {""})

@@ -61,9 +61,11 @@ def plan_for(p: GenerateParams, seed: int) -> pd.DataFrame:
 
 def main() -> None:
     p, seed = load_params("generate", GenerateParams)
-    require_inputs("generate", PAIRS, f"{MODEL}/model_index.json")
+    if p.prompts == "heldout":
+        require_inputs("generate", PAIRS)
+    plan = plan_for(p, seed)  # bad prompt files stop the stage before the model is loaded
+    require_inputs("generate", f"{MODEL}/model_index.json")
     seed_everything(seed)
-    plan = plan_for(p, seed)
 
     pipe = SynthMedPipeline.from_pretrained(MODEL).to(pick_device())
     pipe.set_progress_bar_config(disable=True)

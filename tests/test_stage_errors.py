@@ -69,3 +69,22 @@ def test_too_few_images(workdir):
     set_param(workdir, "ingest", source="imagefolder", path="raw", min_images=5)
     assert_one_line_error(run_stage(workdir, "ingest"), "found 2 usable images", "ingest.min_images=5")
     assert not (workdir / "data").exists()
+
+
+def test_generate_names_a_bad_prompt_file_before_loading_any_model(workdir):
+    set_param(workdir, "generate", prompts="file", prompt_file="missing.txt")
+    assert_one_line_error(run_stage(workdir, "generate"), "missing.txt: prompt file not found")
+    (workdir / "prompts.csv").write_text("text,label\nan axial slice,a\n\n,b\n")
+    set_param(workdir, "generate", prompt_file="prompts.csv")
+    assert_one_line_error(run_stage(workdir, "generate"), "prompts.csv, row 4: empty prompt")  # blank line 3 skipped
+    set_param(workdir, "generate", prompts="heldout")
+    assert_one_line_error(run_stage(workdir, "generate"), "data/paraphrase/pairs.csv", "dvc repro generate")
+
+
+@pytest.mark.parametrize("stage, key, value, fragment", [
+    ("evaluate", "augment_splits", ["val", "test"], "augment_splits must not contain evaluate.fidelity_split"),
+    ("evaluate_vlp", "synthetic_splits", ["test"], "synthetic_splits must not contain evaluate_vlp.test_split"),
+])
+def test_evaluation_refuses_synthetic_images_from_test_captions_in_training(workdir, stage, key, value, fragment):
+    set_param(workdir, stage, **{key: value})
+    assert_one_line_error(run_stage(workdir, stage), fragment)

@@ -37,19 +37,21 @@ def file_prompts(path: str | Path) -> pd.DataFrame:
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 (byte offset {exc.start}); re-save the file as UTF-8") from None
     if path.suffix.lower() == ".txt":
-        prompts = [line.strip() for line in text.splitlines()]
-        rows = pd.DataFrame({"text": prompts, "label": ""})
+        rows = pd.DataFrame({"text": [line.strip() for line in text.splitlines()], "label": ""})
         rows["line"] = range(1, len(rows) + 1)
+        rows = rows[rows["text"] != ""]  # blank lines separate nothing; skip them
     else:
         header = text.splitlines()[0] if text.strip() else ""
         delimiter = max([",", ";", "\t"], key=header.count)  # ImageCLEF's prompt files are ;-separated
-        df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
+        df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL,
+                         skip_blank_lines=False)  # keep them, so that row numbers are file lines
         column = next((c for c in PROMPT_COLUMNS if c in df.columns), None)
         if column is None:
             raise PipelineError(f"{path}, row 1: no prompt column (found: {', '.join(df.columns)}); "
                                 f"name it one of: {', '.join(PROMPT_COLUMNS)}")
         rows = pd.DataFrame({"text": df[column].str.strip(), "label": df.get("label", pd.Series("", index=df.index))})
         rows["line"] = range(2, len(rows) + 2)
+        rows = rows[(df != "").any(axis=1).to_numpy()]  # blank lines
     empty = rows[rows["text"] == ""]
     if len(rows) == 0 or len(empty) == len(rows):
         raise PipelineError(f"{path}: no prompts in the file; add one prompt per row")
