@@ -22,7 +22,7 @@ from synthmed.data.imagefolder import load_images, read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_json, write_text
 from synthmed.metrics.augmentation import regime_name, stratified_subset
-from synthmed.metrics.stats import mean_ci
+from synthmed.metrics.stats import mean_ci, paired_p
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.evaluation import image_features, linear_probe, retrieval_recall, zero_shot
@@ -80,6 +80,26 @@ def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, see
     return out
 
 
+def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Mean ± 95 % CI per arm and metric; for arms other than `real`, the gain over `real`
+    paired by seed with its p-value (flat: vlp_<metric>_<arm>, vlp_gain_<metric>_<arm>[_p])."""
+    metrics_cols = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]
+    control = runs[runs["arm"] == "real"].sort_values("rep")
+    table, flat = [], {}
+    for arm, grp in runs.groupby("arm", sort=False):
+        grp = grp.sort_values("rep")
+        row = {"arm": arm, "pairs": int(grp["pairs"].iloc[0])}
+        for c in metrics_cols:
+            row[c], row[f"{c}_ci95"] = mean_ci(grp[c])
+            flat[f"vlp_{c}_{arm}"] = row[c]
+            if arm != "real" and len(control):
+                row[f"gain_{c}"], row[f"gain_{c}_ci95"] = mean_ci(grp[c].to_numpy() - control[c].to_numpy())
+                row[f"gain_{c}_p"] = paired_p(grp[c], control[c])
+                flat[f"vlp_gain_{c}_{arm}"], flat[f"vlp_gain_{c}_{arm}_p"] = row[f"gain_{c}"], row[f"gain_{c}_p"]
+        table.append(row)
+    return pd.DataFrame(table), flat
+
+
 def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
     def cell(arm, col):
         r = table[(table["arm"] == arm)].iloc[0]
@@ -100,6 +120,15 @@ def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
               "|---|" + "---|" * len(cols)]
     for arm in p.arms:
         lines.append(f"| {arm} | " + " | ".join(cell(arm, c) for c in cols) + " |")
+    others = [a for a in p.arms if a != "real"] if "real" in p.arms else []
+    gains = [f"probe_auc_{f}" for f in fracs] + [c for c in ("zeroshot_acc", "i2t_r10", "t2i_r10") if c in cols]
+    if others:
+        lines += ["", "## Paired difference against `real` (mean ± 95 % CI, paired t-test p)", "",
+                  "| arm | " + " | ".join(gains) + " |", "|---|" + "---|" * len(gains)]
+        for arm in others:
+            r = table[table["arm"] == arm].iloc[0]
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{r[f'gain_{c}']:+.3f} ± {r[f'gain_{c}_ci95']:.3f} (p={r[f'gain_{c}_p']:.2f})" for c in gains) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,16 +169,7 @@ def main() -> None:
             rows.append({"arm": arm, "rep": rep, "pairs": len(x), "final_loss": float(np.mean(log[-20:])),
                          "temperature": 1 / model.logit_scale.exp().item(),
                          **evaluate_model(model, tuned, p, data, rep, seed)})
-    runs = pd.DataFrame(rows)
-    metrics_cols = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]
-    table, flat = [], {}
-    for arm, grp in runs.groupby("arm", sort=False):
-        row = {"arm": arm, "pairs": int(grp["pairs"].iloc[0])}
-        for c in metrics_cols:
-            row[c], row[f"{c}_ci95"] = mean_ci(grp[c])
-            flat[f"vlp_{c}_{arm}"] = row[c]
-        table.append(row)
-    table = pd.DataFrame(table)
+    table, flat = summarise(pd.DataFrame(rows))
     with atomic_path(f"{OUT}/runs.csv") as tmp:
         runs.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(f"{OUT}/summary.csv") as tmp:

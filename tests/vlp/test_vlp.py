@@ -83,3 +83,18 @@ def test_tuning_text_layers_leaves_the_shared_tower_untouched():
     assert all(torch.equal(v, tower.state_dict()[k]) for k, v in before.items())  # the next arm starts the same
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("layer.5" in k for k in changed)  # only the last of MiniLM's 6 layers was tuned
+
+
+def test_vlp_summary_pairs_arms_with_real_by_seed():
+    import pandas as pd
+
+    from stages.evaluate_vlp import summarise
+
+    runs = pd.DataFrame({"arm": ["real"] * 3 + ["synth"] * 3, "rep": [2, 0, 1, 0, 1, 2], "pairs": 10,
+                         "probe_auc_1pct": [0.8, 0.6, 0.7, 0.7, 0.9, 1.1]})
+    table, flat = summarise(runs)
+    assert flat["vlp_probe_auc_1pct_real"] == pytest.approx(0.7)
+    # paired by rep: synth - real = 0.1, 0.2, 0.3
+    assert flat["vlp_gain_probe_auc_1pct_synth"] == pytest.approx(0.2)
+    assert flat["vlp_gain_probe_auc_1pct_synth_p"] == pytest.approx(0.07418, abs=1e-4)
+    assert "vlp_gain_probe_auc_1pct_real" not in flat
