@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -26,7 +27,7 @@ from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.fidelity import frechet_distance, kernel_distance
 from synthmed.metrics.prdc import prdc
 from synthmed.metrics.privacy import audit, pixels
-from synthmed.provenance import seed_everything
+from synthmed.provenance import derive_seed, seed_everything
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
@@ -34,6 +35,12 @@ REAL = "data/ingest/dataset"
 SYNTH = "data/generate/dataset"
 OUT = "data/evaluate"
 FEATURES = "data/evaluate/features"  # persistent cache, one file per feature extractor
+
+
+def _at_least_one(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(obj, name)}")
 
 
 @dataclass
@@ -48,6 +55,9 @@ class ClassifierParams:
     lr: float
     batch_size: int
 
+    def __post_init__(self):
+        _at_least_one(self, "steps", "batch_size")
+
 
 @dataclass
 class AugmentationParams:
@@ -55,6 +65,13 @@ class AugmentationParams:
     ratios: list[float]  # real_synth arms: synthetic images per real image
     arms: list[Literal["real_synth", "synth"]]  # beside the real-only control
     seeds: int
+
+    def __post_init__(self):
+        _at_least_one(self, "seeds")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"augmentation.fractions must be in (0, 1], got {self.fractions}")
+        if not all(r > 0 for r in self.ratios):
+            raise ValueError(f"augmentation.ratios must be positive, got {self.ratios}")
 
 
 @dataclass
@@ -69,15 +86,25 @@ class EvaluateParams:
     classifier: ClassifierParams
     augmentation: AugmentationParams
 
+    def __post_init__(self):
+        _at_least_one(self, "prdc_k", "kid_subset_size", "kid_subsets")
+
 
 def load(folder: str, rows: pd.DataFrame) -> torch.Tensor:
     return torch.as_tensor(load_images(folder, rows["file_name"].tolist()))
 
 
 def fidelity(feat: dict, p: EvaluateParams, seed: int) -> dict[str, float]:
-    """FD/KID/PRDC of synthetic vs real test, each beside real train vs real test."""
-    out = {}
-    for suffix, fake in (("", feat["synth_fid"]), ("_real_train_vs_test", feat["train"])):
+    """FD/KID/PRDC of synthetic vs real test, each beside real train vs real test.
+
+    The real reference is a seeded random subset of train as large as the synthetic set:
+    FD and PRDC depend on sample size, so only equal sizes compare.
+    """
+    n = min(len(feat["synth_fid"]), len(feat["train"]))
+    pick = np.sort(np.random.default_rng(derive_seed(seed, "fidelity_reference")).choice(len(feat["train"]), n,
+                                                                                           replace=False))
+    out = {"n_real_reference": n}
+    for suffix, fake in (("", feat["synth_fid"]), ("_real_train_vs_test", feat["train"][pick])):
         out[f"fd_effnet{suffix}"] = frechet_distance(feat["test"], fake)
         mean, std, size = kernel_distance(feat["test"], fake, p.kid_subset_size, p.kid_subsets, seed)
         out[f"kid_effnet{suffix}"], out[f"kid_effnet{suffix}_std"] = mean, std
@@ -148,6 +175,9 @@ def downstream(images: dict, rows: dict, classes, p: EvaluateParams, seed: int) 
                                         for k in ("train", "test", "pool", "synth"))
     # Unlabelled images and classes unseen in real train cannot be scored: left out.
     tr, te, po = train_y >= 0, test_y >= 0, pool_y >= 0
+    if not te.any():
+        raise PipelineError(f"{REAL}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
+                            "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
     real_x, real_y, test_x, test_y = images["train"][tr], train_y[tr], images["test"][te], test_y[te]
     pool_x, pool_y = images["pool"][po], pool_y[po]
     a, cfg = p.augmentation, ClassifierConfig(p.classifier.steps, p.classifier.lr, p.classifier.batch_size)

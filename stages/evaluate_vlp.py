@@ -45,19 +45,27 @@ class EvaluateVLPParams(VLPConfig):
     probe_fractions: list[float]
     zero_shot_templates: dict[str, str]  # label -> caption; labels without one are left out of zero-shot
 
+    def __post_init__(self):
+        for name in ("seeds", "steps", "batch_size", "width", "depth", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
+            raise ValueError(f"probe_fractions must be in (0, 1], got {self.probe_fractions}")
+
 
 def corpora(p: EvaluateVLPParams) -> dict[str, tuple[torch.Tensor, list[str]]]:
     real_rows = split_frame(REAL, ["train"])
     synth_rows = read_metadata(SYNTH).drop_duplicates("file_name")
     synth_rows = synth_rows[synth_rows.get("split", pd.Series("", index=synth_rows.index))
                             .isin(p.synthetic_splits + [""])]
-    real = (torch.as_tensor(load_images(REAL, real_rows["file_name"].tolist())), real_rows["text"].tolist())
-    if synth_rows.empty and set(p.arms) - {"real"}:
-        raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.synthetic_splits} captions; "
-                            "add them to generate.splits or set evaluate_vlp.arms: [real]")
-    synth = (torch.as_tensor(load_images(SYNTH, synth_rows["file_name"].tolist())), synth_rows["text"].tolist())
-    both = (torch.cat([real[0], synth[0]]), real[1] + synth[1])
-    return {name: data for name, data in (("real", real), ("synth", synth), ("real_synth", both)) if name in p.arms}
+    out = {"real": (torch.as_tensor(load_images(REAL, real_rows["file_name"].tolist())), real_rows["text"].tolist())}
+    if set(p.arms) - {"real"}:
+        if synth_rows.empty:
+            raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.synthetic_splits} captions; "
+                                "add them to generate.splits or set evaluate_vlp.arms: [real]")
+        synth = (torch.as_tensor(load_images(SYNTH, synth_rows["file_name"].tolist())), synth_rows["text"].tolist())
+        out.update(synth=synth, real_synth=(torch.cat([out["real"][0], synth[0]]), out["real"][1] + synth[1]))
+    return {name: out[name] for name in p.arms}
 
 
 def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, seed: int) -> dict[str, float]:
@@ -147,6 +155,9 @@ def main() -> None:
     code = {c: i for i, c in enumerate(classes)}
     train_rows = train_rows[train_rows["label"].isin(code)]
     test_rows = test_rows[test_rows["label"].isin(code)].reset_index(drop=True)
+    if test_rows.empty:
+        raise PipelineError(f"{REAL}/metadata.csv: no {p.test_split} image has a label seen in train; "
+                            "check the labels or evaluate_vlp.test_split")
     captions = sorted(set(test_rows["text"]))
     zs_labels = [c for c in classes if c in p.zero_shot_templates]
     zs_code = {c: i for i, c in enumerate(zs_labels)}

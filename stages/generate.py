@@ -45,6 +45,11 @@ class GenerateParams:
     shard_size: int
     grid_images: int
 
+    def __post_init__(self):
+        for name in ("images_per_prompt", "num_inference_steps", "batch_size", "shard_size", "grid_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 def plan_for(p: GenerateParams, seed: int) -> pd.DataFrame:
     if p.prompts == "heldout":

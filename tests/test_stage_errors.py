@@ -88,3 +88,11 @@ def test_generate_names_a_bad_prompt_file_before_loading_any_model(workdir):
 def test_evaluation_refuses_synthetic_images_from_test_captions_in_training(workdir, stage, key, value, fragment):
     set_param(workdir, stage, **{key: value})
     assert_one_line_error(run_stage(workdir, stage), fragment)
+
+
+def test_counts_that_must_be_positive_are_checked_when_params_load(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    set_param(workdir, "evaluate", augmentation={**params["evaluate"]["augmentation"], "seeds": 0})
+    assert_one_line_error(run_stage(workdir, "evaluate"), "seeds must be at least 1")
+    set_param(workdir, "generate", shard_size=0)
+    assert_one_line_error(run_stage(workdir, "generate"), "shard_size must be at least 1")

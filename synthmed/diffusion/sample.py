@@ -20,8 +20,12 @@ def predicted_x0(scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.T
     Clamped because at high noise an epsilon model's x0 estimate amplifies its error
     ~1/sqrt(alpha_bar) times; the latents are scaled to unit variance, so +-4 loses nothing.
     """
-    t = torch.as_tensor(t).round().long().reshape(-1).cpu()
-    ab = scheduler.alphas_cumprod[t].to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+    lo = t.floor().long().clamp(0, len(scheduler.alphas_cumprod) - 1)
+    hi = (lo + 1).clamp(max=len(scheduler.alphas_cumprod) - 1)
+    frac = t - lo  # Euler's timesteps are fractional: interpolate between the integer ones
+    ab = scheduler.alphas_cumprod.double()
+    ab = ((1 - frac) * ab[lo] + frac * ab[hi]).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)
     if scheduler.config.prediction_type == "v_prediction":
         x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * pred
     else:

@@ -239,7 +239,10 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
                 pred = model(_unet_input(unet, noisy, x0_prev), t.to(device), **cond).sample
                 per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
                 loss = (per_sample * _loss_weights(scheduler, t, cfg.min_snr_gamma).to(device)).mean()
-                if not torch.isfinite(loss):
+                finite = torch.isfinite(loss.detach())
+                if acc.num_processes > 1:  # stop every process together, not one while the others wait
+                    finite = acc.reduce(finite.float(), "min") > 0
+                if not finite:
                     where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
                     raise NonFiniteLoss(f"loss became {loss.item()} at step {step}{where}; lower train_ldm.lr "
                                         "or raise warmup_steps")

@@ -1,11 +1,13 @@
 """Features extracted once per image, keyed by the sha256 of its pixels, shared by every metric.
 
-The cache is one file per feature extractor; reruns (new synthetic sets, new params) only
-embed images not seen before.
+The cache is one file per feature extractor and records a hash of the extractor's weights:
+reruns (new synthetic sets, new params) only embed images not seen before, and a changed
+extractor starts the cache afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -22,7 +24,12 @@ def pixel_keys(images_uint8: torch.Tensor) -> list[str]:
 class FeatureCache:
     def __init__(self, path: str | Path, extractor: nn.Module, batch_size: int = 64):
         self.path, self.extractor, self.batch_size = Path(path), extractor, batch_size
-        self.store: dict[str, torch.Tensor] = torch.load(self.path) if self.path.is_file() else {}
+        h = hashlib.sha256()
+        for name, tensor in extractor.state_dict().items():
+            h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        self.extractor_sha = h.hexdigest()
+        saved = torch.load(self.path) if self.path.is_file() else {}
+        self.store: dict[str, torch.Tensor] = saved["features"] if saved.get("extractor") == self.extractor_sha else {}
         self.computed = 0
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -37,4 +44,4 @@ class FeatureCache:
 
     def save(self) -> None:
         with atomic_path(self.path) as tmp:
-            torch.save(self.store, tmp)
+            torch.save({"extractor": self.extractor_sha, "features": self.store}, tmp)

@@ -156,14 +156,18 @@ class FIDInceptionV3(nn.Module):
 
 
 class PoolAndLogits(nn.Module):
-    """One pass, one vector per image: [2048 pool features | 1008 logits] (for a feature cache)."""
+    """One pass, one vector per image: [2048 pool features | 1008 logits] (for a feature cache).
+
+    The logits are taken without the fc bias, as the original Inception Score code does.
+    """
 
     def __init__(self, net: FIDInceptionV3):
         super().__init__()
         self.net = net
 
     def forward(self, x):
-        return torch.cat(self.net(x), dim=1)
+        pool, _ = self.net(x)
+        return torch.cat([pool, pool @ self.net.fc.weight.T], dim=1)
 
 
 def load_fid_inception(path: str | Path) -> FIDInceptionV3:
@@ -183,10 +187,12 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) over `splits` chunks: mean and std."""
+    """exp(E_x KL(p(y|x) || p(y))) over `splits` equal chunks (the remainder is left out): mean and std."""
     p = logits.double().softmax(-1)
+    splits = max(1, min(splits, len(p)))
+    size = len(p) // splits
     scores = []
-    for chunk in p.chunk(min(splits, len(p))):
+    for chunk in p[: size * splits].split(size):
         py = chunk.mean(0, keepdim=True)
         scores.append(float(torch.exp((chunk * (chunk.clamp_min(1e-12).log() - py.log())).sum(1).mean())))
     return float(np.mean(scores)), float(np.std(scores))

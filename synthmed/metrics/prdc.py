@@ -22,6 +22,8 @@ def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
     """All four on feature vectors [N, D] and [M, D]; needs more than k points in each set."""
+    if k < 1:
+        raise ValueError(f"PRDC needs k >= 1 nearest neighbours, got k={k}")
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"PRDC with k={k} needs more than {k} real and fake samples "
                          f"(got {len(real)} and {len(fake)})")
