@@ -180,7 +180,8 @@ def main() -> None:
             rows.append({"arm": arm, "rep": rep, "pairs": len(x), "final_loss": float(np.mean(log[-20:])),
                          "temperature": 1 / model.logit_scale.exp().item(),
                          **evaluate_model(model, tuned, p, data, rep, seed)})
-    table, flat = summarise(pd.DataFrame(rows))
+    runs = pd.DataFrame(rows)
+    table, flat = summarise(runs)
     with atomic_path(f"{OUT}/runs.csv") as tmp:
         runs.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(f"{OUT}/summary.csv") as tmp:
