@@ -70,9 +70,11 @@ def corpora(p: EvaluateVLPParams) -> dict[str, tuple[torch.Tensor, list[str]]]:
 
 def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, seed: int) -> dict[str, float]:
     out = {}
-    feats_train = image_features(model, data["train_x"], projected=False)
-    feats_test = image_features(model, data["test_x"], projected=False)
-    for f in p.probe_fractions:
+    probe = p.probe_fractions if data["train_y"] is not None else []  # unlabelled data: retrieval only
+    if probe:
+        feats_train = image_features(model, data["train_x"], projected=False)
+        feats_test = image_features(model, data["test_x"], projected=False)
+    for f in probe:
         rng = np.random.default_rng(derive_seed(seed, "probe", f, rep))
         idx = stratified_subset(data["train_y"], f, rng)
         scores = linear_probe(feats_train[idx], data["train_y"][idx], feats_test, data["test_y"])
@@ -113,24 +115,24 @@ def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
         r = table[(table["arm"] == arm)].iloc[0]
         return f"{r[col]:.3f} ± {r[col + '_ci95']:.3f}"
 
-    fracs = [regime_name(f) for f in p.probe_fractions]
+    fracs = [f for f in map(regime_name, p.probe_fractions) if f"probe_auc_{f}" in table.columns]
     lines = ["# Vision-language pretraining: real vs synthetic pairs", "",
              f"Mean ± 95 % CI over {p.seeds} seeds; every arm trained {p.steps} steps from the same seeds. "
-             f"Scores on the real `{p.test_split}` split.", "",
-             "## Linear probe (macro AUC / accuracy) by share of labelled real train images", "",
-             "| arm | " + " | ".join(fracs) + " |", "|---|" + "---|" * len(fracs)]
-    for arm in p.arms:
-        lines.append(f"| {arm} | " + " | ".join(f"{cell(arm, f'probe_auc_{f}')} / {cell(arm, f'probe_acc_{f}')}"
-                                              for f in fracs) + " |")
+             f"Scores on the real `{p.test_split}` split.", ""]
+    if fracs:
+        lines += ["## Linear probe (macro AUC / accuracy) by share of labelled real train images", "",
+                  "| arm | " + " | ".join(fracs) + " |", "|---|" + "---|" * len(fracs)]
+        lines += [f"| {arm} | " + " | ".join(f"{cell(arm, f'probe_auc_{f}')} / {cell(arm, f'probe_acc_{f}')}"
+                                             for f in fracs) + " |" for arm in p.arms]
     cols = [c for c in ("zeroshot_acc", "zeroshot_auc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
                         "t2i_r10") if c in table.columns]
-    lines += ["", "## Zero-shot classification and retrieval", "", "| arm | " + " | ".join(cols) + " |",
-              "|---|" + "---|" * len(cols)]
+    title = "Zero-shot classification and retrieval" if "zeroshot_acc" in cols else "Retrieval"
+    lines += ["", f"## {title}", "", "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for arm in p.arms:
         lines.append(f"| {arm} | " + " | ".join(cell(arm, c) for c in cols) + " |")
     others = [a for a in p.arms if a != "real"] if "real" in p.arms else []
     gains = [f"probe_auc_{f}" for f in fracs] + [c for c in ("zeroshot_acc", "i2t_r10", "t2i_r10") if c in cols]
-    if others:
+    if others and gains:
         lines += ["", "## Paired difference against `real` (mean ± 95 % CI, paired t-test p)", "",
                   "| arm | " + " | ".join(gains) + " |", "|---|" + "---|" * len(gains)]
         for arm in others:
@@ -149,23 +151,24 @@ def main() -> None:
     seed_everything(seed)
     train_rows, test_rows = split_frame(REAL, ["train"]), split_frame(REAL, [p.test_split])
     classes = sorted(set(train_rows["label"]) - {""})
-    if len(classes) < 2:
-        raise PipelineError(f"{REAL}/metadata.csv: evaluate_vlp needs labels (2+ classes in train) for probing "
-                            "and zero-shot; drop the stage from your pipeline for unlabelled data")
+    labelled = len(classes) >= 2
     code = {c: i for i, c in enumerate(classes)}
-    train_rows = train_rows[train_rows["label"].isin(code)]
-    test_rows = test_rows[test_rows["label"].isin(code)].reset_index(drop=True)
-    if test_rows.empty:
-        raise PipelineError(f"{REAL}/metadata.csv: no {p.test_split} image has a label seen in train; "
-                            "check the labels or evaluate_vlp.test_split")
+    if labelled:
+        train_rows = train_rows[train_rows["label"].isin(code)]
+        test_rows = test_rows[test_rows["label"].isin(code)].reset_index(drop=True)
+        if test_rows.empty:
+            raise PipelineError(f"{REAL}/metadata.csv: no {p.test_split} image has a label seen in train; "
+                                "check the labels or evaluate_vlp.test_split")
+    else:  # e.g. ImageCLEF: captions but no labels
+        print(f"evaluate_vlp: {len(classes)} label(s) in train: retrieval only (no linear probe or zero-shot)")
     captions = sorted(set(test_rows["text"]))
-    zs_labels = [c for c in classes if c in p.zero_shot_templates]
+    zs_labels = [c for c in classes if c in p.zero_shot_templates] if labelled else []
     zs_code = {c: i for i, c in enumerate(zs_labels)}
     data = {
-        "train_x": torch.as_tensor(load_images(REAL, train_rows["file_name"].tolist())),
-        "train_y": train_rows["label"].map(code).to_numpy(),
+        "train_x": torch.as_tensor(load_images(REAL, train_rows["file_name"].tolist())) if labelled else None,
+        "train_y": train_rows["label"].map(code).to_numpy() if labelled else None,
         "test_x": torch.as_tensor(load_images(REAL, test_rows["file_name"].tolist())),
-        "test_y": test_rows["label"].map(code).to_numpy(),
+        "test_y": test_rows["label"].map(code).to_numpy() if labelled else None,
         "test_captions": captions,
         "test_caption_index": test_rows["text"].map({c: i for i, c in enumerate(captions)}).to_numpy(),
         "zs_labels": zs_labels, "zs_mask": test_rows["label"].isin(zs_code).to_numpy(copy=True),

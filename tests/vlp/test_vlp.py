@@ -98,3 +98,17 @@ def test_vlp_summary_pairs_arms_with_real_by_seed():
     assert flat["vlp_gain_probe_auc_1pct_synth"] == pytest.approx(0.2)
     assert flat["vlp_gain_probe_auc_1pct_synth_p"] == pytest.approx(0.07418, abs=1e-4)
     assert "vlp_gain_probe_auc_1pct_real" not in flat
+
+
+def test_report_without_labels_has_retrieval_only():
+    import pandas as pd
+
+    from stages.evaluate_vlp import report, summarise
+
+    runs = pd.DataFrame({"arm": ["real", "real", "synth", "synth"], "rep": [0, 1, 0, 1], "pairs": 4,
+                         "i2t_r10": [0.1, 0.2, 0.1, 0.1], "t2i_r10": [0.2, 0.2, 0.1, 0.3]})
+    table, _ = summarise(runs)
+    p = type("P", (), {"probe_fractions": [0.1, 1.0], "seeds": 2, "steps": 5, "test_split": "test",
+                       "arms": ["real", "synth"]})()
+    text = report(table, p)
+    assert "## Retrieval" in text and "Linear probe" not in text and "| synth | -0.050" in text
