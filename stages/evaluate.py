@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthmed.config import load_params, require_inputs, run_stage
-from synthmed.data.dataset import split_frame
-from synthmed.data.imagefolder import load_images, read_metadata
+from synthmed.config import load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.data.dataset import images_of, split_frame, split_mask
+from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_json
 from synthmed.metrics import augmentation as aug
@@ -37,12 +37,6 @@ OUT = "data/evaluate"
 FEATURES = "data/evaluate/features"  # persistent cache, one file per feature extractor
 
 
-def _at_least_one(obj, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(obj, name)}")
-
-
 @dataclass
 class PrivacyParams:
     fail_on_violation: bool  # stop the stage when too many synthetic images are near copies
@@ -56,7 +50,7 @@ class ClassifierParams:
     batch_size: int
 
     def __post_init__(self):
-        _at_least_one(self, "steps", "batch_size")
+        require_at_least_one(self, "steps", "batch_size")
 
 
 @dataclass
@@ -67,9 +61,8 @@ class AugmentationParams:
     seeds: int
 
     def __post_init__(self):
-        _at_least_one(self, "seeds")
-        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"augmentation.fractions must be in (0, 1], got {self.fractions}")
+        require_at_least_one(self, "seeds")
+        require_fractions(self, "fractions")
         if not all(r > 0 for r in self.ratios):
             raise ValueError(f"augmentation.ratios must be positive, got {self.ratios}")
 
@@ -87,11 +80,7 @@ class EvaluateParams:
     augmentation: AugmentationParams
 
     def __post_init__(self):
-        _at_least_one(self, "prdc_k", "kid_subset_size", "kid_subsets")
-
-
-def load(folder: str, rows: pd.DataFrame) -> torch.Tensor:
-    return torch.as_tensor(load_images(folder, rows["file_name"].tolist()))
+        require_at_least_one(self, "prdc_k", "kid_subset_size", "kid_subsets")
 
 
 def fidelity(feat: dict, p: EvaluateParams, seed: int) -> dict[str, float]:
@@ -220,14 +209,13 @@ def main() -> None:
     seed_everything(seed)
     rows = {"train": split_frame(REAL, ["train"]), "test": split_frame(REAL, [p.fidelity_split]),
             "synth": read_metadata(SYNTH).drop_duplicates("file_name").reset_index(drop=True)}
-    split = rows["synth"].get("split", pd.Series("", index=rows["synth"].index))
-    fid_mask = ((split == p.fidelity_split) | (split == "")).to_numpy(copy=True)
-    pool_mask = (split.isin(p.augment_splits) | (split == "")).to_numpy(copy=True)
+    fid_mask, pool_mask = split_mask(rows["synth"], [p.fidelity_split]), split_mask(rows["synth"], p.augment_splits)
     if not fid_mask.any():
         raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
                             f"{p.fidelity_split} to generate.splits or set evaluate.fidelity_split")
     rows["pool"] = rows["synth"][pool_mask]
-    images = {"train": load(REAL, rows["train"]), "test": load(REAL, rows["test"]), "synth": load(SYNTH, rows["synth"])}
+    images = {"train": images_of(REAL, rows["train"]), "test": images_of(REAL, rows["test"]),
+              "synth": images_of(SYNTH, rows["synth"])}
     images["pool"] = images["synth"][pool_mask]
 
     cache = FeatureCache(f"{FEATURES}/effnet_lite0.pt", load_effnet_lite0().to(pick_device()))

@@ -13,7 +13,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
+from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
 from synthmed.data.imagefolder import METADATA
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.prompts import expand, file_prompts, heldout_prompts, template_prompts
@@ -46,9 +46,8 @@ class GenerateParams:
     grid_images: int
 
     def __post_init__(self):
-        for name in ("images_per_prompt", "num_inference_steps", "batch_size", "shard_size", "grid_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, "images_per_prompt", "num_inference_steps", "batch_size", "shard_size",
+                             "grid_images")
 
 
 def plan_for(p: GenerateParams, seed: int) -> pd.DataFrame:

@@ -93,6 +93,21 @@ def _build(cls: type[T], section: Any, key: str, path: Path) -> T:
         raise PipelineError(f"{path}: {key}: {exc}") from None
 
 
+def require_at_least_one(params: Any, *names: str) -> None:
+    """For __post_init__ of params dataclasses: counts that must be positive (a ValueError becomes
+    a one-line params error naming the section)."""
+    for name in names:
+        if getattr(params, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(params, name)}")
+
+
+def require_fractions(params: Any, name: str) -> None:
+    """For __post_init__: a non-empty list of shares in (0, 1]."""
+    values = getattr(params, name)
+    if not values or not all(0 < f <= 1 for f in values):
+        raise ValueError(f"{name} must be in (0, 1], got {values}")
+
+
 def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tuple[T, int]:
     """Return (validated params of ``stage``, shared seed) from params.yaml."""
     path = Path(path)

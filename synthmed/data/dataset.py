@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -26,7 +27,19 @@ def split_frame(folder: str | Path, splits: list[str]) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def images_of(folder: str | Path, rows: pd.DataFrame) -> torch.Tensor:
+    """uint8 images [N, C, H, W] of the rows' file_name column, in row order."""
+    return torch.as_tensor(load_images(folder, rows["file_name"].tolist()))
+
+
 def split_images(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, torch.Tensor]:
     """(rows, uint8 images [N, C, H, W]) for the given splits."""
     rows = split_frame(folder, splits)
-    return rows, torch.as_tensor(load_images(folder, rows["file_name"].tolist()))
+    return rows, images_of(folder, rows)
+
+
+def split_mask(rows: pd.DataFrame, splits: list[str]) -> np.ndarray:
+    """Rows in ``splits`` or with no split at all: synthetic images from a prompt file or templates
+    carry no information about any split, so they may serve every purpose."""
+    split = rows["split"] if "split" in rows.columns else pd.Series("", index=rows.index)
+    return (split.isin(splits) | (split == "")).to_numpy(copy=True)
