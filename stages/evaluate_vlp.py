@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
-from synthmed.data.dataset import split_frame
-from synthmed.data.imagefolder import load_images, read_metadata
+from synthmed.config import as_dict, load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.data.dataset import images_of, split_frame, split_mask
+from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_json, write_text
 from synthmed.metrics.augmentation import regime_name, stratified_subset
-from synthmed.metrics.stats import mean_ci, paired_p
+from synthmed.metrics.stats import summarise_arms
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.evaluation import image_features, linear_probe, retrieval_recall, zero_shot
@@ -46,24 +46,20 @@ class EvaluateVLPParams(VLPConfig):
     zero_shot_templates: dict[str, str]  # label -> caption; labels without one are left out of zero-shot
 
     def __post_init__(self):
-        for name in ("seeds", "steps", "batch_size", "width", "depth", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
-            raise ValueError(f"probe_fractions must be in (0, 1], got {self.probe_fractions}")
+        require_at_least_one(self, "seeds", "steps", "batch_size", "width", "depth", "embed_dim")
+        require_fractions(self, "probe_fractions")
 
 
-def corpora(p: EvaluateVLPParams) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    real_rows = split_frame(REAL, ["train"])
-    synth_rows = read_metadata(SYNTH).drop_duplicates("file_name")
-    synth_rows = synth_rows[synth_rows.get("split", pd.Series("", index=synth_rows.index))
-                            .isin(p.synthetic_splits + [""])]
-    out = {"real": (torch.as_tensor(load_images(REAL, real_rows["file_name"].tolist())), real_rows["text"].tolist())}
+def corpora(p: EvaluateVLPParams, real: tuple[torch.Tensor, list[str]]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Each arm's (images, captions); ``real`` is the real train split's."""
+    out = {"real": real}
     if set(p.arms) - {"real"}:
+        synth_rows = read_metadata(SYNTH).drop_duplicates("file_name")
+        synth_rows = synth_rows[split_mask(synth_rows, p.synthetic_splits)]
         if synth_rows.empty:
             raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.synthetic_splits} captions; "
                                 "add them to generate.splits or set evaluate_vlp.arms: [real]")
-        synth = (torch.as_tensor(load_images(SYNTH, synth_rows["file_name"].tolist())), synth_rows["text"].tolist())
+        synth = (images_of(SYNTH, synth_rows), synth_rows["text"].tolist())
         out.update(synth=synth, real_synth=(torch.cat([out["real"][0], synth[0]]), out["real"][1] + synth[1]))
     return {name: out[name] for name in p.arms}
 
@@ -93,21 +89,8 @@ def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, see
 def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
     """Mean ± 95 % CI per arm and metric; for arms other than `real`, the gain over `real`
     paired by seed with its p-value (flat: vlp_<metric>_<arm>, vlp_gain_<metric>_<arm>[_p])."""
-    metrics_cols = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]
-    control = runs[runs["arm"] == "real"].sort_values("rep")
-    table, flat = [], {}
-    for arm, grp in runs.groupby("arm", sort=False):
-        grp = grp.sort_values("rep")
-        row = {"arm": arm, "pairs": int(grp["pairs"].iloc[0])}
-        for c in metrics_cols:
-            row[c], row[f"{c}_ci95"] = mean_ci(grp[c])
-            flat[f"vlp_{c}_{arm}"] = row[c]
-            if arm != "real" and len(control):
-                row[f"gain_{c}"], row[f"gain_{c}_ci95"] = mean_ci(grp[c].to_numpy() - control[c].to_numpy())
-                row[f"gain_{c}_p"] = paired_p(grp[c], control[c])
-                flat[f"vlp_gain_{c}_{arm}"], flat[f"vlp_gain_{c}_{arm}_p"] = row[f"gain_{c}"], row[f"gain_{c}_p"]
-        table.append(row)
-    return pd.DataFrame(table), flat
+    metrics = [c for c in runs.columns if c not in ("arm", "rep", "pairs")]
+    return summarise_arms(runs, ["arm"], metrics, "vlp", lambda grp: {"pairs": int(grp["pairs"].iloc[0])})
 
 
 def report(table: pd.DataFrame, p: EvaluateVLPParams) -> str:
@@ -149,12 +132,14 @@ def main() -> None:
                             "(pretraining on images generated from test captions would leak the test set)")
     require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
     seed_everything(seed)
-    train_rows, test_rows = split_frame(REAL, ["train"]), split_frame(REAL, [p.test_split])
-    classes = sorted(set(train_rows["label"]) - {""})
+    all_train, test_rows = split_frame(REAL, ["train"]), split_frame(REAL, [p.test_split])
+    all_train_x = images_of(REAL, all_train)  # pretraining corpus of the real arm, and the probe's images
+    classes = sorted(set(all_train["label"]) - {""})
     labelled = len(classes) >= 2
     code = {c: i for i, c in enumerate(classes)}
+    has_label = all_train["label"].isin(code).to_numpy(copy=True)
+    train_rows = all_train[has_label]
     if labelled:
-        train_rows = train_rows[train_rows["label"].isin(code)]
         test_rows = test_rows[test_rows["label"].isin(code)].reset_index(drop=True)
         if test_rows.empty:
             raise PipelineError(f"{REAL}/metadata.csv: no {p.test_split} image has a label seen in train; "
@@ -165,9 +150,9 @@ def main() -> None:
     zs_labels = [c for c in classes if c in p.zero_shot_templates] if labelled else []
     zs_code = {c: i for i, c in enumerate(zs_labels)}
     data = {
-        "train_x": torch.as_tensor(load_images(REAL, train_rows["file_name"].tolist())) if labelled else None,
+        "train_x": all_train_x[has_label] if labelled else None,
         "train_y": train_rows["label"].map(code).to_numpy() if labelled else None,
-        "test_x": torch.as_tensor(load_images(REAL, test_rows["file_name"].tolist())),
+        "test_x": images_of(REAL, test_rows),
         "test_y": test_rows["label"].map(code).to_numpy() if labelled else None,
         "test_captions": captions,
         "test_caption_index": test_rows["text"].map({c: i for i, c in enumerate(captions)}).to_numpy(),
@@ -176,7 +161,7 @@ def main() -> None:
     }
     tower = TextTower(TextEncoder(p.text_encoder, p.text_max_length), p.text_trainable_layers)
     rows = []
-    for arm, (x, texts) in corpora(p).items():
+    for arm, (x, texts) in corpora(p, (all_train_x, all_train["text"].tolist())).items():
         for rep in range(p.seeds):
             model_seed = derive_seed(seed, "vlp", rep) % 2**31  # the same for every arm
             model, tuned, log = pretrain(x, texts, tower, p, model_seed, desc=f"vlp {arm} seed {rep}")

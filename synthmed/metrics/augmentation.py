@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from synthmed.metrics.downstream import ClassifierConfig, score_classifier, train_classifier
-from synthmed.metrics.stats import mean_ci, paired_p
+from synthmed.metrics.stats import summarise_arms
 from synthmed.provenance import derive_seed
 from synthmed.runtime import progress
 
@@ -96,23 +96,8 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
     Returns the table and flat metrics: aug_<metric>_<regime>_<arm>, aug_gain_<metric>_<regime>_<arm>
     and aug_gain_<metric>_<regime>_<arm>_p.
     """
-    table, flat = [], {}
-    for (regime, arm), grp in runs.groupby(["regime", "arm"], sort=False):
-        grp = grp.sort_values("rep")
-        control = runs[(runs["regime"] == regime) & (runs["arm"] == "real")].sort_values("rep")
-        row = {"regime": regime, "arm": arm, "seeds": len(grp), "n_real": int(grp["n_real"].iloc[0]),
-               "n_synth": int(grp["n_synth"].iloc[0])}
-        for m in METRICS:
-            row[m], row[f"{m}_ci95"] = mean_ci(grp[m])
-            flat[f"aug_{m}_{regime}_{arm}"] = row[m]
-            if arm != "real":
-                gain = grp[m].to_numpy() - control[m].to_numpy()
-                row[f"gain_{m}"], row[f"gain_{m}_ci95"] = mean_ci(gain)
-                row[f"gain_{m}_p"] = paired_p(grp[m], control[m])
-                flat[f"aug_gain_{m}_{regime}_{arm}"] = row[f"gain_{m}"]
-                flat[f"aug_gain_{m}_{regime}_{arm}_p"] = row[f"gain_{m}_p"]
-        table.append(row)
-    return pd.DataFrame(table), flat
+    return summarise_arms(runs, ["regime", "arm"], list(METRICS), "aug", lambda grp: {
+        "seeds": len(grp), "n_real": int(grp["n_real"].iloc[0]), "n_synth": int(grp["n_synth"].iloc[0])})
 
 
 def plot(table: pd.DataFrame, path, metrics=("auc", "bacc")) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -27,3 +30,32 @@ def paired_p(treated, control) -> float:
     if np.allclose(diff, diff[0]):
         return 1.0 if np.isclose(diff[0], 0) else min(1.0, 2 / 2 ** len(diff))
     return float(stats.ttest_rel(treated, control).pvalue)
+
+
+def summarise_arms(runs: pd.DataFrame, groups: list[str], metrics: list[str], prefix: str,
+                   describe: Callable[[pd.DataFrame], dict], control: str = "real"
+                   ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Mean ± 95 % CI per group of repetitions, and each arm's gain over the ``control`` arm of the
+    same group, paired by ``rep``, with its p-value.
+
+    ``groups`` ends with "arm"; the columns before it (e.g. a data regime) pick the control's rows.
+    Returns the table (``describe(rows)`` adds descriptive columns) and flat metrics
+    <prefix>_<metric>_<group values>, <prefix>_gain_<metric>_<group values> and ..._p.
+    """
+    table, flat = [], {}
+    for keys, grp in runs.groupby(groups, sort=False):
+        where = dict(zip(groups, keys if isinstance(keys, tuple) else (keys,)))
+        same = np.logical_and.reduce([runs[g] == v for g, v in where.items() if g != "arm"] + [runs["arm"] == control])
+        ctrl, grp = runs[same].sort_values("rep"), grp.sort_values("rep")
+        name = "_".join(map(str, where.values()))
+        row = {**where, **describe(grp)}
+        for m in metrics:
+            row[m], row[f"{m}_ci95"] = mean_ci(grp[m])
+            flat[f"{prefix}_{m}_{name}"] = row[m]
+            if where["arm"] != control and len(ctrl):
+                row[f"gain_{m}"], row[f"gain_{m}_ci95"] = mean_ci(grp[m].to_numpy() - ctrl[m].to_numpy())
+                row[f"gain_{m}_p"] = paired_p(grp[m], ctrl[m])
+                flat[f"{prefix}_gain_{m}_{name}"] = row[f"gain_{m}"]
+                flat[f"{prefix}_gain_{m}_{name}_p"] = row[f"gain_{m}_p"]
+        table.append(row)
+    return pd.DataFrame(table), flat
