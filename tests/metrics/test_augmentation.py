@@ -42,7 +42,7 @@ def test_summary_gains_and_p_values_on_known_runs():
     assert flat["aug_auc_10pct_real"] == pytest.approx(0.7)
     assert flat["aug_gain_auc_10pct_1x"] == pytest.approx(0.2)  # paired differences 0.1, 0.2, 0.3
     assert flat["aug_gain_auc_10pct_1x_p"] == pytest.approx(0.07418, abs=1e-4)  # t = 3.46 with 2 df
-    assert flat["aug_gain_acc_10pct_1x_p"] == 1.0 and flat["aug_gain_bacc_10pct_1x_p"] == 0.25
+    assert flat["aug_gain_acc_10pct_1x_p"] == pytest.approx(1.0) and flat["aug_gain_bacc_10pct_1x_p"] == pytest.approx(0.25)
     row = table.set_index("arm").loc["1x"]
     assert row["gain_auc_ci95"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-4)
 

@@ -22,7 +22,7 @@ def test_fid_inception_loads_a_state_dict_strictly_and_gives_fid_and_is(tmp_path
     assert cache.computed == 6  # cached by pixel hash: nothing embedded twice
     assert frechet_distance(feats[:3, :2048], feats[:3, :2048]) == pytest.approx(0, abs=1e-3)
     score, _ = inception_score(feats[:, 2048:], splits=2)
-    assert 1.0 <= score <= 1008
+    assert 1.0 - 1e-9 <= score <= 1008 + 1e-9  # IS >= 1 in reals; rounding may land just below
 
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(PipelineError, match="not an FID Inception-v3 state dict"):

@@ -28,7 +28,7 @@ def test_prdc_coverage_counts_real_balls_with_a_fake_point():
 def test_prdc_of_a_set_with_itself_is_perfect_and_needs_more_than_k_points():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
     out = prdc(x, x, k=5)
-    assert out["precision"] == out["recall"] == out["coverage"] == 1.0
+    assert [out["precision"], out["recall"], out["coverage"]] == pytest.approx([1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="more than 5"):
         prdc(x[:5], x, k=5)
 
@@ -38,5 +38,5 @@ def test_confidence_interval_and_paired_test_on_known_data():
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-5)  # t(0.975, 2) = 4.3027
     # differences 1, 2, 3: t = 2 / (1 / sqrt 3) = 3.4641, two-sided p with 2 df = 0.0742
     assert paired_p([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
-    assert paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0
-    assert paired_p([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == 0.25  # all three flips agree: exact sign-flip p
+    assert paired_p([1.0, 2.0], [1.0, 2.0]) == pytest.approx(1.0)
+    assert paired_p([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(0.25)  # all three flips agree: exact sign-flip p
