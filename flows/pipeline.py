@@ -76,11 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", default=str(REPO_ROOT), help="repository root (where dvc.yaml is)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--serve", action="store_true", help="serve as a deployment on this (GPU) machine")
-    parser.add_argument("--cron", default=None, help="with --serve: schedule, e.g. '0 2 * * *'")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--cron", default=None, help="with --serve: schedule, e.g. '0 2 * * *'")
+    schedule.add_argument("--interval", type=float, default=None, metavar="SECONDS",
+                          help="with --serve: run every SECONDS seconds")
     args = parser.parse_args(argv)
     if args.serve:
-        pipeline.serve(name="synthmed-pipeline", cron=args.cron,
-                       parameters={"repo": args.repo, "stages": args.stages})
+        # pause_on_shutdown=False: a restarted service keeps its schedule instead of finding it paused.
+        pipeline.serve(name="synthmed-pipeline", cron=args.cron, interval=args.interval,
+                       parameters={"repo": args.repo, "stages": args.stages}, pause_on_shutdown=False)
     else:
         pipeline(repo=args.repo, stages=args.stages)
 

@@ -3,7 +3,7 @@
 Synthetic images from `fidelity_split` captions are compared with the real images of that
 split; synthetic images from `augment_splits` captions (never the test split) are the pool
 that augments the classifier. Images from a prompt file or templates carry no split and
-serve both. Every image is embedded once (feature cache keyed by pixel sha256).
+serve both. Every image is embedded once (feature cache keyed by pixel sha256, in the local store).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthmed.config import load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.config import as_dict, load_params, require_at_least_one, require_fractions, require_inputs, run_stage
 from synthmed.data.dataset import images_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
@@ -27,14 +27,15 @@ from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.fidelity import frechet_distance, kernel_distance
 from synthmed.metrics.prdc import prdc
 from synthmed.metrics.privacy import audit, pixels
-from synthmed.provenance import derive_seed, seed_everything
+from synthmed import store
+from synthmed.provenance import derive_seed, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
 REAL = "data/ingest/dataset"
 SYNTH = "data/generate/dataset"
 OUT = "data/evaluate"
-FEATURES = "data/evaluate/features"  # persistent cache, one file per feature extractor
+
 
 
 @dataclass
@@ -121,7 +122,7 @@ def per_label_prdc(feat: dict, test_rows, fid_rows, k: int) -> pd.DataFrame:
 def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
     from synthmed.metrics.inception import PoolAndLogits, inception_score, load_fid_inception
 
-    cache = FeatureCache(f"{FEATURES}/fid_inception.pt", PoolAndLogits(load_fid_inception(path)).to(pick_device()))
+    cache = FeatureCache(store.cache_dir("features") / "fid_inception.pt", PoolAndLogits(load_fid_inception(path)).to(pick_device()))
     f_test, f_syn = cache(real_test), cache(synth_fid)
     cache.save()
     is_mean, is_std = inception_score(f_syn[:, 2048:])
@@ -218,7 +219,7 @@ def main() -> None:
               "synth": images_of(SYNTH, rows["synth"])}
     images["pool"] = images["synth"][pool_mask]
 
-    cache = FeatureCache(f"{FEATURES}/effnet_lite0.pt", load_effnet_lite0().to(pick_device()))
+    cache = FeatureCache(store.cache_dir("features") / "effnet_lite0.pt", load_effnet_lite0().to(pick_device()))
     feat = {"train": cache(images["train"]), "test": cache(images["test"]), "synth": cache(images["synth"])}
     cache.save()
     feat["synth_fid"] = feat["synth"][fid_mask]
@@ -238,6 +239,7 @@ def main() -> None:
         metrics.update(downstream(images, rows, classes, p, seed))
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
         print(f"evaluate: no downstream classifier ({len(classes)} label(s) in the train split; it needs 2+)")
+    write_provenance(f"{OUT}/provenance.json", stage="evaluate", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
     write_json("metrics/evaluate.json", metrics)
     print(f"evaluate: {cache.computed} new images embedded; " + ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("aug_") and not k.endswith("_std")))

@@ -6,7 +6,6 @@ metadata.csv; `python -m synthmed.diffusion.regenerate <file_name>` remakes any 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,17 +17,18 @@ from synthmed.data.imagefolder import METADATA
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.prompts import expand, file_prompts, heldout_prompts, template_prompts
 from synthmed.diffusion.schedulers import make_sampler
-from synthmed.diffusion.shards import write_shards
+from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes, sha256_tree, write_json
-from synthmed.provenance import seed_everything, write_provenance
+from synthmed import store
+from synthmed.io import sha256_tree, write_json
+from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
 PAIRS = "data/paraphrase/pairs.csv"
 MODEL = "data/train_ldm/model"
 OUT = "data/generate"
-DATASET = f"{OUT}/dataset"  # persistent DVC output: finished shards survive a killed run
+DATASET = f"{OUT}/dataset"
 
 
 @dataclass
@@ -78,26 +78,29 @@ def main() -> None:
                             f"gives {pipe.vae.config.latent_channels}; rerun train_ldm (dvc repro train_ldm)")
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
     plan["model_sha256"] = sha256_tree(MODEL)
-    fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed, "model": plan["model_sha256"].iloc[0],
-                                           "plan": plan[["text", "seed"]].astype(str).values.tolist()}).encode())
+    inputs = [PAIRS, MODEL] + ([p.prompt_file] if p.prompts == "file" else [])
+    # finished shards are reused only by the same run: params, seed, model, prompts and code
+    fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs,
+                                  plan=plan[["text", "seed"]].astype(str).values.tolist())
 
     def render(rows: pd.DataFrame):
         for _, images in pipe(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=p.num_inference_steps,
                               guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             yield from (to_array(img) for img in images)
 
-    meta, stats = write_shards(plan, DATASET, p.shard_size, fingerprint, render)
+    shards = store.run_dir("generate", fingerprint) / "shards"  # a killed run resumes after its finished shards
+    meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render)
     meta = meta[["file_name", "text", *[c for c in meta.columns if c not in ("file_name", "text")]]]
-    with atomic_path(f"{DATASET}/{METADATA}") as tmp:  # last: a dataset without it is unfinished
-        meta.to_csv(tmp, index=False)  # seeds as text: 63-bit values stay exact in any CSV reader
+    publish_shards(shards, meta, DATASET)
     # The grid shows images spread over the whole plan (all planes/labels), not just the first few.
     at = torch.linspace(0, len(meta) - 1, min(p.grid_images, len(meta))).round().long().unique().tolist()
     save_png(image_grid([load_png(f"{DATASET}/{meta['file_name'].iloc[i]}") for i in at],
                         meta["text"].iloc[at].tolist(), ncol=8), f"{OUT}/grid.png")
-    write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed, inputs=[PAIRS, MODEL])
+    write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed, inputs=inputs)
     write_json("metrics/generate.json", {"images": len(meta), "prompts": int(meta["prompt_index"].nunique())})
     write_json("logs/generate.json", {**stats, "scheduler": p.scheduler, "steps": p.num_inference_steps,
                                       "device": str(pipe.device)})  # throughput: uncached, outside DVC outputs
+    store.finish_run("generate", fingerprint)
     print(f"generate: {len(meta)} images from {meta['prompt_index'].nunique()} prompts -> {DATASET} "
           f"({stats['rendered']} rendered, {stats['resumed']} from finished shards, "
           f"{stats['images_per_s'] or 0:.2f} images/s)")

@@ -12,6 +12,7 @@ from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_json
+from synthmed import store
 from synthmed.provenance import write_provenance
 from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
 from synthmed.text.paraphrase import augment_pairs, make_offline_paraphraser
@@ -19,7 +20,7 @@ from synthmed.text.salient import load_vocabulary
 
 DATASET = "data/ingest/dataset"
 OUT = "data/paraphrase"
-CACHE = f"{OUT}/cache"  # DVC output with persist: true, so paid-for answers survive reruns
+
 
 
 @dataclass
@@ -44,7 +45,8 @@ def make_paraphraser(p: ParaphraseParams, seed: int):
     if backend != "openai":
         return make_offline_paraphraser(backend, seed)
     rules = Validation(load_vocabulary(p.vocabulary), p.min_length_ratio, p.max_length_ratio)
-    return OpenAIParaphraser(p.openai, p.prompt_template, rules, ResponseCache(CACHE), seed)
+    # paid-for replies live in the local store, out of reach of DVC checkouts: never re-bought
+    return OpenAIParaphraser(p.openai, p.prompt_template, rules, ResponseCache(store.cache_dir("llm")), seed)
 
 
 def main() -> None:
@@ -56,7 +58,6 @@ def main() -> None:
           + (f" model={p.openai.model} at {p.openai.base_url or 'OpenAI'}" if paraphraser.name == "llm" else ""))
     eligible = pairs["split"].isin(p.splits)
     unique = sorted(pairs.loc[eligible, "text"].unique())
-    os.makedirs(CACHE, exist_ok=True)
     paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
     augmented = augment_pairs(pairs[eligible], paraphrases, paraphraser.name, p.strategy, p.p_replace, seed)
     out = pd.concat([augmented, pairs[~eligible].assign(caption_source="original")], ignore_index=True)

@@ -6,7 +6,6 @@ same recipe data-parallel on several GPUs (the main process writes the outputs).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from typing import Literal
@@ -18,12 +17,13 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes, write_json
+from synthmed import store
+from synthmed.io import atomic_path, write_json
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
                                      train_ldm, validation_loss)
-from synthmed.provenance import input_hashes, seed_everything, write_provenance
+from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
 from synthmed.viz import image_grid, save_png, to_array
@@ -32,7 +32,6 @@ DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
 VAE = "data/train_vae/vae"
 OUT = "data/train_ldm"
-CHECKPOINTS = "data/checkpoints/train_ldm"  # persistent DVC output: survives a killed run
 
 
 @dataclass
@@ -70,7 +69,7 @@ pipe = SynthMedPipeline.from_pretrained("data/train_ldm/model")
 images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 mm"], seeds=[0])
 ```
 
-- Run fingerprint (params, seed {seed}, input hashes): `{fingerprint}`
+- Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
 - Final training loss: {metrics['final_loss']:.4f}; UNet parameters: {metrics['parameters']:,}
@@ -106,9 +105,8 @@ def main() -> None:
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
-    # A checkpoint is resumed only by the run that wrote it: same params, seed and inputs.
-    fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
-                                           "inputs": input_hashes([PAIRS, DATASET, VAE])}, sort_keys=True).encode())
+    # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code.
+    fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
     val_rows, val_images = split_images(DATASET, ["val"])
     val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist())
     # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
@@ -130,7 +128,7 @@ def main() -> None:
         return {"val_loss": validation_loss(model, scheduler, val_data)}
 
     try:
-        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint,
+        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=store.run_dir("train_ldm", fingerprint) / "checkpoints", fingerprint=fingerprint,
                              every=p.validate_every or p.steps, on_every=on_every, accelerator=accelerator)
     except ValueError as exc:  # batch_size not divisible into micro-batches / processes
         raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
@@ -165,6 +163,7 @@ def main() -> None:
     write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
                      inputs=[PAIRS, DATASET, VAE])
     write_json("metrics/train_ldm.json", metrics)
+    store.finish_run("train_ldm", fingerprint)
     print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
 
 

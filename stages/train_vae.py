@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,16 +13,16 @@ from diffusers import AutoencoderKL
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images, to_model_range
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes, write_json
+from synthmed import store
+from synthmed.io import atomic_path, write_json
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, latent_scaling_factor,
                                          reconstruct, reconstruction_metrics, train_autoencoder)
-from synthmed.provenance import input_hashes, seed_everything, write_provenance
+from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
 DATASET = "data/ingest/dataset"
 OUT = "data/train_vae"
-CHECKPOINTS = "data/checkpoints/train_vae"  # persistent DVC output: survives a killed run
 
 
 @dataclass(kw_only=True)
@@ -63,13 +62,13 @@ def main() -> None:
     train, val = to_model_range(train_u8), to_model_range(val_u8)
     vae = load_vae(p, train.shape[1], train.shape[-1]).to(pick_device())
     log = []
+    fingerprint = run_fingerprint("train_vae", params=as_dict(p), seed=seed, inputs=[DATASET])
     if not (p.pretrained and p.pretrained_mode == "validate"):
-        fingerprint = sha256_bytes(json.dumps({"params": as_dict(p), "seed": seed,
-                                               "inputs": input_hashes([DATASET])}, sort_keys=True).encode())
+        checkpoints = store.run_dir("train_vae", fingerprint) / "checkpoints"  # a killed run resumes from here
         try:
-            log = train_autoencoder(vae, train, p, g, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint)
+            log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint)
         except FloatingPointError as exc:
-            raise PipelineError(f"{exc}; the last good checkpoint is in {CHECKPOINTS}") from None
+            raise PipelineError(f"{exc}; the last good checkpoint is in {checkpoints}") from None
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train, g))
     recon = reconstruct(vae, val)
     metrics = reconstruction_metrics(val, recon)
@@ -91,6 +90,7 @@ def main() -> None:
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
     })
+    store.finish_run("train_vae", fingerprint)
     print(f"train_vae: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
 
 

@@ -7,8 +7,10 @@ the declared type. Unknown keys are rejected, which catches typos in sweeps.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import errno
 import sys
 import time
 import typing
@@ -101,6 +103,19 @@ def require_at_least_one(params: Any, *names: str) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(params, name)}")
 
 
+def require_non_negative(params: Any, *names: str) -> None:
+    for name in names:
+        if getattr(params, name) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(params, name)}")
+
+
+def require_probability(params: Any, *names: str) -> None:
+    """Rates in [0, 1): dropout shares, EMA decays."""
+    for name in names:
+        if not 0 <= getattr(params, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(params, name)}")
+
+
 def require_fractions(params: Any, name: str) -> None:
     """For __post_init__: a non-empty list of shares in (0, 1]."""
     values = getattr(params, name)
@@ -122,18 +137,52 @@ def as_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
 
 
+# Errors of the machine that no retry fixes: one line and exit 2, like bad params.
+_USER_FIXABLE_OS_ERRORS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+                           errno.EROFS: "make the output folder writable", errno.EACCES: "fix its permissions",
+                           errno.EPERM: "fix its permissions"}
+
+
+def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
+    """The stage's docstring plus what it reads and writes, from its dvc.yaml entry."""
+    lines = [(doc or f"DVC stage `{stage}`.").strip(), "", f"Reads params.yaml: `seed` and the `{stage}:` section"]
+    path = Path(dvc_yaml)
+    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {}) \
+        if path.is_file() else {}
+    entries = lambda key: [e if isinstance(e, str) else next(iter(e)) for e in spec.get(key, [])]  # noqa: E731
+    inputs = [d for d in entries("deps") if not d.startswith(("synthmed/", "stages/"))]
+    if inputs:
+        lines += ["Reads:", *(f"  {d}" for d in inputs)]
+    outputs = entries("outs") + entries("plots") + entries("metrics")
+    if outputs:
+        lines += ["Writes:", *(f"  {o}" for o in outputs)]
+    lines += ["", f"Run it through DVC (`dvc repro {stage}`) so that its outputs are recorded."]
+    return "\n".join(lines)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 2.
 
-    The wall time goes to logs/timings/<stage>.json, outside every DVC output, so
-    that cached artifacts stay identical across reruns.
+    `--help` describes the stage and exits without touching anything. The wall time goes to
+    logs/timings/<stage>.json, outside every DVC output, so that cached artifacts stay identical
+    across reruns.
     """
     stage = Path(sys.argv[0]).stem  # `python -m stages.ingest` -> "ingest"
+    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+    argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=describe_stage(stage, doc),
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     start = time.perf_counter()
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _USER_FIXABLE_OS_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; {_USER_FIXABLE_OS_ERRORS[exc.errno]} and rerun "
+              f"`dvc repro {stage}` (a killed or failed run resumes where it stopped)", file=sys.stderr)
         sys.exit(2)
     seconds = time.perf_counter() - start
     print(f"{stage}: finished in {seconds:.1f} s")

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from synthmed.io import sha256_file, sha256_tree, write_json
+from synthmed.io import sha256_bytes, sha256_file, sha256_tree, write_json
 
 _PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "torchmetrics", "nilearn")
 
@@ -46,6 +48,46 @@ def code_version() -> str:
             h.update(path.relative_to(root.parent).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+CODE_ROOTS = ("synthmed", "stages")
+
+
+def stage_code_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path] | None:
+    """The code deps that dvc.yaml declares for ``stage`` (None without a dvc.yaml entry)."""
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return None
+    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage)
+    if spec is None:
+        return None
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])]
+    return [Path(d) for d in deps if Path(d).parts and Path(d).parts[0] in CODE_ROOTS]
+
+
+def stage_code_hash(stage: str) -> str:
+    """Hash of the sources DVC hashes for ``stage`` (all of synthmed and stages if it has no entry)."""
+    paths = stage_code_paths(stage)
+    if paths is None:
+        return code_version()
+    h = hashlib.sha256()
+    for dep in sorted(paths):
+        files = sorted(dep.rglob("*.py")) if dep.is_dir() else [dep]
+        for path in files:
+            h.update(path.as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(stage: str, *, params: dict, seed: int, inputs: list[str | Path], **extra) -> str:
+    """One fingerprint of a run: params, seed, input hashes and the stage's code.
+
+    Resume state (checkpoints, finished shards) is reused only by a run with the same fingerprint,
+    so a code fix, like a changed param or input, starts afresh.
+    """
+    record = {"stage": stage, "params": params, "seed": seed, "inputs": input_hashes(inputs),
+              "code": stage_code_hash(stage), **extra}
+    return sha256_bytes(json.dumps(record, sort_keys=True, default=str).encode())
 
 
 def package_versions() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,40 @@ def test_counts_that_must_be_positive_are_checked_when_params_load(workdir):
     assert_one_line_error(run_stage(workdir, "evaluate"), "seeds must be at least 1")
     set_param(workdir, "generate", shard_size=0)
     assert_one_line_error(run_stage(workdir, "generate"), "shard_size must be at least 1")
+
+
+@pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate",
+                                   "evaluate_vlp"])
+def test_help_describes_the_stage_and_touches_nothing(workdir, stage):
+    shutil.copy(REPO_ROOT / "dvc.yaml", workdir / "dvc.yaml")
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=workdir, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"DVC stage `{stage}`" in proc.stdout and f"`{stage}:` section" in proc.stdout
+    assert f"metrics/{stage}.json" in proc.stdout  # what it writes, from dvc.yaml
+    assert sorted(p.name for p in workdir.iterdir()) == ["dvc.yaml", "params.yaml"]
+
+
+@pytest.mark.parametrize("stage, values, fragment", [
+    ("train_ldm", {"steps": -5}, "steps must be at least 1, got -5"),
+    ("train_vae", {"steps": -5}, "steps must be at least 1, got -5"),
+    ("train_vae", {"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ("train_ldm", {"ema_decay": 1.5}, "ema_decay must be in [0, 1), got 1.5"),
+])
+def test_training_params_out_of_range_stop_before_anything_is_touched(workdir, stage, values, fragment):
+    set_param(workdir, stage, **values)
+    (workdir / "data" / stage / "progress").mkdir(parents=True)  # outputs of an earlier run stay as they were
+    assert_one_line_error(run_stage(workdir, stage), f"{stage}: {fragment}")
+    assert (workdir / "data" / stage / "progress").is_dir() and not (workdir / ".synthmed").exists()
+
+
+def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path):
+    script = tmp_path / "full_disk.py"  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
+    script.write_text("from synthmed.config import run_stage\n"
+                      "def main():\n    open('/dev/full', 'w').write('x' * 65536)\n"
+                      "run_stage(main)\n")
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert_one_line_error(proc, "No space left on device", "free disk space", "dvc repro full_disk")

@@ -3,11 +3,12 @@
 Images go into shard folders of ``shard_size`` images, each renamed into place
 only when complete, with its own ``shard.csv``. A rerun with the same fingerprint
 (model, prompts, sampler, seed) skips finished shards; a different fingerprint
-starts afresh. ``metadata.csv`` is written last, so a dataset without it is unfinished.
+starts afresh. ``publish_shards`` then builds the dataset (images + ``metadata.csv``) in one rename.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from synthmed.data.imagefolder import METADATA
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.runtime import progress
 
@@ -69,3 +71,19 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
     stats = {"images": len(plan), "rendered": rendered, "resumed": len(plan) - rendered,
              "render_s": round(seconds, 2), "images_per_s": round(rendered / seconds, 3) if seconds else None}
     return pd.concat(done_rows, ignore_index=True), stats
+
+
+def publish_shards(shards: str | Path, meta: pd.DataFrame, dataset: str | Path) -> None:
+    """Replace ``dataset`` with the finished shards' images and ``metadata.csv``, atomically.
+
+    Images are hard-linked where the file system allows (the shards are dropped right after).
+    """
+    with atomic_path(dataset, is_dir=True) as tmp:
+        for name in sorted({f.split("/")[0] for f in meta["file_name"]}):
+            (tmp / name).mkdir()
+        for file_name in meta["file_name"]:
+            try:
+                os.link(Path(shards) / file_name, tmp / file_name)
+            except OSError:
+                shutil.copy2(Path(shards) / file_name, tmp / file_name)
+        meta.to_csv(tmp / METADATA, index=False)  # seeds as text: 63-bit values stay exact in any CSV reader

@@ -29,6 +29,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
+from synthmed.config import require_at_least_one, require_non_negative, require_probability
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.diffusion.sample import is_self_conditioned, predicted_x0
@@ -66,6 +67,12 @@ class LDMTrainConfig:
     min_snr_gamma: float  # 0 = plain MSE; e.g. 5 = min-SNR-gamma loss weighting
     checkpoint_every: int  # 0 = no checkpoints
     keep_checkpoints: int
+
+    def __post_init__(self):  # checked when params.yaml is read, before anything is deleted or trained
+        require_at_least_one(self, "steps", "batch_size", "grad_accum_steps")
+        require_non_negative(self, "lr", "weight_decay", "grad_clip", "warmup_steps", "min_snr_gamma", "checkpoint_every",
+                             "keep_checkpoints")
+        require_probability(self, "context_dropout", "ema_decay")
 
 
 def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float,

@@ -1,19 +1,22 @@
 """Features extracted once per image, keyed by the sha256 of its pixels, shared by every metric.
 
-The cache is one file per feature extractor and records a hash of the extractor's weights:
-reruns (new synthetic sets, new params) only embed images not seen before, and a changed
-extractor starts the cache afresh.
+The cache is one file per feature extractor and records a key of everything that shapes a
+feature: the extractor's weights, the code of its modules (preprocessing included) and of the
+extraction loop, and their plain settings (e.g. input size). Reruns (new synthetic sets, new params)
+only embed images not seen before; a change to any of those starts the cache afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from synthmed.io import atomic_path, sha256_bytes
+from synthmed.metrics import fidelity
 from synthmed.metrics.fidelity import extract_features
 
 
@@ -21,13 +24,32 @@ def pixel_keys(images_uint8: torch.Tensor) -> list[str]:
     return [sha256_bytes(str(tuple(x.shape)).encode() + x.numpy().tobytes()) for x in images_uint8]
 
 
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined where no source is kept
+        return getattr(obj, "__qualname__", repr(obj))
+
+
+def extractor_key(extractor: nn.Module) -> str:
+    """Hash of the weights, module code and plain settings of ``extractor``, and of the extraction loop."""
+    h = hashlib.sha256(_source(fidelity.extract_features).encode())
+    for name, tensor in extractor.state_dict().items():
+        h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    for name, module in extractor.named_modules():
+        cls = type(module)
+        own = not cls.__module__.startswith("torch.")
+        settings = {k: v for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, tuple))}
+        h.update(f"{name}:{cls.__module__}.{cls.__qualname__}:{sorted(settings.items())}".encode())
+        if own:
+            h.update(_source(cls).encode())
+    return h.hexdigest()
+
+
 class FeatureCache:
     def __init__(self, path: str | Path, extractor: nn.Module, batch_size: int = 64):
         self.path, self.extractor, self.batch_size = Path(path), extractor, batch_size
-        h = hashlib.sha256()
-        for name, tensor in extractor.state_dict().items():
-            h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
-        self.extractor_sha = h.hexdigest()
+        self.extractor_sha = extractor_key(extractor)
         saved = torch.load(self.path) if self.path.is_file() else {}
         self.store: dict[str, torch.Tensor] = saved["features"] if saved.get("extractor") == self.extractor_sha else {}
         self.computed = 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from synthmed.config import require_at_least_one, require_non_negative
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.runtime import progress
 
@@ -42,6 +43,10 @@ class VAETrainConfig:
     ssim_weight: float  # 0 = off; else weight of (1 - SSIM)
     checkpoint_every: int  # 0 = no checkpoints
     keep_checkpoints: int
+
+    def __post_init__(self):  # checked when params.yaml is read, before anything is trained
+        require_at_least_one(self, "steps", "batch_size")
+        require_non_negative(self, "lr", "kl_weight", "ssim_weight", "checkpoint_every", "keep_checkpoints")
 
 
 def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> torch.Tensor:

@@ -24,3 +24,31 @@ def test_features_are_computed_once_per_image_and_forgotten_when_the_extractor_c
     assert torch.equal(again(images), first) and again.computed == 0  # served from the file
     other = FeatureCache(tmp_path / "f.pt", Mean(2.0))  # new weights: old features must not be reused
     assert torch.allclose(other(images), 2 * first) and other.computed == 5
+
+
+class Resized(Mean):
+    """Same weights as Mean, other preprocessing: its features must not come from Mean's cache."""
+
+    def __init__(self, scale: float, size: int):
+        super().__init__(scale)
+        self.size = size
+
+    def forward(self, x):
+        return super().forward(nn.functional.interpolate(x, size=self.size, mode="nearest"))
+
+
+def test_a_change_of_preprocessing_or_its_settings_starts_the_cache_afresh(tmp_path):
+    images = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    cache = FeatureCache(tmp_path / "f.pt", Mean(1.0))
+    cache(images)
+    cache.save()
+    resized = FeatureCache(tmp_path / "f.pt", Resized(1.0, 4))  # same state_dict, other code
+    resized(images)
+    assert resized.computed == 4
+    resized.save()
+    other_size = FeatureCache(tmp_path / "f.pt", Resized(1.0, 2))  # same code and weights, other setting
+    other_size(images)
+    assert other_size.computed == 4
+    same = FeatureCache(tmp_path / "f.pt", Resized(1.0, 4))
+    same(images)
+    assert same.computed == 0
