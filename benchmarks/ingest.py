@@ -64,7 +64,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.exit(proc.stderr)
-        metrics = json.loads((work / "metrics/ingest.json").read_text())
+        metrics = json.loads((work / "metrics/all/ingest.json").read_text())
         print(json.dumps({
             "benchmark": "ingest_imageclef",
             "images": metrics["images"], "pairs": metrics["pairs"], "input_px": args.size,

@@ -150,13 +150,13 @@ def worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from synthmed.reproducibility import pin_cpu
+    from synthmed.reproducibility import STRICT_ENV, pin_cpu
 
     record = None
     if spec.get("strict"):
         record = pin_cpu(spec.get("threads", 2))
     else:
-        os.environ.update(spec.get("env", {}))
+        os.environ.update(STRICT_ENV if spec.get("strict_isa_only") else spec.get("env", {}))
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
     if "mkldnn" in spec:
@@ -170,7 +170,7 @@ def worker(spec: dict) -> dict:
     run = {"train": lambda: _train(torch, spec["steps"]), "sample": lambda: _sample(torch),
            "effnet": lambda: _effnet(torch)}[spec["workload"]]
     out = run()
-    out.update(capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+    out.update(pin=record, capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                onednn_bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     return out
 
@@ -222,10 +222,8 @@ def main() -> None:
             one, two = launch(spec, cpus="0"), launch(spec, cpus="0,1")
             threads[label] = {"equal": one["hash"] == two["hash"], "threads_1cpu": one["threads"],
                               "threads_2cpu": two["threads"]}
-        one = launch({**train, "env": KNOBS["strict"].get("env", {}) or {
-            "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE,STRICT"}}, cpus="0")
-        two = launch({**train, "env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                       "MKL_CBWR": "COMPATIBLE,STRICT"}}, cpus="0,1")
+        spec = {**train, "strict_isa_only": True}  # STRICT_ENV, thread count left to torch
+        one, two = launch(spec, cpus="0"), launch(spec, cpus="0,1")
         threads["strict_isa_threads_unpinned"] = {"equal": one["hash"] == two["hash"],
                                                   "threads_1cpu": one["threads"], "threads_2cpu": two["threads"]}
         result["threads"] = threads

@@ -19,7 +19,7 @@ from synthmed.config import as_dict, load_params, require_at_least_one, require_
 from synthmed.data.dataset import images_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_json
+from synthmed.io import atomic_path, write_metrics
 from synthmed.metrics import augmentation as aug
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
 from synthmed.metrics.feature_cache import FeatureCache
@@ -201,6 +201,14 @@ def downstream(images: dict, rows: dict, classes, p: EvaluateParams, seed: int) 
             "n_synthetic_pool": len(pool_x)}
 
 
+def headline(p: EvaluateParams) -> list[str]:
+    """The figures `dvc exp show` compares: fidelity beside its real-vs-real scale, privacy, adherence and the
+    augmentation gain where synthetic data should matter most (least real data, most synthetic)."""
+    cell = f"{aug.regime_name(min(p.augmentation.fractions))}_{aug.ratio_name(max(p.augmentation.ratios))}"
+    return ["fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "kid_effnet_real_train_vs_test", "precision",
+            "recall", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p"]
+
+
 def main() -> None:
     p, seed = load_params("evaluate", EvaluateParams)
     if p.fidelity_split in p.augment_splits:
@@ -240,7 +248,7 @@ def main() -> None:
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
         print(f"evaluate: no downstream classifier ({len(classes)} label(s) in the train split; it needs 2+)")
     write_provenance(f"{OUT}/provenance.json", stage="evaluate", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
-    write_json("metrics/evaluate.json", metrics)
+    write_metrics("evaluate", metrics, headline=headline(p))
     print(f"evaluate: {cache.computed} new images embedded; " + ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("aug_") and not k.endswith("_std")))
     if violation:

@@ -20,7 +20,7 @@ from synthmed.config import as_dict, load_params, require_at_least_one, require_
 from synthmed.data.dataset import images_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_json, write_text
+from synthmed.io import atomic_path, write_metrics, write_text
 from synthmed.metrics.augmentation import regime_name, stratified_subset
 from synthmed.metrics.stats import summarise_arms
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
@@ -84,6 +84,14 @@ def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, see
         cap_emb = model.embed_texts(tower.pooled(data["test_captions"]))
     out.update(retrieval_recall(img_emb, cap_emb, data["test_caption_index"]))
     return out
+
+
+def headline(p: EvaluateVLPParams) -> list[str]:
+    """The figures `dvc exp show` compares: the gain of adding synthetic pairs where labels are scarcest (linear
+    probe; image->text retrieval for unlabelled data), with its p-value. Missing keys are skipped."""
+    arm = "real_synth" if "real_synth" in p.arms else "synth"
+    keys = [f"vlp_gain_probe_auc_{regime_name(min(p.probe_fractions))}_{arm}", f"vlp_gain_i2t_r5_{arm}"]
+    return [k + suffix for k in keys for suffix in ("", "_p")]
 
 
 def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -176,7 +184,7 @@ def main() -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
     write_text(f"{OUT}/report.md", report(table, p))
     write_provenance(f"{OUT}/provenance.json", stage="evaluate_vlp", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
-    write_json("metrics/evaluate_vlp.json", flat)
+    write_metrics("evaluate_vlp", flat, headline=headline(p))
     print(report(table, p))
 
 

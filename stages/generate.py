@@ -13,14 +13,13 @@ import pandas as pd
 import torch
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
-from synthmed.data.imagefolder import METADATA
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.prompts import expand, file_prompts, heldout_prompts, template_prompts
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
 from synthmed import store
-from synthmed.io import sha256_tree, write_json
+from synthmed.io import sha256_tree, write_json, write_metrics
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
@@ -97,7 +96,7 @@ def main() -> None:
     save_png(image_grid([load_png(f"{DATASET}/{meta['file_name'].iloc[i]}") for i in at],
                         meta["text"].iloc[at].tolist(), ncol=8), f"{OUT}/grid.png")
     write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed, inputs=inputs)
-    write_json("metrics/generate.json", {"images": len(meta), "prompts": int(meta["prompt_index"].nunique())})
+    write_metrics("generate", {"images": len(meta), "prompts": int(meta["prompt_index"].nunique())}, headline=["images"])
     write_json("logs/generate.json", {**stats, "scheduler": p.scheduler, "steps": p.num_inference_steps,
                                       "device": str(pipe.device)})  # throughput: uncached, outside DVC outputs
     store.finish_run("generate", fingerprint)

@@ -17,7 +17,7 @@ from synthmed.data.nifti import NiftiParams
 from synthmed.data.problems import Problems
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.errors import PipelineError
-from synthmed.io import write_json, write_text
+from synthmed.io import write_text, write_metrics
 from synthmed.provenance import seed_everything, write_provenance
 from synthmed.viz import image_grid, save_png
 
@@ -108,7 +108,7 @@ def main() -> None:
                                               problems=problems.counts()))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
                      inputs=[p.path] if p.source != "demo" else [])
-    write_json("metrics/ingest.json", {**stats, "rows_dropped": len(problems.items)})
+    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items)}, headline=["images", "rows_dropped"])
     print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else ""))

@@ -11,7 +11,7 @@ import pandas as pd
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_json
+from synthmed.io import atomic_path, write_metrics
 from synthmed import store
 from synthmed.provenance import write_provenance
 from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
@@ -71,7 +71,7 @@ def main() -> None:
     stats = getattr(paraphraser, "stats", LLMStats())
     n_para = sum(len(v) for v in paraphrases.values())
     reasons = ("empty", "malformed", "refusal", "identical", "duplicate", "length", "salient")
-    write_json("metrics/paraphrase.json", {
+    write_metrics("paraphrase", {
         "unique_captions_before": int(pairs["text"].nunique()),
         "unique_captions_after": int(out["text"].nunique()),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
@@ -81,7 +81,7 @@ def main() -> None:
         "cache_hits": stats.cache_hits,
         "tokens": stats.prompt_tokens + stats.completion_tokens,
         **{f"rejected_{r}": stats.rejected.get(r, 0) for r in reasons},
-    })
+    }, headline=["unique_captions_after"])
     print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {len(out)} pairs; "
           f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")
 

@@ -18,7 +18,7 @@ from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
 from synthmed import store
-from synthmed.io import atomic_path, write_json
+from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
@@ -162,7 +162,7 @@ def main() -> None:
         frame.dropna(subset=["val_loss"])[["step", "val_loss"]].to_csv(tmp, index=False, float_format="%.6g")
     write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
                      inputs=[PAIRS, DATASET, VAE])
-    write_json("metrics/train_ldm.json", metrics)
+    write_metrics("train_ldm", metrics, headline=["val_loss"])
     store.finish_run("train_ldm", fingerprint)
     print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
 

@@ -14,7 +14,7 @@ from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images, to_model_range
 from synthmed.errors import PipelineError
 from synthmed import store
-from synthmed.io import atomic_path, write_json
+from synthmed.io import atomic_path, write_metrics
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, latent_scaling_factor,
                                          reconstruct, reconstruction_metrics, train_autoencoder)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
@@ -84,12 +84,12 @@ def main() -> None:
     write_provenance(f"{OUT}/provenance.json", stage="train_vae", params=as_dict(p), seed=seed,
                      inputs=[DATASET])
     tail = log[-50:]
-    write_json("metrics/train_vae.json", {
+    write_metrics("train_vae", {
         **{f"val_{k}": v for k, v in metrics.items()},
         "scaling_factor": float(vae.config.scaling_factor),
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
-    })
+    }, headline=["val_psnr", "val_ssim"])
     store.finish_run("train_vae", fingerprint)
     print(f"train_vae: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
 

@@ -70,3 +70,11 @@ def write_json(path: str | Path, data: object) -> None:
 
 def read_json(path: str | Path) -> object:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_metrics(stage: str, metrics: dict, headline: list[str]) -> None:
+    """``metrics/<stage>.json``: the headline figures, one `dvc exp show` column each;
+    ``metrics/all/<stage>.json``: every figure (declared as an output, not as metrics, so that the
+    experiment table stays a screen wide)."""
+    write_json(Path("metrics/all") / f"{stage}.json", metrics)
+    write_json(Path("metrics") / f"{stage}.json", {k: metrics[k] for k in headline if k in metrics})

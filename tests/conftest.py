@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 _TMP = Path(tempfile.mkdtemp(prefix="synthmed-tests-"))
+os.environ.pop("SYNTHMED_STORE", None)  # each test repo keeps its own store
 os.environ.update(
     HF_HUB_OFFLINE="1",
     TRANSFORMERS_OFFLINE="1",

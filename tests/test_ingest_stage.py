@@ -27,7 +27,7 @@ def run_ingest(workdir: Path, **ingest) -> subprocess.CompletedProcess:
 def outputs_text(workdir: Path) -> str:
     """Everything ingest wrote, as text (parquet tables rendered in full)."""
     parts = []
-    for path in sorted((workdir / "data/ingest").rglob("*")) + [workdir / "metrics/ingest.json"]:
+    for path in sorted((workdir / "data/ingest").rglob("*")) + [workdir / "metrics/all/ingest.json"]:
         if path.suffix in {".csv", ".md", ".json"}:
             parts.append(path.read_text())
         elif path.suffix == ".parquet":
@@ -54,7 +54,7 @@ def test_imagefolder_skip_mode_writes_report_card_and_manifest(tmp_path):
     pairs = pd.read_parquet(out / "manifest/pairs.parquet")
     assert len(images) == 15 and len(pairs) == 15 and images["pixel_sha256"].str.len().eq(64).all()
     assert images.groupby("group")["split"].nunique().max() == 1
-    metrics = json.loads((tmp_path / "metrics/ingest.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/all/ingest.json").read_text())
     assert metrics["rows_dropped"] == 2 and metrics["images"] == 15 and metrics["labels"] == 2
     card = (out / "card.md").read_text()
     assert "corrupt_image: 1, empty_caption: 1" in card and "| c0 |" in card

@@ -44,13 +44,13 @@ def test_llm_stage_caches_reproduces_and_never_writes_the_key(tmp_path):
         first = run(tmp_path, with_key=True)
         assert first.returncode == 0, first.stderr
         pairs_first = (tmp_path / "data/paraphrase/pairs.csv").read_bytes()
-        metrics = json.loads((tmp_path / "metrics/paraphrase.json").read_text())
+        metrics = json.loads((tmp_path / "metrics/all/paraphrase.json").read_text())
         second = run(tmp_path, with_key=True)
         assert second.returncode == 0, second.stderr
     assert len(server.requests) == 3  # unique train captions only, once each
     assert metrics["llm"] == 1 and metrics["requests"] == 3 and metrics["cache_hits"] == 0
     assert metrics["unique_captions_after"] == 4 + 6 and metrics["tokens"] == 150
-    again = json.loads((tmp_path / "metrics/paraphrase.json").read_text())
+    again = json.loads((tmp_path / "metrics/all/paraphrase.json").read_text())
     assert again["requests"] == 0 and again["cache_hits"] == 3
     assert (tmp_path / "data/paraphrase/pairs.csv").read_bytes() == pairs_first
     assert b",llm," in pairs_first and b"held out,original" in pairs_first
@@ -67,5 +67,5 @@ def test_without_a_key_the_rule_backend_runs_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"${ENV} is not set; using the offline rule backend" in proc.stdout
     assert "backend=rule" in proc.stdout
-    metrics = json.loads((tmp_path / "metrics/paraphrase.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/all/paraphrase.json").read_text())
     assert metrics["llm"] == 0 and metrics["requests"] == 0 and metrics["paraphrases_per_caption"] > 0

@@ -1,9 +1,12 @@
 """End to end: the real DVC DAG and the real Prefect flow on the demo, tiny profile.
 
 Copies the working tree into a fresh git repo, runs `dvc repro`, checks every
-declared output and metric, that a second repro runs nothing, that a rerun of a
-training stage reproduces its artifacts byte for byte, that `dvc exp run -S`
-shows up in `dvc exp show`, and that the Prefect flow drives the same DAG.
+declared output and metric, that a second repro runs nothing, that a forced rerun of
+the training and sampling stages reproduces their artifacts byte for byte (no resume
+state outlives a finished run), that a queued experiment changing evaluation params
+reuses every model, that `dvc exp run -S` shows up in `dvc exp show` and going back to
+the baseline needs no rerun, that the Prefect flow drives the same DAG, and that a
+killed LLM paraphrase run never re-buys a reply under `dvc repro` or `dvc exp run`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +80,33 @@ def lock_hashes(repo: Path, stage: str) -> dict[str, str]:
     return {o["path"]: o["md5"] for o in lock.get("outs", [])}
 
 
+def commit(repo: Path, message: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def wait_for_queue(repo: Path, name: str, timeout: float = 600) -> str:
+    """Wait until the queued experiment ``name`` has finished; return its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        line = next((row for row in status.splitlines() if name in row), "")
+        if "Success" in line or "Failed" in line:
+            log = dvc(repo, "queue", "logs", name).stdout
+            assert "Success" in line, f"{status}\n{log}"
+            return log
+        time.sleep(2)
+    raise AssertionError(f"queued experiment {name} did not finish:\n{status}")
+
+
+def experiment(repo: Path, name: str) -> dict:
+    table = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    found = [r for commit in table for e in (commit.get("experiments") or []) for r in e.get("revs", [])
+             if r.get("name") == name]
+    assert found, table
+    return found[0]["data"]
+
+
 def test_pipeline_end_to_end(repo: Path, prefect_harness):
     # 1. The whole DAG runs and every declared output exists.
     dvc(repo, "repro")
@@ -83,14 +115,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     for stage, paths in outputs.items():
         for p in paths:
             assert (repo / p).exists(), f"{stage} did not write {p}"
-    metrics = {}
+    metrics, headline = {}, {}
     for stage in STAGES:
-        m = json.loads((repo / f"metrics/{stage}.json").read_text()) if stage != "evaluate" else None
-        if m is not None:
-            metrics.update({f"{stage}.{k}": v for k, v in m.items()})
-    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    metrics.update(evaluation)
+        metrics.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/all/{stage}.json").read_text()).items()})
+        headline.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/{stage}.json").read_text()).items()})
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
+    assert headline.items() <= metrics.items() and len(headline) <= 20, sorted(headline)  # `dvc exp show` fits
+    assert "evaluate.aug_gain_auc_50pct_1x" in headline and "evaluate.fd_effnet_real_train_vs_test" in headline
+    evaluation = json.loads((repo / "metrics/all/evaluate.json").read_text())
     for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "precision", "recall", "density",
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_100pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
@@ -109,27 +141,31 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert "Running stage" not in again, again
     assert "up to date" in dvc(repo, "status").stdout
 
-    # 3. Same params and seed, same artifacts: force the training and sampling stages again.
+    # 3. Same params and seed, same artifacts: force the training and sampling stages again. A finished run
+    # leaves no resume state behind (so nothing needs deleting first), and the outputs are byte-identical.
+    assert not list((repo / ".synthmed/runs").glob("*/*")), "resume state outlived a finished run"
     before = {s: lock_hashes(repo, s) for s in ("train_vae", "train_ldm", "generate")}
-    assert sorted(p.name for p in (repo / "data/checkpoints/train_ldm").iterdir()) == ["step00000020.pt",
-                                                                                       "step00000030.pt"]
-    shutil.rmtree(repo / "data/checkpoints")  # else the reruns would resume from their final checkpoints
-    shutil.rmtree(repo / "data/generate/dataset")  # else generate would keep its finished shards
     for stage in before:
         dvc(repo, "repro", "--force", "--single-item", stage)
     assert {s: lock_hashes(repo, s) for s in before} == before
 
-    # 4. An experiment with one param changed appears in `dvc exp show` with its metrics.
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
-    dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "evaluate.classifier.steps=30")
-    table = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    exps = [e for commit in table for e in (commit.get("experiments") or [])]
-    found = [r for e in exps for r in e.get("revs", []) if r.get("name") == "more-epochs"]
-    assert found, table
-    data = found[0]["data"]
+    # 4. Experiments. A queued one that changes only evaluation params reuses every model (only evaluate
+    # runs, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
+    commit(repo, "baseline")
+    dvc(repo, "exp", "run", "--queue", "-n", "eval-steps", "-S", "evaluate.classifier.steps=30")
+    dvc(repo, "queue", "start", "-j", "1")
+    log = wait_for_queue(repo, "eval-steps")
+    assert "Running stage 'evaluate'" in log and log.count("Running stage") == 1, log
+    data = experiment(repo, "eval-steps")
     assert data["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 30
-    assert "aug_gain_auc_100pct_1x" in data["metrics"]["metrics/evaluate.json"]["data"]
+    assert "aug_gain_auc_50pct_1x" in data["metrics"]["metrics/evaluate.json"]["data"]
+    # One run in the workspace, then back to the baseline: the cache restores everything, nothing is stale.
+    dvc(repo, "exp", "run", "-n", "more-epochs", "-S", "evaluate.classifier.steps=31")
+    assert experiment(repo, "more-epochs")["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 31
+    sh(repo, "git", "checkout", "--", ".")
+    dvc(repo, "checkout")
+    assert "up to date" in dvc(repo, "status").stdout
+    assert "Running stage" not in dvc(repo, "repro", "--dry").stdout
 
     # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
     from flows.pipeline import StageFailed, pipeline
@@ -165,3 +201,55 @@ async def _task_runs(name: str):
 
     async with get_client() as client:
         return [r for r in await client.read_task_runs() if r.name == name]
+
+
+def cached_captions(repo: Path) -> set[str]:
+    """Captions whose LLM reply is in the local store (the fake server echoes the caption)."""
+    from synthmed.text.llm import parse_reply
+
+    found = set()
+    for path in (repo / ".synthmed/cache/llm").rglob("*.json"):
+        paraphrases, _ = parse_reply(json.loads(path.read_text())["content"])
+        found.add(paraphrases[0].removeprefix("Image: "))
+    return found
+
+
+@pytest.mark.parametrize("command", [("repro", "paraphrase"), ("exp", "run", "paraphrase")])
+def test_a_killed_llm_run_never_rebuys_a_reply(repo: Path, command):
+    """`dvc exp run` restores outputs before reproducing: paid replies must live outside them."""
+    from tests.text.fake_openai import FakeOpenAI
+    from tests.text.test_llm import ENV, KEY, caption_of, good
+
+    sh(repo, "git", "checkout", "--", "params.yaml")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["paraphrase"]["backend"] = "openai"
+    params["paraphrase"]["openai"].update(api_key_env=ENV, backoff_s=0.01, max_concurrency=2,
+                                          model=f"model-for-{command[0]}")  # a cache of its own
+    env = {**os.environ, ENV: KEY}
+
+    def slow(body, n):
+        time.sleep(0.2)
+        return good(body, n)
+
+    with FakeOpenAI(slow) as server:
+        params["paraphrase"]["openai"]["base_url"] = server.url
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        before = cached_captions(repo)
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", *command], cwd=repo, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while len(cached_captions(repo) - before) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-run, replies paid for and stored
+        proc.wait()
+        paid = cached_captions(repo) - before
+        first_run = len(server.requests)
+        assert len(paid) >= 4 and proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+        again = subprocess.run([sys.executable, "-m", "dvc", *command], cwd=repo, env=env, capture_output=True,
+                               text=True)
+        assert again.returncode == 0, again.stdout + again.stderr
+        rebought = {caption_of(r["body"]) for r in server.requests[first_run:]} & paid
+    assert not rebought, f"{len(rebought)} paid replies requested again after the kill"
+    stats = json.loads((repo / "metrics/all/paraphrase.json").read_text())
+    assert stats["llm"] == 1 and stats["cache_hits"] >= len(paid)
+    assert stats["requests"] == len(server.requests) - first_run
