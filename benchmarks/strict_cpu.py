@@ -205,15 +205,22 @@ def main() -> None:
     train = {"workload": "train", "steps": args.steps}
     knobs = {k: KNOBS[k] for k in ("aten_avx2", "onednn_avx2", "mkl_cbwr_compatible_strict", "strict")} if args.quick else KNOBS
     repeats = 1 if args.quick else args.repeats
-    result: dict = {"steps": args.steps, "cpu_count": os.cpu_count()}
+    result: dict = {"steps": args.steps, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
 
-    first, second = launch(train), launch(train)
-    result["run_to_run"] = {"train_equal": first["hash"] == second["hash"], "default": first}
-
-    runs = {name: launch({**train, **spec}) for name, spec in knobs.items()}
-    result["knobs"] = {name: {"changes_bits": r["hash"] != first["hash"], "capability": r["capability"],
-                              "threads": r["threads"], "onednn_bf16": r["onednn_bf16"], "hash": r["hash"][:16]}
-                       for name, r in runs.items()}
+    workloads = ("train",) if args.quick else ("train", "sample", "effnet")
+    result["run_to_run"], result["knobs"] = {}, {}
+    for workload in workloads:
+        base = {**train, "workload": workload}
+        first, second = launch(base), launch(base)
+        result["run_to_run"][workload] = {"equal": first["hash"] == second["hash"], "hash": first["hash"][:16],
+                                          "capability": first["capability"], "threads": first["threads"]}
+        table = {}
+        for name, spec in knobs.items():
+            r = launch({**base, **spec})
+            table[name] = {"changes_bits": r["hash"] != first["hash"], "hash": r["hash"][:16],
+                           "capability": r["capability"], "onednn_bf16": r["onednn_bf16"], "threads": r["threads"],
+                           "seconds": round(r["seconds"], 4), "vs_default": round(r["seconds"] / first["seconds"], 3)}
+        result["knobs"][workload] = {"default_seconds": round(first["seconds"], 4), **table}
 
     if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         threads = {}
@@ -231,7 +238,7 @@ def main() -> None:
         result["threads"] = "skipped: needs taskset and 2 CPUs"
 
     cost = {}
-    for workload in ("train", "sample", "effnet"):
+    for workload in workloads:
         base = {**train, "workload": workload}
         times: dict[str, list[float]] = {"default": [], "strict": []}
         hashes: dict[str, set[str]] = {"default": set(), "strict": set()}
@@ -247,6 +254,7 @@ def main() -> None:
                           "repeatable": {m: len(h) == 1 for m, h in hashes.items()},
                           "strict_changes_bits": hashes["default"] != hashes["strict"]}
     result["cost"] = cost
+    result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
 

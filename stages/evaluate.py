@@ -103,7 +103,7 @@ def fidelity(feat: dict, p: EvaluateParams, seed: int) -> dict[str, float]:
             out.update({f"{k}{suffix}": v for k, v in prdc(feat["test"], fake, p.prdc_k).items()})
         except ValueError as exc:
             raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
-                                "generate.images_per_prompt") from None
+                                "prompts.images_per_prompt") from None
     return out
 
 
@@ -178,7 +178,7 @@ def downstream(images: dict, rows: dict, classes, p: EvaluateParams, seed: int) 
     short = [c for c in cells if len(c.synth_idx) < c.synth_requested]
     if short:
         print(f"evaluate: {len(short)} cell(s) asked for more synthetic images than the pool has ({len(pool_x)}); "
-              "they use the whole pool (n_synth in augmentation.csv). Raise generate.images_per_prompt")
+              "they use the whole pool (n_synth in augmentation.csv). Raise prompts.images_per_prompt")
     runs = aug.run_cells(cells, real_x, real_y, pool_x, pool_y, test_x, test_y, len(classes), cfg)
     table, flat = aug.summarise(runs)
     with atomic_path(f"{OUT}/augmentation_runs.csv") as tmp:
@@ -221,7 +221,7 @@ def main() -> None:
     fid_mask, pool_mask = split_mask(rows["synth"], [p.fidelity_split]), split_mask(rows["synth"], p.augment_splits)
     if not fid_mask.any():
         raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
-                            f"{p.fidelity_split} to generate.splits or set evaluate.fidelity_split")
+                            f"{p.fidelity_split} to prompts.splits or set evaluate.fidelity_split")
     rows["pool"] = rows["synth"][pool_mask]
     images = {"train": images_of(REAL, rows["train"]), "test": images_of(REAL, rows["test"]),
               "synth": images_of(SYNTH, rows["synth"])}

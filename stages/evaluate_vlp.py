@@ -58,7 +58,7 @@ def corpora(p: EvaluateVLPParams, real: tuple[torch.Tensor, list[str]]) -> dict[
         synth_rows = synth_rows[split_mask(synth_rows, p.synthetic_splits)]
         if synth_rows.empty:
             raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.synthetic_splits} captions; "
-                                "add them to generate.splits or set evaluate_vlp.arms: [real]")
+                                "add them to prompts.splits or set evaluate_vlp.arms: [real]")
         synth = (images_of(SYNTH, synth_rows), synth_rows["text"].tolist())
         out.update(synth=synth, real_synth=(torch.cat([out["real"][0], synth[0]]), out["real"][1] + synth[1]))
     return {name: out[name] for name in p.arms}
@@ -86,12 +86,13 @@ def evaluate_model(model, tower, p: EvaluateVLPParams, data: dict, rep: int, see
     return out
 
 
-def headline(p: EvaluateVLPParams) -> list[str]:
+def headline(p: EvaluateVLPParams, flat: dict) -> list[str]:
     """The figures `dvc exp show` compares: the gain of adding synthetic pairs where labels are scarcest (linear
-    probe; image->text retrieval for unlabelled data), with its p-value. Missing keys are skipped."""
+    probe; image->text retrieval for unlabelled data), with its p-value."""
     arm = "real_synth" if "real_synth" in p.arms else "synth"
-    keys = [f"vlp_gain_probe_auc_{regime_name(min(p.probe_fractions))}_{arm}", f"vlp_gain_i2t_r5_{arm}"]
-    return [k + suffix for k in keys for suffix in ("", "_p")]
+    probe = f"vlp_gain_probe_auc_{regime_name(min(p.probe_fractions))}_{arm}"
+    key = probe if probe in flat else f"vlp_gain_i2t_r5_{arm}"
+    return [key, f"{key}_p"]
 
 
 def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -184,7 +185,7 @@ def main() -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
     write_text(f"{OUT}/report.md", report(table, p))
     write_provenance(f"{OUT}/provenance.json", stage="evaluate_vlp", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
-    write_metrics("evaluate_vlp", flat, headline=headline(p))
+    write_metrics("evaluate_vlp", flat, headline=headline(p, flat))
     print(report(table, p))
 
 

@@ -14,7 +14,7 @@ import torch
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
 from synthmed.diffusion.pipeline import SynthMedPipeline
-from synthmed.diffusion.prompts import expand, file_prompts, heldout_prompts, template_prompts
+from synthmed.diffusion.prompts import PLAN_COLUMNS
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
@@ -24,7 +24,7 @@ from synthmed.provenance import run_fingerprint, seed_everything, write_provenan
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
-PAIRS = "data/paraphrase/pairs.csv"
+PLAN = "data/prompts/plan.csv"
 MODEL = "data/train_ldm/model"
 OUT = "data/generate"
 DATASET = f"{OUT}/dataset"
@@ -32,11 +32,6 @@ DATASET = f"{OUT}/dataset"
 
 @dataclass
 class GenerateParams:
-    prompts: Literal["heldout", "file", "templates"]
-    splits: list[str]  # heldout: the splits whose captions are prompts (each image keeps its split)
-    prompt_file: str  # file: .txt (one prompt per line) or .csv with a text/prompt column, optional label
-    templates: dict[str, list[str]]  # templates: label -> captions
-    images_per_prompt: int
     scheduler: Literal["ddim", "dpmpp", "euler", "ddpm"]
     num_inference_steps: int
     guidance_scale: float
@@ -45,18 +40,16 @@ class GenerateParams:
     grid_images: int
 
     def __post_init__(self):
-        require_at_least_one(self, "images_per_prompt", "num_inference_steps", "batch_size", "shard_size",
+        require_at_least_one(self, "num_inference_steps", "batch_size", "shard_size",
                              "grid_images")
 
 
-def plan_for(p: GenerateParams, seed: int) -> pd.DataFrame:
-    if p.prompts == "heldout":
-        prompts = heldout_prompts(pd.read_csv(PAIRS, dtype=str, keep_default_na=False), p.splits, PAIRS)
-    elif p.prompts == "file":
-        prompts = file_prompts(p.prompt_file)
-    else:
-        prompts = template_prompts(p.templates)
-    plan = expand(prompts, p.images_per_prompt, seed)
+def plan_for(p: GenerateParams) -> pd.DataFrame:
+    plan = pd.read_csv(PLAN, dtype=str, keep_default_na=False)
+    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
+    if missing or plan.empty:
+        raise PipelineError(f"{PLAN}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
+    plan["seed"] = plan["seed"].astype("int64")  # 63-bit seeds, exact
     plan["image_index"] = plan.index
     return plan.assign(scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
                        guidance_scale=p.guidance_scale)
@@ -64,9 +57,8 @@ def plan_for(p: GenerateParams, seed: int) -> pd.DataFrame:
 
 def main() -> None:
     p, seed = load_params("generate", GenerateParams)
-    if p.prompts == "heldout":
-        require_inputs("generate", PAIRS)
-    plan = plan_for(p, seed)  # bad prompt files stop the stage before the model is loaded
+    require_inputs("generate", PLAN)
+    plan = plan_for(p)
     require_inputs("generate", f"{MODEL}/model_index.json")
     seed_everything(seed)
 
@@ -77,10 +69,9 @@ def main() -> None:
                             f"gives {pipe.vae.config.latent_channels}; rerun train_ldm (dvc repro train_ldm)")
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
     plan["model_sha256"] = sha256_tree(MODEL)
-    inputs = [PAIRS, MODEL] + ([p.prompt_file] if p.prompts == "file" else [])
-    # finished shards are reused only by the same run: params, seed, model, prompts and code
-    fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs,
-                                  plan=plan[["text", "seed"]].astype(str).values.tolist())
+    inputs = [PLAN, MODEL]
+    # finished shards are reused only by the same run: params, seed, plan, model and code
+    fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs)
 
     def render(rows: pd.DataFrame):
         for _, images in pipe(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=p.num_inference_steps,

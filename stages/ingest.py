@@ -108,7 +108,7 @@ def main() -> None:
                                               problems=problems.counts()))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
                      inputs=[p.path] if p.source != "demo" else [])
-    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items)}, headline=["images", "rows_dropped"])
+    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items)}, headline=["images"])
     print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else ""))

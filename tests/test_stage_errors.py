@@ -72,14 +72,19 @@ def test_too_few_images(workdir):
     assert not (workdir / "data").exists()
 
 
-def test_generate_names_a_bad_prompt_file_before_loading_any_model(workdir):
-    set_param(workdir, "generate", prompts="file", prompt_file="missing.txt")
-    assert_one_line_error(run_stage(workdir, "generate"), "missing.txt: prompt file not found")
+def test_prompts_names_a_bad_prompt_file_and_row(workdir):
+    set_param(workdir, "prompts", source="file", file="missing.txt")
+    assert_one_line_error(run_stage(workdir, "prompts"), "missing.txt: prompt file not found")
     (workdir / "prompts.csv").write_text("text,label\nan axial slice,a\n\n,b\n")
-    set_param(workdir, "generate", prompt_file="prompts.csv")
-    assert_one_line_error(run_stage(workdir, "generate"), "prompts.csv, row 4: empty prompt")  # blank line 3 skipped
-    set_param(workdir, "generate", prompts="heldout")
-    assert_one_line_error(run_stage(workdir, "generate"), "data/paraphrase/pairs.csv", "dvc repro generate")
+    set_param(workdir, "prompts", file="prompts.csv")
+    assert_one_line_error(run_stage(workdir, "prompts"), "prompts.csv, row 4: empty prompt")  # blank line 3 skipped
+    set_param(workdir, "prompts", source="heldout")
+    assert_one_line_error(run_stage(workdir, "prompts"), "data/paraphrase/pairs.csv", "dvc repro prompts")
+    assert not (workdir / "data").exists()
+
+
+def test_generate_needs_the_plan_before_loading_any_model(workdir):
+    assert_one_line_error(run_stage(workdir, "generate"), "data/prompts/plan.csv", "dvc repro generate")
 
 
 @pytest.mark.parametrize("stage, key, value, fragment", [
@@ -99,8 +104,8 @@ def test_counts_that_must_be_positive_are_checked_when_params_load(workdir):
     assert_one_line_error(run_stage(workdir, "generate"), "shard_size must be at least 1")
 
 
-@pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate",
-                                   "evaluate_vlp"])
+@pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate",
+                                   "evaluate", "evaluate_vlp"])
 def test_help_describes_the_stage_and_touches_nothing(workdir, stage):
     shutil.copy(REPO_ROOT / "dvc.yaml", workdir / "dvc.yaml")
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=workdir, capture_output=True,

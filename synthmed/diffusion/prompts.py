@@ -16,13 +16,14 @@ from synthmed.errors import PipelineError
 from synthmed.provenance import derive_seed
 
 PROMPT_COLUMNS = ("text", "prompt", "Prompt", "caption")
+PLAN_COLUMNS = ["prompt_index", "sample_index", "text", "label", "split", "source_file_name", "seed"]
 
 
 def heldout_prompts(pairs: pd.DataFrame, splits: list[str], source: str) -> pd.DataFrame:
     """The original captions of the images in ``splits`` (each image's split is kept)."""
     src = pairs[pairs["split"].isin(splits) & (pairs["caption_source"] == "original")]
     if src.empty:
-        raise PipelineError(f"{source}: no original captions in split(s) {splits}; check generate.splits")
+        raise PipelineError(f"{source}: no original captions in split(s) {splits}; check prompts.splits")
     return pd.DataFrame({"text": src["text"].to_numpy(), "label": src["label"].to_numpy(),
                          "split": src["split"].to_numpy(), "source_file_name": src["file_name"].to_numpy()})
 
@@ -31,7 +32,7 @@ def file_prompts(path: str | Path) -> pd.DataFrame:
     """A .txt file (one prompt per line) or a .csv/.tsv with a text/prompt column and an optional label."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{path}: prompt file not found; set generate.prompt_file to a .txt or .csv file")
+        raise PipelineError(f"{path}: prompt file not found; set prompts.file to a .txt or .csv file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -64,7 +65,7 @@ def template_prompts(templates: dict[str, list[str]]) -> pd.DataFrame:
     """label -> captions, e.g. {"axial_superior": ["Superior axial T1 brain MRI slice"]}."""
     rows = [{"text": t, "label": label} for label, texts in templates.items() for t in texts]
     if not rows:
-        raise PipelineError("params.yaml: generate.templates is empty; add label: [caption, ...] entries")
+        raise PipelineError("params.yaml: prompts.templates is empty; add label: [caption, ...] entries")
     return pd.DataFrame(rows).assign(split="", source_file_name="")
 
 

@@ -28,7 +28,7 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "generate", "evaluate", "evaluate_vlp"]
+STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate", "evaluate", "evaluate_vlp"]
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -166,6 +166,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     dvc(repo, "checkout")
     assert "up to date" in dvc(repo, "status").stdout
     assert "Running stage" not in dvc(repo, "repro", "--dry").stdout
+
+    # An edit of the prompt file that heldout prompts never read reruns the cheap plan stage only.
+    with open(repo / "prompts/generate_example.txt", "a") as f:
+        f.write("An extra prompt nobody asked for\n")
+    rerun = dvc(repo, "repro").stdout
+    assert "Running stage 'prompts'" in rerun and "Running stage 'generate'" not in rerun, rerun
+    sh(repo, "git", "checkout", "--", "prompts/generate_example.txt")
+    dvc(repo, "repro")
 
     # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
     from flows.pipeline import StageFailed, pipeline
