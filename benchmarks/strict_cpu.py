@@ -17,7 +17,9 @@ Sections of the JSON:
 - threads: strict mode under `taskset -c 0` vs two CPUs with threads pinned to 2 (equal?),
   and default settings there, where torch takes its thread count from the CPUs (differ?).
 - cost: median seconds per training step / per sampling run / per effnet batch, default vs
-  strict, runs interleaved; ratio = strict / default. Timings are noisy on shared cores.
+  strict, runs interleaved; ratio = strict / default. Timings are noisy on shared cores
+  (loadavg is reported); the knobs' own "seconds" come from single passive-wait runs and
+  are rough.
 
     .venv/bin/python benchmarks/strict_cpu.py [--steps 30] [--repeats 3] [--quick]
 """
@@ -178,13 +180,19 @@ def worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver side
 
 
-def launch(spec: dict, cpus: str | None = None) -> dict:
+def launch(spec: dict, cpus: str | None = None, timing: bool = False) -> dict:
+    """Run one worker. Runs kept for their hashes only sleep instead of spinning while they wait
+    (OMP_WAIT_POLICY=PASSIVE): that changes scheduling, not arithmetic (same hashes), and keeps
+    them from crawling when another job shares the cores; timing runs keep libgomp's default."""
+    print(f"[strict_cpu] {spec} cpus={cpus}", file=sys.stderr, flush=True)
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
-                        "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+                        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    if not timing:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
@@ -244,7 +252,7 @@ def main() -> None:
         hashes: dict[str, set[str]] = {"default": set(), "strict": set()}
         for _ in range(repeats):  # interleaved, so drifting load hits both alike
             for mode, spec in (("default", {"threads": 2}), ("strict", {"strict": True, "threads": 2})):
-                r = launch({**base, **spec})
+                r = launch({**base, **spec}, timing=True)
                 times[mode].append(r["seconds"])
                 hashes[mode].add(r["hash"])
         d, s = statistics.median(times["default"]), statistics.median(times["strict"])

@@ -143,6 +143,33 @@ _USER_FIXABLE_OS_ERRORS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free 
                            errno.EPERM: "fix its permissions"}
 
 
+@dataclasses.dataclass
+class CPUParams:
+    """Top-level `cpu:` of params.yaml, shared by every stage like `seed`."""
+
+    mode: Literal["strict", "native"]  # strict: the same bytes on any x86-64 CPU; native: this CPU's fastest kernels
+    threads: int  # intra-op threads; reductions are split by it, so strict runs must agree on it
+
+    def __post_init__(self):
+        require_at_least_one(self, "threads")
+
+
+def apply_cpu_params(path: str | Path = PARAMS_FILE) -> CPUParams:
+    """Pin the thread count and, in strict mode, the CPU kernels (see synthmed/reproducibility.py)
+    before the stage creates any tensor; restarts the process once if a kernel was chosen already."""
+    from synthmed import reproducibility
+
+    p = _build(CPUParams, _read_yaml(Path(path)).get("cpu"), "cpu", Path(path))
+    if p.mode == "native":
+        reproducibility.pin_cpu(p.threads, strict=False)
+        return p
+    try:
+        reproducibility.pin_cpu(p.threads)
+    except reproducibility.StrictCPUError:
+        reproducibility.reexec(p.threads)  # never returns
+    return p
+
+
 def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
     """The stage's docstring plus what it reads and writes, from its dvc.yaml entry."""
     lines = [(doc or f"DVC stage `{stage}`.").strip(), "", f"Reads params.yaml: `seed` and the `{stage}:` section"]
@@ -173,6 +200,7 @@ def run_stage(main: Callable[[], None]) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     start = time.perf_counter()
     try:
+        apply_cpu_params()
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -139,3 +139,13 @@ def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert_one_line_error(proc, "No space left on device", "free disk space", "dvc repro full_disk")
+
+
+def test_cpu_settings_are_checked_like_any_param(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["cpu"] = {"mode": "fastest", "threads": 2}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert_one_line_error(run_stage(workdir, "train_vae"), "cpu.mode = 'fastest' is not supported", "strict, native")
+    del params["cpu"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert_one_line_error(run_stage(workdir, "train_vae"), "section 'cpu:' is missing")
