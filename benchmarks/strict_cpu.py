@@ -21,7 +21,7 @@ Sections of the JSON:
   (loadavg is reported); the knobs' own "seconds" come from single passive-wait runs and
   are rough.
 
-    .venv/bin/python benchmarks/strict_cpu.py [--steps 30] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/strict_cpu.py [--steps 30] [--repeats 3] [--quick] [--sections cost]
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="processes per setting for the timings")
     ap.add_argument("--quick", action="store_true", help="fewer knobs, 1 repeat (a smoke run)")
+    ap.add_argument("--sections", default="bits,threads,cost", help="comma-separated subset of bits,threads,cost")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -216,8 +217,10 @@ def main() -> None:
     result: dict = {"steps": args.steps, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
 
     workloads = ("train",) if args.quick else ("train", "sample", "effnet")
-    result["run_to_run"], result["knobs"] = {}, {}
-    for workload in workloads:
+    sections = set(args.sections.split(","))
+    if "bits" in sections:
+        result["run_to_run"], result["knobs"] = {}, {}
+    for workload in workloads if "bits" in sections else ():
         base = {**train, "workload": workload}
         first, second = launch(base), launch(base)
         result["run_to_run"][workload] = {"equal": first["hash"] == second["hash"], "hash": first["hash"][:16],
@@ -230,7 +233,9 @@ def main() -> None:
                            "seconds": round(r["seconds"], 4), "vs_default": round(r["seconds"] / first["seconds"], 3)}
         result["knobs"][workload] = {"default_seconds": round(first["seconds"], 4), **table}
 
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+    if "threads" in sections and not (shutil.which("taskset") and (os.cpu_count() or 1) >= 2):
+        result["threads"] = "skipped: needs taskset and 2 CPUs"
+    elif "threads" in sections:
         threads = {}
         for label, spec in (("strict_threads2", {**train, "strict": True, "threads": 2}),
                             ("default_unpinned", train)):
@@ -242,11 +247,9 @@ def main() -> None:
         threads["strict_isa_threads_unpinned"] = {"equal": one["hash"] == two["hash"],
                                                   "threads_1cpu": one["threads"], "threads_2cpu": two["threads"]}
         result["threads"] = threads
-    else:
-        result["threads"] = "skipped: needs taskset and 2 CPUs"
 
     cost = {}
-    for workload in workloads:
+    for workload in workloads if "cost" in sections else ():
         base = {**train, "workload": workload}
         times: dict[str, list[float]] = {"default": [], "strict": []}
         hashes: dict[str, set[str]] = {"default": set(), "strict": set()}
@@ -261,7 +264,8 @@ def main() -> None:
                           "strict_runs": [round(x, 4) for x in times["strict"]],
                           "repeatable": {m: len(h) == 1 for m, h in hashes.items()},
                           "strict_changes_bits": hashes["default"] != hashes["strict"]}
-    result["cost"] = cost
+    if cost:
+        result["cost"] = cost
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 
