@@ -211,14 +211,14 @@ async def _task_runs(name: str):
         return [r for r in await client.read_task_runs() if r.name == name]
 
 
-def cached_captions(repo: Path) -> set[str]:
-    """Captions whose LLM reply is in the local store (the fake server echoes the caption)."""
+def cached_replies(repo: Path) -> dict[str, str]:
+    """LLM replies in the local store: cache file -> the caption it answers (the fake server echoes it)."""
     from synthmed.text.llm import parse_reply
 
-    found = set()
+    found = {}
     for path in (repo / ".synthmed/cache/llm").rglob("*.json"):
         paraphrases, _ = parse_reply(json.loads(path.read_text())["content"])
-        found.add(paraphrases[0].removeprefix("Image: "))
+        found[path.name] = paraphrases[0].removeprefix("Image: ")
     return found
 
 
@@ -242,17 +242,21 @@ def test_a_killed_llm_run_never_rebuys_a_reply(repo: Path, command):
     with FakeOpenAI(slow) as server:
         params["paraphrase"]["openai"]["base_url"] = server.url
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        before = cached_captions(repo)
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", *command], cwd=repo, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while len(cached_captions(repo) - before) < 4 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-run, replies paid for and stored
-        proc.wait()
-        paid = cached_captions(repo) - before
+        before = cached_replies(repo)
+        new = lambda: {c for name, c in cached_replies(repo).items() if name not in before}  # noqa: E731
+        log = repo.parent / f"killed-{command[0]}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "dvc", *command], cwd=repo, env=env,
+                                    start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while len(new()) < 4 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # mid-run, replies paid for and stored
+            proc.wait()
+        paid = new()
         first_run = len(server.requests)
-        assert len(paid) >= 4 and proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+        assert len(paid) >= 4 and proc.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{log.read_text()}"
         again = subprocess.run([sys.executable, "-m", "dvc", *command], cwd=repo, env=env, capture_output=True,
                                text=True)
         assert again.returncode == 0, again.stdout + again.stderr
