@@ -17,8 +17,8 @@ Sections of the JSON:
 - threads: strict mode under `taskset -c 0` vs two CPUs with threads pinned to 2 (equal?),
   and default settings there, where torch takes its thread count from the CPUs (differ?).
 - cost: median seconds per training step / per sampling run / per effnet batch, default vs
-  strict, runs interleaved; ratio = strict / default of the medians, best_ratio of the
-  fastest step / run / batch seen (the less noisy one). Timings are noisy on shared cores
+  strict vs strict with cross_vendor=False, runs interleaved; ratio = mode / default of the
+  medians, best_ratio of the fastest step / run / batch seen (the less noisy one). Timings are noisy on shared cores
   (loadavg is reported); the knobs' own "seconds" come from single passive-wait runs and
   are rough.
 
@@ -56,6 +56,7 @@ KNOBS: dict[str, dict] = {
     "nnpack_off": {"nnpack": False},
     "mkldnn_off": {"mkldnn": False},
     "strict": {"strict": True},
+    "strict_same_vendor": {"strict": True, "cross_vendor": False},  # MKL_CBWR=AUTO,STRICT
     "strict_mkldnn_off": {"strict": True, "mkldnn": False},
 }
 
@@ -159,7 +160,7 @@ def worker(spec: dict) -> dict:
 
     record = None
     if spec.get("strict"):
-        record = pin_cpu(spec.get("threads", 2))
+        record = pin_cpu(spec.get("threads", 2), cross_vendor=spec.get("cross_vendor", True))
     else:
         os.environ.update(STRICT_ENV if spec.get("strict_isa_only") else spec.get("env", {}))
         if spec.get("threads"):
@@ -254,23 +255,28 @@ def main() -> None:
     cost = {}
     for workload in workloads if "cost" in sections else ():
         base = {**train, "workload": workload}
-        times: dict[str, list[float]] = {"default": [], "strict": []}
-        best: dict[str, list[float]] = {"default": [], "strict": []}
-        hashes: dict[str, set[str]] = {"default": set(), "strict": set()}
-        for _ in range(repeats):  # interleaved, so drifting load hits both alike
-            for mode, spec in (("default", {"threads": 2}), ("strict", {"strict": True, "threads": 2})):
+        modes = {"default": {"threads": 2}, "strict": {"strict": True, "threads": 2},
+                 "strict_same_vendor": {"strict": True, "threads": 2, "cross_vendor": False}}
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        best: dict[str, list[float]] = {m: [] for m in modes}
+        hashes: dict[str, set[str]] = {m: set() for m in modes}
+        for _ in range(repeats):  # interleaved, so drifting load hits all alike
+            for mode, spec in modes.items():
                 r = launch({**base, **spec}, timing=True)
                 times[mode].append(r["seconds"])
                 best[mode].append(r["best"])
                 hashes[mode].add(r["hash"])
-        d, s = statistics.median(times["default"]), statistics.median(times["strict"])
-        bd, bs = min(best["default"]), min(best["strict"])
-        cost[workload] = {"default_s": round(d, 4), "strict_s": round(s, 4), "ratio": round(s / d, 3),
-                          "best_default_s": round(bd, 4), "best_strict_s": round(bs, 4), "best_ratio": round(bs / bd, 3),
-                          "default_runs": [round(x, 4) for x in times["default"]],
-                          "strict_runs": [round(x, 4) for x in times["strict"]],
-                          "repeatable": {m: len(h) == 1 for m, h in hashes.items()},
-                          "strict_changes_bits": hashes["default"] != hashes["strict"]}
+        med = {m: statistics.median(t) for m, t in times.items()}
+        low = {m: min(t) for m, t in best.items()}
+        cost[workload] = {
+            "median_s": {m: round(t, 4) for m, t in med.items()},
+            "ratio": {m: round(med[m] / med["default"], 3) for m in modes if m != "default"},
+            "best_s": {m: round(t, 4) for m, t in low.items()},
+            "best_ratio": {m: round(low[m] / low["default"], 3) for m in modes if m != "default"},
+            "runs": {m: [round(x, 4) for x in t] for m, t in times.items()},
+            "repeatable": {m: len(h) == 1 for m, h in hashes.items()},
+            "strict_changes_bits": hashes["default"] != hashes["strict"],
+        }
     if cost:
         result["cost"] = cost
     result["loadavg_end"] = os.getloadavg()

@@ -1,19 +1,29 @@
 """Strict CPU mode: bit-identical CPU results across x86-64 machines (opt-in).
 
 Why CPU runs differ between machines (torch 2.13 CPU wheel: MKL 2024.2 for fp32 GEMM incl.
-attention, oneDNN 3.12 for convolutions, ATen's own vectorised kernels, OpenMP threads):
+attention, oneDNN 3.12 for convolutions, ATen's own vectorised kernels, OpenMP threads), and
+the knob that pins each (benchmarks/strict_cpu.py shows each one changes the bits):
 
 - ATen picks AVX512/AVX2/scalar kernels by CPU (vector width changes the summation order of
   reductions, norms, softmax)        -> ``ATEN_CPU_CAPABILITY=avx2``
 - oneDNN JITs convolutions for the best ISA it finds      -> ``ONEDNN_MAX_CPU_ISA=AVX2``
 - MKL picks a GEMM code path by CPU. Its ISA branches (``MKL_CBWR=AVX2`` ...) are honoured on
-  Intel CPUs only and silently become AUTO on AMD (seen here with MKL_VERBOSE), so COMPATIBLE
-  (SSE2) is the one branch that is the same on every x86-64; STRICT makes GEMM results
-  independent of the thread count  -> ``MKL_CBWR=COMPATIBLE,STRICT``
+  Intel CPUs only and silently become AUTO on AMD (MKL's docs; MKL_VERBOSE and the bits agree
+  here; ``MKL_ENABLE_INSTRUCTIONS`` changes nothing either), so COMPATIBLE (SSE2) is the one
+  branch that is the same on every x86-64 CPU; STRICT makes GEMM independent of the thread
+  count                              -> ``MKL_CBWR=COMPATIBLE,STRICT``
 - the thread count splits reductions (ATen, oneDNN weight gradients) and even picks conv
-  backends, and defaults to the cores available -> a fixed ``torch.set_num_threads(n)``;
+  backends, and defaults to the CPUs a process may use -> a fixed ``torch.set_num_threads(n)``;
   ``n`` is part of what must match between machines and goes in the provenance record.
-- NNPACK (no-grad convs when oneDNN declines) sizes its tiles from the cache sizes -> off.
+- NNPACK (no-grad convs when oneDNN declines) sizes its tiles from the cache sizes -> off
+  (unused by our models today: no effect on bits or time, kept off as insurance).
+
+Not needed: ``torch.use_deterministic_algorithms`` / ``torch.backends.mkldnn.deterministic``
+(no effect on these CPU bits; runs already repeat on one machine), interop threads (they only
+schedule independent ops), ``torch.backends.mkldnn.enabled=False`` (changes bits, 1.4-2.5x
+slower). Cost on the 2-core EPYC: ATen/oneDNN at AVX2 are free; MKL's SSE2 branch makes UNet
+training ~1.3x and DDIM sampling ~1.4x slower. ``cross_vendor=False`` keeps MKL's own branch
+(``AUTO,STRICT``: free, but only reproducible between CPUs where MKL picks the same path).
 
 All of these are read lazily -- ATen's at the first tensor op (even ``torch.randn``), oneDNN's
 and MKL's at the first GEMM -- not at ``import torch``. So :func:`pin_cpu` works in a process
@@ -43,6 +53,7 @@ STRICT_ENV: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_CBWR": "COMPATIBLE,STRICT",
 }
+_SAME_VENDOR_MKL = "AUTO,STRICT"
 _REEXEC_MARK = "SYNTHMED_STRICT_CPU_REEXEC"
 
 
@@ -50,24 +61,28 @@ class StrictCPUError(RuntimeError):
     """A strict-CPU knob did not take effect (usually: a kernel ran before pin_cpu)."""
 
 
-def strict_env(threads: int) -> dict[str, str]:
+def strict_env(threads: int, *, cross_vendor: bool = True) -> dict[str, str]:
     """STRICT_ENV plus the thread counts, for subprocesses or a re-exec.
 
     The thread variables only matter for child processes (libgomp reads OMP_NUM_THREADS
     at import); in this process pin_cpu sets the count with torch.set_num_threads.
     """
-    return {**STRICT_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**STRICT_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if not cross_vendor:
+        env["MKL_CBWR"] = _SAME_VENDOR_MKL
+    return env
 
 
-def pin_cpu(threads: int, *, strict: bool = True) -> dict:
+def pin_cpu(threads: int, *, strict: bool = True, cross_vendor: bool = True) -> dict:
     """Pin the thread count and, with ``strict``, the CPU kernels; return a provenance record.
 
-    Call before any tensor exists. Without ``strict`` only the thread count is fixed (runs
-    repeat on one machine; they did already, see benchmarks/strict_cpu.py).
+    Call before any tensor exists. Without ``strict`` only the thread count is fixed (what
+    differs between machines of one CPU model). ``cross_vendor=False``: see the module docstring.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    env = strict_env(threads) if strict else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = (strict_env(threads, cross_vendor=cross_vendor) if strict
+           else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     os.environ.update(env)
     torch.set_num_threads(threads)
     record = {"strict_cpu": strict, "threads": torch.get_num_threads(), "env": env}
@@ -87,7 +102,7 @@ def pin_cpu(threads: int, *, strict: bool = True) -> dict:
         problems.append(f"ATen kernels are {record['aten_capability']}, not AVX2")
     if record["onednn_above_avx2"]:
         problems.append("oneDNN uses an ISA above AVX2")
-    if record["mkl_cnr"] not in (None, "COMPATIBLE,STRICT"):
+    if record["mkl_cnr"] not in (None, env["MKL_CBWR"]):
         problems.append(f"MKL CNR mode is {record['mkl_cnr']}")
     if record["threads"] != threads:
         problems.append(f"{record['threads']} threads, not {threads}")
@@ -99,16 +114,16 @@ def pin_cpu(threads: int, *, strict: bool = True) -> dict:
     return record
 
 
-def needs_reexec(threads: int) -> bool:
+def needs_reexec(threads: int, *, cross_vendor: bool = True) -> bool:
     """Try pin_cpu(threads); True when the process must restart with strict_env() set."""
     try:
-        pin_cpu(threads)
+        pin_cpu(threads, cross_vendor=cross_vendor)
     except StrictCPUError:
         return True
     return False
 
 
-def reexec(threads: int) -> None:
+def reexec(threads: int, *, cross_vendor: bool = True) -> None:
     """Restart this Python command with strict_env(threads) set from the start (never returns).
 
     Refuses to loop: if the restarted process still fails, pin_cpu's error stands.
@@ -117,7 +132,7 @@ def reexec(threads: int) -> None:
         raise StrictCPUError("strict CPU mode still not in effect after a re-exec")
     sys.stdout.flush()
     sys.stderr.flush()
-    env = {**os.environ, **strict_env(threads), _REEXEC_MARK: "1"}
+    env = {**os.environ, **strict_env(threads, cross_vendor=cross_vendor), _REEXEC_MARK: "1"}
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 

@@ -130,6 +130,7 @@ def test_training_params_out_of_range_stop_before_anything_is_touched(workdir, s
 
 
 def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path):
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     script = tmp_path / "full_disk.py"  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
     script.write_text("from synthmed.config import run_stage\n"
                       "def main():\n    open('/dev/full', 'w').write('x' * 65536)\n"
