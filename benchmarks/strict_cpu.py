@@ -18,9 +18,10 @@ Sections of the JSON:
   and default settings there, where torch takes its thread count from the CPUs (differ?).
 - cost: median seconds per training step / per sampling run / per effnet batch, default vs
   strict vs strict with cross_vendor=False, runs interleaved; ratio = mode / default of the
-  medians, best_ratio of the fastest step / run / batch seen (the less noisy one). Timings are noisy on shared cores
-  (loadavg is reported); the knobs' own "seconds" come from single passive-wait runs and
-  are rough.
+  medians, best_ratio of the fastest step / run / batch seen (the less noisy one). Timings
+  are noisy on shared cores, badly so when another job keeps a core busy (libgomp threads
+  spin-wait): loadavg is reported. The knobs' own "seconds" come from single runs with
+  OMP_WAIT_POLICY=PASSIVE and are rough.
 
     .venv/bin/python benchmarks/strict_cpu.py [--steps 30] [--repeats 3] [--quick] [--sections cost]
 """
