@@ -172,12 +172,11 @@ def apply_cpu_params(path: str | Path = PARAMS_FILE) -> CPUParams:
 
 def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
     """The stage's docstring plus what it reads and writes, from its dvc.yaml entry."""
+    from synthmed.provenance import is_code, stage_entries
+
     lines = [(doc or f"DVC stage `{stage}`.").strip(), "", f"Reads params.yaml: `seed` and the `{stage}:` section"]
-    path = Path(dvc_yaml)
-    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {}) \
-        if path.is_file() else {}
-    entries = lambda key: [e if isinstance(e, str) else next(iter(e)) for e in spec.get(key, [])]  # noqa: E731
-    inputs = [d for d in entries("deps") if not d.startswith(("synthmed/", "stages/"))]
+    entries = lambda key: stage_entries(stage, key, dvc_yaml) or []  # noqa: E731
+    inputs = [d for d in entries("deps") if not is_code(d)]
     if inputs:
         lines += ["Reads:", *(f"  {d}" for d in inputs)]
     outputs = entries("outs") + entries("plots") + entries("metrics")

@@ -53,16 +53,24 @@ def code_version() -> str:
 CODE_ROOTS = ("synthmed", "stages")
 
 
-def stage_code_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path] | None:
-    """The code deps that dvc.yaml declares for ``stage`` (None without a dvc.yaml entry)."""
+def stage_entries(stage: str, key: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str] | None:
+    """The paths under ``key`` (deps, outs, plots, metrics) of ``stage`` in dvc.yaml; None without an entry."""
     path = Path(dvc_yaml)
-    if not path.is_file():
-        return None
-    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage)
+    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage) \
+        if path.is_file() else None
     if spec is None:
         return None
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])]
-    return [Path(d) for d in deps if Path(d).parts and Path(d).parts[0] in CODE_ROOTS]
+    return [e if isinstance(e, str) else next(iter(e)) for e in spec.get(key, [])]
+
+
+def is_code(dep: str | Path) -> bool:
+    return bool(Path(dep).parts) and Path(dep).parts[0] in CODE_ROOTS
+
+
+def stage_code_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path] | None:
+    """The code deps that dvc.yaml declares for ``stage`` (None without a dvc.yaml entry)."""
+    deps = stage_entries(stage, "deps", dvc_yaml)
+    return None if deps is None else [Path(d) for d in deps if is_code(d)]
 
 
 def stage_code_hash(stage: str) -> str:

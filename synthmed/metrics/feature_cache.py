@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from synthmed.io import atomic_path, sha256_bytes
-from synthmed.metrics import fidelity
 from synthmed.metrics.fidelity import extract_features
 
 
@@ -33,7 +32,7 @@ def _source(obj) -> str:
 
 def extractor_key(extractor: nn.Module) -> str:
     """Hash of the weights, module code and plain settings of ``extractor``, and of the extraction loop."""
-    h = hashlib.sha256(_source(fidelity.extract_features).encode())
+    h = hashlib.sha256(_source(extract_features).encode())
     for name, tensor in extractor.state_dict().items():
         h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
     for name, module in extractor.named_modules():
