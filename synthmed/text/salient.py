@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from synthmed.errors import PipelineError
@@ -21,21 +22,40 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def _normalise(text: str) -> str:
-    return " ".join(_SPELLING.get(w, w) for w in re.findall(r"[a-z0-9+\-.%]+", text.lower()))
+    # dots stay inside tokens (decimals) but not at their ends: "pneumothorax." is "pneumothorax"
+    words = (w.strip(".") for w in re.findall(r"[a-z0-9+\-.%]+", text.lower()))
+    return " ".join(_SPELLING.get(w, w) for w in words if w)
+
+
+def salient_counts(text: str, vocabulary: frozenset[str] = frozenset()) -> Counter[str]:
+    """How often each salient term occurs: numbers (sign kept), position and colour words, vocabulary terms.
+
+    Counted, not just present: "left ... left" paraphrased as "... left" has lost a side.
+    """
+    words = [_SPELLING.get(w, w) for w in _WORD.findall(text.lower())]
+    counts = Counter(n.lstrip("+") for n in _NUMBER.findall(text.lower()))
+    counts.update(_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS)
+    counts.update(w for w in words if w in POSITIONS or w in COLOURS)
+    tokens = _normalise(text).split()
+    counts.update({t: c for t in vocabulary if (c := _occurrences(t.split(), tokens))})
+    return counts
+
+
+def _occurrences(term: list[str], tokens: list[str]) -> int:
+    """Whole-word occurrences of a (multi-word) term in a token list."""
+    k = len(term)
+    return sum(tokens[i:i + k] == term for i in range(len(tokens) - k + 1))
 
 
 def salient_terms(text: str, vocabulary: frozenset[str] = frozenset()) -> set[str]:
-    """Numbers (sign kept), position and colour words, and vocabulary terms present in ``text``."""
-    lowered = text.lower()
-    words = {_SPELLING.get(w, w) for w in _WORD.findall(lowered)}
-    numbers = {n.lstrip("+") for n in _NUMBER.findall(lowered)} | {_NUMBER_WORDS[w] for w in words & _NUMBER_WORDS.keys()}
-    padded = f" {_normalise(text)} "
-    terms = {t for t in vocabulary if f" {t} " in padded}
-    return numbers | (words & (POSITIONS | COLOURS)) | terms
+    """The salient terms present in ``text``, each once."""
+    return set(salient_counts(text, vocabulary))
 
 
 def missing_salient(original: str, paraphrase: str, vocabulary: frozenset[str] = frozenset()) -> set[str]:
-    return salient_terms(original, vocabulary) - salient_terms(paraphrase, vocabulary)
+    """Terms the paraphrase has fewer of than the original; extra occurrences are allowed (repeating
+    a side or a count adds no finding, and the length-ratio check bounds padding)."""
+    return set(salient_counts(original, vocabulary) - salient_counts(paraphrase, vocabulary))
 
 
 def keeps_salient(original: str, paraphrase: str, vocabulary: frozenset[str] = frozenset()) -> bool:

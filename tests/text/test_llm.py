@@ -131,6 +131,22 @@ def test_paraphrases_that_drop_salient_content_are_rejected(tmp_path, monkeypatc
     assert dict(para.stats.rejected) == {"salient": 3, "identical": 1, "length": 1, "refusal": 1}
 
 
+def test_a_reply_that_drops_one_of_two_occurrences_is_rejected(tmp_path, monkeypatch):
+    caption = "Polyp on the left wall and ulcer near the left flexure"
+
+    def handler(body, n):
+        return paraphrases("On the left wall a polyp, and an ulcer near the flexure",  # one 'left' lost
+                           "A polyp on the left wall and an ulcer by the left flexure",
+                           "A polyp on the left wall, left of centre, and an ulcer by the left flexure")
+
+    with FakeOpenAI(handler) as server:
+        para = make(tmp_path, server.url, monkeypatch, max_attempts=1)
+        out = para.paraphrase([caption], n=3)
+    # extra occurrences are allowed: repeating a side adds no new finding
+    assert out[caption] == ["A polyp on the left wall and an ulcer by the left flexure",
+                            "A polyp on the left wall, left of centre, and an ulcer by the left flexure"]
+    assert dict(para.stats.rejected) == {"salient": 1}
+
 def test_second_run_is_served_from_cache(tmp_path, monkeypatch):
     with FakeOpenAI(good) as server:
         first = make(tmp_path, server.url, monkeypatch).paraphrase(CAPTIONS, n=2)

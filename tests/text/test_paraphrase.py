@@ -3,7 +3,7 @@ import pytest
 
 from synthmed.errors import PipelineError
 from synthmed.text.paraphrase import RuleParaphraser, augment_pairs, make_offline_paraphraser
-from synthmed.text.salient import keeps_salient, salient_terms
+from synthmed.text.salient import keeps_salient, missing_salient, salient_terms
 
 CAPTIONS = [
     "Lateral left sagittal T1-weighted brain MRI slice at x = -66 mm; 71% grey matter, 10% white matter",
@@ -30,6 +30,18 @@ def test_salient_terms_catch_dropped_content():
     assert not keeps_salient("2 polyps", "polyps")
     assert keeps_salient("grey matter", "gray matter")
 
+
+def test_salient_terms_are_counted_not_just_present():
+    vocab = frozenset({"polyp", "polyps"})
+    assert not keeps_salient("polyp in the left colon, polyp in the left rectum",
+                             "polyp in the left colon, polyp in the rectum", vocab)
+    assert not keeps_salient("a polyp and another polyp", "a polyp", vocab)
+    assert not keeps_salient("2 polyps of 2 mm", "2 polyps of several mm", vocab)
+    assert keeps_salient("polyp in the left colon, polyp in the left rectum",
+                         "in the left colon a polyp; in the left rectum a polyp", vocab)
+    assert keeps_salient("left colon", "left colon, left side", vocab)  # extra occurrences are fine
+    assert missing_salient("left and left", "left") == {"left"}
+    assert keeps_salient("Polyp in the colon", "In the colon, a polyp.", vocab)  # a full stop ends no term
 
 PAIRS = pd.DataFrame({"file_name": ["a.png", "b.png"], "text": ["cap a", "cap b"], "split": ["train"] * 2})
 PARA = {"cap a": ["a1", "a2"], "cap b": []}
