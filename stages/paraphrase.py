@@ -15,7 +15,7 @@ from synthmed.io import atomic_path, write_metrics
 from synthmed import store
 from synthmed.provenance import write_provenance
 from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
-from synthmed.text.paraphrase import augment_pairs, make_offline_paraphraser
+from synthmed.text.paraphrase import Paraphraser, augment_pairs, make_offline_paraphraser
 from synthmed.text.salient import load_vocabulary
 
 DATASET = "data/ingest/dataset"
@@ -37,16 +37,32 @@ class ParaphraseParams:
     openai: OpenAIParams
 
 
-def make_paraphraser(p: ParaphraseParams, seed: int):
+def make_paraphraser(p: ParaphraseParams, seed: int) -> Paraphraser:
     backend = p.backend
     if backend == "openai" and not os.environ.get(p.openai.api_key_env):
-        print(f"paraphrase: ${p.openai.api_key_env} is not set; using the offline rule backend instead")
-        backend = "rule"
+        backend = _fallback_without_key(p.openai)
     if backend != "openai":
         return make_offline_paraphraser(backend, seed)
     rules = Validation(load_vocabulary(p.vocabulary), p.min_length_ratio, p.max_length_ratio)
     # paid-for replies live in the local store, out of reach of DVC checkouts: never re-bought
     return OpenAIParaphraser(p.openai, p.prompt_template, rules, ResponseCache(store.cache_dir("llm")), seed)
+
+
+def _fallback_without_key(o: OpenAIParams) -> str:
+    """The backend to run when the key is missing; only an explicit opt-in turns openai into rule,
+    so that an experiment labelled backend=openai never holds rule output unawares."""
+    env = o.api_key_env
+    if o.fallback == "none":
+        raise PipelineError(f"paraphrase.backend=openai but ${env} is not set; export {env}=<your API key>, "
+                            "or set paraphrase.openai.fallback: rule to run the offline rule backend instead")
+    print(f"paraphrase: ${env} is not set; paraphrase.openai.fallback=rule, so the offline rule backend runs "
+          "(rows labelled rule, backend_used=rule)")
+    return o.fallback
+
+
+def backend_used(paraphraser: Paraphraser) -> str:
+    """The backend that actually ran, in params.yaml's names (rule | openai | none)."""
+    return "openai" if paraphraser.name == "llm" else paraphraser.name
 
 
 def main() -> None:
@@ -66,8 +82,10 @@ def main() -> None:
     columns = ["file_name", "text", "caption_source", "split", "label", "group"]
     with atomic_path(f"{OUT}/pairs.csv") as tmp:
         out[columns].to_csv(tmp, index=False)
-    write_provenance(f"{OUT}/provenance.json", stage="paraphrase", params=as_dict(p), seed=seed,
-                     inputs=[f"{DATASET}/metadata.csv", p.prompt_template, p.vocabulary])
+    used = backend_used(paraphraser)
+    # the backend that ran beside the one asked for: they differ under paraphrase.openai.fallback: rule
+    write_provenance(f"{OUT}/provenance.json", stage="paraphrase", params={**as_dict(p), "backend_used": used},
+                     seed=seed, inputs=[f"{DATASET}/metadata.csv", p.prompt_template, p.vocabulary])
     stats = getattr(paraphraser, "stats", LLMStats())
     n_para = sum(len(v) for v in paraphrases.values())
     reasons = ("empty", "malformed", "refusal", "identical", "duplicate", "length", "salient")
@@ -76,6 +94,7 @@ def main() -> None:
         "unique_captions_after": int(out["text"].nunique()),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
         "pairs": len(out),
+        "backend_used": used,
         "llm": int(paraphraser.name == "llm"),
         "requests": stats.requests,
         "cache_hits": stats.cache_hits,

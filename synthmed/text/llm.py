@@ -21,6 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -45,6 +46,8 @@ class OpenAIParams:
     backoff_s: float  # first retry wait; doubles each time, plus jitter
     max_attempts: int  # requests per caption while replies are rejected
     api_key_env: str  # name of the environment variable holding the key
+    # without the key: "none" stops the stage; "rule" runs the offline rule backend and records that it did
+    fallback: Literal["none", "rule"]
 
 
 @dataclass

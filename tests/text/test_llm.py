@@ -31,7 +31,7 @@ def good(body: dict, n: int):
 def make(tmp_path, url, monkeypatch, **overrides) -> OpenAIParaphraser:
     monkeypatch.setenv(ENV, KEY)
     params = dict(model="test-model", base_url=url, temperature=0.7, max_concurrency=2, timeout_s=5.0,
-                  max_requests=50, max_retries=3, backoff_s=0.01, max_attempts=2, api_key_env=ENV)
+                  max_requests=50, max_retries=3, backoff_s=0.01, max_attempts=2, api_key_env=ENV, fallback="none")
     params.update(overrides)
     rules = Validation(load_vocabulary(REPO_ROOT / "prompts/salient_terms.txt"), 0.5, 2.0)
     return OpenAIParaphraser(OpenAIParams(**params), REPO_ROOT / "prompts/paraphrase_v1.yaml", rules,
@@ -175,7 +175,7 @@ def test_missing_key_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     rules = Validation(frozenset(), 0.5, 2.0)
     with pytest.raises(PipelineError, match=f"environment variable {ENV} is not set"):
-        OpenAIParaphraser(OpenAIParams("m", "http://127.0.0.1:9/v1", 0.5, 1, 1.0, 1, 0, 0.01, 1, ENV),
+        OpenAIParaphraser(OpenAIParams("m", "http://127.0.0.1:9/v1", 0.5, 1, 1.0, 1, 0, 0.01, 1, ENV, "none"),
                           REPO_ROOT / "prompts/paraphrase_v1.yaml", rules, ResponseCache(tmp_path), 0)
 
 
