@@ -1,7 +1,8 @@
 """DVC stage `prompts`: the generation plan, one row per image to generate, each with its own seed.
 
-Prompts are the original captions of the images in `prompts.splits` (`heldout`), a prompt file
-(`file`) or per-label templates (`templates`). Only the plan is `generate`'s input: editing a prompt
+Prompts are the captions of the images in `prompts.splits` from the ingest metadata (`heldout`;
+never the paraphrase table, whose `replace_*` strategies drop originals), a prompt file (`file`, with
+an optional split column) or per-label templates (`templates`). Images without a split serve fidelity only. Only the plan is `generate`'s input: editing a prompt
 file that the chosen source does not read reruns this cheap stage, not the sampling.
 """
 
@@ -17,7 +18,7 @@ from synthmed.diffusion.prompts import PLAN_COLUMNS, expand, file_prompts, heldo
 from synthmed.io import atomic_path, write_metrics
 from synthmed.provenance import write_provenance
 
-PAIRS = "data/paraphrase/pairs.csv"
+METADATA = "data/ingest/dataset/metadata.csv"
 OUT = "data/prompts"
 
 
@@ -25,7 +26,7 @@ OUT = "data/prompts"
 class PromptsParams:
     source: Literal["heldout", "file", "templates"]
     splits: list[str]  # heldout: the splits whose captions are prompts (each image keeps its split)
-    file: str  # file: .txt (one prompt per line) or .csv with a text/prompt column, optional label
+    file: str  # file: .txt (one prompt per line) or .csv with a text/prompt column, optional label and split
     templates: dict[str, list[str]]  # templates: label -> captions
     images_per_prompt: int
 
@@ -36,8 +37,9 @@ class PromptsParams:
 def main() -> None:
     p, seed = load_params("prompts", PromptsParams)
     if p.source == "heldout":
-        require_inputs("prompts", PAIRS)
-        prompts, inputs = heldout_prompts(pd.read_csv(PAIRS, dtype=str, keep_default_na=False), p.splits, PAIRS), [PAIRS]
+        require_inputs("prompts", METADATA)
+        metadata = pd.read_csv(METADATA, dtype=str, keep_default_na=False)
+        prompts, inputs = heldout_prompts(metadata, p.splits, METADATA), [METADATA]
     elif p.source == "file":
         prompts, inputs = file_prompts(p.file), [p.file]
     else:

@@ -38,7 +38,9 @@ OUT = "data/train_ldm"
 class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model's
     text_encoder: str
     text_max_length: int
-    caption_sources: list[str]  # which pair rows to train on: original, rule, llm
+    # which pair rows to train on: original, paraphrase (whatever the paraphrase stage produced), or only
+    # the rows of one paraphrase backend (rule, llm)
+    caption_sources: list[Literal["original", "paraphrase", "rule", "llm"]]
     block_out_channels: list[int]
     layers_per_block: int
     attention_head_dim: int
@@ -53,6 +55,19 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
+
+
+def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) -> pd.DataFrame:
+    """The rows whose caption_source is listed; `paraphrase` stands for every non-original row, so the
+    default trains on whatever the paraphrase stage produced. A named backend with no rows is an error:
+    silently training on fewer captions than asked is how a comparison goes wrong."""
+    produced = set(pairs["caption_source"])
+    for name in set(sources) - {"paraphrase"} - produced:
+        raise PipelineError(f"{where}: train_ldm.caption_sources lists '{name}' but the paraphrase stage produced "
+                            f"no '{name}' rows (found: {', '.join(sorted(produced))}); list `paraphrase` to "
+                            "take whatever it produced, or change paraphrase.backend")
+    wanted = set(sources) | ((produced - {"original"}) if "paraphrase" in sources else set())
+    return pairs[pairs["caption_source"].isin(wanted)]
 
 
 def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
@@ -87,10 +102,7 @@ def main() -> None:
     device = accelerator.device
     require_inputs("train_ldm", PAIRS, DATASET, f"{VAE}/config.json")
     pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
-    pairs = pairs[(pairs["split"] == "train") & pairs["caption_source"].isin(p.caption_sources)]
-    if pairs.empty:
-        raise PipelineError(f"{PAIRS}: no train pairs with caption_source in {p.caption_sources}; "
-                            "check train_ldm.caption_sources")
+    pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, PAIRS)
     rows, images = split_images(DATASET, ["train"])
     vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
     encoder = TextEncoder(p.text_encoder, p.text_max_length, device)

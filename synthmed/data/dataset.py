@@ -38,8 +38,9 @@ def split_images(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, t
     return rows, images_of(folder, rows)
 
 
-def split_mask(rows: pd.DataFrame, splits: list[str]) -> np.ndarray:
-    """Rows in ``splits`` or with no split at all: synthetic images from a prompt file or templates
-    carry no information about any split, so they may serve every purpose."""
+def split_mask(rows: pd.DataFrame, splits: list[str], unsplit: bool = False) -> np.ndarray:
+    """Rows in ``splits``; with ``unsplit``, also rows with no split. Synthetic images from a prompt
+    file without a split column, or from templates, may come from test captions: they serve
+    fidelity (unsplit=True) but never train a downstream model (the default)."""
     split = rows["split"] if "split" in rows.columns else pd.Series("", index=rows.index)
-    return (split.isin(splits) | (split == "")).to_numpy(copy=True)
+    return (split.isin(splits) | (unsplit & (split == ""))).to_numpy(copy=True)

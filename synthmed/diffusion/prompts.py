@@ -16,20 +16,27 @@ from synthmed.errors import PipelineError
 from synthmed.provenance import derive_seed
 
 PROMPT_COLUMNS = ("text", "prompt", "Prompt", "caption")
+SPLITS = ("train", "val", "test")
 PLAN_COLUMNS = ["prompt_index", "sample_index", "text", "label", "split", "source_file_name", "seed"]
 
 
-def heldout_prompts(pairs: pd.DataFrame, splits: list[str], source: str) -> pd.DataFrame:
-    """The original captions of the images in ``splits`` (each image's split is kept)."""
-    src = pairs[pairs["split"].isin(splits) & (pairs["caption_source"] == "original")]
+def heldout_prompts(metadata: pd.DataFrame, splits: list[str], source: str) -> pd.DataFrame:
+    """Every caption of the images in ``splits``, from the ingest metadata (each image's split is kept).
+
+    Not from the paraphrase table: its `replace_*` strategies drop original captions, which would
+    shrink the synthetic pool and confound the comparison of caption strategies.
+    """
+    src = metadata[metadata["split"].isin(splits)].drop_duplicates(["file_name", "text"])
     if src.empty:
-        raise PipelineError(f"{source}: no original captions in split(s) {splits}; check prompts.splits")
+        raise PipelineError(f"{source}: no captions in split(s) {splits}; check prompts.splits")
     return pd.DataFrame({"text": src["text"].to_numpy(), "label": src["label"].to_numpy(),
                          "split": src["split"].to_numpy(), "source_file_name": src["file_name"].to_numpy()})
 
 
 def file_prompts(path: str | Path) -> pd.DataFrame:
-    """A .txt file (one prompt per line) or a .csv/.tsv with a text/prompt column and an optional label."""
+    """A .txt file (one prompt per line) or a .csv/.tsv with a text/prompt column, an optional label and an
+    optional split: the split whose captions they are. Without one, evaluation uses the images for
+    fidelity only, never for training a downstream model (they may be test captions)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: prompt file not found; set prompts.file to a .txt or .csv file")
@@ -38,7 +45,7 @@ def file_prompts(path: str | Path) -> pd.DataFrame:
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 (byte offset {exc.start}); re-save the file as UTF-8") from None
     if path.suffix.lower() == ".txt":
-        rows = pd.DataFrame({"text": [line.strip() for line in text.splitlines()], "label": ""})
+        rows = pd.DataFrame({"text": [line.strip() for line in text.splitlines()], "label": "", "split": ""})
         rows["line"] = range(1, len(rows) + 1)
         rows = rows[rows["text"] != ""]  # blank lines separate nothing; skip them
     else:
@@ -50,7 +57,9 @@ def file_prompts(path: str | Path) -> pd.DataFrame:
         if column is None:
             raise PipelineError(f"{path}, row 1: no prompt column (found: {', '.join(df.columns)}); "
                                 f"name it one of: {', '.join(PROMPT_COLUMNS)}")
-        rows = pd.DataFrame({"text": df[column].str.strip(), "label": df.get("label", pd.Series("", index=df.index))})
+        blank = pd.Series("", index=df.index)
+        rows = pd.DataFrame({"text": df[column].str.strip(), "label": df.get("label", blank),
+                             "split": df.get("split", blank).str.strip()})
         rows["line"] = range(2, len(rows) + 2)
         rows = rows[(df != "").any(axis=1).to_numpy()]  # blank lines
     empty = rows[rows["text"] == ""]
@@ -58,7 +67,11 @@ def file_prompts(path: str | Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: no prompts in the file; add one prompt per row")
     if len(empty):
         raise PipelineError(f"{path}, row {empty['line'].iloc[0]}: empty prompt; remove the row or write a prompt")
-    return rows.drop(columns="line").assign(split="", source_file_name="")
+    unknown = rows[~rows["split"].isin(["", *SPLITS])]
+    if len(unknown):
+        raise PipelineError(f"{path}, row {unknown['line'].iloc[0]}: split '{unknown['split'].iloc[0]}' is not one of "
+                            f"{', '.join(SPLITS)}; fix it or leave it empty (fidelity only)")
+    return rows.drop(columns="line").assign(source_file_name="")
 
 
 def template_prompts(templates: dict[str, list[str]]) -> pd.DataFrame:

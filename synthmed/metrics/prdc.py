@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 
+PRDC_KEYS = ("precision", "recall", "density", "coverage", "f1_pr")
+
+
 def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
     d = torch.cdist(x, x)
     return d.kthvalue(k + 1, dim=1).values  # +1: each point is its own nearest neighbour

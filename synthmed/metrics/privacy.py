@@ -55,3 +55,34 @@ def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) ->
         })
     table["flagged"] = flagged
     return pd.DataFrame(table), summary
+
+
+def memorization_table(synth: dict[str, torch.Tensor], train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
+                       synth_rows: pd.DataFrame, train_names) -> tuple[pd.DataFrame, dict]:
+    """audit() over the spaces given (name -> representations of each set), as a table people read:
+    each synthetic image's file and caption, and the file name of its nearest training image per space."""
+    table, summary = audit({name: (synth[name], train[name], test[name]) for name in synth})
+    table.insert(0, "file_name", synth_rows["file_name"].to_numpy())
+    table.insert(1, "text", synth_rows["text"].to_numpy())
+    train_names = np.asarray(train_names)
+    for name in synth:
+        table[f"nn_train_file_{name}"] = train_names[table.pop(f"nn_train_index_{name}").to_numpy()]
+    summary["mem_flagged"] = int(table["flagged"].sum())
+    return table, summary
+
+
+def closest_pairs(table: pd.DataFrame, train_names, n: int = 8, space: str = "pixel") -> list[tuple[int, int, float]]:
+    """The n synthetic images closest to a training image: (synthetic row, train row, distance)."""
+    row_of = {name: i for i, name in enumerate(train_names)}
+    return [(int(i), row_of[r[f"nn_train_file_{space}"]], float(r[f"nn_distance_{space}"]))
+            for i, r in table.nsmallest(n, f"nn_distance_{space}").iterrows()]
+
+
+def gate(summary: dict, limit: float) -> str | None:
+    """The privacy gate's verdict: a message when the worst space puts more synthetic images below the
+    reference's 1st percentile than ``limit`` allows."""
+    worst = max(v for k, v in summary.items() if k.startswith("mem_frac_below_p1_"))
+    if worst <= limit:
+        return None
+    return (f"privacy gate: {worst:.1%} of synthetic images are closer to a training image than 99 % of real "
+            f"test images are (limit {limit:.1%})")

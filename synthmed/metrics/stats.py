@@ -1,4 +1,5 @@
-"""Uncertainty for results over a few seeds: t-based 95 % intervals and paired t-tests."""
+"""Uncertainty for results over a few seeds: t-based 95 % intervals, paired t-tests, and Holm's
+correction for the many arms x regimes tested at once."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ def paired_p(treated, control) -> float:
     return float(stats.ttest_rel(treated, control).pvalue)
 
 
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (family-wise error), in the input order.
+
+    Sorted ascending, the i-th smallest (0-based) of m is scaled by (m - i); the running maximum
+    keeps the adjusted values monotone, and they are capped at 1.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(p)
+    out[order] = scaled
+    return out
+
+
 def summarise_arms(runs: pd.DataFrame, groups: list[str], metrics: list[str], prefix: str,
                    describe: Callable[[pd.DataFrame], dict], control: str = "real"
                    ) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -40,7 +55,8 @@ def summarise_arms(runs: pd.DataFrame, groups: list[str], metrics: list[str], pr
 
     ``groups`` ends with "arm"; the columns before it (e.g. a data regime) pick the control's rows.
     Returns the table (``describe(rows)`` adds descriptive columns) and flat metrics
-    <prefix>_<metric>_<group values>, <prefix>_gain_<metric>_<group values> and ..._p.
+    <prefix>_<metric>_<group values>, <prefix>_gain_<metric>_<group values>, ..._p and ..._p_holm: the
+    p-value corrected for every gain of that metric in the table (the family a reader scans for stars).
     """
     table, flat = [], {}
     for keys, grp in runs.groupby(groups, sort=False):
@@ -58,4 +74,12 @@ def summarise_arms(runs: pd.DataFrame, groups: list[str], metrics: list[str], pr
                 flat[f"{prefix}_gain_{m}_{name}"] = row[f"gain_{m}"]
                 flat[f"{prefix}_gain_{m}_{name}_p"] = row[f"gain_{m}_p"]
         table.append(row)
-    return pd.DataFrame(table), flat
+    table = pd.DataFrame(table)
+    for m in metrics:
+        tested = table[f"gain_{m}_p"].notna() if f"gain_{m}_p" in table else pd.Series(False, index=table.index)
+        if tested.any():
+            table.loc[tested, f"gain_{m}_p_holm"] = holm(table.loc[tested, f"gain_{m}_p"])
+            for _, row in table[tested].iterrows():
+                name = "_".join(str(row[g]) for g in groups)
+                flat[f"{prefix}_gain_{m}_{name}_p_holm"] = float(row[f"gain_{m}_p_holm"])
+    return table, flat

@@ -1,4 +1,4 @@
-"""Evaluating a pretrained dual encoder on real labelled images: linear probe, zero-shot, retrieval."""
+"""Evaluating a pretrained dual encoder on real images: linear probe, zero-shot, retrieval (with its chance level)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from synthmed.data.dataset import to_model_range
+from synthmed.metrics.augmentation import regime_name, stratified_subset
+from synthmed.provenance import derive_seed
+from synthmed.vlp.corpus import ScoringSet
 from synthmed.vlp.model import DualEncoder
 
 
@@ -45,21 +48,65 @@ def zero_shot(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.
             "auc": _auc(test_y, torch.as_tensor(sims).softmax(-1).numpy(), np.arange(sims.shape[1]))}
 
 
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, image_caption: np.ndarray,
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: np.ndarray,
                      ks=(1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@K.
+    """Image->text and text->image recall@K with every caption of an image a positive.
 
-    text_emb rows are the unique captions; image_caption[i] is the row of image i's caption.
-    Image->text: is image i's caption among its K most similar captions? Text->image: is any
-    image of caption j among the K images most similar to it?
+    text_emb rows are the distinct candidate captions; positives[i, j] says caption j describes image i.
+    Image->text: is any of image i's captions among its K most similar captions? Text->image: is any
+    image that caption j describes among the K images most similar to it?
     """
     sims = image_emb @ text_emb.T  # [images, captions]
-    out = {}
     i2t = sims.argsort(dim=1, descending=True).numpy()
     t2i = sims.T.argsort(dim=1, descending=True).numpy()
-    owners = [np.flatnonzero(image_caption == j) for j in range(len(text_emb))]
+    out = {}
     for k in ks:
-        out[f"i2t_r{k}"] = float(np.mean([image_caption[i] in i2t[i, :k] for i in range(len(i2t))]))
-        out[f"t2i_r{k}"] = float(np.mean([np.isin(t2i[j, :k], owners[j]).any() for j in range(len(t2i))
-                                          if len(owners[j])]))
+        out[f"i2t_r{k}"] = float(np.take_along_axis(positives, i2t[:, :k], axis=1).any(axis=1).mean())
+        out[f"t2i_r{k}"] = float(np.take_along_axis(positives.T, t2i[:, :k], axis=1).any(axis=1).mean())
+    return out
+
+
+def _hit_chance(n: int, hits: np.ndarray, k: int) -> float:
+    """Mean chance that K random picks of n candidates include one of ``hits`` positives:
+    1 - C(n - h, K) / C(n, K), the product form staying in floating point."""
+    if k >= n:
+        return 1.0
+    t = np.arange(k)
+    misses = np.prod((n - hits[:, None] - t) / (n - t), axis=1).clip(min=0)
+    return float(np.mean(1 - misses))
+
+
+def retrieval_chance(positives: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """What recall@K a random ranking scores on this test set (it grows with positives per query and
+    shrinks with candidates), and the number of candidates, reported beside every recall."""
+    n_img, n_cap = positives.shape
+    out = {"i2t_candidates": n_cap, "t2i_candidates": n_img}
+    for k in ks:
+        out[f"i2t_r{k}_chance"] = _hit_chance(n_cap, positives.sum(1), k)
+        out[f"t2i_r{k}_chance"] = _hit_chance(n_img, positives.sum(0), k)
+    return out
+
+
+def evaluate_model(model: DualEncoder, tower, data: ScoringSet, probe_fractions: list[float],
+                   templates: dict[str, str], rep: int, seed: int) -> dict[str, float]:
+    """Linear probe per share of labelled real train images (labelled data only), zero-shot over the labels
+    with a caption, and retrieval over every caption of the real test images."""
+    out = {}
+    if data.classes:
+        feats_train = image_features(model, data.probe_x, projected=False)
+        feats_test = image_features(model, data.test.images, projected=False)
+        for f in probe_fractions:
+            idx = stratified_subset(data.probe_y, f, np.random.default_rng(derive_seed(seed, "probe", f, rep)))
+            scores = linear_probe(feats_train[idx], data.probe_y[idx], feats_test, data.test_y)
+            out.update({f"probe_{k}_{regime_name(f)}": v for k, v in scores.items()})
+    img_emb = image_features(model, data.test.images, projected=True)
+    with torch.no_grad():
+        if data.zs_labels:
+            class_emb = model.embed_texts(tower.pooled([templates[c] for c in data.zs_labels]))
+            zs_code = {data.classes.index(c): i for i, c in enumerate(data.zs_labels)}
+            mask = np.isin(data.test_y, list(zs_code))
+            zs_y = np.array([zs_code[y] for y in data.test_y[mask]])
+            out.update({f"zeroshot_{k}": v for k, v in zero_shot(img_emb[mask], class_emb, zs_y).items()})
+        cap_emb = model.embed_texts(tower.pooled(data.candidates))
+    out.update(retrieval_recall(img_emb, cap_emb, data.positives))
     return out

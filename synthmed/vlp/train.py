@@ -29,9 +29,17 @@ class VLPConfig:
     text_trainable_layers: int  # 0 = frozen text encoder (pooled features computed once)
 
 
+def distinct_pairs(caption_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the batch's pairs to keep: the first pair of each caption and of each image. A repeated
+    caption or image would stand as its own negative in InfoNCE."""
+    caps, imgs = caption_ids.tolist(), image_ids.tolist()
+    return torch.tensor([i for i in range(len(caps)) if caps[i] not in caps[:i] and imgs[i] not in imgs[:i]])
+
+
 def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: VLPConfig, seed: int,
-             desc: str = "vlp") -> tuple[DualEncoder, TextTower, list[float]]:
-    """Train a fresh dual encoder on (uint8 images [N, C, H, W], captions).
+             desc: str = "vlp", image_of=None) -> tuple[DualEncoder, TextTower, list[float]]:
+    """Train a fresh dual encoder on pairs (images[image_of[i]], captions[i]) of uint8 images [N, C, H, W];
+    without image_of, pair i is image i.
 
     Returns the model, the text tower it was trained with (a tuned copy when
     text_trainable_layers > 0, so every arm starts from the same text weights) and the loss log.
@@ -45,6 +53,7 @@ def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: V
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     caption_ids = torch.tensor([row[c] for c in captions])
+    image_ids = torch.arange(len(captions)) if image_of is None else torch.as_tensor(image_of, dtype=torch.long)
     if tuned:
         tokens = tower.tokenize(unique)
         tower.model.train()
@@ -55,13 +64,11 @@ def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: V
     log = []
     model.train()
     for _ in progress(range(cfg.steps), desc=desc):
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-        cap = caption_ids[idx]
-        # one positive per caption: duplicates of a caption in a batch would be false negatives
-        keep = torch.tensor([i for i, c in enumerate(cap.tolist()) if c not in cap[:i].tolist()])
-        idx, cap = idx[keep], cap[keep]
+        pair = torch.randint(len(captions), (cfg.batch_size,), generator=g)
+        keep = distinct_pairs(caption_ids[pair], image_ids[pair])
+        cap, img = caption_ids[pair][keep], image_ids[pair][keep]
         feats = tower(tokens["input_ids"][cap], tokens["attention_mask"][cap]) if tuned else cached[cap]
-        loss = info_nce(model.embed_images(to_model_range(images[idx])), model.embed_texts(feats),
+        loss = info_nce(model.embed_images(to_model_range(images[img])), model.embed_texts(feats),
                         model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()

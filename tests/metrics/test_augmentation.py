@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from synthmed.metrics.augmentation import plan_cells, run_cells, summarise
+from synthmed.metrics.augmentation import plan_cells, plot, prompt_adherence, run_cells, run_study, summarise
 from synthmed.metrics.downstream import ClassifierConfig
+from synthmed.metrics.stats import holm
 
 
 def test_regimes_and_arms_get_the_right_counts_and_pair_by_seed():
@@ -59,3 +60,39 @@ def test_cells_train_and_score_on_the_real_test_set():
     runs = run_cells(cells, rx, ry, sx, sy, tx, ty, 2, ClassifierConfig(steps=40, lr=0.01, batch_size=16))
     assert len(runs) == 6 and set(runs["arm"]) == {"real", "1x", "synth"}
     assert runs["auc"].min() > 0.9 and (runs["n_synth"] == [0, 20, 20, 0, 20, 20]).all()
+
+
+def test_holm_adjusts_in_order_and_stays_monotone():
+    # sorted 0.005, 0.01, 0.03, 0.04 scaled by 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_summary_corrects_p_values_over_every_cell_of_a_metric():
+    runs = pd.DataFrame({
+        "regime": ["10pct"] * 9, "arm": ["real"] * 3 + ["1x"] * 3 + ["synth"] * 3, "rep": [0, 1, 2] * 3,
+        "n_real": 10, "n_synth": 0, "n_synth_requested": 0,
+        "auc": [0.6, 0.7, 0.8, 0.7, 0.9, 1.1, 0.5, 0.7, 0.8], "acc": 0.5, "bacc": 0.5,
+    })
+    table, flat = summarise(runs)
+    raw = [flat["aug_gain_auc_10pct_1x_p"], flat["aug_gain_auc_10pct_synth_p"]]
+    assert [flat["aug_gain_auc_10pct_1x_p_holm"], flat["aug_gain_auc_10pct_synth_p_holm"]] == pytest.approx(holm(raw))
+    assert flat["aug_gain_auc_10pct_1x_p_holm"] > flat["aug_gain_auc_10pct_1x_p"]  # two tests: stricter
+
+
+def test_study_without_labelled_synthetic_images_runs_the_real_arm_and_adherence_scores_synthetic(tmp_path):
+    g = torch.Generator().manual_seed(0)
+
+    def make(n, labelled=True):
+        y = torch.arange(n) % 2
+        x = (torch.rand(n, 1, 16, 16, generator=g) * 80 + 40 + 120 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+        return x, y if labelled else torch.full_like(y, -1)
+    cfg = ClassifierConfig(steps=40, lr=0.01, batch_size=16)
+    real, test, synth = make(20), make(20), make(10)
+    study = run_study(real, make(10, labelled=False), test, 2, [1.0], [1.0], ["real_synth", "synth"], 2, cfg, 0)
+    assert set(study.runs["arm"]) == {"real"} and study.flat["n_synthetic_pool"] == 0
+    adherence = prompt_adherence(study, real, synth, test, 2, cfg, 0)
+    assert adherence["adherence_acc"] > 0.9 and adherence["adherence_real_test_acc"] > 0.9
+    assert adherence["adherence_chance"] == pytest.approx(0.5)
+    plot(pd.DataFrame(), tmp_path / "empty.png", empty_note="no labels")  # unlabelled data still gets its figure
+    assert (tmp_path / "empty.png").stat().st_size > 0

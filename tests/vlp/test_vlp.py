@@ -1,5 +1,7 @@
-"""The VLP study's parts: InfoNCE, the learned temperature, retrieval recall and arm bookkeeping."""
+"""The VLP study's parts: InfoNCE, the learned temperature, retrieval recall and its chance level, every
+caption of an image as a pair and a positive, arm bookkeeping and the report."""
 
+import itertools
 import math
 
 import numpy as np
@@ -7,10 +9,12 @@ import pytest
 import torch
 
 from synthmed.text.encoder import TextEncoder
-from synthmed.vlp.evaluation import linear_probe, retrieval_recall, zero_shot
+from synthmed.vlp.corpus import scoring_set, split_pairs
+from synthmed.vlp.evaluation import linear_probe, retrieval_chance, retrieval_recall, zero_shot
+from synthmed.vlp.report import report, summarise
 from synthmed.vlp.model import MAX_LOGIT_SCALE, info_nce
 from synthmed.vlp.text import TextTower
-from synthmed.vlp.train import VLPConfig, pretrain
+from synthmed.vlp.train import VLPConfig, distinct_pairs, pretrain
 
 
 def test_info_nce_matches_a_hand_computation():
@@ -27,12 +31,35 @@ def test_retrieval_recall_on_a_constructed_case():
     # 3 images, 3 captions; image 0 -> caption 0 is top-1, image 1's caption ranks 2nd, image 2's 3rd
     img = torch.eye(3)
     txt = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.5, 0.0], [0.0, 0.9, 0.1]])
-    out = retrieval_recall(img, txt, np.array([0, 1, 2]), ks=(1, 2, 3))
+    out = retrieval_recall(img, txt, np.eye(3, dtype=bool), ks=(1, 2, 3))
     # image 1 sees captions scored [0, 0.5, 0.9] -> its caption (1) ranks 2nd; image 2 sees [0, 0, 0.1] -> 1st
     assert out["i2t_r1"] == pytest.approx(2 / 3) and out["i2t_r2"] == 1.0
     # caption 0 scores images [1, 0, 0] -> image 0 first; caption 1 [0.9, 0.5, 0] -> image 1 second;
     # caption 2 [0, 0.9, 0.1] -> image 2 second
     assert out["t2i_r1"] == pytest.approx(1 / 3) and out["t2i_r2"] == 1.0 and out["t2i_r3"] == 1.0
+
+
+def test_every_caption_of_an_image_is_a_positive():
+    # image 0 has captions 0 and 2; its most similar caption is 2, which the first-caption-only rule missed
+    img = torch.eye(3)
+    txt = torch.tensor([[0.2, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    positives = np.array([[True, False, True], [False, True, False], [False, False, False]])
+    out = retrieval_recall(img, txt, positives, ks=(1,))
+    assert out["i2t_r1"] == pytest.approx(2 / 3)  # images 0 and 1 hit; image 2 has no caption here
+    assert out["t2i_r1"] == pytest.approx(1.0)  # caption 0 -> image 0, 1 -> 1, 2 -> 0
+
+
+def test_retrieval_chance_matches_every_random_ranking():
+    positives = np.array([[True, True, False, False, False], [False, False, True, False, False],
+                          [False, False, False, True, True], [True, False, False, False, True]])
+    out = retrieval_chance(positives, ks=(1, 2, 5))
+    for k in (1, 2, 5):
+        for name, pos in (("i2t", positives), ("t2i", positives.T)):
+            n = pos.shape[1]
+            rankings = list(itertools.permutations(range(n)))
+            exact = np.mean([np.mean([row[list(r[:k])].any() for r in rankings]) for row in pos])
+            assert out[f"{name}_r{k}_chance"] == pytest.approx(exact)
+    assert out["i2t_candidates"] == 5 and out["t2i_candidates"] == 4 and out["i2t_r5_chance"] == 1.0
 
 
 def test_zero_shot_and_linear_probe_score_known_answers():
@@ -88,27 +115,50 @@ def test_tuning_text_layers_leaves_the_shared_tower_untouched():
 def test_vlp_summary_pairs_arms_with_real_by_seed():
     import pandas as pd
 
-    from stages.evaluate_vlp import summarise
-
     runs = pd.DataFrame({"arm": ["real"] * 3 + ["synth"] * 3, "rep": [2, 0, 1, 0, 1, 2], "pairs": 10,
-                         "probe_auc_1pct": [0.8, 0.6, 0.7, 0.7, 0.9, 1.1]})
+                         "probe_auc_1pct": [0.8, 0.6, 0.7, 0.7, 0.9, 1.1],
+                         "final_loss": [1.0, 1.1, 1.2, 0.1, 0.2, 0.3], "temperature": 0.07})
     table, flat = summarise(runs)
+    # losses and temperatures of arms trained on different corpora are not outcomes: no gain, no p-value
+    assert not [k for k in flat if "final_loss" in k or "temperature" in k]
     assert flat["vlp_probe_auc_1pct_real"] == pytest.approx(0.7)
     # paired by rep: synth - real = 0.1, 0.2, 0.3
     assert flat["vlp_gain_probe_auc_1pct_synth"] == pytest.approx(0.2)
     assert flat["vlp_gain_probe_auc_1pct_synth_p"] == pytest.approx(0.07418, abs=1e-4)
+    assert flat["vlp_gain_probe_auc_1pct_synth_p_holm"] == pytest.approx(0.07418, abs=1e-4)  # a family of one
     assert "vlp_gain_probe_auc_1pct_real" not in flat
 
 
 def test_report_without_labels_has_retrieval_only():
     import pandas as pd
 
-    from stages.evaluate_vlp import report, summarise
-
     runs = pd.DataFrame({"arm": ["real", "real", "synth", "synth"], "rep": [0, 1, 0, 1], "pairs": 4,
                          "i2t_r10": [0.1, 0.2, 0.1, 0.1], "t2i_r10": [0.2, 0.2, 0.1, 0.3]})
     table, _ = summarise(runs)
-    p = type("P", (), {"probe_fractions": [0.1, 1.0], "seeds": 2, "steps": 5, "test_split": "test",
-                       "arms": ["real", "synth"]})()
-    text = report(table, p)
+    chance = {"i2t_candidates": 40, "t2i_candidates": 12, "i2t_r10_chance": 0.25, "t2i_r10_chance": 0.8333}
+    text = report(table, ["real", "synth"], [0.1, 1.0], 2, 5, "test", chance, ["retrieval only: no labels"])
     assert "## Retrieval" in text and "Linear probe" not in text and "| synth | -0.050" in text
+    assert "40 distinct test captions" in text and "| chance | 0.250 | 0.833 |" in text
+    assert "- retrieval only: no labels" in text and "Holm" in text
+
+
+def test_pairs_keep_every_caption_and_zero_shot_says_what_it_skips(tmp_path, capsys):
+    from tests.helpers import write_imagefolder
+
+    rows = [("a.png", "generic prompt"), ("a.png", "a left lesion"), ("b.png", "generic prompt"),
+            ("b.png", "a right lesion"), ("c.png", "generic prompt"), ("c.png", "no lesion"),
+            ("d.png", "generic prompt"), ("d.png", "two lesions")]
+    folder = write_imagefolder(tmp_path / "ds", rows, split=["train"] * 4 + ["test"] * 4,
+                               label=["x", "x", "y", "y", "x", "x", "y", "y"])
+    train = split_pairs(str(folder), ["train"], "real")
+    assert len(train) == 4 and len(train.images) == 2 and train.image_of.tolist() == [0, 0, 1, 1]
+    data = scoring_set(str(folder), train, "test", {"x": "an x image"})
+    assert data.candidates == ["generic prompt", "no lesion", "two lesions"]
+    assert data.positives.tolist() == [[True, True, False], [True, False, True]]
+    assert data.zs_labels == ["x"] and "no caption in evaluate_vlp.zero_shot_templates for: y" in data.notes[0]
+    assert "zero-shot skipped" in scoring_set(str(folder), train, "test", {}).notes[0]
+
+
+def test_a_batch_keeps_one_pair_per_caption_and_per_image():
+    caption_ids, image_ids = torch.tensor([0, 1, 0, 2, 3, 4]), torch.tensor([0, 0, 1, 2, 2, 3])
+    assert distinct_pairs(caption_ids, image_ids).tolist() == [0, 3, 5]  # 1: image 0 again; 2: caption 0; 4: image 2
