@@ -24,15 +24,15 @@ from typing import Callable, Literal
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 
 from synthmed.config import require_at_least_one, require_non_negative, require_probability
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
-from synthmed.diffusion.sample import is_self_conditioned, predicted_x0
+from synthmed.diffusion.loss import diffusion_loss
+from synthmed.diffusion.sample import is_self_conditioned
 from synthmed.models.autoencoder import encode_posterior
 from synthmed.runtime import make_accelerator, progress
 from synthmed.text.encoder import TextEncoder
@@ -134,31 +134,16 @@ def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generato
     return z * data.scaling_factor, cap
 
 
-def _loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min-SNR-gamma weighting (Hang et al. 2023), normalised for the prediction type."""
-    if gamma <= 0:
-        return torch.ones(len(t))
-    snr = compute_snr(scheduler, t)
-    weight = torch.clamp(snr, max=gamma) / snr
-    return weight * snr / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _unet_input(unet, noisy: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor:
-    if not is_self_conditioned(unet):
-        return noisy
-    return torch.cat([noisy, torch.zeros_like(noisy) if x0_prev is None else x0_prev], dim=1)
-
-
 @torch.no_grad()
 def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs,
-                    batch_size: int = 64) -> float:
-    """Denoising loss on held-out latents with fixed noise and timesteps (its own generator,
-    so the training RNG stream, and thus resumed runs, stay untouched). A self-conditioned
-    model is scored on its first pass (no previous estimate)."""
+                    min_snr_gamma: float = 0.0, batch_size: int = 64) -> float:
+    """The training loss (same weighting) on held-out latents with fixed noise and timesteps, from
+    its own generator so that the training RNG stream, and thus resumed runs, stay untouched. A
+    self-conditioned model is scored on its first pass (no previous estimate)."""
     g = torch.Generator().manual_seed(1234)
     device = next(unet.parameters()).device
     was_training = unet.training
@@ -170,11 +155,9 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
         z0 = data.latent_mean[img] * data.scaling_factor
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=g)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
-        noisy = scheduler.add_noise(z0, noise, t).to(device)
-        pred = unet(_unet_input(unet, noisy, None), t.to(device), encoder_hidden_states=data.text_emb[cap].to(device),
-                    encoder_attention_mask=data.text_mask[cap].to(device)).sample
-        total += F.mse_loss(pred.float(), target.to(device), reduction="sum").item() / z0[0].numel()
+        cond = {"encoder_hidden_states": data.text_emb[cap].to(device),
+                "encoder_attention_mask": data.text_mask[cap].to(device)}
+        total += diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=min_snr_gamma).sum().item()
         count += len(z0)
     unet.train(was_training)
     return total / max(count, 1)
@@ -228,24 +211,12 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
             use_prev = torch.rand(micro, generator=generator) < 0.5 if self_cond else None
             mine = slice(rank * micro // world, (rank + 1) * micro // world)  # this process's share
             z0, cap, noise, t = z0[mine], cap[mine], noise[mine], t[mine]
-            noisy = scheduler.add_noise(z0, noise, t).to(device)
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
             cond = {"encoder_hidden_states": data.text_emb[cap].to(device),
                     "encoder_attention_mask": data.text_mask[cap].to(device)}
-            x0_prev = None
-            if self_cond:  # first pass without gradient, only for the samples that use its estimate
-                x0_prev = torch.zeros_like(noisy)
-                rows = use_prev[mine].nonzero().flatten()
-                if len(rows):
-                    with torch.no_grad():
-                        sub = {k: v[rows.to(device)] for k, v in cond.items()}
-                        first = model(_unet_input(unet, noisy[rows], None), t[rows].to(device), **sub).sample
-                    x0_prev[rows] = predicted_x0(scheduler, noisy[rows], first.float(), t[rows])
             # only the last micro-batch synchronises gradients across processes
             with acc.no_sync(model) if k < cfg.grad_accum_steps - 1 else nullcontext():
-                pred = model(_unet_input(unet, noisy, x0_prev), t.to(device), **cond).sample
-                per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
-                loss = (per_sample * _loss_weights(scheduler, t, cfg.min_snr_gamma).to(device)).mean()
+                loss = diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=cfg.min_snr_gamma,
+                                      use_prev=None if use_prev is None else use_prev[mine], forward=model).mean()
                 finite = torch.isfinite(loss.detach())
                 if acc.num_processes > 1:  # stop every process together, not one while the others wait
                     finite = acc.reduce(finite.float(), "min") > 0
