@@ -15,7 +15,6 @@ import asyncio
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,54 +24,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.e2e.harness import STAGES, declared_outputs, dvc, make_repo, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate", "evaluate", "evaluate_vlp"]
-
-
-def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=os.environ.copy())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(repo, sys.executable, "-m", "dvc", *args, check=check)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh git+DVC repo holding the project's files and the tiny params profile."""
-    root = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        generated = rel.startswith("metrics/") or (rel.startswith("data/") and not rel.startswith("data/raw/"))
-        if generated or rel == "dvc.lock" or not (REPO_ROOT / rel).is_file():
-            continue
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / rel, root / rel)
-    shutil.copy(REPO_ROOT / "tests/e2e/params_tiny.yaml", root / "params.yaml")
-    os.environ["DVC_SITE_CACHE_DIR"] = str(root.parent / "dvc-site-cache")
-    sh(root, "git", "init", "-q", "-b", "main")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
-    return root
-
-
-def declared_outputs(repo: Path) -> dict[str, list[str]]:
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for name, stage in spec.items():
-        paths = []
-        for key in ("outs", "metrics", "plots"):
-            for entry in stage.get(key, []):
-                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
-        out[name] = paths
-    return out
+    return make_repo(tmp_path_factory.mktemp("e2e") / "repo")
 
 
 def lock_hashes(repo: Path, stage: str) -> dict[str, str]:

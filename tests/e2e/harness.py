@@ -1,0 +1,65 @@
+"""A fresh git+DVC repository of the project for end-to-end tests, and the commands they run in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate", "evaluate", "evaluate_vlp"]
+TINY_PARAMS = REPO_ROOT / "tests/e2e/params_tiny.yaml"
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def make_repo(root: Path, params: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """A fresh git+DVC repo at ``root`` holding the project's tracked files, the tiny params profile (or
+    ``params``) and ``extra_files`` (relative path -> bytes, e.g. a dataset under data/raw/)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        generated = rel.startswith("metrics/") or (rel.startswith("data/") and not rel.startswith("data/raw/"))
+        if generated or rel == "dvc.lock" or not (REPO_ROOT / rel).is_file():
+            continue
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, root / rel)
+    if params is None:
+        shutil.copy(TINY_PARAMS, root / "params.yaml")
+    else:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for rel, data in (extra_files or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    os.environ["DVC_SITE_CACHE_DIR"] = str(root.parent / "dvc-site-cache")
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    return root
+
+
+def declared_outputs(repo: Path) -> dict[str, list[str]]:
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in spec.items():
+        paths = []
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+        out[name] = paths
+    return out
