@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from synthmed.config import as_dict, load_params, run_stage
+from synthmed.config import as_dict, load_params, require_at_least_one, require_non_negative, run_stage
 from synthmed.data.card import dataset_card
 from synthmed.data.decode import DecodeOptions
 from synthmed.data.dicom import DicomParams
@@ -15,6 +15,7 @@ from synthmed.data.manifest import (build_manifest, build_pairs, check_pixels_no
                                     write_manifest)
 from synthmed.data.nifti import NiftiParams
 from synthmed.data.problems import Problems
+from synthmed.data.sample import Sample
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.errors import PipelineError
 from synthmed.io import write_text, write_metrics
@@ -27,8 +28,12 @@ OUT = "data/ingest"
 @dataclass
 class DemoParams:
     slice_step_mm: int  # distance between slices
-    slab_slices: int  # neighbouring slices per group
+    guard_mm: float  # least distance from a val/test slice to the nearest train slice of its plane
     min_brain_fraction: float  # skip slices with less brain than this
+
+    def __post_init__(self) -> None:
+        require_at_least_one(self, "slice_step_mm")
+        require_non_negative(self, "guard_mm")
 
 
 @dataclass
@@ -48,13 +53,16 @@ class IngestParams:
     dicom: DicomParams
 
 
-def load_samples(p: IngestParams, problems: Problems):
-    if p.source == "demo":
-        from synthmed.data.demo import demo_samples
+def load_demo(p: IngestParams, seed: int) -> tuple[list[Sample], int]:
+    """The demo, split by the demo itself (it knows which slices neighbour), and its guard drop count."""
+    from synthmed.data.demo import demo_samples
 
-        if p.channels != 1:
-            raise PipelineError("params.yaml: ingest.channels must be 1 for the demo (MRI is greyscale)")
-        return demo_samples(resolution=p.resolution, **as_dict(p.demo))
+    if p.channels != 1:
+        raise PipelineError("params.yaml: ingest.channels must be 1 for the demo (MRI is greyscale)")
+    return demo_samples(resolution=p.resolution, split_fractions=p.split_fractions, seed=seed, **as_dict(p.demo))
+
+
+def load_samples(p: IngestParams, problems: Problems) -> list[Sample]:
     if not Path(p.path).exists():
         raise PipelineError(f"params.yaml: ingest.path={p.path!r} does not exist; point it to your {p.source} dataset")
     if p.source == "nifti":
@@ -78,7 +86,7 @@ def main() -> None:
     p, seed = load_params("ingest", IngestParams)
     seed_everything(seed)
     problems = Problems(p.on_error)
-    samples = load_samples(p, problems)
+    samples, guard_dropped = load_demo(p, seed) if p.source == "demo" else (load_samples(p, problems), 0)
     if len(samples) < p.min_images:
         raise PipelineError(
             f"ingest found {len(samples)} usable images, fewer than ingest.min_images={p.min_images}; "
@@ -96,6 +104,9 @@ def main() -> None:
     images, pairs = build_manifest(samples), build_pairs(samples)
     check_pixels_not_shared(images)
     stats = dataset_stats(images, pairs)
+    notes = [f"Guard: {guard_dropped} train slices dropped, so every val/test slice is at least "
+             f"`ingest.demo.guard_mm` = {p.demo.guard_mm:g} mm from the nearest train slice of its plane"
+             ] if p.source == "demo" else []
 
     write_imagefolder(f"{OUT}/dataset", samples)
     write_manifest(f"{OUT}/manifest", images, pairs)
@@ -105,10 +116,11 @@ def main() -> None:
              f"{OUT}/samples.png")
     write_text(f"{OUT}/card.md", dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
                                               params=as_dict(p), stats=stats, images=images, pairs=pairs,
-                                              problems=problems.counts()))
+                                              problems=problems.counts(), notes=notes))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
                      inputs=[p.path] if p.source != "demo" else [])
-    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items)}, headline=["images"])
+    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items), "guard_dropped": guard_dropped},
+                  headline=["images"])
     print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else ""))

@@ -92,3 +92,19 @@ def test_dicom_ingest_leaks_no_identifier_into_any_output(tmp_path):
     assert not leaked, f"identifiers in outputs: {leaked}"
     images = pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")
     assert images["group"].nunique() == 3 and images.groupby("group")["split"].nunique().max() == 1
+
+
+def test_demo_ingest_guards_the_split_and_reports_the_drop(tmp_path):
+    proc = run_ingest(tmp_path, source="demo", resolution=16,
+                      demo={"slice_step_mm": 4, "guard_mm": 10, "min_brain_fraction": 0.08})
+    assert proc.returncode == 0, proc.stderr
+    images = pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")
+    planes = images["id"].str.extract(r"^([a-z]+)_[xyz]([+-]\d+)\.png$")
+    mm = planes[1].astype(float)
+    images["plane"], images["mm"] = planes[0], mm.where(planes[0] != "sagittal", mm.abs())  # x, -x: one image
+    for plane, rows in images.groupby("plane"):
+        train, held = rows[rows["split"] == "train"]["mm"], rows[rows["split"] != "train"]["mm"]
+        assert min(abs(h - t) for h in held for t in train) >= 10, plane
+    metrics = json.loads((tmp_path / "metrics/all/ingest.json").read_text())
+    assert metrics["guard_dropped"] > 0
+    assert f"Guard: {metrics['guard_dropped']} train slices dropped" in (tmp_path / "data/ingest/card.md").read_text()

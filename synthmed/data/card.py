@@ -13,7 +13,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame, pairs: pd.DataFrame,
-                 problems: dict[str, int]) -> str:
+                 problems: dict[str, int], notes: list[str] | None = None) -> str:
+    """``notes``: more bullets for the summary, e.g. what the split left out and why."""
     by_label = (images.assign(label=images["label"].replace("", "(none)"))
                 .pivot_table(index="label", columns="split", values="id", aggfunc="count", fill_value=0)
                 .reset_index())
@@ -30,7 +31,7 @@ captions per image: {stats['captions_per_image']}
 - Caption length (words): median {lengths.median():.0f}, min {lengths.min()}, max {lengths.max()}
 - Resolution: {params['resolution']} px, {params['channels']} channel(s), {params['crop']} to square
 - Rows dropped (`ingest.on_error: skip`): {dropped} (details in `problems.csv`)
-
+""" + "".join(f"- {n}\n" for n in notes or []) + f"""
 ## Images per label and split
 
 {_table(by_label)}

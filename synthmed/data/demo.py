@@ -2,8 +2,10 @@
 
 nilearn ships the template and its grey/white-matter probability maps, so the
 demo needs no download. Each slice gets a caption from its plane, position in
-mm and tissue composition, a label (plane x position band) and a group (a slab
-of neighbouring slices, which the splitter keeps on one side).
+mm and tissue composition, a label (plane x position band), a group (its
+position: a sagittal slice and its mirror image share one) and a split. The demo
+splits itself: every slice comes from one volume, so the split is contiguous runs
+per band with a guard gap to train (see ``splits.contiguous_splits``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 import numpy as np
 
 from synthmed.data.sample import Sample
+from synthmed.data.splits import contiguous_splits
 from synthmed.data.transforms import prepare, to_uint8
 from synthmed.io import sha256_bytes
 
@@ -51,13 +54,17 @@ def demo_samples(
     *,
     resolution: int,
     slice_step_mm: int,
-    slab_slices: int,
+    guard_mm: float,
     min_brain_fraction: float,
+    split_fractions: dict[str, float],
+    seed: int,
     planes: list[str] | None = None,
-) -> list[Sample]:
+) -> tuple[list[Sample], int]:
+    """The demo's samples, split, and the number of slices dropped as guard between train and held-out."""
     t1, gm, wm, brain, affine = _load_volumes()
     high = float(np.percentile(t1[brain], 99.5))
     samples: list[Sample] = []
+    dropped = 0
     for plane in planes or list(PLANES):
         axis, coord, band_names = PLANES[plane]
         t1_s, gm_s, wm_s, brain_s = (_slices(v, axis) for v in (t1, gm, wm, brain))
@@ -73,13 +80,16 @@ def demo_samples(
         # Bands are tertiles of the kept extent, so every class has members.
         lo, hi = min(band_coord), max(band_coord)
         edges = (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3)
-        slab_mm = slice_step_mm * slab_slices
-        for index, pos, bc in zip(kept, positions, band_coord):
+        bands = [_band(bc, edges, band_names) for bc in band_coord]
+        splits = contiguous_splits(band_coord, bands, split_fractions, guard_mm, seed)
+        dropped += splits.count("")
+        for index, pos, bc, band, split in zip(kept, positions, band_coord, bands, splits):
+            if not split:
+                continue
             mask = brain_s[index]
             n = max(int(mask.sum()), 1)
             gm_frac = float(gm_s[index][mask].sum()) / n
             wm_frac = float(wm_s[index][mask].sum()) / n
-            band = _band(bc, edges, band_names)
             side = ("left " if pos < 0 else "right " if pos > 0 else "") if plane == "sagittal" else ""
             caption = (
                 f"{band.capitalize()} {side}{plane} T1-weighted brain MRI slice at {coord} = {pos:+.0f} mm; "
@@ -92,10 +102,11 @@ def demo_samples(
                     file_name=f"{plane}_{coord}{pos:+04.0f}.png",
                     pixels=pixels,
                     captions=[caption],
-                    group=f"{plane}-slab{int((bc - lo) // slab_mm):02d}",
+                    group=f"{plane}-{coord}{bc:+04.0f}",  # |x| for sagittal: mirror images are one group
                     label=f"{plane}_{band}",
+                    split=split,
                     source=f"nilearn:MNI152_2009_T1[{plane}={index}]",
                     source_sha256=sha256_bytes(raw),
                 )
             )
-    return samples
+    return samples, dropped

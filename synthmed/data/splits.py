@@ -56,3 +56,62 @@ def check_no_leak(groups: list[str], splits: list[str]) -> None:
     for g, s in zip(groups, splits):
         if seen.setdefault(g, s) != s:
             raise PipelineError(f"group '{g}' appears in both '{seen[g]}' and '{s}'; give it one split")
+
+
+def contiguous_splits(coords: list[float], strata: list[str], fractions: dict[str, float], guard: float,
+                      seed: int) -> list[str]:
+    """Split the slices of one axis into contiguous runs; "" marks a slice dropped as guard.
+
+    Neighbouring slices of one volume are near-identical images, so random slabs put 1 mm neighbours
+    on both sides of the split. Here each stratum (a band of ``coords``) is laid out from one end as
+    val, test, then train, the runs sized by ``fractions`` of the slices kept, and the end flips from
+    band to band so that equal splits meet at band borders. Train slices nearer than ``guard`` to a
+    val or test slice are dropped: a held-out slice's nearest train slice is at least ``guard`` away
+    (val and test may touch: neither is trained on). This costs one guard per band and keeps the
+    fractions; dropping guards around randomly dealt slabs costs one per slab border and starves
+    small bands. The split is decided per coordinate, so every image at one position shares it.
+    """
+    target = _normalised(fractions)
+    bands = sorted(set(strata), key=lambda s: min(c for c, t in zip(coords, strata) if t == s))
+    flip = random.Random(seed).random() < 0.5  # which end of the first band is held out
+    out = [""] * len(coords)
+    for k, band in enumerate(bands):
+        members = [i for i, t in enumerate(strata) if t == band]
+        held_high = (k % 2 == 0) != flip
+        members.sort(key=lambda i: -coords[i] if held_high else coords[i])  # from the held-out end inward
+        for i, split in zip(members, _runs([coords[i] for i in members], target, guard)):
+            out[i] = split
+    return _drop_near_held_out(coords, out, guard)  # also across band borders, e.g. after an all-held-out band
+
+
+def _normalised(fractions: dict[str, float]) -> dict[str, float]:
+    if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()) or not sum(fractions.values()):
+        raise PipelineError(f"split fractions must give train, val and test (>= 0), got {fractions}")
+    total = sum(fractions.values())
+    return {k: v / total for k, v in fractions.items()}
+
+
+def _runs(coords: list[float], target: dict[str, float], guard: float) -> list[str]:
+    """val, test, guard ("") and train along ``coords``, which run from the held-out end."""
+    kept = len(coords)
+    for _ in range(2):  # the second pass sizes the runs on the slices the guard leaves
+        n_val = round(target["val"] * kept)
+        n_held = n_val + round(target["test"] * kept)
+        split_at: dict[float, str] = {}
+        before, last_held = 0, None
+        for c in coords:
+            if c not in split_at:
+                split = "val" if before < n_val else "test" if before < n_held else "train"
+                if split == "train" and last_held is not None and abs(c - last_held) < guard:
+                    split = ""
+                last_held = c if split in ("val", "test") else last_held
+                split_at[c] = split
+            before += 1
+        out = [split_at[c] for c in coords]
+        kept = sum(1 for s in out if s)
+    return out
+
+
+def _drop_near_held_out(coords: list[float], splits: list[str], guard: float) -> list[str]:
+    held = [c for c, s in zip(coords, splits) if s in ("val", "test")]
+    return ["" if s == "train" and any(abs(c - h) < guard for h in held) else s for c, s in zip(coords, splits)]
