@@ -41,9 +41,10 @@ def make_paraphraser(p: ParaphraseParams, seed: int) -> Paraphraser:
     backend = p.backend
     if backend == "openai" and not os.environ.get(p.openai.api_key_env):
         backend = _fallback_without_key(p.openai)
+    vocabulary = load_vocabulary(p.vocabulary)
     if backend != "openai":
-        return make_offline_paraphraser(backend, seed)
-    rules = Validation(load_vocabulary(p.vocabulary), p.min_length_ratio, p.max_length_ratio)
+        return make_offline_paraphraser(backend, seed, vocabulary)
+    rules = Validation(vocabulary, p.min_length_ratio, p.max_length_ratio)
     # paid-for replies live in the local store, out of reach of DVC checkouts: never re-bought
     return OpenAIParaphraser(p.openai, p.prompt_template, rules, ResponseCache(store.cache_dir("llm")), seed)
 
@@ -65,6 +66,15 @@ def backend_used(paraphraser: Paraphraser) -> str:
     return "openai" if paraphraser.name == "llm" else paraphraser.name
 
 
+def report_declined(declined: dict[str, str], total: int) -> None:
+    """One line on the captions the rule backend left alone rather than garble."""
+    if declined:
+        caption, why = next(iter(declined.items()))
+        print(f"paraphrase: the rule backend declined {len(declined)} of {total} captions it cannot rephrase "
+              f"grammatically (sentences, prompts, negations; e.g. {caption!r}: {why}); "
+              "they keep only their original")
+
+
 def main() -> None:
     p, seed = load_params("paraphrase", ParaphraseParams)
     require_inputs("paraphrase", DATASET)
@@ -75,6 +85,8 @@ def main() -> None:
     eligible = pairs["split"].isin(p.splits)
     unique = sorted(pairs.loc[eligible, "text"].unique())
     paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
+    declined = getattr(paraphraser, "declined", {})
+    report_declined(declined, len(unique))
     augmented = augment_pairs(pairs[eligible], paraphrases, paraphraser.name, p.strategy, p.p_replace, seed)
     out = pd.concat([augmented, pairs[~eligible].assign(caption_source="original")], ignore_index=True)
     if out.empty:
@@ -96,6 +108,7 @@ def main() -> None:
         "pairs": len(out),
         "backend_used": used,
         "llm": int(paraphraser.name == "llm"),
+        "rule_declined": len(declined),
         "requests": stats.requests,
         "cache_hits": stats.cache_hits,
         "tokens": stats.prompt_tokens + stats.completion_tokens,
