@@ -21,8 +21,8 @@ from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
-from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, make_noise_scheduler,
-                                     train_ldm, validation_loss)
+from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, ema_weights,
+                                     make_noise_scheduler, train_ldm, validation_losses)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
@@ -87,7 +87,9 @@ images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 m
 - Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
-- Final training loss: {metrics['final_loss']:.4f}; UNet parameters: {metrics['parameters']:,}
+- Final training loss: {metrics['final_loss']:.4f}; validation loss (as trained, min-SNR-weighted): these \
+weights {metrics['val_loss_ema']:.4f}, the raw training weights {metrics['val_loss_raw']:.4f}; UNet parameters: \
+{metrics['parameters']:,}
 
 | param | value |
 |---|---|
@@ -130,14 +132,15 @@ def main() -> None:
                             text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
     pipe.use_text_encoder(encoder).set_progress_bar_config(disable=True)
 
-    def on_every(step: int, model) -> dict:
-        """Validation loss and a grid of fixed prompts with fixed seeds, as training goes."""
-        model.eval()
-        images = pipe.generate(grid_prompts, list(range(len(grid_prompts))), num_inference_steps=25,
-                               guidance_scale=3.0)
+    def on_every(step: int, model, ema) -> dict:
+        """Validation losses and a grid of fixed prompts with fixed seeds, as training goes; the grid
+        comes from the weights that ship (the EMA's)."""
+        with ema_weights(model.eval(), ema):
+            images = pipe.generate(grid_prompts, list(range(len(grid_prompts))), num_inference_steps=25,
+                                   guidance_scale=3.0)
         model.train()
         save_png(image_grid([to_array(x) for x in images], grid_prompts, ncol=8), f"{OUT}/progress/step{step:07d}.png")
-        return {"val_loss": validation_loss(model, scheduler, val_data)}
+        return validation_losses(model, ema, scheduler, val_data, p.min_snr_gamma)
 
     try:
         log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=store.run_dir("train_ldm", fingerprint) / "checkpoints", fingerprint=fingerprint,
@@ -158,7 +161,8 @@ def main() -> None:
     tail = log[-max(1, len(log) // 10):]
     metrics = {
         "final_loss": sum(r["loss"] for r in tail) / len(tail),
-        "val_loss": next(r["val_loss"] for r in reversed(log) if "val_loss" in r),
+        "val_loss_ema": next(r["val_loss_ema"] for r in reversed(log) if "val_loss_ema" in r),
+        "val_loss_raw": next(r["val_loss_raw"] for r in reversed(log) if "val_loss_raw" in r),
         "train_images": int(len(rows)),
         "train_pairs": int(len(pairs)),
         "unique_captions": len(set(pairs["text"])),
@@ -171,10 +175,11 @@ def main() -> None:
     with atomic_path(f"{OUT}/loss.csv") as tmp:
         frame[["step", "loss", "lr"]].to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(f"{OUT}/val_loss.csv") as tmp:
-        frame.dropna(subset=["val_loss"])[["step", "val_loss"]].to_csv(tmp, index=False, float_format="%.6g")
+        frame.dropna(subset=["val_loss_ema"])[["step", "val_loss_ema", "val_loss_raw"]].to_csv(
+            tmp, index=False, float_format="%.6g")
     write_provenance(f"{OUT}/provenance.json", stage="train_ldm", params=as_dict(p), seed=seed,
                      inputs=[PAIRS, DATASET, VAE])
-    write_metrics("train_ldm", metrics, headline=["val_loss"])
+    write_metrics("train_ldm", metrics, headline=["val_loss_ema"])
     store.finish_run("train_ldm", fingerprint)
     print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
 

@@ -17,10 +17,10 @@ The loop runs through `accelerate`: one process on a CPU or GPU, data-parallel u
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import pandas as pd
 import torch
@@ -163,9 +163,34 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
     return total / max(count, 1)
 
 
+@contextmanager
+def ema_weights(unet: UNet2DConditionModel, ema: EMAModel | None) -> Iterator[UNet2DConditionModel]:
+    """The UNet with the EMA weights (those that ship) inside the block, its training weights back,
+    bit for bit, after it; without EMA the training weights are the ones that ship."""
+    if ema is None:
+        yield unet
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        ema.restore(unet.parameters())
+
+
+def validation_losses(unet: UNet2DConditionModel, ema: EMAModel | None, scheduler: DDPMScheduler,
+                      data: LatentPairs, min_snr_gamma: float) -> dict[str, float]:
+    """``val_loss_ema`` of the weights that ship and ``val_loss_raw`` of the training weights, both
+    weighted like the training loss, so the three compare (equal without EMA)."""
+    raw = validation_loss(unet, scheduler, data, min_snr_gamma)
+    with ema_weights(unet, ema):
+        shipped = validation_loss(unet, scheduler, data, min_snr_gamma) if ema is not None else raw
+    return {"val_loss_ema": shipped, "val_loss_raw": raw}
+
+
 def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: LatentPairs, cfg: LDMTrainConfig,
               generator: torch.Generator, checkpoint_dir: str | Path | None = None, fingerprint: str = "",
-              every: int = 0, on_every: Callable[[int, UNet2DConditionModel], dict] | None = None,
+              every: int = 0, on_every: Callable[[int, UNet2DConditionModel, EMAModel | None], dict] | None = None,
               accelerator=None) -> tuple[list[dict], EMAModel | None]:
     """Train in place; return the loss log and the EMA weights (None without EMA).
 
@@ -173,7 +198,7 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
     RNG states, log) is saved every ``checkpoint_every`` steps, and a rerun with
     the same ``fingerprint`` continues from the newest checkpoint: on the CPU the
     result is byte-identical to an uninterrupted run. Every ``every`` steps
-    ``on_every(step, unet)`` runs on the main process (validation, sample grids);
+    ``on_every(step, unet, ema)`` runs on the main process (validation, sample grids);
     what it returns is merged into that step's log entry, which is checkpointed.
 
     Every process draws the same global batch from ``generator`` and trains on its
@@ -237,7 +262,7 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         done = step + 1
         if on_every and every and (done % every == 0 or done == cfg.steps):
             if acc.is_main_process:
-                log[-1].update(on_every(done, unet))
+                log[-1].update(on_every(done, unet, ema))
             acc.wait_for_everyone()
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             if acc.is_main_process:

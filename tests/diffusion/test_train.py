@@ -238,3 +238,44 @@ def test_cpu_training_runs_in_full_precision_whatever_is_asked():
     from synthmed.runtime import make_accelerator
 
     assert make_accelerator("bf16").mixed_precision == "no"
+
+
+def _closed_form_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    ab = sched.alphas_cumprod.double()[t]
+    snr = ab / (1 - ab)
+    floor = snr + 1 if sched.config.prediction_type == "v_prediction" else snr
+    return (torch.clamp(snr, max=gamma) / floor).float()
+
+
+def test_validation_scores_the_ema_and_the_raw_weights_with_the_training_weighting():
+    import copy
+
+    from synthmed.diffusion.train import validation_losses
+
+    data, sched = _toy_data(), make_noise_scheduler(1000, "v_prediction")
+    unet = tiny_unet()
+    cfg = LDMTrainConfig(steps=4, batch_size=4, lr=1e-2, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0.0, **{**PLAIN, "ema_decay": 0.5, "min_snr_gamma": 2.0})
+    _, ema = train_ldm(unet, sched, data, cfg, torch.Generator().manual_seed(0))
+    raw = copy.deepcopy(unet.state_dict())
+    got = validation_losses(unet, ema, sched, data, 2.0)
+    assert all(torch.equal(raw[k], v) for k, v in unet.state_dict().items())  # training weights back, bit for bit
+
+    def expected(model) -> float:  # fixed draws from the validation generator, weighted as in training
+        g = torch.Generator().manual_seed(1234)
+        z0 = data.latent_mean * data.scaling_factor
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(1000, (len(z0),), generator=g)
+        with torch.no_grad():
+            pred = model.eval()(sched.add_noise(z0, noise, t), t, encoder_hidden_states=data.text_emb[data.caption_index],
+                                encoder_attention_mask=data.text_mask[data.caption_index]).sample
+        mse = ((pred - sched.get_velocity(z0, noise, t)) ** 2).mean(dim=(1, 2, 3))
+        return float((mse * _closed_form_weights(sched, t, 2.0)).mean())
+
+    shipped = copy.deepcopy(unet)
+    ema.copy_to(shipped.parameters())
+    assert abs(got["val_loss_raw"] - expected(unet)) < 1e-6
+    assert abs(got["val_loss_ema"] - expected(shipped)) < 1e-6
+    assert abs(got["val_loss_ema"] - got["val_loss_raw"]) > 1e-6  # two different sets of weights
+    without_ema = validation_losses(unet, None, sched, data, 2.0)  # no EMA: the raw weights ship
+    assert without_ema["val_loss_ema"] == without_ema["val_loss_raw"] == got["val_loss_raw"]
