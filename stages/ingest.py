@@ -9,7 +9,7 @@ from typing import Literal
 from synthmed.config import as_dict, load_params, require_at_least_one, require_non_negative, run_stage
 from synthmed.data.card import dataset_card
 from synthmed.data.decode import DecodeOptions
-from synthmed.data.dicom import DicomParams
+from synthmed.data.dicom import DicomParams, without_patient_id
 from synthmed.data.imagefolder import write_imagefolder
 from synthmed.data.manifest import (build_manifest, build_pairs, check_pixels_not_shared, dataset_stats,
                                     write_manifest)
@@ -82,6 +82,19 @@ def load_samples(p: IngestParams, problems: Problems) -> list[Sample]:
     return reader(p.path, opts, problems, p.workers)
 
 
+def split_notes(p: IngestParams, samples: list[Sample], guard_dropped: int) -> tuple[list[str], dict[str, int]]:
+    """What the split had to leave out or could not group: card lines and metrics of the source."""
+    if p.source == "demo":
+        return [f"Guard: {guard_dropped} train slices dropped, so every val/test slice is at least "
+                f"`ingest.demo.guard_mm` = {p.demo.guard_mm:g} mm from the nearest train slice of its plane"
+                ], {"guard_dropped": guard_dropped}
+    if p.source == "dicom":
+        n = without_patient_id(samples)
+        return ([f"No PatientID: {n} images grouped by study, series or file instead, so two studies of "
+                 "one such patient may straddle splits"] if n else []), {"images_without_patient_id": n}
+    return [], {}
+
+
 def main() -> None:
     p, seed = load_params("ingest", IngestParams)
     seed_everything(seed)
@@ -104,9 +117,7 @@ def main() -> None:
     images, pairs = build_manifest(samples), build_pairs(samples)
     check_pixels_not_shared(images)
     stats = dataset_stats(images, pairs)
-    notes = [f"Guard: {guard_dropped} train slices dropped, so every val/test slice is at least "
-             f"`ingest.demo.guard_mm` = {p.demo.guard_mm:g} mm from the nearest train slice of its plane"
-             ] if p.source == "demo" else []
+    notes, figures = split_notes(p, samples, guard_dropped)
 
     write_imagefolder(f"{OUT}/dataset", samples)
     write_manifest(f"{OUT}/manifest", images, pairs)
@@ -119,11 +130,11 @@ def main() -> None:
                                               problems=problems.counts(), notes=notes))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
                      inputs=[p.path] if p.source != "demo" else [])
-    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items), "guard_dropped": guard_dropped},
-                  headline=["images"])
+    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items), **figures}, headline=["images"])
     print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
-          + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else ""))
+          + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else "")
+          + "".join(f"\n  {note}" for note in notes))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.data.test_dicom import IDENTIFIERS, RAW, write_dcm
+from tests.data.test_dicom import IDENTIFIERS, RAW, file_id, write_dcm
 from tests.helpers import write_imagefolder
 
 
@@ -91,7 +91,29 @@ def test_dicom_ingest_leaks_no_identifier_into_any_output(tmp_path):
     leaked = [ident for ident in IDENTIFIERS if ident.lower() in text]
     assert not leaked, f"identifiers in outputs: {leaked}"
     images = pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")
-    assert images["group"].nunique() == 3 and images.groupby("group")["split"].nunique().max() == 1
+    assert images["group"].nunique() == 1  # three series of one patient: one group
+
+
+def test_dicom_ingest_keeps_a_patients_series_in_one_split(tmp_path):
+    patients = {"PID-778899": "Doe_Jane", "PID-445566": "Roe_Richard"}
+    files = {}
+    for p, (patient_id, folder) in enumerate(patients.items()):
+        for series in range(2):
+            uid = f"1.2.826.0.1.3680043.8.498.8{p}{series}"
+            for k in range(3):
+                rel = f"{folder}/s{series}/img{k}.dcm"
+                write_dcm(tmp_path / "data/raw/export" / rel, pixels=np.roll(RAW, 7 * k + 3 * series + 50 * p, axis=1),
+                          PatientID=patient_id, SeriesInstanceUID=uid)
+                files[file_id(rel) + ".png"] = patient_id
+    proc = run_ingest(tmp_path, source="dicom", path="data/raw/export", min_images=5, resolution=16)
+    assert proc.returncode == 0, proc.stderr
+    images = pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")
+    images["patient"] = images["id"].map(files)
+    assert images["patient"].notna().all() and images.groupby("patient")["group"].nunique().eq(1).all()
+    assert images["group"].nunique() == 2 and images.groupby("patient")["split"].nunique().eq(1).all()
+    assert json.loads((tmp_path / "metrics/all/ingest.json").read_text())["images_without_patient_id"] == 0
+    text = (outputs_text(tmp_path) + proc.stdout + proc.stderr).lower()
+    assert not [i for i in [*patients, *patients.values()] if i.lower() in text]  # IDs and patient folders
 
 
 def test_demo_ingest_guards_the_split_and_reports_the_drop(tmp_path):

@@ -6,15 +6,28 @@ name a file by its digest, never by its path (real exports put patient names in
 paths). ``python -m synthmed.data.dicom FOLDER [ID]`` maps digests back to paths
 on the machine that holds the data.
 
-Digests are plain (unkeyed) SHA-256: pseudonyms, not anonymisation.
+File digests are plain (unkeyed) SHA-256 of the relative path: pseudonyms, not
+anonymisation. Groups are the leakage unit, the patient: a keyed digest (HMAC) of
+PatientID, so that two series or studies of one patient never straddle a split.
+An unkeyed digest of an ID from a small space (a 7-digit MRN) is reversed by
+hashing every candidate, so the key is one no output holds: by default a digest of
+the bytes of every file read (anyone who can recompute it holds the IDs anyway; a
+changed or added file changes every pseudonym and so the deal of groups to splits),
+or the secret in the environment variable ``ingest.dicom.group_salt_env`` names,
+for pseudonyms stable across versions of the dataset. Keep that secret out of the
+repository: with it, a guessed ID can be confirmed. Without PatientID a file is
+grouped by study, else series, else file, and counted in the metrics and the card.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import logging
 import math
+import os
 import re
 import string
 import sys
@@ -51,6 +64,7 @@ class DicomParams:
     window: str = "auto"  # auto | percentile | "<center>,<width>" e.g. "40,400"
     caption_template: str = DEFAULT_TEMPLATE  # str.format over FIELDS
     label_field: str = ""  # "" or one of FIELDS; the label takes the plain value ("chest", "PA")
+    group_salt_env: str = ""  # "" or an environment variable holding the key of the patient pseudonyms
 
     def __post_init__(self) -> None:
         parse_window(self.window)
@@ -116,12 +130,55 @@ def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str
     if not paths:
         raise PipelineError("ingest.path: the DICOM folder is missing or has no files; "
                             "point it at a folder of DICOM files")
+    pseudonyms = Pseudonyms(p.group_salt_env)  # an unset variable stops here, before any file is read
     samples: list[Sample] = []
     with _quiet_pydicom():
         for path in paths:
             samples += _read_file(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels,
-                                  problems)
+                                  problems, pseudonyms)
+    pseudonyms.apply(samples)
     return samples
+
+
+class Pseudonyms:
+    """Groups: keyed digests of each file's patient (else study, series, file); see the module docstring.
+
+    The default key digests every file's bytes, so it is known only after the last file: files get a
+    placeholder first, and ``apply`` swaps in the digests.
+    """
+
+    def __init__(self, salt_env: str = "") -> None:
+        self.secret = os.environ.get(salt_env, "") if salt_env else ""
+        if salt_env and not self.secret:
+            raise PipelineError(f"ingest.dicom.group_salt_env: the environment variable {salt_env} is unset or empty; "
+                                "export the secret key, or set the param to \"\" to key by the files' bytes")
+        self.content = hashlib.sha256()
+        self.units: dict[tuple[str, str], str] = {}
+
+    def placeholder(self, ds: pydicom.Dataset, rel: str, data: bytes) -> str:
+        self.content.update(data)
+        return self.units.setdefault(_unit(ds, rel), f"pending-{len(self.units)}")
+
+    def apply(self, samples: list[Sample]) -> None:
+        key = self.secret.encode() if self.secret else self.content.digest()
+        final = {token: f"{kind}-" + hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:16]
+                 for (kind, value), token in self.units.items()}
+        for s in samples:
+            s.group = final[s.group]
+
+
+def _unit(ds: pydicom.Dataset, rel: str) -> tuple[str, str]:
+    """The leakage unit of a file: its patient, else (no PatientID) its study, series or the file itself."""
+    for kind, keyword in (("patient", "PatientID"), ("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
+        value = str(_get(ds, keyword) or "").strip()
+        if value:
+            return kind, value
+    return "file", rel
+
+
+def without_patient_id(samples: list[Sample]) -> int:
+    """Images grouped by study, series or file: two studies of their patient may straddle a split."""
+    return sum(1 for s in samples if not s.group.startswith("patient-"))
 
 
 @contextlib.contextmanager
@@ -143,7 +200,7 @@ def file_id(rel: str) -> str:
 
 
 def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, float], resolution: int,
-               crop: str, channels: int, problems: Problems) -> list[Sample]:
+               crop: str, channels: int, problems: Problems, pseudonyms: Pseudonyms) -> list[Sample]:
     fid = file_id(rel)
     ref = f"DICOM file {fid} (see its path with: python -m synthmed.data.dicom <ingest.path> {fid})"
     try:
@@ -190,7 +247,7 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
         problems.report("empty_caption", f"{ref}: ingest.dicom.caption_template gives an empty caption for it; "
                         "add a field it has, e.g. {modality}", file=fid)
         return []
-    series = str(_get(ds, "SeriesInstanceUID") or _get(ds, "StudyInstanceUID") or "").strip() or rel
+    group = pseudonyms.placeholder(ds, rel, data)
     out = []
     for k, frame in enumerate(frames, start=1):
         pixels = prepare(frame, resolution, crop)
@@ -201,7 +258,7 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
             file_name=f"{fid}{suffix}.png",
             pixels=pixels,
             captions=[caption],
-            group="series-" + sha256_bytes(series.encode())[:16],  # frames and slices of a series stay together
+            group=group,  # every frame, slice, series and study of a patient stays together
             label=str(plain[p.label_field]) if p.label_field else "",
             source="dicom:" + fid.removeprefix("dicom_"),
             source_sha256=sha256_bytes(data),

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
 
-from synthmed.data.dicom import DicomParams, read_dicom
+from synthmed.data.dicom import DicomParams, read_dicom, without_patient_id
 from synthmed.data.problems import Problems
 from synthmed.errors import PipelineError
 
@@ -185,19 +185,40 @@ def test_no_identifier_reaches_samples_messages_warnings_or_logs(tmp_path, caplo
     assert all(file_id(f"Doe_Jane/{n}") in m for n, m in zip(bad, messages))
 
 
-def test_series_group_frames_and_slices(tmp_path):
+def test_groups_are_patients_else_study_series_or_file(tmp_path):
     write_dcm(tmp_path / "p1" / "s1.dcm")
-    write_dcm(tmp_path / "p1" / "s2.dcm")
+    write_dcm(tmp_path / "p1" / "s2.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.5")  # second series
     write_dcm(tmp_path / "p1" / "multi.dcm", pixels=np.stack([RAW, RAW // 2, RAW // 3]))
-    write_dcm(tmp_path / "p2" / "s1.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.3")
-    write_dcm(tmp_path / "p3" / "s1.dcm", SeriesInstanceUID=None, StudyInstanceUID="1.2.826.0.1.3680043.8.498.4")
+    write_dcm(tmp_path / "p2" / "s1.dcm", PatientID="PID-112233")
+    write_dcm(tmp_path / "p3" / "s1.dcm", PatientID=None, StudyInstanceUID="1.2.826.0.1.3680043.8.498.4")
+    write_dcm(tmp_path / "p4" / "s1.dcm", PatientID=None, StudyInstanceUID=None)
+    write_dcm(tmp_path / "p5" / "s1.dcm", PatientID=" ", StudyInstanceUID=None, SeriesInstanceUID=None)
     samples, _ = read(tmp_path)
-    by_name = {s.file_name: s for s in samples}
-    frames = [by_name[file_id("p1/multi.dcm") + f"_f{k:03d}.png"] for k in (1, 2, 3)]
-    assert len(samples) == 7 and not np.array_equal(frames[0].pixels, frames[1].pixels)
-    p1 = {by_name[file_id(f"p1/{n}.dcm") + ".png"].group for n in ("s1", "s2")} | {f.group for f in frames}
-    assert len(p1) == 1 and re.fullmatch(r"series-[0-9a-f]{16}", p1.pop())
-    assert len({s.group for s in samples}) == 3
+    group = {s.file_name: s.group for s in samples}
+    p1 = {group[file_id(f"p1/{n}.dcm") + ".png"] for n in ("s1", "s2")}
+    p1 |= {group[file_id("p1/multi.dcm") + f"_f{k:03d}.png"] for k in (1, 2, 3)}
+    assert len(samples) == 9 and len(p1) == 1 and re.fullmatch(r"patient-[0-9a-f]{16}", p1.pop())
+    kinds = [group[file_id(f"p{i}/s1.dcm") + ".png"].split("-")[0] for i in (2, 3, 4, 5)]
+    assert kinds == ["patient", "study", "series", "file"] and len(set(group.values())) == 5
+    assert without_patient_id(samples) == 3
+
+
+def test_patient_pseudonyms_are_keyed(tmp_path, monkeypatch):
+    write_dcm(tmp_path / "a" / "s1.dcm")
+    (default,), _ = read(tmp_path)
+    plain = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in ("PID-778899", "patient:PID-778899")]
+    assert default.group.removeprefix("patient-") not in plain  # an unkeyed digest is reversed by brute force
+    monkeypatch.setenv("GROUP_KEY", "secret one")
+    (one,), _ = read(tmp_path, group_salt_env="GROUP_KEY")
+    write_dcm(tmp_path / "b" / "s1.dcm", PatientID="PID-112233")
+    with_b, _ = read(tmp_path, group_salt_env="GROUP_KEY")
+    assert one.group != default.group and one.group in {s.group for s in with_b}  # stable as the data grows
+    assert default.group not in {s.group for s in read(tmp_path)[0]}  # the default key is the files' bytes
+    monkeypatch.setenv("GROUP_KEY", "secret two")
+    assert one.group not in {s.group for s in read(tmp_path, group_salt_env="GROUP_KEY")[0]}
+    monkeypatch.delenv("GROUP_KEY")
+    with pytest.raises(PipelineError, match="ingest.dicom.group_salt_env: the environment variable GROUP_KEY"):
+        read(tmp_path, group_salt_env="GROUP_KEY")
 
 
 def test_non_dicom_file_fails_or_is_skipped(tmp_path):
