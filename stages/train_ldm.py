@@ -32,6 +32,7 @@ DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
 VAE = "data/train_vae/vae"
 OUT = "data/train_ldm"
+TAIL = 100  # the training loss reported is the mean of this many last steps (one step's loss is noise)
 
 
 @dataclass
@@ -87,14 +88,28 @@ images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 m
 - Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
-- Final training loss: {metrics['final_loss']:.4f}; validation loss (as trained, min-SNR-weighted): these \
-weights {metrics['val_loss_ema']:.4f}, the raw training weights {metrics['val_loss_raw']:.4f}; UNet parameters: \
-{metrics['parameters']:,}
+- Loss (min-SNR-weighted as trained): training, mean of the last {TAIL} steps \
+{metrics[f'train_loss_last{TAIL}_mean']:.4f}; validation, these weights {metrics['val_loss_ema']:.4f} \
+(the raw training weights {metrics['val_loss_raw']:.4f}); UNet parameters: {metrics['parameters']:,}
 
 | param | value |
 |---|---|
 {rows}
 """
+
+
+def train_loss_metrics(log: list[dict]) -> dict[str, float]:
+    """The training loss as reported: a mean over the last TAIL steps (one step's loss swings with its
+    random timesteps), named for it."""
+    tail = log[-TAIL:]
+    return {f"train_loss_last{TAIL}_mean": sum(r["loss"] for r in tail) / len(tail)}
+
+
+def summary_line(n_pairs: int, n_images: int, log: list[dict], metrics: dict) -> str:
+    """The stage's last line: the last step's loss and the reported mean, each called what it is."""
+    return (f"train_ldm: {n_pairs} pairs over {n_images} images; last-step loss {log[-1]['loss']:.4f}, "
+            f"mean of last {len(log[-TAIL:])} steps {metrics[f'train_loss_last{TAIL}_mean']:.4f}; "
+            f"val_loss_ema {metrics['val_loss_ema']:.4f}, val_loss_raw {metrics['val_loss_raw']:.4f}")
 
 
 def main() -> None:
@@ -158,11 +173,11 @@ def main() -> None:
     if ema is not None:
         ema.copy_to(unet.parameters())  # sample with the EMA weights
 
-    tail = log[-max(1, len(log) // 10):]
+    last_val = next(r for r in reversed(log) if "val_loss_ema" in r)
     metrics = {
-        "final_loss": sum(r["loss"] for r in tail) / len(tail),
-        "val_loss_ema": next(r["val_loss_ema"] for r in reversed(log) if "val_loss_ema" in r),
-        "val_loss_raw": next(r["val_loss_raw"] for r in reversed(log) if "val_loss_raw" in r),
+        **train_loss_metrics(log),
+        "val_loss_ema": last_val["val_loss_ema"],
+        "val_loss_raw": last_val["val_loss_raw"],
         "train_images": int(len(rows)),
         "train_pairs": int(len(pairs)),
         "unique_captions": len(set(pairs["text"])),
@@ -181,7 +196,7 @@ def main() -> None:
                      inputs=[PAIRS, DATASET, VAE])
     write_metrics("train_ldm", metrics, headline=["val_loss_ema"])
     store.finish_run("train_ldm", fingerprint)
-    print(f"train_ldm: {len(pairs)} pairs over {len(rows)} images, final loss {tail[-1]['loss']:.4f}")
+    print(summary_line(len(pairs), len(rows), log, metrics))
 
 
 if __name__ == "__main__":
