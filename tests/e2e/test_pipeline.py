@@ -86,6 +86,7 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "precision", "recall", "density",
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_100pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
+                "aug_gain_auc_50pct_1x_p_holm", "adherence_chance",
                 "aug_bacc_100pct_synth", "adherence_acc", "adherence_real_test_acc"):
         assert key in evaluation
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_100pct_real"] <= 1 + 1e-9
