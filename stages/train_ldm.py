@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers.training_utils import EMAModel
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
@@ -98,6 +100,15 @@ images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 m
 """
 
 
+def save_model(pipe: SynthMedPipeline, ema: EMAModel | None, card: str, folder: str | Path) -> None:
+    """The pipeline folder with the weights that ship: the EMA's when training kept one."""
+    if ema is not None:
+        ema.copy_to(pipe.unet.parameters())
+    with atomic_path(folder, is_dir=True) as tmp:
+        pipe.to("cpu").save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+
+
 def train_loss_metrics(log: list[dict]) -> dict[str, float]:
     """The training loss as reported: a mean over the last TAIL steps (one step's loss swings with its
     random timesteps), named for it."""
@@ -170,8 +181,6 @@ def main() -> None:
                             "gradient_checkpointing: true (training resumes from the last checkpoint)") from None
     if not accelerator.is_main_process:
         return
-    if ema is not None:
-        ema.copy_to(unet.parameters())  # sample with the EMA weights
 
     last_val = next(r for r in reversed(log) if "val_loss_ema" in r)
     metrics = {
@@ -183,9 +192,7 @@ def main() -> None:
         "unique_captions": len(set(pairs["text"])),
         "parameters": sum(x.numel() for x in unet.parameters()),
     }
-    with atomic_path(f"{OUT}/model", is_dir=True) as tmp:
-        pipe.to("cpu").save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics))
+    save_model(pipe, ema, model_card(p, seed, fingerprint, metrics), f"{OUT}/model")
     frame = pd.DataFrame(log)
     with atomic_path(f"{OUT}/loss.csv") as tmp:
         frame[["step", "loss", "lr"]].to_csv(tmp, index=False, float_format="%.6g")

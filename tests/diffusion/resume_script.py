@@ -1,28 +1,43 @@
-"""Run by test_resume.py in a subprocess: tiny LDM training with checkpoints.
+"""Run by test_resume.py in a subprocess: tiny LDM training with checkpoints, on the default recipe's
+random paths: UNet dropout, self-conditioning, augmented views, context dropout, posterior sampling,
+EMA, and validation (on the EMA and the raw weights) every 15 steps.
 
 argv: checkpoint_dir output_file
 """
 
 import sys
 
+import pandas as pd
 import torch
 
-from synthmed.diffusion.train import LatentPairs, LDMTrainConfig, make_noise_scheduler, train_ldm
-from tests.diffusion.test_train import tiny_unet
+from synthmed.diffusion.train import (LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm,
+                                      validation_losses)
+from synthmed.models.unet import build_unet
+from synthmed.text.encoder import TextEncoder
+from tests.models.test_autoencoder import tiny_vae
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    data = LatentPairs(
-        latent_mean=torch.randn(6, 4, 8, 8, generator=g), latent_std=torch.rand(6, 4, 8, 8, generator=g) * 0.1,
-        scaling_factor=0.8, image_index=torch.arange(6), caption_index=torch.arange(1, 7),
-        text_emb=torch.randn(7, 5, 384, generator=g), text_mask=torch.ones(7, 5, dtype=torch.long), uncond_index=0,
-    )
-    cfg = LDMTrainConfig(steps=60, batch_size=4, grad_accum_steps=1, mixed_precision="no", lr=1e-3, weight_decay=0.01, context_dropout=0.1,
-                         sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9, min_snr_gamma=5.0,
-                         checkpoint_every=10, keep_checkpoints=2)
-    unet = tiny_unet()
-    log, ema = train_ldm(unet, make_noise_scheduler(1000), data, cfg, torch.Generator().manual_seed(1),
-                         checkpoint_dir=sys.argv[1], fingerprint="run-a")
+    images = (torch.rand(6, 1, 16, 16, generator=g) * 200 + 20).to(torch.uint8)
+    names = [f"img{i}.png" for i in range(6)]
+    pairs = pd.DataFrame({"file_name": names + names[:3], "text": [f"caption {i}" for i in range(9)]})
+    vae, encoder = tiny_vae().eval(), TextEncoder(max_length=8)
+    # as in the stage: the augmentation draws come from the training generator, before training
+    train_g = torch.Generator().manual_seed(1)
+    data = build_latent_pairs(vae, encoder, pairs, images, names, augment_copies=2, brightness=0.1, contrast=0.1,
+                              generator=train_g)
+    val = build_latent_pairs(vae, encoder, pairs.iloc[:4], images, names)
+    cfg = LDMTrainConfig(steps=60, batch_size=4, grad_accum_steps=1, mixed_precision="no", lr=1e-3, weight_decay=0.01,
+                         context_dropout=0.2, sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9,
+                         min_snr_gamma=5.0, checkpoint_every=10, keep_checkpoints=2)
+    torch.manual_seed(0)
+    unet = build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+                      cross_attention_dim=encoder.hidden_size, attention_head_dim=4, norm_num_groups=8, dropout=0.1,
+                      self_condition=True)
+    sched = make_noise_scheduler(1000)
+    log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=sys.argv[1], fingerprint="run-a", every=15,
+                         on_every=lambda step, model, ema: validation_losses(model, ema, sched, val, 5.0))
+    raw = {k: v.clone() for k, v in unet.state_dict().items()}
     ema.copy_to(unet.parameters())
-    torch.save({"weights": unet.state_dict(), "log": log}, sys.argv[2])
+    torch.save({"weights": unet.state_dict(), "raw": raw, "log": log}, sys.argv[2])

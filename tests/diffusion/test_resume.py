@@ -1,4 +1,5 @@
-"""A SIGKILLed training run resumes from its last checkpoint and ends byte-identical to an uninterrupted one."""
+"""A SIGKILLed training run resumes from its last checkpoint and ends byte-identical to an uninterrupted one,
+with the default recipe's random paths on (dropout, self-conditioning, augmented views, context dropout)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert resumed_from >= 20 and "checkpoint at step 60" in again.stdout
     a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
     assert [r["step"] for r in b["log"]] == list(range(60))
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert a["log"] == b["log"]  # losses, learning rates and validation losses, float for float
+    assert [r["step"] + 1 for r in b["log"] if "val_loss_ema" in r] == [15, 30, 45, 60]
+    for kind in ("weights", "raw"):  # the EMA weights that ship and the training weights
+        assert all(torch.equal(a[kind][k], b[kind][k]) for k in a[kind]), kind
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step00000050.pt", "step00000060.pt"]
 
 

@@ -247,6 +247,26 @@ def _closed_form_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return (torch.clamp(snr, max=gamma) / floor).float()
 
 
+def test_logged_loss_is_the_min_snr_weighted_mse_to_the_parameterisation_target():
+    """Inside the loop: the UNet's output is scored against the noise (epsilon) or
+    scheduler.get_velocity (v), each sample weighted by its closed-form min-SNR weight."""
+    for kind in ("epsilon", "v_prediction"):
+        unet, sched = tiny_unet(), make_noise_scheduler(1000, kind)
+        seen, noised = [], []
+        unet.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[1].clone(), out.sample.detach())),
+                                   with_kwargs=True)
+        add_noise = sched.add_noise
+        sched.add_noise = lambda x0, n, t: (noised.append((x0.clone(), n.clone())), add_noise(x0, n, t))[1]
+        cfg = LDMTrainConfig(steps=1, batch_size=16, lr=0.0, weight_decay=0.0, context_dropout=0.0,
+                             sample_posterior=False, grad_clip=0.0, **{**PLAIN, "min_snr_gamma": 2.0})
+        log, _ = train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+        (t, pred), (x0, noise) = seen[0], noised[0]
+        target = noise if kind == "epsilon" else sched.get_velocity(x0, noise, t)
+        mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        assert abs(log[0]["loss"] - float((mse * _closed_form_weights(sched, t, 2.0)).mean())) < 1e-6, kind
+        assert abs(log[0]["loss"] - float(mse.mean())) > 1e-3  # the weighting is on, not plain MSE
+
+
 def test_validation_scores_the_ema_and_the_raw_weights_with_the_training_weighting():
     import copy
 
