@@ -20,7 +20,7 @@ from PIL import Image
 
 from synthmed.data.imagefolder import METADATA
 from synthmed.io import atomic_path, sha256_bytes
-from synthmed.runtime import progress
+from synthmed.progress import progress
 
 FINGERPRINT = "fingerprint.txt"
 
@@ -49,9 +49,12 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
     _reset_if_other_run(out, fingerprint)
     done_rows, rendered, seconds = [], 0, 0.0
     starts = range(0, len(plan), shard_size)
-    for i, start in enumerate(progress(starts, desc="generate shards", total=len(starts))):
+    finished = [(out / shard_name(i) / "shard.csv").is_file() for i in range(len(starts))]
+    resumed = sum(len(plan.iloc[start : start + shard_size]) for start, done in zip(starts, finished) if done)
+    bar = progress(desc="generate", total=len(plan), initial=resumed, unit="image")  # rates count rendered images
+    for i, start in enumerate(starts):
         shard = out / shard_name(i)
-        if (shard / "shard.csv").is_file():
+        if finished[i]:
             done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
             continue
         rows = plan.iloc[start : start + shard_size].copy()
@@ -63,11 +66,13 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
                 Image.fromarray(img).save(tmp / name, format="PNG")
                 names.append(f"{shard.name}/{name}")
                 digests.append(sha256_bytes((tmp / name).read_bytes()))
+                bar.update()
             rows["file_name"], rows["sha256"] = names, digests
             rows.astype(str).to_csv(tmp / "shard.csv", index=False)
         seconds += time.perf_counter() - tick
         rendered += len(rows)
         done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
+    bar.close()
     stats = {"images": len(plan), "rendered": rendered, "resumed": len(plan) - rendered,
              "render_s": round(seconds, 2), "images_per_s": round(rendered / seconds, 3) if seconds else None}
     return pd.concat(done_rows, ignore_index=True), stats

@@ -34,7 +34,8 @@ from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_ch
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned
 from synthmed.models.autoencoder import encode_posterior
-from synthmed.runtime import make_accelerator, progress
+from synthmed.progress import progress
+from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
 
 
@@ -226,8 +227,9 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         start, log = restore(state, generator, **stateful)
         print(f"train_ldm: resuming from step {start} ({checkpoint_dir})")
     model.train()
-    quiet = {} if acc.is_main_process else {"disable": True}
-    for step in progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps, **quiet):
+    bar = progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps, unit="step",
+                   disable=not acc.is_main_process)
+    for step in bar:
         total = 0.0
         for k in range(cfg.grad_accum_steps):
             z0, cap = draw_batch(data, cfg, generator, micro)
@@ -259,6 +261,7 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         if ema is not None:
             ema.step(unet.parameters())
         log.append({"step": step, "loss": total, "lr": lr_sched.get_last_lr()[0]})
+        bar.set_postfix(loss=total, refresh=False)
         done = step + 1
         if on_every and every and (done % every == 0 or done == cfg.steps):
             if acc.is_main_process:

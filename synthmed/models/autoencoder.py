@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 
 from synthmed.config import require_at_least_one, require_non_negative
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
-from synthmed.runtime import progress
+from synthmed.progress import progress
 
 
 def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
@@ -78,7 +78,8 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
         start, log = restore(state, generator, **stateful)
         print(f"train_vae: resuming from step {start} ({checkpoint_dir})")
     vae.train()
-    for step in progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps):
+    bar = progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps, unit="step")
+    for step in bar:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         x = images[idx].to(device)
         posterior = vae.encode(x).latent_dist
@@ -92,6 +93,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
         loss.backward()
         opt.step()
         log.append({"step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item()})
+        bar.set_postfix(loss=log[-1]["loss"], refresh=False)
         done = step + 1
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
