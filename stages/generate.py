@@ -74,8 +74,9 @@ def main() -> None:
     fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs)
 
     def render(rows: pd.DataFrame):
-        for _, images in pipe(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=p.num_inference_steps,
-                              guidance_scale=p.guidance_scale, batch_size=p.batch_size):
+        for _, images in pipe.generate_batches(rows["text"].tolist(), rows["seed"].tolist(),
+                                               num_inference_steps=p.num_inference_steps,
+                                               guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             yield from (to_array(img) for img in images)
 
     shards = store.run_dir("generate", fingerprint) / "shards"  # a killed run resumes after its finished shards

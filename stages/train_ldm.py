@@ -82,9 +82,11 @@ Conditioning: frozen `{p.text_encoder}` token embeddings (max {p.text_max_length
 {'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}.
 
 ```python
+import torch
 from synthmed.diffusion.pipeline import SynthMedPipeline
 pipe = SynthMedPipeline.from_pretrained("data/train_ldm/model")
-images = pipe.generate(["Superior axial T1-weighted brain MRI slice at z = +40 mm"], seeds=[0])
+image = pipe("Superior axial T1-weighted brain MRI slice at z = +40 mm", num_inference_steps=50,
+             guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images[0]  # a PIL image
 ```
 
 - Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`

@@ -1,18 +1,38 @@
-"""The trained generator as one diffusers pipeline folder.
+"""The trained generator as one diffusers pipeline folder, called the diffusers way.
 
 `SynthMedPipeline.save_pretrained(folder)` writes the UNet, the VAE, the scheduler and
 `model_index.json` (with the text encoder reference in its config), so that
-`SynthMedPipeline.from_pretrained(folder)` loads everything offline.
+`SynthMedPipeline.from_pretrained(folder)` loads everything offline. Two ways to sample, one loop:
+
+- `pipe(prompt, num_inference_steps=..., guidance_scale=..., generator=..., negative_prompt=...,
+  output_type="pil" | "np" | "pt" | "latent").images`, as any diffusers pipeline;
+- `pipe.generate_batches(prompts, seeds, ...)`: what the `generate` stage runs, batch by batch, each
+  image from a generator seeded with its own seed, so that an image never depends on its batch.
+
+`pipe(prompt, generator=torch.Generator().manual_seed(s))` gives the image that seed s gives in
+`generate_batches`.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 
-from synthmed.diffusion.sample import generate_batches
+from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, seeded_generators
 from synthmed.text.encoder import TextEncoder
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _as_list(value: str | list[str], name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings")
+    return list(value)
 
 
 class SynthMedPipeline(DiffusionPipeline):
@@ -35,17 +55,73 @@ class SynthMedPipeline(DiffusionPipeline):
             self._encoder = TextEncoder(self.config.text_encoder_name, self.config.text_max_length, self.device)
         return self._encoder
 
+    def _sample(self, prompts: list[str], generators: list[torch.Generator], num_inference_steps: int,
+                guidance_scale: float, negative_prompts: list[str] | None = None, progress=None) -> torch.Tensor:
+        """The one sampling path of both interfaces: scaled latents, one per prompt and generator."""
+        emb, mask = self.text_encoder.encode(prompts)
+        # no negative prompt: the empty caption, the null conditioning that context dropout trained
+        uncond_emb, uncond_mask = self.text_encoder.encode(negative_prompts or [""])
+        return sample_latents(self.unet, self.scheduler, emb, mask, uncond_emb, uncond_mask, generators,
+                              num_inference_steps, guidance_scale, progress)
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 50,
-                 guidance_scale: float = 3.0, batch_size: int = 32):
-        """Yield (start index, uint8 images [B, C, H, W]); image i comes from seeds[i] alone."""
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Text to image(s), as a diffusers pipeline is called.
+
+        ``generator``: one per image (the image then depends on it alone, whatever else is in the
+        call), or one for all (the images draw from it in turn, so each depends on its place), or
+        None (one seeded from torch's global generator). ``output_type``: "pil" (PIL images), "np"
+        (float [N, H, W, C] in [0, 1]), "pt" (float [N, C, H, W] in [0, 1]) or "latent" (the scaled
+        latents). Images come in prompt order, ``num_images_per_prompt`` consecutive ones per prompt.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        prompts = _as_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if negatives is not None and len(negatives) not in (1, len(prompts)):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
+        if negatives is not None and len(negatives) > 1:
+            negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        latents = self._sample(prompts, self._generators(generator, len(prompts)), num_inference_steps,
+                               guidance_scale, negatives, progress=self.progress_bar)
+        images = self._postprocess(latents, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @staticmethod
+    def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
+        if generator is None:  # reproducible under torch.manual_seed, as diffusers' pipelines are
+            generator = torch.Generator().manual_seed(int(torch.randint(2**63 - 1, ())))
+        if isinstance(generator, torch.Generator):
+            return [generator] * n
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} images: give one per image, or a single one")
+        return list(generator)
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = (decode(self.vae, latents) + 1) / 2
+        if output_type == "pt":
+            return images
+        images = images.permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
+    @torch.no_grad()
+    def generate_batches(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 50,
+                         guidance_scale: float = 3.0, batch_size: int = 32) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start index, uint8 images [B, C, H, W]); image i comes from seeds[i] alone, whatever the
+        batch: the image of ``pipe(prompts[i], generator=torch.Generator().manual_seed(seeds[i]))``."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
-        emb, mask = self.text_encoder.encode(prompts)
-        uncond_emb, uncond_mask = self.text_encoder.encode([""])
-        yield from generate_batches(self.unet, self.vae, self.scheduler, emb, mask, uncond_emb, uncond_mask,
-                                    seeds, num_inference_steps, guidance_scale, batch_size)
+        for i in range(0, len(prompts), batch_size):
+            j = slice(i, i + batch_size)
+            latents = self._sample(list(prompts[j]), seeded_generators(seeds[j]), num_inference_steps, guidance_scale)
+            yield i, decode_to_uint8(self.vae, latents)
 
     def generate(self, prompts: list[str], seeds: list[int], **kwargs) -> np.ndarray:
-        """All images at once as uint8 [N, C, H, W]."""
-        return np.concatenate([imgs.numpy() for _, imgs in self(prompts, seeds, **kwargs)])
+        """All images of ``generate_batches`` at once, as uint8 [N, C, H, W]."""
+        return np.concatenate([imgs.numpy() for _, imgs in self.generate_batches(prompts, seeds, **kwargs)])

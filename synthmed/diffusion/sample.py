@@ -1,13 +1,12 @@
-"""Sampling with classifier-free guidance; every image from its own seed."""
+"""Sampling with classifier-free guidance; every image from its own generator (seed)."""
 
 from __future__ import annotations
 
 import inspect
+from typing import Callable, Iterable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-from synthmed.runtime import progress
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
@@ -33,26 +32,35 @@ def predicted_x0(scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.T
     return x0.clamp(-4, 4)
 
 
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: its noise depends on its seed alone, not on the batch it is in
+    or on the device."""
+    return [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+
+
 @torch.no_grad()
-def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_emb: torch.Tensor,
-                   cond_mask: torch.Tensor, uncond_emb: torch.Tensor, uncond_mask: torch.Tensor,
-                   seeds: list[int], num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
-    """Denoise one latent per seed. cond_*: [N, L, D] / [N, L]; uncond_*: [1, L, D] / [1, L]."""
+def sample_latents(unet: UNet2DConditionModel, scheduler, cond_emb: torch.Tensor, cond_mask: torch.Tensor,
+                   uncond_emb: torch.Tensor, uncond_mask: torch.Tensor, generators: list[torch.Generator],
+                   num_inference_steps: int, guidance_scale: float,
+                   progress: Callable[[Iterable], Iterable] | None = None) -> torch.Tensor:
+    """Denoise one latent per generator with classifier-free guidance.
+
+    cond_*: [N, L, D] / [N, L]; uncond_* (the empty or negative prompt): [1 or N, L, D] / [1 or N, L].
+    ``generators``: one per image; image i's initial noise (and a stochastic sampler's noise) comes
+    from generators[i] alone. One generator listed N times serves the N images in turn instead.
+    """
     device = next(unet.parameters()).device
     c, s = unet.config.out_channels, unet.config.sample_size
     self_cond = is_self_conditioned(unet)
-    # Each image has its own CPU generator: its initial noise (and a stochastic sampler's noise)
-    # depends on its seed alone, not on the batch it is in or on the device.
-    gens = [torch.Generator().manual_seed(sd) for sd in seeds]
-    latents = torch.stack([torch.randn((c, s, s), generator=g) for g in gens])
+    n = len(generators)
+    latents = torch.stack([torch.randn((c, s, s), generator=g, device=g.device).to(device) for g in generators])
     scheduler.set_timesteps(num_inference_steps)  # first: init_noise_sigma depends on it (Euler)
-    latents = latents.to(device) * scheduler.init_noise_sigma
-    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    n = len(seeds)
+    latents = latents * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     emb = torch.cat([uncond_emb.expand(n, -1, -1), cond_emb]).to(device)
     mask = torch.cat([uncond_mask.expand(n, -1), cond_mask]).to(device)
     x0_prev = torch.zeros_like(latents)  # self-conditioning: the previous step's clean estimate
-    for t in scheduler.timesteps:
+    for t in (progress or iter)(scheduler.timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         if self_cond:
             model_in = torch.cat([model_in, torch.cat([x0_prev, x0_prev])], dim=1)
@@ -65,18 +73,17 @@ def sample_latents(unet: UNet2DConditionModel, scheduler: DDIMScheduler, cond_em
 
 
 @torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1], [N, C, H, W] float on the CPU."""
+    device = next(vae.parameters()).device
+    return vae.decode(latents.to(device) / vae.config.scaling_factor).sample.float().cpu().clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 [N, C, H, W]."""
+    return ((images + 1) * 127.5).round().to(torch.uint8)
+
+
 def decode_to_uint8(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> uint8 images [N, C, H, W]."""
-    device = next(vae.parameters()).device
-    x = vae.decode(latents.to(device) / vae.config.scaling_factor).sample.cpu()
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def generate_batches(unet, vae, scheduler, cond_emb, cond_mask, uncond_emb, uncond_mask, seeds,
-                     num_inference_steps: int, guidance_scale: float, batch_size: int):
-    """Yield (start index, uint8 images) per batch."""
-    for i in progress(range(0, len(seeds), batch_size), desc="generate"):
-        j = slice(i, i + batch_size)
-        lat = sample_latents(unet, scheduler, cond_emb[j], cond_mask[j], uncond_emb, uncond_mask, seeds[j],
-                             num_inference_steps, guidance_scale)
-        yield i, decode_to_uint8(vae, lat)
+    return to_uint8(decode(vae, latents))

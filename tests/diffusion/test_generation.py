@@ -106,7 +106,8 @@ def test_regenerate_cli_reproduces_a_generated_image(tmp_path, capsys):
         model_sha256=sha256_tree(tmp_path / "model"))
 
     def render(rows):
-        for _, imgs in pipe(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=4, batch_size=4):
+        for _, imgs in pipe.generate_batches(rows["text"].tolist(), rows["seed"].tolist(), num_inference_steps=4,
+                                             batch_size=4):
             yield from (img[0] for img in imgs.numpy())
 
     meta, _ = write_shards(plan, tmp_path / "dataset", 2, "fp", render)

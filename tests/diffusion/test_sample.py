@@ -1,7 +1,7 @@
 import torch
 from diffusers import DDIMScheduler
 
-from synthmed.diffusion.sample import decode_to_uint8, sample_latents
+from synthmed.diffusion.sample import decode_to_uint8, sample_latents, seeded_generators
 from synthmed.diffusion.train import make_noise_scheduler
 from tests.diffusion.test_train import tiny_unet
 from tests.models.test_autoencoder import tiny_vae
@@ -14,7 +14,7 @@ def run(unet, seeds, guidance=3.0, cond=None):
     cond = cond if cond is not None else torch.randn(1, 6, 384, generator=g).expand(n, -1, -1)
     mask = torch.ones(n, 6, dtype=torch.long)
     return sample_latents(unet, sched, cond, mask, torch.zeros(1, 6, 384), torch.ones(1, 6, dtype=torch.long),
-                          seeds, num_inference_steps=5, guidance_scale=guidance)
+                          seeded_generators(seeds), num_inference_steps=5, guidance_scale=guidance)
 
 
 def test_each_image_is_reproducible_from_its_own_seed():

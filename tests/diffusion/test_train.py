@@ -185,12 +185,12 @@ def test_self_conditioning_feeds_the_first_pass_estimate_on_half_the_samples():
     # sampling: the previous step's estimate comes back as input, starting from zeros
     from diffusers import DDIMScheduler
 
-    from synthmed.diffusion.sample import sample_latents
+    from synthmed.diffusion.sample import sample_latents, seeded_generators
 
     calls.clear()
     sample_latents(unet.eval(), DDIMScheduler.from_config(sched.config), torch.randn(2, 5, 384),
                    torch.ones(2, 5, dtype=torch.long), torch.zeros(1, 5, 384), torch.ones(1, 5, dtype=torch.long),
-                   [0, 1], num_inference_steps=3, guidance_scale=2.0)
+                   seeded_generators([0, 1]), num_inference_steps=3, guidance_scale=2.0)
     assert len(calls) == 3 and calls[0][0].shape[1] == 8
     assert torch.count_nonzero(calls[0][0][:, 4:]) == 0
     assert all(torch.count_nonzero(c[0][:, 4:]) > 0 for c in calls[1:])
