@@ -92,7 +92,7 @@ image = pipe("Superior axial T1-weighted brain MRI slice at z = +40 mm", num_inf
 - Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
-- Loss (min-SNR-weighted as trained): training, mean of the last {TAIL} steps \
+- Loss (min-SNR-weighted as trained): training, mean of the last {min(TAIL, p.steps)} steps \
 {metrics[f'train_loss_last{TAIL}_mean']:.4f}; validation, these weights {metrics['val_loss_ema']:.4f} \
 (the raw training weights {metrics['val_loss_raw']:.4f}); UNet parameters: {metrics['parameters']:,}
 
