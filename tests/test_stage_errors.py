@@ -79,7 +79,7 @@ def test_prompts_names_a_bad_prompt_file_and_row(workdir):
     set_param(workdir, "prompts", file="prompts.csv")
     assert_one_line_error(run_stage(workdir, "prompts"), "prompts.csv, row 4: empty prompt")  # blank line 3 skipped
     set_param(workdir, "prompts", source="heldout")
-    assert_one_line_error(run_stage(workdir, "prompts"), "data/paraphrase/pairs.csv", "dvc repro prompts")
+    assert_one_line_error(run_stage(workdir, "prompts"), "data/ingest/dataset/metadata.csv", "dvc repro prompts")
     assert not (workdir / "data").exists()
 
 
