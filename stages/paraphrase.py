@@ -106,8 +106,7 @@ def main() -> None:
         "unique_captions_after": int(out["text"].nunique()),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
         "pairs": len(out),
-        "backend_used": used,
-        "llm": int(paraphraser.name == "llm"),
+        "llm": int(paraphraser.name == "llm"),  # the backend that ran (1: LLM); its name is in provenance.json
         "rule_declined": len(declined),
         "requests": stats.requests,
         "cache_hits": stats.cache_hits,
