@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from synthmed.data.transforms import prepare
 from synthmed.io import sha256_bytes
-from synthmed.runtime import progress
+from synthmed.progress import progress
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

@@ -18,7 +18,7 @@ import torch
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
 from synthmed.metrics.stats import summarise_arms
 from synthmed.provenance import derive_seed
-from synthmed.runtime import progress
+from synthmed.progress import progress
 
 METRICS = ("auc", "acc", "bacc")
 RUN_COLUMNS = ["regime", "arm", "rep", "n_real", "n_synth", "n_synth_requested", *METRICS]

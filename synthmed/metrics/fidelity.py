@@ -16,7 +16,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from synthmed.metrics.prdc import PRDC_KEYS, prdc
 from synthmed.provenance import derive_seed
-from synthmed.runtime import progress
+from synthmed.progress import progress
 
 
 class _Precomputed(nn.Identity):

@@ -27,7 +27,7 @@ import yaml
 
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path
-from synthmed.runtime import progress
+from synthmed.progress import progress
 from synthmed.text.salient import missing_salient
 
 _sleep = time.sleep  # a seam, so tests can record waits instead of waiting

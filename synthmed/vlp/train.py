@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from synthmed.data.dataset import to_model_range
-from synthmed.runtime import progress
+from synthmed.progress import progress
 from synthmed.vlp.model import DualEncoder, info_nce
 from synthmed.vlp.text import TextTower
 
