@@ -7,8 +7,12 @@
   whose gradient-free first pass on half the batch is part of the recipe, not overhead).
 - peak memory per LDM step with and without gradient checkpointing (each in its own process:
   peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
+- `--levers`: speed levers as ratios against the current default, measured in one run with the
+  variants interleaved round by round (so that a busy neighbour slows all of them alike): UNet
+  attention heads (diffusers' `attention_head_dim` is the number of heads), bf16 autocast and
+  channels_last for the UNet and the VAE step.
 
-    .venv/bin/python benchmarks/train.py [--steps 30]
+    .venv/bin/python benchmarks/train.py [--steps 30] [--levers]
 """
 
 from __future__ import annotations
@@ -96,14 +100,93 @@ def activation_mb(checkpointing: bool, data: LatentPairs, batch: int, device) ->
     return sum(v for k, v in seen.items() if k not in params) / 2**20
 
 
+def interleaved(steps: dict, rounds: int = 3, per_round: int = 4) -> dict[str, float]:
+    """Best seconds per call of each step function, the variants taking turns round by round."""
+    for fn in steps.values():
+        fn(), fn()  # warm-up: oneDNN picks and caches its kernels on the first calls
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return {name: min(t) for name, t in times.items()}
+
+
+def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, batch: int):
+    p = PARAMS["train_ldm"]
+    torch.manual_seed(0)
+    unet = build_unet(sample_size=16, in_channels=4, block_out_channels=p["block_out_channels"],
+                      layers_per_block=p["layers_per_block"], cross_attention_dim=384, attention_head_dim=heads,
+                      norm_num_groups=p["norm_num_groups"], dropout=p["dropout"])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = unet.to(memory_format=fmt)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    z, t = data.latent_mean[:batch].contiguous(memory_format=fmt), torch.randint(1000, (batch,))
+    emb, mask = data.text_emb[1 : batch + 1], data.text_mask[1 : batch + 1]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+        loss = F.mse_loss(out.float(), z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def vae_step(bf16: bool, channels_last: bool, batch: int):
+    v = PARAMS["train_vae"]
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    vae = build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
+                            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
+                            norm_num_groups=v["norm_num_groups"], sample_size=64).to(memory_format=fmt)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    x = (torch.rand(batch, 1, 64, 64) * 2 - 1).contiguous(memory_format=fmt)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = (recon.float() - x).abs().mean() + 1e-6 * posterior.kl().float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def levers(data: LatentPairs, batch: int) -> dict:
+    """Seconds per step of each variant and its speed-up over the params.yaml default (fp32, contiguous)."""
+    heads = PARAMS["train_ldm"]["attention_head_dim"]
+    unet = interleaved({
+        f"heads_{heads}_fp32": unet_step(heads, False, False, data, batch),
+        **{f"heads_{h}_fp32": unet_step(h, False, False, data, batch) for h in (8, 4, 2, 1) if h != heads},
+        f"heads_{heads}_bf16_autocast": unet_step(heads, True, False, data, batch),
+        f"heads_{heads}_channels_last": unet_step(heads, False, True, data, batch),
+    })
+    vae = interleaved({"fp32": vae_step(False, False, PARAMS["train_vae"]["batch_size"]),
+                       "bf16_autocast": vae_step(True, False, PARAMS["train_vae"]["batch_size"]),
+                       "channels_last": vae_step(False, True, PARAMS["train_vae"]["batch_size"])})
+    base_u, base_v = unet[f"heads_{heads}_fp32"], vae["fp32"]
+    return {"unet_step": {k: {"s": round(v, 4), "speedup": round(base_u / v, 2)} for k, v in unet.items()},
+            "vae_step": {k: {"s": round(v, 4), "speedup": round(base_v / v, 2)} for k, v in vae.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--levers", action="store_true", help="only the speed levers, as ratios (CPU)")
     args = ap.parse_args()
     device = pick_device()
     g = torch.Generator().manual_seed(0)
     batch = PARAMS["train_ldm"]["batch_size"]
     data = fake_data(256, 16, g)
+    if args.levers:
+        print(json.dumps({"benchmark": "train_levers", "device": device.type, "threads": torch.get_num_threads(),
+                          "ldm_batch": batch, **levers(data, batch)}, indent=2))
+        return
 
     unet = demo_unet(16, device)
     bare_steps(unet, data, batch, 3, device)  # warm-up
