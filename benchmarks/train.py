@@ -39,15 +39,24 @@ from synthmed.runtime import pick_device  # noqa: E402
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False):
+def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False,
+              heads: int | None = None):
+    """The params.yaml UNet; ``heads`` overrides its attention_head_dim (diffusers' number of heads)."""
     p = PARAMS["train_ldm"]
     unet = build_unet(sample_size=latent, in_channels=4, block_out_channels=p["block_out_channels"],
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
-                      attention_head_dim=p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
+                      attention_head_dim=heads or p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
                       dropout=p["dropout"], self_condition=self_condition).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
+
+
+def demo_vae(device="cpu"):
+    v = PARAMS["train_vae"]
+    return build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
+                             layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
+                             norm_num_groups=v["norm_num_groups"], sample_size=64).to(device)
 
 
 def fake_data(n: int, latent: int, g) -> LatentPairs:
@@ -115,11 +124,8 @@ def interleaved(steps: dict, rounds: int = 3, per_round: int = 4) -> dict[str, f
 
 
 def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, batch: int):
-    p = PARAMS["train_ldm"]
     torch.manual_seed(0)
-    unet = build_unet(sample_size=16, in_channels=4, block_out_channels=p["block_out_channels"],
-                      layers_per_block=p["layers_per_block"], cross_attention_dim=384, attention_head_dim=heads,
-                      norm_num_groups=p["norm_num_groups"], dropout=p["dropout"])
+    unet = demo_unet(16, "cpu", heads=heads)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(memory_format=fmt)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -137,12 +143,9 @@ def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, ba
 
 
 def vae_step(bf16: bool, channels_last: bool, batch: int):
-    v = PARAMS["train_vae"]
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    vae = build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
-                            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-                            norm_num_groups=v["norm_num_groups"], sample_size=64).to(memory_format=fmt)
+    vae = demo_vae().to(memory_format=fmt)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     x = (torch.rand(batch, 1, 64, 64) * 2 - 1).contiguous(memory_format=fmt)
 
@@ -202,9 +205,7 @@ def main() -> None:
     self_cond = (time.perf_counter() - start) / args.steps
 
     v = PARAMS["train_vae"]
-    vae = build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
-                            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-                            norm_num_groups=v["norm_num_groups"], sample_size=64).to(device)
+    vae = demo_vae(device)
     images = torch.rand(256, 1, 64, 64, generator=g) * 2 - 1
     vcfg = VAETrainConfig(**{**{k: v[k] for k in VAETrainConfig.__dataclass_fields__}, "steps": args.steps,
                              "checkpoint_every": 0})
