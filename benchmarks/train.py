@@ -10,7 +10,7 @@
 - `--levers`: speed levers as ratios against the current default, measured in one run with the
   variants interleaved round by round (so that a busy neighbour slows all of them alike): UNet
   attention heads (diffusers' `attention_head_dim` is the number of heads), bf16 autocast and
-  channels_last for the UNet and the VAE step.
+  channels_last for the UNet and the VAE step, and attention only below the full latent resolution.
 
     .venv/bin/python benchmarks/train.py [--steps 30] [--levers]
 """
@@ -37,16 +37,21 @@ from synthmed.models.unet import build_unet  # noqa: E402
 from synthmed.runtime import pick_device  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+# the demo's latent grid: 64 px images through the params.yaml VAE
+LATENT = PARAMS["ingest"]["resolution"] // 2 ** (len(PARAMS["train_vae"]["block_out_channels"]) - 1)
+LATENT_CHANNELS = PARAMS["train_vae"]["latent_channels"]
 
 
 def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False,
-              heads: int | None = None):
-    """The params.yaml UNet; ``heads`` overrides its attention_head_dim (diffusers' number of heads)."""
+              heads: int | None = None, levels: list[int] | None = None):
+    """The params.yaml UNet; ``heads`` overrides its attention_head_dim (diffusers' number of heads),
+    ``levels`` its attention_levels."""
     p = PARAMS["train_ldm"]
-    unet = build_unet(sample_size=latent, in_channels=4, block_out_channels=p["block_out_channels"],
+    unet = build_unet(sample_size=latent, in_channels=LATENT_CHANNELS, block_out_channels=p["block_out_channels"],
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
                       attention_head_dim=heads or p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
-                      dropout=p["dropout"], self_condition=self_condition).to(device)
+                      dropout=p["dropout"], self_condition=self_condition,
+                      attention_levels=p["attention_levels"] if levels is None else levels).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -56,12 +61,14 @@ def demo_vae(device="cpu"):
     v = PARAMS["train_vae"]
     return build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
                              layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-                             norm_num_groups=v["norm_num_groups"], sample_size=64).to(device)
+                             norm_num_groups=v["norm_num_groups"], sample_size=PARAMS["ingest"]["resolution"],
+                             mid_attention=v["mid_attention"]).to(device)
 
 
 def fake_data(n: int, latent: int, g) -> LatentPairs:
-    return LatentPairs(latent_mean=torch.randn(n, 4, latent, latent, generator=g),
-                       latent_std=torch.rand(n, 4, latent, latent, generator=g) * 0.1, scaling_factor=1.0,
+    return LatentPairs(latent_mean=torch.randn(n, LATENT_CHANNELS, latent, latent, generator=g),
+                       latent_std=torch.rand(n, LATENT_CHANNELS, latent, latent, generator=g) * 0.1,
+                       scaling_factor=1.0,
                        image_index=torch.arange(n), caption_index=torch.arange(1, n + 1),
                        text_emb=torch.randn(n + 1, 48, 384, generator=g),
                        text_mask=torch.ones(n + 1, 48, dtype=torch.long), uncond_index=0)
@@ -92,7 +99,7 @@ def activation_mb(checkpointing: bool, data: LatentPairs, batch: int, device) ->
     Unlike process RSS this isolates what gradient checkpointing trades away; on CUDA the
     peak allocated memory of the step is measured as well by the caller.
     """
-    unet = demo_unet(16, device, checkpointing).train()
+    unet = demo_unet(LATENT, device, checkpointing).train()
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -123,9 +130,10 @@ def interleaved(steps: dict, rounds: int = 3, per_round: int = 4) -> dict[str, f
     return {name: min(t) for name, t in times.items()}
 
 
-def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, batch: int):
+def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, batch: int,
+              levels: list[int] | None = None):
     torch.manual_seed(0)
-    unet = demo_unet(16, "cpu", heads=heads)
+    unet = demo_unet(LATENT, "cpu", heads=heads, levels=levels)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(memory_format=fmt)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -168,6 +176,7 @@ def levers(data: LatentPairs, batch: int) -> dict:
         **{f"heads_{h}_fp32": unet_step(h, False, False, data, batch) for h in (8, 4, 2, 1) if h != heads},
         f"heads_{heads}_bf16_autocast": unet_step(heads, True, False, data, batch),
         f"heads_{heads}_channels_last": unet_step(heads, False, True, data, batch),
+        **{f"heads_{h}_attention_levels_1": unet_step(h, False, False, data, batch, levels=[1]) for h in (heads, 2)},
     })
     vae = interleaved({"fp32": vae_step(False, False, PARAMS["train_vae"]["batch_size"]),
                        "bf16_autocast": vae_step(True, False, PARAMS["train_vae"]["batch_size"]),
@@ -185,21 +194,21 @@ def main() -> None:
     device = pick_device()
     g = torch.Generator().manual_seed(0)
     batch = PARAMS["train_ldm"]["batch_size"]
-    data = fake_data(256, 16, g)
+    data = fake_data(256, LATENT, g)
     if args.levers:
         print(json.dumps({"benchmark": "train_levers", "device": device.type, "threads": torch.get_num_threads(),
                           "ldm_batch": batch, **levers(data, batch)}, indent=2))
         return
 
-    unet = demo_unet(16, device)
+    unet = demo_unet(LATENT, device)
     bare_steps(unet, data, batch, 3, device)  # warm-up
     bare = bare_steps(unet, data, batch, args.steps, device)
-    unet = demo_unet(16, device)
+    unet = demo_unet(LATENT, device)
     train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(3), g)  # warm-up
     start = time.perf_counter()
     train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(args.steps), g)
     ours = (time.perf_counter() - start) / args.steps
-    unet = demo_unet(16, device, self_condition=True)
+    unet = demo_unet(LATENT, device, self_condition=True)
     start = time.perf_counter()
     train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(args.steps), g)
     self_cond = (time.perf_counter() - start) / args.steps

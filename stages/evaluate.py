@@ -13,7 +13,8 @@ from typing import Literal
 
 import pandas as pd
 
-from synthmed.config import as_dict, load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.config import (as_dict, load_params, require_at_least_one, require_fractions, require_inputs,
+                             require_non_negative, run_stage)
 from synthmed.data.dataset import images_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
@@ -46,9 +47,12 @@ class ClassifierParams:
     steps: int
     lr: float
     batch_size: int
+    augment: bool
+    val_every: int  # 0 = keep the last step's weights
 
     def __post_init__(self):
         require_at_least_one(self, "steps", "batch_size")
+        require_non_negative(self, "val_every")
 
 
 @dataclass
@@ -114,15 +118,15 @@ def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
     classes = sorted(set(rows["train"]["label"]) - {""})
     study = None
     if len(classes) >= 2:
-        sets = {k: (images[k], aug.encode(rows[k]["label"], classes)) for k in ("train", "pool", "test", "synth")}
+        sets = {k: (images[k], aug.encode(rows[k]["label"], classes)) for k in ("train", "val", "pool", "test", "synth")}
         if not (sets["test"][1] >= 0).any():
             raise PipelineError(f"{REAL}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
                                 "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
-        a, cfg = p.augmentation, ClassifierConfig(p.classifier.steps, p.classifier.lr, p.classifier.batch_size)
+        a, cfg = p.augmentation, ClassifierConfig(**as_dict(p.classifier))
         study = aug.run_study(sets["train"], sets["pool"], sets["test"], len(classes), a.fractions, a.ratios, a.arms,
-                              a.seeds, cfg, seed)
+                              a.seeds, cfg, seed, val=sets["val"])
         metrics = {**study.flat, **aug.prompt_adherence(study, sets["train"], sets["synth"], sets["test"],
-                                                        len(classes), cfg, seed)}
+                                                        len(classes), cfg, seed, val=sets["val"])}
         runs, table, note = study.runs, study.table, ""
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
         note = f"no downstream classifier: {len(classes)} label(s) in the train split (it needs 2 or more)"
@@ -152,7 +156,11 @@ def main() -> None:
                             "(synthetic images from test captions would leak into classifier training)")
     require_inputs("evaluate", REAL, f"{SYNTH}/metadata.csv")
     seed_everything(seed)
-    rows = {"train": split_frame(REAL, ["train"]), "test": split_frame(REAL, [p.fidelity_split]),
+    real = read_metadata(REAL)
+    # real val picks each classifier's weights, unless it is the split they are scored on (or there is none)
+    has_val = p.fidelity_split != "val" and (real["split"] == "val").any()
+    rows = {"train": split_frame(REAL, ["train"]), "val": split_frame(REAL, ["val"]) if has_val else real[:0],
+            "test": split_frame(REAL, [p.fidelity_split]),
             "synth": read_metadata(SYNTH).drop_duplicates("file_name").reset_index(drop=True)}
     # images without a split (prompt file without a split column, templates) serve fidelity only
     fid_mask = split_mask(rows["synth"], [p.fidelity_split], unsplit=True)
@@ -161,8 +169,9 @@ def main() -> None:
         raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
                             f"{p.fidelity_split} to prompts.splits or set evaluate.fidelity_split")
     rows["pool"] = rows["synth"][pool_mask]
-    images = {"train": images_of(REAL, rows["train"]), "test": images_of(REAL, rows["test"]),
-              "synth": images_of(SYNTH, rows["synth"])}
+    images = {k: images_of(REAL, rows[k]) for k in ("train", "test")}
+    images["val"] = images_of(REAL, rows["val"]) if has_val else images["train"][:0]
+    images["synth"] = images_of(SYNTH, rows["synth"])
     images["pool"] = images["synth"][pool_mask]
 
     cache = FeatureCache(store.cache_dir("features") / "effnet_lite0.pt", load_effnet_lite0().to(pick_device()))

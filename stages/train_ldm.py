@@ -46,7 +46,8 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     caption_sources: list[Literal["original", "paraphrase", "rule", "llm"]]
     block_out_channels: list[int]
     layers_per_block: int
-    attention_head_dim: int
+    attention_head_dim: int  # diffusers' name; it is the number of attention heads
+    attention_levels: list[int]  # resolution levels with transformer blocks (0 = full latent resolution)
     norm_num_groups: int
     dropout: float
     self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
@@ -143,7 +144,7 @@ def main() -> None:
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
                       norm_num_groups=p.norm_num_groups, dropout=p.dropout,
-                      self_condition=p.self_condition).to(device)
+                      self_condition=p.self_condition, attention_levels=p.attention_levels).to(device)
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)

@@ -33,13 +33,15 @@ class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model
     layers_per_block: int
     latent_channels: int
     norm_num_groups: int
+    mid_attention: bool  # self-attention over the latent grid in the middle blocks
 
 
 def load_vae(p: TrainVAEParams, channels: int, size: int) -> AutoencoderKL:
     if not p.pretrained:
         return build_autoencoder(in_channels=channels, block_out_channels=p.block_out_channels,
                                  layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
-                                 norm_num_groups=p.norm_num_groups, sample_size=size)
+                                 norm_num_groups=p.norm_num_groups, sample_size=size,
+                                 mid_attention=p.mid_attention)
     path = Path(p.pretrained)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None  # a whole pipeline's folder
     try:

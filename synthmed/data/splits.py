@@ -63,22 +63,22 @@ def contiguous_splits(coords: list[float], strata: list[str], fractions: dict[st
     """Split the slices of one axis into contiguous runs; "" marks a slice dropped as guard.
 
     Neighbouring slices of one volume are near-identical images, so random slabs put 1 mm neighbours
-    on both sides of the split. Here each stratum (a band of ``coords``) is laid out from one end as
-    val, test, then train, the runs sized by ``fractions`` of the slices kept, and the end flips from
-    band to band so that equal splits meet at band borders. Train slices nearer than ``guard`` to a
-    val or test slice are dropped: a held-out slice's nearest train slice is at least ``guard`` away
-    (val and test may touch: neither is trained on). This costs one guard per band and keeps the
-    fractions; dropping guards around randomly dealt slabs costs one per slab border and starves
-    small bands. The split is decided per coordinate, so every image at one position shares it.
+    on both sides of the split. Here each stratum (a band of ``coords``) holds out one run at its
+    centre, val in the middle and test on either side of it, sized by ``fractions`` of the slices
+    kept; train slices nearer than ``guard`` to a val or test slice are dropped, so a held-out
+    slice's nearest train slice is at least ``guard`` away (val and test may touch: neither is
+    trained on). Held-out runs at band borders would be cheaper (one guard per band instead of two)
+    but leave ambiguous images to score and no train image of the band near them: a classifier
+    could then not tell one band from the next (the demo's real-only accuracy fell to 0.44).
+    The split is decided per coordinate, so every image at one position shares it.
     """
     target = _normalised(fractions)
-    bands = sorted(set(strata), key=lambda s: min(c for c, t in zip(coords, strata) if t == s))
-    flip = random.Random(seed).random() < 0.5  # which end of the first band is held out
     out = [""] * len(coords)
-    for k, band in enumerate(bands):
+    for band in sorted(set(strata)):
         members = [i for i, t in enumerate(strata) if t == band]
-        held_high = (k % 2 == 0) != flip
-        members.sort(key=lambda i: -coords[i] if held_high else coords[i])  # from the held-out end inward
+        lo, hi = min(coords[i] for i in members), max(coords[i] for i in members)
+        centre = (lo + hi) / 2 + random.Random(f"{seed}:{band}").uniform(-0.5, 0.5)  # breaks ties between sides
+        members.sort(key=lambda i: (abs(coords[i] - centre), coords[i]))  # from the centre outward
         for i, split in zip(members, _runs([coords[i] for i in members], target, guard)):
             out[i] = split
     return _drop_near_held_out(coords, out, guard)  # also across band borders, e.g. after an all-held-out band
@@ -92,19 +92,25 @@ def _normalised(fractions: dict[str, float]) -> dict[str, float]:
 
 
 def _runs(coords: list[float], target: dict[str, float], guard: float) -> list[str]:
-    """val, test, guard ("") and train along ``coords``, which run from the held-out end."""
+    """val, test, guard ("") and train along ``coords``, which run from the held-out centre outward."""
     kept = len(coords)
     for _ in range(2):  # the second pass sizes the runs on the slices the guard leaves
         n_val = round(target["val"] * kept)
         n_held = n_val + round(target["test"] * kept)
         split_at: dict[float, str] = {}
-        before, last_held = 0, None
+        before, held = 0, []
         for c in coords:
             if c not in split_at:
-                split = "val" if before < n_val else "test" if before < n_held else "train"
-                if split == "train" and last_held is not None and abs(c - last_held) < guard:
+                # every held-out split asked for gets at least one position, even in a small band
+                if before < n_val or (target["val"] > 0 and "val" not in split_at.values()):
+                    split = "val"
+                elif before < n_held or (target["test"] > 0 and "test" not in split_at.values()):
+                    split = "test"
+                else:
+                    split = "train"
+                if split == "train" and any(abs(c - h) < guard for h in held):
                     split = ""
-                last_held = c if split in ("val", "test") else last_held
+                held += [c] if split in ("val", "test") else []
                 split_at[c] = split
             before += 1
         out = [split_at[c] for c in coords]

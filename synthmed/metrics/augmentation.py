@@ -78,13 +78,13 @@ def plan_cells(real_labels: np.ndarray, pool_size: int, fractions: list[float], 
 
 
 def run_cells(cells: list[Cell], real_x, real_y, synth_x, synth_y, test_x, test_y, n_classes: int,
-              cfg: ClassifierConfig) -> pd.DataFrame:
-    """Train and score every cell; one row per cell."""
+              cfg: ClassifierConfig, val: tuple | None = None) -> pd.DataFrame:
+    """Train (keeping the weights that score best on real ``val``, if given) and score every cell; one row each."""
     rows = []
     for cell in progress(cells, desc="classifier cells"):
         x = torch.cat([real_x[cell.real_idx], synth_x[cell.synth_idx]])
         y = torch.cat([real_y[cell.real_idx], synth_y[cell.synth_idx]])
-        cell.model = train_classifier(x, y, n_classes, cfg, cell.clf_seed)
+        cell.model = train_classifier(x, y, n_classes, cfg, cell.clf_seed, val)
         cell.scores = score_classifier(cell.model, test_x, test_y)
         rows.append({"regime": cell.regime, "arm": cell.arm, "rep": cell.rep, "n_real": len(cell.real_idx),
                      "n_synth": len(cell.synth_idx), "n_synth_requested": cell.synth_requested, **cell.scores})
@@ -105,12 +105,17 @@ class Study:
     cells: list[Cell]
 
 
+def _labelled(x, y):
+    return x[y >= 0], y[y >= 0]
+
+
 def run_study(real: tuple, pool: tuple, test: tuple, n_classes: int, fractions: list[float], ratios: list[float],
-              arms: list[str], reps: int, cfg: ClassifierConfig, seed: int) -> Study:
-    """Every regime x arm x repetition on (images, class indices) of real train, the synthetic pool and real test;
-    images with index -1 are left out. Without labelled synthetic images only the real arm runs."""
-    (real_x, real_y), (pool_x, pool_y), (test_x, test_y) = (
-        (x[y >= 0], y[y >= 0]) for x, y in (real, pool, test))
+              arms: list[str], reps: int, cfg: ClassifierConfig, seed: int, val: tuple | None = None) -> Study:
+    """Every regime x arm x repetition on (images, class indices) of real train, the synthetic pool and real test
+    (and real val, which picks each classifier's weights); images with index -1 are left out. Without labelled
+    synthetic images only the real arm runs."""
+    (real_x, real_y), (pool_x, pool_y), (test_x, test_y) = (_labelled(*s) for s in (real, pool, test))
+    val = _labelled(*val) if val is not None else None
     if arms and not len(pool_x):
         print("evaluate: no labelled synthetic images in the augmentation pool; real-only arm only")
         arms = []
@@ -119,23 +124,24 @@ def run_study(real: tuple, pool: tuple, test: tuple, n_classes: int, fractions: 
     if short:
         print(f"evaluate: {len(short)} cell(s) asked for more synthetic images than the pool has ({len(pool_x)}); "
               "they use the whole pool (n_synth in augmentation.csv). Raise prompts.images_per_prompt")
-    runs = run_cells(cells, real_x, real_y, pool_x, pool_y, test_x, test_y, n_classes, cfg)
+    runs = run_cells(cells, real_x, real_y, pool_x, pool_y, test_x, test_y, n_classes, cfg, val)
     table, flat = summarise(runs)
     return Study(runs, table, {**flat, "n_synthetic_pool": len(pool_x)}, cells)
 
 
 def prompt_adherence(study: Study, real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig,
-                     seed: int) -> dict[str, float]:
+                     seed: int, val: tuple | None = None) -> dict[str, float]:
     """Share of labelled synthetic images that classifiers trained on all real train images assign to their
     prompt's label, beside those classifiers' accuracy on real test (the ceiling); mean over repetitions."""
-    (real_x, real_y), (synth_x, synth_y), (test_x, test_y) = ((x[y >= 0], y[y >= 0]) for x, y in (real, synth, test))
+    (real_x, real_y), (synth_x, synth_y), (test_x, test_y) = (_labelled(*s) for s in (real, synth, test))
+    val = _labelled(*val) if val is not None else None
     if not len(synth_x):
         return {}
     full = {c.rep: c.model for c in study.cells if c.regime == regime_name(1.0) and c.arm == "real"}
     reps = sorted({c.rep for c in study.cells})
     hits, real_acc = [], []
     for rep in reps:
-        model = full.get(rep) or train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep))
+        model = full.get(rep) or train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep), val)
         hits.append(float((predict(model, synth_x).argmax(1) == synth_y.numpy()).mean()))
         real_acc.append(score_classifier(model, test_x, test_y)["acc"])
     return {"adherence_acc": float(np.mean(hits)), "adherence_real_test_acc": float(np.mean(real_acc)),

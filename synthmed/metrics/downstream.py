@@ -1,7 +1,14 @@
-"""The downstream classifier: a small CNN trained for a fixed number of steps, scored on real test."""
+"""The downstream classifier: a small CNN, the same training rule for every training set, scored on real test.
+
+The rule: up to ``steps`` minibatch steps (drawn with replacement, so 3 images or 3,000 get the same
+budget) with random shifts and intensity jitter, cosine learning rate, and, when real validation images
+are given, the weights of the step that scored best on them (early stopping by selection).
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,27 +37,55 @@ class ClassifierConfig:
     steps: int  # the same budget for every training set size, so arms compare data, not compute
     lr: float
     batch_size: int
+    augment: bool = True  # random shifts (up to 1/16 of the side) and brightness/contrast jitter
+    val_every: int = 0  # steps between scores on real val; the best-scoring weights are kept. 0 = last step
 
 
 def _prep(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1.0
 
 
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to size/16 pixels (background fill) and jitter its brightness and contrast.
+    No flips: left/right and plane orientation can carry the label."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 16)
+    padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    dy, dx = torch.randint(2 * pad + 1, (2, n), generator=g)
+    shifted = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    scale = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    offset = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    return ((shifted + 1) * scale - 1 + offset).clamp(-1, 1)
+
+
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, cfg: ClassifierConfig,
-                     seed: int) -> SmallCNN:
-    """Minibatches drawn with replacement, so 3 images or 3,000 get the same number of steps."""
+                     seed: int, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> SmallCNN:
+    """Train by the module's rule; ``val``: real (uint8 images, labels) that pick the kept weights."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     x, y = _prep(images), labels
-    model.train()
-    for _ in range(cfg.steps):
+    select = val is not None and cfg.val_every > 0 and len(val[1]) > 0
+    best, best_state = None, None
+    for step in range(1, cfg.steps + 1):
+        model.train()
         idx = torch.randint(len(x), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        batch = _augment(x[idx], g) if cfg.augment else x[idx]
+        loss = F.cross_entropy(model(batch), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
+        if select and (step % cfg.val_every == 0 or step == cfg.steps):
+            model.eval()
+            s = score_classifier(model, *val)
+            key = (s["bacc"], -s["loss"])  # ties on a small val split go to the lower loss
+            if best is None or key > best:
+                best, best_state = key, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model.eval()
 
 
@@ -65,5 +100,6 @@ def score_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor
     pred = probs.argmax(1)
     aucs = [roc_auc_score(y == c, probs[:, c]) for c in np.unique(y) if 0 < (y == c).sum() < len(y)]
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]  # balanced accuracy over present classes
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
     return {"auc": float(np.mean(aucs)) if aucs else float("nan"), "acc": float((pred == y).mean()),
-            "bacc": float(np.mean(recalls))}
+            "bacc": float(np.mean(recalls)), "loss": loss}

@@ -7,19 +7,27 @@ from diffusers import UNet2DConditionModel
 
 def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[int], layers_per_block: int,
                cross_attention_dim: int, attention_head_dim: int, norm_num_groups: int,
-               dropout: float, self_condition: bool = False) -> UNet2DConditionModel:
-    """Every resolution level gets cross-attention + feed-forward transformer blocks (MSDM).
+               dropout: float, self_condition: bool = False,
+               attention_levels: list[int] | None = None) -> UNet2DConditionModel:
+    """Transformer blocks (self-attention, cross-attention to the text, feed-forward) at the resolution
+    levels in ``attention_levels`` (0 = the latent's full resolution) and in the middle block.
+    None = every level but the lowest, whose resolution the middle block's attention already covers (MSDM).
 
     With ``self_condition`` the input has twice the latent channels: the noisy latent and
     the model's previous clean estimate (the sampler and trainer detect this from the config).
     """
     n = len(block_out_channels)
+    levels = set(range(n - 1) if attention_levels is None else attention_levels)
+    if not levels <= set(range(n)):
+        raise ValueError(f"attention_levels must be among 0..{n - 1} (one per block_out_channels entry), "
+                         f"got {sorted(levels)}")
+    down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=in_channels * (2 if self_condition else 1),
         out_channels=in_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         mid_block_type="UNetMidBlock2DCrossAttn",
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,

@@ -7,10 +7,10 @@ import pytest
 from synthmed.data.demo import demo_samples
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
-GUARD = 10.0
+GUARD = 6.0
 
 
-def build(step: int = 8, guard: float = 16.0, resolution: int = 32):
+def build(step: int = 8, guard: float = 8.0, resolution: int = 32):
     return demo_samples(resolution=resolution, slice_step_mm=step, guard_mm=guard, min_brain_fraction=0.08,
                         split_fractions=FRACTIONS, seed=42)
 
@@ -22,7 +22,7 @@ def samples():
 
 @pytest.fixture(scope="module")
 def guarded():
-    """2 mm slices (1 mm in params.yaml; 2 keeps the test fast) with the default 10 mm guard."""
+    """2 mm slices (1 mm in params.yaml; 2 keeps the test fast) with the default 6 mm guard."""
     return build(step=2, guard=GUARD, resolution=8)
 
 

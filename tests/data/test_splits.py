@@ -57,13 +57,17 @@ def test_contiguous_splits_guard_fractions_and_runs(mirrored):
     splits = contiguous_splits(coords, strata, FRACTIONS, guard=10, seed=0)
     assert held_out_gap(coords, splits) >= 10
     kept = [s for s in splits if s]
-    assert splits.count("") == 3 * 9 * (2 if mirrored else 1)  # one guard of 9 slices per band
+    assert splits.count("") == 3 * 2 * 9 * (2 if mirrored else 1)  # a guard of 9 slices on each side of each run
     for split, fraction in FRACTIONS.items():
         assert abs(kept.count(split) / len(kept) - fraction) < 0.02
     for band in set(strata):
         runs = [s for s, t in zip(splits, strata) if t == band]
         changes = sum(a != b for a, b in zip(runs, runs[1:]))
-        assert set(runs) == {"train", "val", "test", ""} and changes == 3  # val | test | guard | train
+        # train | guard | test | val | test | guard | train, centred in the band
+        assert set(runs) == {"train", "val", "test", ""} and changes == 6
+        held = [c for c, s, t in zip(coords, splits, strata) if t == band and s in ("val", "test")]
+        members = [c for c, t in zip(coords, strata) if t == band]
+        assert abs((min(held) + max(held)) / 2 - (min(members) + max(members)) / 2) <= 1
     by_coord = {}
     for c, s in zip(coords, splits):
         by_coord.setdefault(c, set()).add(s)

@@ -41,3 +41,23 @@ def test_training_has_the_same_step_budget_whatever_the_set_size():
     finally:
         hook.remove()
     assert batches == [16] * 14  # 6 images or 120: 7 steps of 16 (drawn with replacement)
+
+
+def test_validation_keeps_the_best_scoring_weights_of_the_same_run():
+    g = torch.Generator().manual_seed(0)
+    (rx, ry), (vx, vy) = blobs(12, g), blobs(12, g)
+    cfg = dict(steps=24, lr=3e-2, batch_size=8)
+    last = train_classifier(rx, ry, 2, ClassifierConfig(**cfg, val_every=0), seed=1, val=(vx, vy))
+    best = train_classifier(rx, ry, 2, ClassifierConfig(**cfg, val_every=4), seed=1, val=(vx, vy))
+    s_last, s_best = score_classifier(last, vx, vy), score_classifier(best, vx, vy)
+    # the same trajectory (validation draws no random numbers); the last step is one of the candidates
+    assert (s_best["bacc"], -s_best["loss"]) >= (s_last["bacc"], -s_last["loss"])
+
+
+def test_augmentation_shifts_and_jitters_within_range_and_is_seeded():
+    from synthmed.metrics.downstream import _augment
+
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    a = _augment(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
+    assert torch.equal(a, _augment(x, torch.Generator().manual_seed(3)))

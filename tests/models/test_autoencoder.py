@@ -1,3 +1,5 @@
+import shutil
+
 import torch
 from diffusers import AutoencoderKL
 
@@ -7,7 +9,7 @@ from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, late
 
 def cfg(**kw) -> VAETrainConfig:
     base = dict(steps=40, batch_size=8, lr=3e-3, kl_weight=1e-6, recon_loss="l1", ssim_weight=0.0,
-                checkpoint_every=0, keep_checkpoints=2)
+                warmup_steps=0, mixed_precision="no", checkpoint_every=0, keep_checkpoints=2)
     return VAETrainConfig(**{**base, **kw})
 
 
@@ -35,14 +37,29 @@ def test_vae_trains_reconstructs_and_roundtrips(tmp_path):
 
 def test_l2_ssim_loss_and_resume_match_an_uninterrupted_run(tmp_path):
     images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    settings = dict(recon_loss="l1+l2", ssim_weight=0.5, checkpoint_every=5)
+    settings = dict(recon_loss="l1+l2", ssim_weight=0.5, checkpoint_every=5, warmup_steps=3)
     full = tiny_vae()
     log_full = train_autoencoder(full, images, cfg(steps=12, **settings), torch.Generator().manual_seed(1))
-    part = tiny_vae()  # a run "killed" after step 10: its steps stop there, its checkpoint stays
-    train_autoencoder(part, images, cfg(steps=10, **settings), torch.Generator().manual_seed(1),
+    part = tiny_vae()  # a run "killed" after step 10: its newest checkpoint is that of step 10
+    train_autoencoder(part, images, cfg(steps=12, **settings), torch.Generator().manual_seed(1),
                       checkpoint_dir=tmp_path, fingerprint="f")
+    newest = max(tmp_path.iterdir(), key=lambda p: p.stat().st_mtime)
+    assert "12" in newest.name
+    shutil.rmtree(newest) if newest.is_dir() else newest.unlink()
     resumed = tiny_vae()
     log = train_autoencoder(resumed, images, cfg(steps=12, **settings), torch.Generator().manual_seed(99),
                             checkpoint_dir=tmp_path, fingerprint="f")
     assert [r["step"] for r in log] == list(range(12)) and log[-1]["loss"] == log_full[-1]["loss"]
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights():
+    from synthmed.models.autoencoder import use_bf16
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
+    vae = tiny_vae()
+    log = train_autoencoder(vae, images, cfg(steps=30, mixed_precision="bf16", warmup_steps=5), g)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
+    assert use_bf16(torch.device("cpu"), "bf16") and not use_bf16(torch.device("cpu"), "no")
