@@ -37,9 +37,10 @@ from synthmed.models.unet import build_unet  # noqa: E402
 from synthmed.runtime import pick_device  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-# the demo's latent grid: 64 px images through the params.yaml VAE
-LATENT = PARAMS["ingest"]["resolution"] // 2 ** (len(PARAMS["train_vae"]["block_out_channels"]) - 1)
-LATENT_CHANNELS = PARAMS["train_vae"]["latent_channels"]
+# the demo's latent grid as the UNet sees it: 64 px images through the params.yaml VAE, packed
+PATCH = PARAMS["train_ldm"]["latent_patch"]
+LATENT = PARAMS["ingest"]["resolution"] // 2 ** (len(PARAMS["train_vae"]["block_out_channels"]) - 1) // PATCH
+LATENT_CHANNELS = PARAMS["train_vae"]["latent_channels"] * PATCH**2
 
 
 def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False,

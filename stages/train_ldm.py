@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
+from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
 from synthmed.data.dataset import split_images
 from synthmed.errors import PipelineError
 from synthmed import store
@@ -48,6 +48,7 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     layers_per_block: int
     attention_head_dim: int  # diffusers' name; it is the number of attention heads
     attention_levels: list[int]  # resolution levels with transformer blocks (0 = full latent resolution)
+    latent_patch: int  # the UNet sees the VAE latents packed in patch x patch blocks (1 = as they are)
     norm_num_groups: int
     dropout: float
     self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
@@ -59,6 +60,10 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_at_least_one(self, "latent_patch")
 
 
 def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) -> pd.DataFrame:
@@ -137,8 +142,12 @@ def main() -> None:
     rows, images = split_images(DATASET, ["train"])
     vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
     encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
+    side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
+    if side % p.latent_patch:
+        raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the "
+                            f"{side}x{side} latent grid of {VAE}; use a divisor of {side}")
     data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), p.augment_copies,
-                              p.brightness, p.contrast, g)
+                              p.brightness, p.contrast, g, latent_patch=p.latent_patch)
 
     unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
@@ -151,7 +160,8 @@ def main() -> None:
     # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code.
     fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
     val_rows, val_images = split_images(DATASET, ["val"])
-    val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist())
+    val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
+                                  latent_patch=p.latent_patch)
     # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
     grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
     if accelerator.is_main_process:

@@ -6,7 +6,26 @@ import inspect
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+
+
+def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, C, H, W] VAE latents -> [N, C * patch**2, H / patch, W / patch]: each patch x patch block of
+    latent pixels becomes one position of the diffusion model's grid (as DiT's patch size and Flux's
+    latent packing do). The VAE keeps its fine latent grid (sharp reconstructions) while the UNet runs
+    on a coarser one (quadratically cheaper convolutions and attention)."""
+    return F.pixel_unshuffle(latents, patch) if patch > 1 else latents
+
+
+def unpack_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_latents; the patch size follows from the VAE's latent channels."""
+    packed, c = latents.shape[1], vae.config.latent_channels
+    patch = round((packed // c) ** 0.5)
+    if patch * patch * c != packed:
+        raise ValueError(f"{packed} latent channels cannot be unpacked for a VAE with {c}: the UNet and the VAE "
+                         "do not belong together")
+    return F.pixel_shuffle(latents, patch) if patch > 1 else latents
 
 
 def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
@@ -74,8 +93,9 @@ def sample_latents(unet: UNet2DConditionModel, scheduler, cond_emb: torch.Tensor
 
 @torch.no_grad()
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1], [N, C, H, W] float on the CPU."""
+    """Scaled (and possibly packed) latents -> images in [-1, 1], [N, C, H, W] float on the CPU."""
     device = next(vae.parameters()).device
+    latents = unpack_latents(vae, latents)
     return vae.decode(latents.to(device) / vae.config.scaling_factor).sample.float().cpu().clamp(-1, 1)
 
 

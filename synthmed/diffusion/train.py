@@ -32,7 +32,7 @@ from synthmed.config import require_at_least_one, require_non_negative, require_
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.diffusion.loss import diffusion_loss
-from synthmed.diffusion.sample import is_self_conditioned
+from synthmed.diffusion.sample import is_self_conditioned, pack_latents
 from synthmed.models.autoencoder import encode_posterior
 from synthmed.progress import progress
 from synthmed.runtime import make_accelerator
@@ -89,8 +89,10 @@ def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float
 
 def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images: torch.Tensor,
                        file_names: list[str], augment_copies: int = 0, brightness: float = 0.0,
-                       contrast: float = 0.0, generator: torch.Generator | None = None) -> LatentPairs:
-    """Encode each training image once and each unique caption once (plus the empty one).
+                       contrast: float = 0.0, generator: torch.Generator | None = None,
+                       latent_patch: int = 1) -> LatentPairs:
+    """Encode each training image once and each unique caption once (plus the empty one); the latents
+    are packed in ``latent_patch`` x ``latent_patch`` blocks (sample.pack_latents).
 
     With ``augment_copies`` each image is also encoded that many times with random
     brightness/contrast, once, here: augmentation costs nothing per training step.
@@ -98,7 +100,7 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
     x = to_model_range(images)
     views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
     # interleave so that the encodings of image i are rows i*V .. i*V + V-1
-    mean, std = encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1))
+    mean, std = (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1)))
     index_of = {name: i for i, name in enumerate(file_names)}
     captions = [""] + sorted(pairs["text"].unique())
     caption_of = {c: i for i, c in enumerate(captions)}

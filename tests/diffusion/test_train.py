@@ -5,6 +5,7 @@ what reaches the noise scheduler and the UNet and would fail on such a bug.
 """
 
 import pandas as pd
+import pytest
 import torch
 
 from synthmed.data.dataset import to_model_range
@@ -308,3 +309,16 @@ def test_validation_scores_the_ema_and_the_raw_weights_with_the_training_weighti
     assert abs(got["val_loss_ema"] - got["val_loss_raw"]) > 1e-6  # two different sets of weights
     without_ema = validation_losses(unet, None, sched, data, 2.0)  # no EMA: the raw weights ship
     assert without_ema["val_loss_ema"] == without_ema["val_loss_raw"] == got["val_loss_raw"]
+
+
+def test_packed_latents_round_trip_and_decode_like_unpacked_ones():
+    from synthmed.diffusion.sample import decode, pack_latents, unpack_latents
+
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    z = torch.randn(2, vae.config.latent_channels, 8, 8)
+    packed = pack_latents(z, 2)
+    assert packed.shape == (2, 4 * vae.config.latent_channels, 4, 4)
+    assert torch.equal(unpack_latents(vae, packed), z) and torch.equal(decode(vae, packed), decode(vae, z))
+    with pytest.raises(ValueError, match="do not belong together"):
+        unpack_latents(vae, torch.randn(1, 3 * vae.config.latent_channels, 4, 4))
