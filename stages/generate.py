@@ -15,6 +15,7 @@ import torch
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.prompts import PLAN_COLUMNS
+from synthmed.diffusion.sample import unpack_latents
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
@@ -64,9 +65,10 @@ def main() -> None:
 
     pipe = SynthMedPipeline.from_pretrained(MODEL).to(pick_device())
     pipe.set_progress_bar_config(disable=True)
-    if pipe.unet.config.out_channels != pipe.vae.config.latent_channels:
-        raise PipelineError(f"{MODEL}: the UNet expects {pipe.unet.config.out_channels} latent channels but the VAE "
-                            f"gives {pipe.vae.config.latent_channels}; rerun train_ldm (dvc repro train_ldm)")
+    try:  # the UNet's channels are the VAE's, or packed patches of them (train_ldm.latent_patch)
+        unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, 1, 1))
+    except ValueError as exc:
+        raise PipelineError(f"{MODEL}: {exc}; rerun train_ldm (dvc repro train_ldm)") from None
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
     plan["model_sha256"] = sha256_tree(MODEL)
     inputs = [PLAN, MODEL]
