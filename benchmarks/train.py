@@ -10,7 +10,9 @@
 - `--levers`: speed levers as ratios against the current default, measured in one run with the
   variants interleaved round by round (so that a busy neighbour slows all of them alike): UNet
   attention heads (diffusers' `attention_head_dim` is the number of heads), bf16 autocast and
-  channels_last for the UNet and the VAE step, and attention only below the full latent resolution.
+  channels_last for the UNet and the VAE step, attention only below the full latent resolution, fused
+  AdamW + foreach EMA for the LDM update, and the layouts of the evaluation models (classifier, VLP).
+- `--compile`: torch.compile of the UNet in the training loop, its compile time and steady-state speed-up.
 
     .venv/bin/python benchmarks/train.py [--steps 30] [--levers]
 """
@@ -31,10 +33,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from diffusers.training_utils import EMAModel  # noqa: E402
+
 from synthmed.diffusion.train import LatentPairs, LDMTrainConfig, make_noise_scheduler, train_ldm  # noqa: E402
 from synthmed.models.autoencoder import VAETrainConfig, build_autoencoder, train_autoencoder  # noqa: E402
+from synthmed.metrics.downstream import SmallCNN  # noqa: E402
 from synthmed.models.unet import build_unet  # noqa: E402
 from synthmed.runtime import pick_device  # noqa: E402
+from synthmed.vlp.model import DualEncoder, info_nce  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 # the demo's latent grid as the UNet sees it: 64 px images through the params.yaml VAE, packed
@@ -169,6 +175,83 @@ def vae_step(bf16: bool, channels_last: bool, batch: int):
     return step
 
 
+def update_step(fast: bool):
+    """The optimizer + EMA update of the UNet after a backward pass: torch's per-parameter loops, or fused
+    AdamW with the foreach EMA update (what train_ldm uses)."""
+    torch.manual_seed(0)
+    unet = demo_unet(LATENT, "cpu", self_condition=True)
+    for p in unet.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fast or None)
+    ema = EMAModel(unet.parameters(), decay=0.995, foreach=fast)
+
+    def step():
+        opt.step()
+        ema.step(unet.parameters())
+    return step
+
+
+def classifier_step(fast: bool, batch: int = 32):
+    """One training step of the evaluate stage's classifier: as it is, or in its former layout (ReLU before
+    the pooling, contiguous tensors)."""
+    torch.manual_seed(0)
+    model = SmallCNN(1, 9)
+    if not fast:
+        layers = list(model.features)
+        for i in range(0, len(layers), 4):  # conv, bn, pool, relu -> conv, bn, relu, pool
+            layers[i + 2], layers[i + 3] = layers[i + 3], layers[i + 2]
+        model.features = torch.nn.Sequential(*layers).to(memory_format=torch.contiguous_format)
+        model.forward = lambda x: model.head(model.features(x).mean(dim=(2, 3)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.rand(batch, 1, 64, 64) * 2 - 1, torch.randint(9, (batch,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def vlp_step(channels_last: bool, batch: int = 64):
+    """One training step of the evaluate_vlp dual encoder (frozen text features), its image tower channels-last
+    (as it is) or contiguous."""
+    torch.manual_seed(0)
+    model = DualEncoder(1, 384, 16, 1, 128)
+    if not channels_last:
+        model.image = model.image.to(memory_format=torch.contiguous_format)
+        model.image.forward = lambda x: model.image.body(x).mean(dim=(2, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, text = torch.rand(batch, 1, 64, 64) * 2 - 1, torch.randn(batch, 384)
+
+    def step():
+        loss = info_nce(model.embed_images(x), model.embed_texts(text), model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def compiled(data: LatentPairs, batch: int, steps: int) -> dict:
+    """torch.compile of the UNet in the real training loop: compile seconds and steady-state speed-up."""
+    out = {}
+    for name in ("eager", "compiled"):
+        unet = demo_unet(LATENT, "cpu", self_condition=True)
+        if name == "compiled":
+            unet.compile()
+        start = time.perf_counter()
+        train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(3), torch.Generator().manual_seed(0))
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        train_ldm(unet, make_noise_scheduler(1000), data, ldm_cfg(steps), torch.Generator().manual_seed(0))
+        out[name] = {"first_3_steps_s": round(first, 1), "s_per_step": round((time.perf_counter() - start) / steps, 4)}
+    out["speedup"] = round(out["eager"]["s_per_step"] / out["compiled"]["s_per_step"], 2)
+    out["steps_to_repay_compile"] = (round((out["compiled"]["first_3_steps_s"] - out["eager"]["first_3_steps_s"])
+                                           / (out["eager"]["s_per_step"] - out["compiled"]["s_per_step"]))
+                                     if out["speedup"] > 1 else None)
+    return out
+
+
 def levers(data: LatentPairs, batch: int) -> dict:
     """Seconds per step of each variant and its speed-up over the params.yaml default (fp32, contiguous)."""
     heads = PARAMS["train_ldm"]["attention_head_dim"]
@@ -182,20 +265,31 @@ def levers(data: LatentPairs, batch: int) -> dict:
     vae = interleaved({"fp32": vae_step(False, False, PARAMS["train_vae"]["batch_size"]),
                        "bf16_autocast": vae_step(True, False, PARAMS["train_vae"]["batch_size"]),
                        "channels_last": vae_step(False, True, PARAMS["train_vae"]["batch_size"])})
+    pairs = {"ldm_update": interleaved({"loops": update_step(False), "fused_adamw_foreach_ema": update_step(True)}),
+             "classifier_step": interleaved({"relu_pool_contiguous": classifier_step(False),
+                                             "pool_relu_channels_last": classifier_step(True)}),
+             "vlp_step": interleaved({"contiguous": vlp_step(False), "channels_last": vlp_step(True)})}
     base_u, base_v = unet[f"heads_{heads}_fp32"], vae["fp32"]
     return {"unet_step": {k: {"s": round(v, 4), "speedup": round(base_u / v, 2)} for k, v in unet.items()},
-            "vae_step": {k: {"s": round(v, 4), "speedup": round(base_v / v, 2)} for k, v in vae.items()}}
+            "vae_step": {k: {"s": round(v, 4), "speedup": round(base_v / v, 2)} for k, v in vae.items()},
+            **{name: {"before_s": round(before, 4), "after_s": round(after, 4), "speedup": round(before / after, 2)}
+               for name, (before, after) in ((n, tuple(t.values())) for n, t in pairs.items())}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--levers", action="store_true", help="only the speed levers, as ratios (CPU)")
+    ap.add_argument("--compile", action="store_true", help="only torch.compile of the UNet (minutes of compiling)")
     args = ap.parse_args()
     device = pick_device()
     g = torch.Generator().manual_seed(0)
     batch = PARAMS["train_ldm"]["batch_size"]
     data = fake_data(256, LATENT, g)
+    if args.compile:
+        print(json.dumps({"benchmark": "train_compile", "device": device.type, "threads": torch.get_num_threads(),
+                          "ldm_batch": batch, **compiled(data, batch, args.steps)}, indent=2))
+        return
     if args.levers:
         print(json.dumps({"benchmark": "train_levers", "device": device.type, "threads": torch.get_num_threads(),
                           "ldm_batch": batch, **levers(data, batch)}, indent=2))

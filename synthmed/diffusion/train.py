@@ -213,13 +213,16 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         raise ValueError(f"batch_size {cfg.batch_size} must split into grad_accum_steps={cfg.grad_accum_steps} "
                          f"micro-batches divisible by {acc.num_processes} processes")
     rank, world = acc.process_index, acc.num_processes
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW and the foreach EMA update: one kernel over all parameters instead of a loop over ~300 of
+    # them (benchmarks/train.py --levers)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=acc.device.type in ("cpu", "cuda") or None)
     # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     model, opt = acc.prepare(unet, opt)
     device = acc.device
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config) if cfg.ema_decay > 0 else None
+                   model_config=unet.config, foreach=True) if cfg.ema_decay > 0 else None
     self_cond = is_self_conditioned(unet)
     log: list[dict] = []
     start = 0
