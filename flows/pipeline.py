@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate", "evaluate", "evaluate_vlp")
+STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot help
 

@@ -13,9 +13,8 @@ import pandas as pd
 import torch
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
-from synthmed.diffusion.pipeline import SynthMedPipeline
+from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.prompts import PLAN_COLUMNS
-from synthmed.diffusion.sample import unpack_latents
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
@@ -26,7 +25,7 @@ from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
 PLAN = "data/prompts/plan.csv"
-MODEL = "data/train_ldm/model"
+MODEL = "data/train_lora/model"  # train_ldm's model, or a LoRA fine-tune (train_lora.base)
 OUT = "data/generate"
 DATASET = f"{OUT}/dataset"
 
@@ -63,12 +62,7 @@ def main() -> None:
     require_inputs("generate", f"{MODEL}/model_index.json")
     seed_everything(seed)
 
-    pipe = SynthMedPipeline.from_pretrained(MODEL).to(pick_device())
-    pipe.set_progress_bar_config(disable=True)
-    try:  # the UNet's channels are the VAE's, or packed patches of them (train_ldm.latent_patch)
-        unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, 1, 1))
-    except ValueError as exc:
-        raise PipelineError(f"{MODEL}: {exc}; rerun train_ldm (dvc repro train_ldm)") from None
+    pipe = load_generator(MODEL, pick_device())
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
     plan["model_sha256"] = sha256_tree(MODEL)
     inputs = [PLAN, MODEL]

@@ -23,8 +23,9 @@ from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.unet import build_unet
-from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, ema_weights,
-                                     make_noise_scheduler, train_ldm, validation_losses)
+from synthmed.diffusion.train import (TAIL, LDMTrainConfig, NonFiniteLoss, build_latent_pairs, ema_weights,
+                                     make_noise_scheduler, select_caption_sources, train_ldm, train_loss_metrics,
+                                     trained_parameters, validation_losses)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
@@ -34,7 +35,6 @@ DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
 VAE = "data/train_vae/vae"
 OUT = "data/train_ldm"
-TAIL = 100  # the training loss reported is the mean of this many last steps (one step's loss is noise)
 
 
 @dataclass
@@ -64,19 +64,6 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     def __post_init__(self):
         super().__post_init__()
         require_at_least_one(self, "latent_patch")
-
-
-def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) -> pd.DataFrame:
-    """The rows whose caption_source is listed; `paraphrase` stands for every non-original row, so the
-    default trains on whatever the paraphrase stage produced. A named backend with no rows is an error:
-    silently training on fewer captions than asked is how a comparison goes wrong."""
-    produced = set(pairs["caption_source"])
-    for name in set(sources) - {"paraphrase"} - produced:
-        raise PipelineError(f"{where}: train_ldm.caption_sources lists '{name}' but the paraphrase stage produced "
-                            f"no '{name}' rows (found: {', '.join(sorted(produced))}); list `paraphrase` to "
-                            "take whatever it produced, or change paraphrase.backend")
-    wanted = set(sources) | ((produced - {"original"}) if "paraphrase" in sources else set())
-    return pairs[pairs["caption_source"].isin(wanted)]
 
 
 def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
@@ -111,17 +98,10 @@ image = pipe("Superior axial T1-weighted brain MRI slice at z = +40 mm", num_inf
 def save_model(pipe: SynthMedPipeline, ema: EMAModel | None, card: str, folder: str | Path) -> None:
     """The pipeline folder with the weights that ship: the EMA's when training kept one."""
     if ema is not None:
-        ema.copy_to(pipe.unet.parameters())
+        ema.copy_to(trained_parameters(pipe.unet))
     with atomic_path(folder, is_dir=True) as tmp:
         pipe.to("cpu").save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
-
-
-def train_loss_metrics(log: list[dict]) -> dict[str, float]:
-    """The training loss as reported: a mean over the last TAIL steps (one step's loss swings with its
-    random timesteps), named for it."""
-    tail = log[-TAIL:]
-    return {f"train_loss_last{TAIL}_mean": sum(r["loss"] for r in tail) / len(tail)}
 
 
 def summary_line(n_pairs: int, n_images: int, log: list[dict], metrics: dict) -> str:

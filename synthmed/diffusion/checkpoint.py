@@ -47,6 +47,24 @@ def load_latest(folder: str | Path, fingerprint: str) -> dict | None:
     return state
 
 
+class TrainedState:
+    """A model's trained parameters (those that require grad) as a checkpoint entry: the whole model when it
+    trains from scratch, only the adapter of a LoRA fine-tune, not its gigabytes of frozen base."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"checkpoint holds {len(state)} trained tensors, the model {len(expected)}; "
+                             f"e.g. {sorted(set(state) ^ expected)[:3]}")
+        self.model.load_state_dict(state, strict=False)
+
+
 def capture(step: int, fingerprint: str, log: list[dict], generator: torch.Generator, **stateful) -> dict:
     """Everything a resumed run needs: step, log, RNG states and each object's state_dict."""
     return {"step": step, "fingerprint": fingerprint, "log": log, "generator": generator.get_state(),

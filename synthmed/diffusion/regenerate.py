@@ -1,7 +1,7 @@
 """Regenerate one image of a generated dataset from its metadata row, alone.
 
     python -m synthmed.diffusion.regenerate synth_000012.png [--dataset data/generate/dataset]
-        [--model data/train_ldm/model] [--out regenerated.png]
+        [--model data/train_lora/model] [--out regenerated.png]
 
 The seed, prompt, sampler, steps and guidance come from the row; the exit code is 0
 when the regenerated pixels equal the stored image.
@@ -26,8 +26,9 @@ from synthmed.viz import load_png, to_array
 def regenerate(pipe, row: pd.Series) -> np.ndarray:
     """The image of one metadata row (HW or HWC uint8), generated on its own."""
     pipe.scheduler = make_sampler(row["scheduler"], pipe.scheduler.config)
-    images = pipe.generate([row["text"]], [int(row["seed"])], num_inference_steps=int(row["num_inference_steps"]),
-                           guidance_scale=float(row["guidance_scale"]), batch_size=1)
+    _, images = next(pipe.generate_batches([row["text"]], [int(row["seed"])], batch_size=1,
+                                           num_inference_steps=int(row["num_inference_steps"]),
+                                           guidance_scale=float(row["guidance_scale"])))
     return to_array(images[0])
 
 
@@ -42,17 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file_name")
     ap.add_argument("--dataset", default="data/generate/dataset")
-    ap.add_argument("--model", default="data/train_ldm/model")
+    ap.add_argument("--model", default="data/train_lora/model")  # what generate sampled
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    from synthmed.diffusion.pipeline import SynthMedPipeline
+    from synthmed.diffusion.generators import load_generator
     from synthmed.runtime import pick_device
 
     row = find_row(read_metadata(args.dataset), args.file_name)
     if sha256_tree(args.model) != row["model_sha256"]:
         print(f"warning: {args.model} is not the model that made this image (model_sha256 differs)", file=sys.stderr)
-    pipe = SynthMedPipeline.from_pretrained(args.model).to(pick_device())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_generator(args.model, pick_device())
     image = regenerate(pipe, row)
     out = Path(args.out or f"regenerated_{Path(row['file_name']).name}")
     Image.fromarray(image).save(out)

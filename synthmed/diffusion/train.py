@@ -30,13 +30,17 @@ from diffusers.training_utils import EMAModel
 
 from synthmed.config import require_at_least_one, require_non_negative, require_probability
 from synthmed.data.dataset import to_model_range
-from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
+from synthmed.errors import PipelineError
+from synthmed.diffusion.checkpoint import TrainedState, capture, load_latest, restore, save_checkpoint
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned, pack_latents
 from synthmed.models.autoencoder import encode_posterior
 from synthmed.progress import progress
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
+
+
+TAIL = 100  # the training loss reported is the mean of this many last steps (one step's loss is noise)
 
 
 @dataclass
@@ -90,14 +94,18 @@ def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float
 def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images: torch.Tensor,
                        file_names: list[str], augment_copies: int = 0, brightness: float = 0.0,
                        contrast: float = 0.0, generator: torch.Generator | None = None,
-                       latent_patch: int = 1) -> LatentPairs:
+                       latent_patch: int = 1,
+                       to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatentPairs:
     """Encode each training image once and each unique caption once (plus the empty one); the latents
-    are packed in ``latent_patch`` x ``latent_patch`` blocks (sample.pack_latents).
+    are packed in ``latent_patch`` x ``latent_patch`` blocks (sample.pack_latents). ``to_vae_input`` maps
+    the images, in [-1, 1], to what the VAE takes (a pretrained base's channels and size).
 
     With ``augment_copies`` each image is also encoded that many times with random
     brightness/contrast, once, here: augmentation costs nothing per training step.
     """
     x = to_model_range(images)
+    if to_vae_input is not None:  # e.g. a pretrained base's RGB channels and resolution
+        x = to_vae_input(x)
     views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
     # interleave so that the encodings of image i are rows i*V .. i*V + V-1
     mean, std = (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1)))
@@ -137,6 +145,26 @@ def draw_batch(data: LatentPairs, cfg: LDMTrainConfig, generator: torch.Generato
     return z * data.scaling_factor, cap
 
 
+def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) -> pd.DataFrame:
+    """The rows whose caption_source is listed; `paraphrase` stands for every non-original row, so the
+    default trains on whatever the paraphrase stage produced. A named backend with no rows is an error:
+    silently training on fewer captions than asked is how a comparison goes wrong."""
+    produced = set(pairs["caption_source"])
+    for name in set(sources) - {"paraphrase"} - produced:
+        raise PipelineError(f"{where}: train_ldm.caption_sources lists '{name}' but the paraphrase stage produced "
+                            f"no '{name}' rows (found: {', '.join(sorted(produced))}); list `paraphrase` to "
+                            "take whatever it produced, or change paraphrase.backend")
+    wanted = set(sources) | ((produced - {"original"}) if "paraphrase" in sources else set())
+    return pairs[pairs["caption_source"].isin(wanted)]
+
+
+def train_loss_metrics(log: list[dict]) -> dict[str, float]:
+    """The training loss as reported: a mean over the last TAIL steps (one step's loss swings with its
+    random timesteps), named for it."""
+    tail = log[-TAIL:]
+    return {f"train_loss_last{TAIL}_mean": sum(r["loss"] for r in tail) / len(tail)}
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -166,6 +194,12 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
     return total / max(count, 1)
 
 
+def trained_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What training updates, the EMA averages and a checkpoint keeps: every parameter of a model trained
+    from scratch, only the adapter of a LoRA fine-tune (its frozen base never changes)."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
 @contextmanager
 def ema_weights(unet: UNet2DConditionModel, ema: EMAModel | None) -> Iterator[UNet2DConditionModel]:
     """The UNet with the EMA weights (those that ship) inside the block, its training weights back,
@@ -173,12 +207,13 @@ def ema_weights(unet: UNet2DConditionModel, ema: EMAModel | None) -> Iterator[UN
     if ema is None:
         yield unet
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    params = trained_parameters(unet)
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield unet
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(params)
 
 
 def validation_losses(unet: UNet2DConditionModel, ema: EMAModel | None, scheduler: DDPMScheduler,
@@ -215,18 +250,18 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
     rank, world = acc.process_index, acc.num_processes
     # fused AdamW and the foreach EMA update: one kernel over all parameters instead of a loop over ~300 of
     # them (benchmarks/train.py --levers)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    params = trained_parameters(unet)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=acc.device.type in ("cpu", "cuda") or None)
     # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     model, opt = acc.prepare(unet, opt)
     device = acc.device
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config, foreach=True) if cfg.ema_decay > 0 else None
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     self_cond = is_self_conditioned(unet)
     log: list[dict] = []
     start = 0
-    stateful = {"unet": unet, "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema, "scaler": acc.scaler}
+    stateful = {"unet": TrainedState(unet), "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema, "scaler": acc.scaler}
     state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if state is not None:
         start, log = restore(state, generator, **stateful)
@@ -259,12 +294,12 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
                 acc.backward(loss / cfg.grad_accum_steps)
             total += loss.item() / cfg.grad_accum_steps
         if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            acc.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         lr_sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(params)
         log.append({"step": step, "loss": total, "lr": lr_sched.get_last_lr()[0]})
         bar.set_postfix(loss=total, refresh=False)
         done = step + 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from stages.train_ldm import save_model, summary_line, train_loss_metrics
+from stages.train_ldm import save_model, summary_line
+from synthmed.diffusion.train import train_loss_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.train import LDMTrainConfig, make_noise_scheduler, train_ldm
 from tests.diffusion.test_train import PLAIN, _toy_data, tiny_unet

@@ -1,0 +1,178 @@
+"""Pretrained text-to-image pipelines that LoRA fine-tuning starts from, and their adapter files.
+
+Kinds: ``synthmed`` (a `SynthMedPipeline` folder, e.g. `data/train_ldm/model` of a run on another
+dataset) and ``stable-diffusion`` (any `StableDiffusionPipeline` folder or hub id, SD 1.x / 2.x).
+Each base gives the training loop what `train_ldm` gives it: a UNet, a VAE, a noise schedule and a
+text encoder with `encode(texts) -> (embeddings, mask)`, so that one loop and one loss train both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiffusionPipeline
+
+from synthmed.errors import PipelineError
+
+KINDS = ("synthmed", "stable-diffusion")
+PIPELINE_CLASSES = {"synthmed": "SynthMedPipeline", "stable-diffusion": "StableDiffusionPipeline"}
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+BASE_RECORD = "base.json"  # beside an adapter: the base it was trained on
+DATA_FORMAT = "data_format.json"  # beside a fine-tuned pipeline: the channels and size of the images it stands in for
+
+
+class PromptEncoder:
+    """A diffusers pipeline's own prompt encoding (`encode_prompt`: CLIP tokens padded to 77, no attention
+    mask, as Stable Diffusion samples), behind the trainer's `encode(texts) -> (embeddings, mask)`."""
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe = pipe
+        self.hidden_size = pipe.text_encoder.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        embs = [self.pipe.encode_prompt(texts[i : i + batch_size], self.pipe.device, 1, False)[0].float().cpu()
+                for i in range(0, len(texts), batch_size)]
+        emb = torch.cat(embs)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.long)  # all ones: the UNet sees every token, as in sampling
+
+
+@dataclass
+class Base:
+    kind: str
+    pipe: DiffusionPipeline
+    encoder: object  # encode(texts) -> (embeddings [N, L, D], mask [N, L]); hidden_size
+    resolution: int  # the image side the base generates (its UNet's sample size x the VAE's factor)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training noise schedule of the base: its own betas and prediction type."""
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    def to_vae_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of the dataset -> the VAE's channels (greyscale repeated to RGB) and the base's
+        resolution (bilinear, antialiased)."""
+        want = self.vae.config.in_channels
+        if images.shape[1] != want:
+            if images.shape[1] != 1:
+                raise PipelineError(f"{images.shape[1]}-channel images cannot feed a {want}-channel {self.kind} VAE")
+            images = images.repeat(1, want, 1, 1)
+        if images.shape[-1] != self.resolution:
+            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
+                                   antialias=True, align_corners=False).clamp(-1, 1)
+        return images
+
+
+def quiet_loading() -> None:
+    """No per-component loading bars on stderr: a stage's stderr is its one-line error."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _class_in(folder: Path) -> str | None:
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+
+def load_base(kind: str, path: str, device: torch.device | str = "cpu", resolution: int = 0) -> Base:
+    """The pretrained pipeline ``path`` (a local folder, or a hub id where there is a network) of ``kind``;
+    ``resolution`` 0 = the base's native image size."""
+    if kind not in KINDS:
+        raise PipelineError(f"params.yaml: train_lora.base {kind!r} is not a base kind; use one of none, "
+                            f"{', '.join(KINDS)}")
+    quiet_loading()
+    folder = Path(path)
+    if folder.exists():
+        found = _class_in(folder)
+        if found != PIPELINE_CLASSES[kind]:
+            raise PipelineError(f"{path}: not a {kind} pipeline folder (its model_index.json names "
+                                f"{found or 'nothing: there is none'}; {kind} needs {PIPELINE_CLASSES[kind]})")
+    try:
+        if kind == "synthmed":
+            from synthmed.diffusion.pipeline import SynthMedPipeline
+
+            if not folder.exists():
+                raise PipelineError(f"{path}: no such folder (a synthmed base is a local SynthMedPipeline folder, "
+                                    "e.g. data/train_ldm/model of a finished run)")
+            pipe = SynthMedPipeline.from_pretrained(path)
+            encoder = pipe.to(device).text_encoder
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                           local_files_only=folder.exists())
+            encoder = PromptEncoder(pipe.to(device))
+    except OSError as exc:
+        raise PipelineError(f"{kind} base {path!r} cannot be loaded ({str(exc).splitlines()[0]}); without a network, "
+                            f"download it elsewhere (e.g. `hf download {path} --local-dir models/base`), copy the "
+                            "folder here and set train_lora.path to it") from None
+    pipe.set_progress_bar_config(disable=True)
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, part, None)
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if kind == "synthmed":  # packed latents: the UNet's grid is the latent grid / patch
+        native *= round((pipe.unet.config.out_channels // pipe.vae.config.latent_channels) ** 0.5)
+        if resolution and resolution != native:
+            raise PipelineError(f"params.yaml: train_lora.resolution={resolution}, but the synthmed base {path} "
+                                f"makes {native}x{native} images; set it to 0 or {native}")
+    return Base(kind, pipe, encoder, resolution or native)
+
+
+def unet_signature(base: Base) -> str:
+    """A hash of the base UNet's architecture (its config): an adapter fits the bases that share it."""
+    config = {k: v for k, v in dict(base.unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_adapter(base: Base, folder: Path, base_path: str) -> None:
+    """The UNet's LoRA weights as ``pytorch_lora_weights.safetensors``, loadable the diffusers way:
+    `StableDiffusionPipeline.load_lora_weights(folder)` for Stable Diffusion, and
+    `pipe.unet.load_lora_adapter(folder, use_safetensors=True, prefix=None)` for a synthmed base."""
+    if base.kind == "stable-diffusion":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        base.unet.save_lora_adapter(folder, weight_name=ADAPTER_FILE)
+    (Path(folder) / BASE_RECORD).write_text(json.dumps({"kind": base.kind, "path": base_path,
+                                                       "unet_signature": unet_signature(base)}, indent=1) + "\n")
+
+
+def load_adapter(base: Base, folder: Path, base_path: str = "") -> None:
+    """Load a saved adapter onto a freshly loaded base (the inverse of save_adapter); an adapter trained on
+    another kind of base or another UNet architecture is refused, naming both."""
+    record = Path(folder) / BASE_RECORD
+    if record.is_file():
+        was = json.loads(record.read_text())
+        if was["kind"] != base.kind or was["unet_signature"] != unet_signature(base):
+            raise PipelineError(f"{folder}: this LoRA adapter was trained on the {was['kind']} base {was['path']} "
+                                f"(UNet {was['unet_signature']}), not on the {base.kind} base {base_path or '?'} "
+                                f"(UNet {unet_signature(base)}); load it onto the base it was trained on")
+    try:
+        if base.kind == "stable-diffusion":
+            base.pipe.load_lora_weights(folder, weight_name=ADAPTER_FILE)
+        else:
+            base.unet.load_lora_adapter(folder, weight_name=ADAPTER_FILE, use_safetensors=True, prefix=None)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise PipelineError(f"{folder}: this LoRA adapter does not fit the {base.kind} base "
+                            f"({str(exc).splitlines()[0][:200]})") from None

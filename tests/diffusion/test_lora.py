@@ -1,0 +1,140 @@
+"""LoRA fine-tuning (train_lora): a synthmed base adapted by the real stage, its adapter file reloaded onto a
+fresh base, the merged model sampled by generate's loader; bad params stop with one line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler
+
+from synthmed.diffusion.bases import ADAPTER_FILE, load_adapter, load_base
+from synthmed.diffusion.generators import load_generator
+from synthmed.diffusion.pipeline import SynthMedPipeline
+from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.errors import PipelineError
+from synthmed.models.lora import LoraParams, add_lora
+from tests.conftest import REPO_ROOT
+from tests.diffusion.test_train import tiny_unet
+from tests.helpers import write_imagefolder
+from tests.models.test_autoencoder import tiny_vae
+
+
+def test_rank_and_target_modules_are_checked_before_peft():
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoraParams(rank=0, alpha=4, dropout=0.0)
+    with pytest.raises(ValueError, match=r"match no layer of the tiny UNet.*to_q.*to_v"):
+        add_lora(tiny_unet(), LoraParams(rank=4, alpha=4, dropout=0.0, target_modules=["to_q", "to_query"]),
+                 "the tiny UNet")
+
+
+def test_only_the_adapter_trains():
+    unet = tiny_unet()
+    n = add_lora(unet, LoraParams(rank=2, alpha=2, dropout=0.0), "the tiny UNet")
+    trained = [name for name, p in unet.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in name for name in trained)
+    assert n == sum(p.numel() for p in unet.parameters() if p.requires_grad) < sum(p.numel() for p in unet.parameters())
+
+
+def write_base(folder: Path) -> None:
+    sched = DDIMScheduler.from_config(make_noise_scheduler(1000).config)
+    SynthMedPipeline(tiny_unet(), tiny_vae().eval(), sched, text_max_length=8).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """The train_lora stage run once on a synthmed base (this tiny model) and a 16 px dataset."""
+    work = tmp_path_factory.mktemp("lora")
+    names = [f"img{i}.png" for i in range(12)]
+    split = ["train"] * 8 + ["val"] * 4
+    captions = [f"{'axial' if i % 2 else 'coronal'} slice at z = {i} mm" for i in range(12)]
+    write_imagefolder(work / "data/ingest/dataset", list(zip(names, captions)), size=16, split=split)
+    pairs = pd.DataFrame({"file_name": names, "text": captions, "caption_source": "original", "split": split})
+    (work / "data/paraphrase").mkdir(parents=True)
+    pairs.to_csv(work / "data/paraphrase/pairs.csv", index=False)
+    write_base(work / "data/train_ldm/model")
+    params = yaml.safe_load((REPO_ROOT / "tests/e2e/params_tiny.yaml").read_text())
+    params["train_lora"].update(base="synthmed", steps=6, validate_every=3, checkpoint_every=3, lr=0.01)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "stages.train_lora"], cwd=work, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    return work
+
+
+def unet_out(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=g)
+    emb = torch.randn(2, 8, 384, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([10, 500]), encoder_hidden_states=emb).sample
+
+
+def test_synthmed_base_adapter_reloads_and_changes_the_model(lora_run):
+    adapter = lora_run / "data/train_lora/adapter"
+    assert (adapter / ADAPTER_FILE).is_file() and "Rank 4" in (adapter / "README.md").read_text()
+    assert sorted(p.name for p in (lora_run / "data/train_lora/progress").iterdir()) == [
+        "step0000003.png", "step0000006.png"]
+    base = load_base("synthmed", str(lora_run / "data/train_ldm/model"))
+    before = unet_out(base.pipe)
+    load_adapter(base, adapter)
+    adapted = unet_out(base.pipe)
+    merged = load_generator(lora_run / "data/train_lora/model")
+    assert isinstance(merged, SynthMedPipeline)
+    assert not torch.allclose(before, adapted, atol=1e-4)  # the adapter learned something
+    torch.testing.assert_close(unet_out(merged), adapted, atol=1e-5, rtol=1e-4)  # merged = base + adapter
+    images = merged.generate(["axial slice at z = 3 mm"], [1], num_inference_steps=3)
+    assert images.shape == (1, 1, 16, 16)
+
+
+def test_adapter_on_another_base_is_refused(lora_run, tmp_path):
+    torch.manual_seed(1)
+    from synthmed.models.unet import build_unet
+
+    other = build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=2,
+                       cross_attention_dim=384, attention_head_dim=4, norm_num_groups=8, dropout=0.0)
+    SynthMedPipeline(other, tiny_vae().eval(), DDIMScheduler.from_config(make_noise_scheduler(1000).config),
+                     text_max_length=8).save_pretrained(tmp_path / "other")
+    with pytest.raises(PipelineError, match=r"trained on the synthmed base .*train_ldm/model .*not on the synthmed "
+                                            r"base .*other"):
+        load_adapter(load_base("synthmed", str(tmp_path / "other")), lora_run / "data/train_lora/adapter",
+                     str(tmp_path / "other"))
+
+
+def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedProcess:
+    work = tmp_path / "w"
+    shutil.copytree(lora_run / "data/ingest", work / "data/ingest")
+    shutil.copytree(lora_run / "data/paraphrase", work / "data/paraphrase")
+    shutil.copytree(lora_run / "data/train_ldm", work / "data/train_ldm")
+    params = yaml.safe_load((lora_run / "params.yaml").read_text())
+    params["train_lora"].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, "-m", "stages.train_lora"], cwd=work, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)})
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"base": "kandinsky"}, "train_lora.base"),
+    ({"rank": 0}, "rank must be a positive integer"),
+    ({"target_modules": ["to_query"]}, "match no layer of the synthmed UNet"),
+    ({"base": "stable-diffusion", "path": "data/train_ldm/model"}, "not a stable-diffusion pipeline folder"),
+])
+def test_bad_params_stop_with_one_line_and_write_nothing(lora_run, tmp_path, values, fragment):
+    proc = run_with(lora_run, tmp_path, **values)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "w/data/train_lora/model").exists()
+
+
+def test_base_none_passes_train_ldm_model_through(lora_run, tmp_path):
+    proc = run_with(lora_run, tmp_path, base="none")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "w/data/train_lora/model"
+    assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (lora_run / "data/train_ldm/model/unet/diffusion_pytorch_model.safetensors").read_bytes()
