@@ -151,7 +151,9 @@ def save_adapter(base: Base, folder: Path, base_path: str) -> None:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        # the adapter's config travels with it: without it a reload assumes alpha = rank
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=base.unet.peft_config["default"].to_dict())
     else:
         base.unet.save_lora_adapter(folder, weight_name=ADAPTER_FILE)
     (Path(folder) / BASE_RECORD).write_text(json.dumps({"kind": base.kind, "path": base_path,

@@ -138,3 +138,36 @@ def test_base_none_passes_train_ldm_model_through(lora_run, tmp_path):
     out = tmp_path / "w/data/train_lora/model"
     assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() == \
         (lora_run / "data/train_ldm/model/unet/diffusion_pytorch_model.safetensors").read_bytes()
+
+
+# --- Stable Diffusion: a tiny pipeline built from configs, saved, fine-tuned by the stage, reloaded ---
+
+def sd_image(pipe, steps=3):
+    with torch.no_grad():
+        return pipe("axial slice at z = 3 mm", num_inference_steps=steps, guidance_scale=3.0, output_type="np",
+                    generator=torch.Generator().manual_seed(7)).images
+
+
+def test_stable_diffusion_adapter_loads_in_plain_diffusers_and_generate_samples_the_merged_model(lora_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from tests.helpers import tiny_stable_diffusion
+
+    sd = tiny_stable_diffusion(tmp_path / "sd")
+    proc = run_with(lora_run, tmp_path, base="stable-diffusion", path=str(sd), alpha=8, steps=6, validate_every=0)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "w/data/train_lora"
+    plain = StableDiffusionPipeline.from_pretrained(sd)
+    plain.set_progress_bar_config(disable=True)
+    before = sd_image(plain)
+    plain.load_lora_weights(out / "adapter")  # the user's way, alpha (8 != rank 4) from the file's metadata
+    assert plain.unet.peft_config["default_0"].lora_alpha == 8
+    adapted = sd_image(plain)
+    merged = load_generator(out / "model")
+    assert abs(adapted - before).max() > 1e-3
+    assert abs(sd_image(merged.pipe) - adapted).max() < 1e-3  # merged = base + adapter
+    prompts, seeds = ["axial slice at z = 3 mm", "coronal slice at y = 2 mm", "axial slice"], [1, 2, 3]
+    batched = torch.cat([b for _, b in merged.generate_batches(prompts, seeds, num_inference_steps=2, batch_size=2)])
+    assert batched.shape == (3, 1, 16, 16) and batched.dtype == torch.uint8  # the dataset's channels and size
+    _, alone = next(merged.generate_batches(prompts[2:], seeds[2:], num_inference_steps=2))
+    assert torch.equal(alone[0], batched[2])  # an image depends on its seed, not on its batch
