@@ -62,26 +62,18 @@ class Base:
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def to_vae_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] of the dataset -> the VAE's channels (greyscale repeated to RGB) and the base's
-        resolution (bilinear, antialiased)."""
-        want = self.vae.config.in_channels
-        if images.shape[1] != want:
-            if images.shape[1] != 1:
-                raise PipelineError(f"{images.shape[1]}-channel images cannot feed a {want}-channel {self.kind} VAE")
-            images = images.repeat(1, want, 1, 1)
-        if images.shape[-1] != self.resolution:
-            images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
-                                   antialias=True, align_corners=False).clamp(-1, 1)
-        return images
+        """Images in [-1, 1] of the dataset -> the VAE's channels and the base's resolution."""
+        return to_rgb_at(images, self.vae.config.in_channels, self.resolution)
 
 
 def quiet_loading() -> None:
-    """No per-component loading bars on stderr: a stage's stderr is its one-line error."""
+    """No per-component loading bars or import notices on stderr: a stage's stderr is its one-line error."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision"
 
 
 def _class_in(folder: Path) -> str | None:
@@ -89,43 +81,62 @@ def _class_in(folder: Path) -> str | None:
     return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
 
 
+def open_pipeline(cls, path: str, kind: str, param: str = "train_lora.path", **kwargs):
+    """``cls.from_pretrained(path)``, refusing a folder of another pipeline class and explaining a hub id
+    that cannot be fetched offline."""
+    quiet_loading()
+    folder = Path(path)
+    if folder.exists():
+        found = _class_in(folder)
+        if found != cls.__name__:
+            raise PipelineError(f"{path}: not a {kind} pipeline folder (its model_index.json names "
+                                f"{found or 'nothing: there is none'}; {kind} needs {cls.__name__})")
+    try:
+        pipe = cls.from_pretrained(path, local_files_only=folder.exists(), **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"{kind} base {path!r} cannot be loaded ({str(exc).splitlines()[0]}); without a network, "
+                            f"download it elsewhere (e.g. `hf download {path} --local-dir models/base`), copy the "
+                            f"folder here and set {param} to it") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    return pipe
+
+
+def to_rgb_at(images: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
+    """Images in [-1, 1] -> ``channels`` (greyscale repeated) at ``resolution`` (bilinear, antialiased)."""
+    if images.shape[1] != channels:
+        if images.shape[1] != 1:
+            raise PipelineError(f"{images.shape[1]}-channel images cannot feed a {channels}-channel autoencoder")
+        images = images.repeat(1, channels, 1, 1)
+    if images.shape[-1] != resolution:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True,
+                               align_corners=False).clamp(-1, 1)
+    return images
+
+
 def load_base(kind: str, path: str, device: torch.device | str = "cpu", resolution: int = 0) -> Base:
     """The pretrained pipeline ``path`` (a local folder, or a hub id where there is a network) of ``kind``;
     ``resolution`` 0 = the base's native image size."""
     if kind not in KINDS:
         raise PipelineError(f"params.yaml: train_lora.base {kind!r} is not a base kind; use one of none, "
-                            f"{', '.join(KINDS)}")
+                            f"{', '.join(KINDS)}, kandinsky-2.2")
     quiet_loading()
-    folder = Path(path)
-    if folder.exists():
-        found = _class_in(folder)
-        if found != PIPELINE_CLASSES[kind]:
-            raise PipelineError(f"{path}: not a {kind} pipeline folder (its model_index.json names "
-                                f"{found or 'nothing: there is none'}; {kind} needs {PIPELINE_CLASSES[kind]})")
-    try:
-        if kind == "synthmed":
-            from synthmed.diffusion.pipeline import SynthMedPipeline
+    if kind == "synthmed":
+        from synthmed.diffusion.pipeline import SynthMedPipeline
 
-            if not folder.exists():
-                raise PipelineError(f"{path}: no such folder (a synthmed base is a local SynthMedPipeline folder, "
-                                    "e.g. data/train_ldm/model of a finished run)")
-            pipe = SynthMedPipeline.from_pretrained(path)
-            encoder = pipe.to(device).text_encoder
-        else:
-            from diffusers import StableDiffusionPipeline
+        if not Path(path).exists():
+            raise PipelineError(f"{path}: no such folder (a synthmed base is a local SynthMedPipeline folder, "
+                                "e.g. data/train_ldm/model of a finished run)")
+        pipe = open_pipeline(SynthMedPipeline, path, kind).to(device)
+        encoder = pipe.text_encoder
+    else:
+        from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                           local_files_only=folder.exists())
-            encoder = PromptEncoder(pipe.to(device))
-    except OSError as exc:
-        raise PipelineError(f"{kind} base {path!r} cannot be loaded ({str(exc).splitlines()[0]}); without a network, "
-                            f"download it elsewhere (e.g. `hf download {path} --local-dir models/base`), copy the "
-                            "folder here and set train_lora.path to it") from None
-    pipe.set_progress_bar_config(disable=True)
-    for part in ("unet", "vae", "text_encoder"):
-        module = getattr(pipe, part, None)
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False).eval()
+        pipe = open_pipeline(StableDiffusionPipeline, path, kind, safety_checker=None,
+                             requires_safety_checker=False).to(device)
+        encoder = PromptEncoder(pipe)
     native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if kind == "synthmed":  # packed latents: the UNet's grid is the latent grid / patch
         native *= round((pipe.unet.config.out_channels // pipe.vae.config.latent_channels) ** 0.5)
@@ -135,46 +146,45 @@ def load_base(kind: str, path: str, device: torch.device | str = "cpu", resoluti
     return Base(kind, pipe, encoder, resolution or native)
 
 
-def unet_signature(base: Base) -> str:
-    """A hash of the base UNet's architecture (its config): an adapter fits the bases that share it."""
-    config = {k: v for k, v in dict(base.unet.config).items() if not k.startswith("_")}
+def model_signature(model: torch.nn.Module) -> str:
+    """A hash of a model's architecture (its config): an adapter fits the models that share it."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_adapter(base: Base, folder: Path, base_path: str) -> None:
-    """The UNet's LoRA weights as ``pytorch_lora_weights.safetensors``, loadable the diffusers way:
-    `StableDiffusionPipeline.load_lora_weights(folder)` for Stable Diffusion, and
-    `pipe.unet.load_lora_adapter(folder, use_safetensors=True, prefix=None)` for a synthmed base."""
-    if base.kind == "stable-diffusion":
+def save_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str) -> None:
+    """``model``'s LoRA weights as ``pytorch_lora_weights.safetensors`` with their config (rank, alpha),
+    loadable the diffusers way: `StableDiffusionPipeline.load_lora_weights(folder)` for Stable Diffusion,
+    `model.load_lora_adapter(folder, use_safetensors=True, prefix=None)` for the others; plus `base.json`,
+    the base it was trained on."""
+    if kind == "stable-diffusion":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         # the adapter's config travels with it: without it a reload assumes alpha = rank
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=base.unet.peft_config["default"].to_dict())
+                                                  unet_lora_adapter_metadata=model.peft_config["default"].to_dict())
     else:
-        base.unet.save_lora_adapter(folder, weight_name=ADAPTER_FILE)
-    (Path(folder) / BASE_RECORD).write_text(json.dumps({"kind": base.kind, "path": base_path,
-                                                       "unet_signature": unet_signature(base)}, indent=1) + "\n")
+        model.save_lora_adapter(folder, weight_name=ADAPTER_FILE)
+    (Path(folder) / BASE_RECORD).write_text(json.dumps({"kind": kind, "path": base_path,
+                                                       "signature": model_signature(model)}, indent=1) + "\n")
 
 
-def load_adapter(base: Base, folder: Path, base_path: str = "") -> None:
-    """Load a saved adapter onto a freshly loaded base (the inverse of save_adapter); an adapter trained on
-    another kind of base or another UNet architecture is refused, naming both."""
+def load_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str = "") -> None:
+    """Load a saved adapter onto ``model`` of a freshly loaded base (the inverse of save_adapter); an adapter
+    trained on another kind of base or another architecture is refused, naming both."""
     record = Path(folder) / BASE_RECORD
     if record.is_file():
         was = json.loads(record.read_text())
-        if was["kind"] != base.kind or was["unet_signature"] != unet_signature(base):
+        if was["kind"] != kind or was["signature"] != model_signature(model):
             raise PipelineError(f"{folder}: this LoRA adapter was trained on the {was['kind']} base {was['path']} "
-                                f"(UNet {was['unet_signature']}), not on the {base.kind} base {base_path or '?'} "
-                                f"(UNet {unet_signature(base)}); load it onto the base it was trained on")
-    try:
-        if base.kind == "stable-diffusion":
-            base.pipe.load_lora_weights(folder, weight_name=ADAPTER_FILE)
-        else:
-            base.unet.load_lora_adapter(folder, weight_name=ADAPTER_FILE, use_safetensors=True, prefix=None)
+                                f"(architecture {was['signature']}), not on the {kind} base {base_path or '?'} "
+                                f"(architecture {model_signature(model)}); load it onto the base it was trained on")
+    try:  # Stable Diffusion's file prefixes the UNet's keys with "unet."
+        model.load_lora_adapter(folder, weight_name=ADAPTER_FILE, use_safetensors=True,
+                                prefix="unet" if kind == "stable-diffusion" else None)
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise PipelineError(f"{folder}: this LoRA adapter does not fit the {base.kind} base "
+        raise PipelineError(f"{folder}: this LoRA adapter does not fit the {kind} base "
                             f"({str(exc).splitlines()[0][:200]})") from None

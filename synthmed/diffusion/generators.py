@@ -1,5 +1,5 @@
 """What the `generate` stage samples: a SynthMedPipeline folder, or a fine-tuned diffusers pipeline
-(Stable Diffusion) behind the same batch interface.
+(Stable Diffusion, Kandinsky 2.2 prior + decoder) behind the same batch interface.
 
 `generate_batches(prompts, seeds, ...)` yields uint8 images [B, C, H, W]; image i comes from seeds[i]
 alone, whatever its batch. A fine-tuned pretrained pipeline makes RGB images at its own size; the
@@ -23,11 +23,15 @@ from synthmed.diffusion.sample import seeded_generators, unpack_latents
 from synthmed.errors import PipelineError
 
 
+FINE_TUNED = ("StableDiffusionPipeline", "KandinskyV22CombinedPipeline")  # what train_lora writes from a pretrained base
+
+
 class DiffusersGenerator:
     """A diffusers text-to-image pipeline, called the way its users call it, in the stage's batches."""
 
-    def __init__(self, pipe, channels: int, resolution: int):
+    def __init__(self, pipe, channels: int, resolution: int, sample_size: int | None = None):
         self.pipe, self.channels, self.resolution = pipe, channels, resolution
+        self.size = {"height": sample_size, "width": sample_size} if sample_size else {}  # else the pipeline's own
 
     @property
     def scheduler(self):
@@ -59,7 +63,8 @@ class DiffusersGenerator:
         for i in range(0, len(prompts), batch_size):
             j = slice(i, i + batch_size)
             out = self.pipe(list(prompts[j]), generator=seeded_generators(seeds[j]),
-                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="np")
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="np",
+                            **self.size)
             yield i, self.to_dataset_format(out.images)
 
 
@@ -76,18 +81,19 @@ def load_generator(folder: str | Path, device: torch.device | str = "cpu"):
             unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, 1, 1))
         except ValueError as exc:
             raise PipelineError(f"{folder}: {exc}; retrain it (dvc repro train_ldm)") from None
-    elif kind == "StableDiffusionPipeline":
-        from diffusers import StableDiffusionPipeline
+    elif kind in FINE_TUNED:
+        import diffusers
 
         fmt = folder / DATA_FORMAT
         if not fmt.is_file():
             raise PipelineError(f"{fmt}: missing; a fine-tuned pipeline comes from train_lora, which writes it")
         spec = json.loads(fmt.read_text())
-        pipe = DiffusersGenerator(StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                                          requires_safety_checker=False).to(device),
-                                  int(spec["channels"]), int(spec["resolution"]))
+        extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "StableDiffusionPipeline" else {}
+        pipe = DiffusersGenerator(getattr(diffusers, kind).from_pretrained(folder, **extra).to(device),
+                                  int(spec["channels"]), int(spec["resolution"]), spec.get("sample_size"))
     else:
         raise PipelineError(f"{folder}: not a pipeline generate can sample (model_index.json names "
-                            f"{kind or 'nothing: there is none'}); expected SynthMedPipeline or StableDiffusionPipeline")
+                            f"{kind or 'nothing: there is none'}); expected SynthMedPipeline, "
+                            f"{', '.join(FINE_TUNED)}")
     (pipe.pipe if isinstance(pipe, DiffusersGenerator) else pipe).set_progress_bar_config(disable=True)
     return pipe

@@ -21,11 +21,12 @@ from synthmed.diffusion.sample import is_self_conditioned, predicted_x0
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction (whose MSE is
-    already SNR + 1 times the x0 error); all ones when gamma is 0 (plain MSE)."""
+    already SNR + 1 times the x0 error), min(SNR, gamma) for x0 ("sample") prediction; all ones when
+    gamma is 0 (plain MSE)."""
     if gamma <= 0:
         return torch.ones(len(t))
     snr = compute_snr(scheduler, t)
-    floor = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    floor = {"v_prediction": snr + 1, "sample": torch.ones_like(snr)}.get(scheduler.config.prediction_type, snr)
     return torch.clamp(snr, max=gamma) / floor
 
 
@@ -36,7 +37,9 @@ def diffusion_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Te
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(z0, noise, t)
-    raise ValueError(f"prediction_type {kind!r} is not supported; use epsilon or v_prediction")
+    if kind == "sample":  # the clean input itself (Kandinsky's prior predicts the image embedding)
+        return z0
+    raise ValueError(f"prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
 
 
 def unet_input(unet: UNet2DConditionModel, noisy: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor:
@@ -77,5 +80,5 @@ def diffusion_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z0: tor
     x0_prev = (self_condition_estimate(forward, unet, scheduler, noisy, t, cond, use_prev)
                if is_self_conditioned(unet) else None)
     pred = forward(unet_input(unet, noisy, x0_prev), t.to(device), **cond).sample
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     return per_sample * min_snr_weights(scheduler, t, min_snr_gamma).to(device)

@@ -18,7 +18,7 @@ The loop runs through `accelerate`: one process on a CPU or GPU, data-parallel u
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -54,6 +54,13 @@ class LatentPairs:
     text_mask: torch.Tensor  # [N_captions, L]
     uncond_index: int
     variants: int = 1  # encodings per image: the original, then brightness/contrast-augmented copies
+    extra_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # more per-caption inputs of the denoiser
+
+    def cond(self, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning keyword arguments for these caption rows."""
+        return {"encoder_hidden_states": self.text_emb[rows].to(device),
+                "encoder_attention_mask": self.text_mask[rows].to(device),
+                **{k: v[rows].to(device) for k, v in self.extra_cond.items()}}
 
 
 @dataclass
@@ -186,8 +193,7 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
         z0 = data.latent_mean[img] * data.scaling_factor
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=g)
-        cond = {"encoder_hidden_states": data.text_emb[cap].to(device),
-                "encoder_attention_mask": data.text_mask[cap].to(device)}
+        cond = data.cond(cap, device)
         total += diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=min_snr_gamma).sum().item()
         count += len(z0)
     unet.train(was_training)
@@ -278,8 +284,7 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
             use_prev = torch.rand(micro, generator=generator) < 0.5 if self_cond else None
             mine = slice(rank * micro // world, (rank + 1) * micro // world)  # this process's share
             z0, cap, noise, t = z0[mine], cap[mine], noise[mine], t[mine]
-            cond = {"encoder_hidden_states": data.text_emb[cap].to(device),
-                    "encoder_attention_mask": data.text_mask[cap].to(device)}
+            cond = data.cond(cap, device)
             # only the last micro-batch synchronises gradients across processes
             with acc.no_sync(model) if k < cfg.grad_accum_steps - 1 else nullcontext():
                 loss = diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=cfg.min_snr_gamma,

@@ -78,12 +78,12 @@ def unet_out(pipe, seed=0):
 
 def test_synthmed_base_adapter_reloads_and_changes_the_model(lora_run):
     adapter = lora_run / "data/train_lora/adapter"
-    assert (adapter / ADAPTER_FILE).is_file() and "Rank 4" in (adapter / "README.md").read_text()
+    assert (adapter / ADAPTER_FILE).is_file() and "rank 4, alpha 4" in (adapter / "README.md").read_text()
     assert sorted(p.name for p in (lora_run / "data/train_lora/progress").iterdir()) == [
-        "step0000003.png", "step0000006.png"]
+        "unet_step0000003.png", "unet_step0000006.png"]
     base = load_base("synthmed", str(lora_run / "data/train_ldm/model"))
     before = unet_out(base.pipe)
-    load_adapter(base, adapter)
+    load_adapter("synthmed", base.unet, adapter)
     adapted = unet_out(base.pipe)
     merged = load_generator(lora_run / "data/train_lora/model")
     assert isinstance(merged, SynthMedPipeline)
@@ -103,8 +103,8 @@ def test_adapter_on_another_base_is_refused(lora_run, tmp_path):
                      text_max_length=8).save_pretrained(tmp_path / "other")
     with pytest.raises(PipelineError, match=r"trained on the synthmed base .*train_ldm/model .*not on the synthmed "
                                             r"base .*other"):
-        load_adapter(load_base("synthmed", str(tmp_path / "other")), lora_run / "data/train_lora/adapter",
-                     str(tmp_path / "other"))
+        load_adapter("synthmed", load_base("synthmed", str(tmp_path / "other")).unet,
+                     lora_run / "data/train_lora/adapter", str(tmp_path / "other"))
 
 
 def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedProcess:
