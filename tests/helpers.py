@@ -65,3 +65,48 @@ def tiny_stable_diffusion(folder: Path) -> Path:
                             safety_checker=None, feature_extractor=None, image_encoder=None,
                             requires_safety_checker=False).save_pretrained(folder)
     return folder
+
+
+def tiny_kandinsky(folder: Path) -> tuple[Path, Path]:
+    """Tiny random Kandinsky 2.2 prior and decoder pipelines saved under ``folder`` (diffusers' fast-test
+    shapes, the CLIP vision tower at 32 px): returns (prior folder, decoder folder)."""
+    import torch
+    from diffusers import (DDPMScheduler, KandinskyV22Pipeline, KandinskyV22PriorPipeline, PriorTransformer,
+                           UnCLIPScheduler, UNet2DConditionModel, VQModel)
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    d = 32
+    tokenizer = byte_level_clip_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=d, num_layers=1)
+    prior.clip_std = torch.nn.Parameter(torch.ones(prior.clip_std.shape))  # the tests' choice: zeros give zero output
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=d, image_size=32, projection_dim=d, intermediate_size=37, num_attention_heads=4, num_channels=3,
+        num_hidden_layers=2, patch_size=8))
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=d, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=d))
+    processor = CLIPImageProcessor(crop_size=32, do_center_crop=True, do_normalize=True, do_resize=True, size=32,
+                                   image_mean=[0.48145466, 0.4578275, 0.40821073], resample=3,
+                                   image_std=[0.26862954, 0.26130258, 0.27577711])
+    prior_scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                      num_train_timesteps=1000, clip_sample=True, clip_sample_range=10.0)
+    KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=prior_scheduler, image_processor=processor).save_pretrained(folder / "prior")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image", sample_size=16,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=d, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None)
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, prediction_type="epsilon")
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(folder / "decoder")
+    return folder / "prior", folder / "decoder"

@@ -171,3 +171,46 @@ def test_stable_diffusion_adapter_loads_in_plain_diffusers_and_generate_samples_
     assert batched.shape == (3, 1, 16, 16) and batched.dtype == torch.uint8  # the dataset's channels and size
     _, alone = next(merged.generate_batches(prompts[2:], seeds[2:], num_inference_steps=2))
     assert torch.equal(alone[0], batched[2])  # an image depends on its seed, not on its batch
+
+
+# --- Kandinsky 2.2: prior and decoder adapters, loaded the diffusers way, merged into a combined pipeline ---
+
+def test_kandinsky_prior_and_decoder_adapters_load_and_generate_samples_the_merged_pipeline(lora_run, tmp_path):
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    from synthmed.diffusion.kandinsky import KandinskyBase
+    from tests.helpers import tiny_kandinsky
+
+    prior_dir, decoder_dir = tiny_kandinsky(tmp_path / "k22")
+    proc = run_with(lora_run, tmp_path, base="kandinsky-2.2", path=str(decoder_dir), resolution=32, steps=4,
+                    validate_every=0, kandinsky={"prior_path": str(prior_dir), "parts": ["prior", "decoder"],
+                                                 "prior_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                                                 "decoder_target_modules": ["to_q", "to_k", "to_v", "to_out.0",
+                                                                            "add_k_proj", "add_v_proj"]})
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "w/data/train_lora"
+    metrics = yaml.safe_load((tmp_path / "w/metrics/all/train_lora.json").read_text())
+    assert {"val_loss_ema_prior", "val_loss_ema_decoder"} <= set(metrics)
+
+    def combined(adapted: bool):
+        prior, decoder = (KandinskyV22PriorPipeline.from_pretrained(prior_dir),
+                          KandinskyV22Pipeline.from_pretrained(decoder_dir))
+        if adapted:  # the user's way: model-level loading, as diffusers' Kandinsky pipelines have no loader
+            prior.prior.load_lora_adapter(out / "adapter/prior", use_safetensors=True, prefix=None)
+            decoder.unet.load_lora_adapter(out / "adapter/decoder", use_safetensors=True, prefix=None)
+        return KandinskyBase(prior, decoder, 32).combined()
+
+    def image(pipe):
+        with torch.no_grad():
+            return pipe("axial slice", num_inference_steps=2, prior_num_inference_steps=2, height=32, width=32,
+                        output_type="np", generator=torch.Generator().manual_seed(3)).images
+
+    adapted = image(combined(True))
+    assert abs(adapted - image(combined(False))).max() > 1e-3
+    merged = load_generator(out / "model")
+    assert abs(image(merged.pipe) - adapted).max() < 1e-3  # merged = base + adapters
+    prompts, seeds = ["axial slice", "coronal slice", "sagittal slice"], [4, 5, 6]
+    batched = torch.cat([b for _, b in merged.generate_batches(prompts, seeds, num_inference_steps=2, batch_size=2)])
+    assert batched.shape == (3, 1, 16, 16)
+    _, alone = next(merged.generate_batches(prompts[2:], seeds[2:], num_inference_steps=2))
+    assert torch.equal(alone[0], batched[2])
