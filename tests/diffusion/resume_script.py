@@ -2,7 +2,7 @@
 random paths: UNet dropout, self-conditioning, augmented views, context dropout, posterior sampling,
 EMA, and validation (on the EMA and the raw weights) every 15 steps.
 
-argv: checkpoint_dir output_file
+argv: checkpoint_dir output_file [lora]: with `lora`, only a LoRA adapter on the UNet trains (train_lora)
 """
 
 import sys
@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 
 from synthmed.diffusion.train import (LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm,
-                                      validation_losses)
+                                      trained_parameters, validation_losses)
+from synthmed.models.lora import LoraParams, add_lora
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
 from tests.models.test_autoencoder import tiny_vae
@@ -35,9 +36,11 @@ if __name__ == "__main__":
     unet = build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=4, norm_num_groups=8, dropout=0.1,
                       self_condition=True)
+    if sys.argv[3:] == ["lora"]:
+        add_lora(unet, LoraParams(rank=2, alpha=4, dropout=0.1), "the tiny UNet")
     sched = make_noise_scheduler(1000)
     log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=sys.argv[1], fingerprint="run-a", every=15,
                          on_every=lambda step, model, ema: validation_losses(model, ema, sched, val, 5.0))
     raw = {k: v.clone() for k, v in unet.state_dict().items()}
-    ema.copy_to(unet.parameters())
+    ema.copy_to(trained_parameters(unet))
     torch.save({"weights": unet.state_dict(), "raw": raw, "log": log}, sys.argv[2])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from synthmed.diffusion.checkpoint import load_latest, save_checkpoint
@@ -16,16 +17,17 @@ from tests.conftest import REPO_ROOT
 SCRIPT = [sys.executable, "-m", "tests.diffusion.resume_script"]
 
 
-def run(ckpt, out) -> subprocess.CompletedProcess:
-    return subprocess.run([*SCRIPT, str(ckpt), str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+def run(ckpt, out, *mode) -> subprocess.CompletedProcess:
+    return subprocess.run([*SCRIPT, str(ckpt), str(out), *mode], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
-def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    full = run(tmp_path / "ckpt_full", tmp_path / "full.pt")
+@pytest.mark.parametrize("mode", [(), ("lora",)], ids=["from_scratch", "lora_adapter"])
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode):
+    full = run(tmp_path / "ckpt_full", tmp_path / "full.pt", *mode)
     assert full.returncode == 0, full.stderr
 
-    proc = subprocess.Popen([*SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "resumed.pt")], cwd=REPO_ROOT,
+    proc = subprocess.Popen([*SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "resumed.pt"), *mode], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:  # kill hard right after the second checkpoint lands
         if "checkpoint at step 20" in line:
@@ -35,7 +37,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "resumed.pt").exists()
 
-    again = run(tmp_path / "ckpt", tmp_path / "resumed.pt")
+    again = run(tmp_path / "ckpt", tmp_path / "resumed.pt", *mode)
     assert again.returncode == 0, again.stderr
     resumed_from = int(again.stdout.split("resuming from step ")[1].split()[0])
     assert resumed_from >= 20 and "checkpoint at step 60" in again.stdout
@@ -46,6 +48,8 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
     for kind in ("weights", "raw"):  # the EMA weights that ship and the training weights
         assert all(torch.equal(a[kind][k], b[kind][k]) for k in a[kind]), kind
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step00000050.pt", "step00000060.pt"]
+    kept = load_latest(tmp_path / "ckpt", "run-a")["unet"]  # a LoRA checkpoint holds the adapter, not the base
+    assert all("lora_" in k for k in kept) if mode else len(kept) == len(a["weights"])
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
