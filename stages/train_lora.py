@@ -75,6 +75,11 @@ class TrainLoraParams(LDMTrainConfig):  # the training-loop knobs, plus the base
     def __post_init__(self):
         super().__post_init__()
         self.lora = LoraParams(self.rank, self.alpha, self.lora_dropout, self.target_modules)  # checks them
+        if self.base in ("stable-diffusion", "kandinsky-2.2") and not self.path:
+            raise ValueError(f"path is empty: name the {self.base} pipeline (a local folder or a hub id)")
+        if self.base == "kandinsky-2.2" and not self.kandinsky.prior_path:
+            raise ValueError("kandinsky.prior_path is empty: name the Kandinsky 2.2 prior pipeline (a local folder "
+                             "or a hub id, e.g. kandinsky-community/kandinsky-2-2-prior)")
 
     @property
     def base_path(self) -> str:

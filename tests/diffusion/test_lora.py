@@ -124,6 +124,7 @@ def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedPr
     ({"rank": 0}, "rank must be a positive integer"),
     ({"target_modules": ["to_query"]}, "match no layer of the synthmed UNet"),
     ({"base": "stable-diffusion", "path": "data/train_ldm/model"}, "not a stable-diffusion pipeline folder"),
+    ({"base": "kandinsky-2.2", "path": "data/train_ldm/model"}, "kandinsky.prior_path is empty"),
 ])
 def test_bad_params_stop_with_one_line_and_write_nothing(lora_run, tmp_path, values, fragment):
     proc = run_with(lora_run, tmp_path, **values)
