@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler
 from synthmed import store
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_images
-from synthmed.diffusion.bases import DATA_FORMAT, load_adapter, load_base, save_adapter
+from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
 from synthmed.diffusion.train import (LDMTrainConfig, NonFiniteLoss, build_latent_pairs, ema_weights,
                                      select_caption_sources, train_ldm, train_loss_metrics, trained_parameters,
@@ -68,6 +68,8 @@ class TrainLoraParams(LDMTrainConfig):  # the training-loop knobs, plus the base
     alpha: float
     lora_dropout: float
     target_modules: list[str]
+    text_encoder_lora: bool  # stable-diffusion: an adapter on the CLIP text encoder too
+    text_encoder_target_modules: list[str]
     resolution: int  # training image side for a pretrained base; 0 = its native size
     caption_sources: list[Literal["original", "paraphrase", "rule", "llm"]]
     validate_every: int  # steps between validation losses + sample grids (0 = only at the end)
@@ -77,6 +79,9 @@ class TrainLoraParams(LDMTrainConfig):  # the training-loop knobs, plus the base
         self.lora = LoraParams(self.rank, self.alpha, self.lora_dropout, self.target_modules)  # checks them
         if self.base in ("stable-diffusion", "kandinsky-2.2") and not self.path:
             raise ValueError(f"path is empty: name the {self.base} pipeline (a local folder or a hub id)")
+        if self.text_encoder_lora and self.base != "stable-diffusion":
+            raise ValueError(f"text_encoder_lora is for base stable-diffusion; {self.base} has no text encoder "
+                             "it trains with")
         if self.base == "kandinsky-2.2" and not self.kandinsky.prior_path:
             raise ValueError("kandinsky.prior_path is empty: name the Kandinsky 2.2 prior pipeline (a local folder "
                              "or a hub id, e.g. kandinsky-community/kandinsky-2-2-prior)")
@@ -148,6 +153,7 @@ class Part:
     val_data: object
     lora: LoraParams
     adapter_dir: str
+    text_encoder: torch.nn.Module | None = None  # Stable Diffusion's, when it gets an adapter too
 
 
 def training_sets(p: TrainLoraParams):
@@ -188,7 +194,13 @@ def prepare(p: TrainLoraParams, device, sets) -> tuple[object, list[Part], objec
                       for pr, im, r in ((pairs, images, rows), (val_rows, val_images, val_rows)))
     sampler = base.pipe if p.base == "synthmed" else DiffusersGenerator(base.pipe, images.shape[1], images.shape[-1],
                                                                         base.resolution)
-    return base, [Part("unet", base.unet, base.unet, base.noise_scheduler(), data, val_data, p.lora, ADAPTER)], sampler
+    part = Part("unet", base.unet, base.unet, base.noise_scheduler(), data, val_data, p.lora, ADAPTER)
+    if p.text_encoder_lora:  # the captions' states are then computed every step, through the adapted encoder
+        for d in (data, val_data):
+            d.extra_cond["input_ids"] = base.encoder.token_ids(d.captions)
+        part.text_encoder = base.pipe.text_encoder
+        part.denoiser = TextTunedUNet(base.unet, part.text_encoder)
+    return base, [part], sampler
 
 
 def reload_merged(p: TrainLoraParams):
@@ -203,6 +215,11 @@ def reload_merged(p: TrainLoraParams):
     else:
         base = load_base(p.base, p.base_path, "cpu", p.resolution)
         models, pipe = {"unet": (base.unet, ADAPTER)}, base.pipe
+        if p.base == "stable-diffusion":  # the UNet's adapter and, if trained, the text encoder's
+            load_adapter(p.base, base.unet, Path(ADAPTER), p.base_path, pipe=pipe)
+            pipe.fuse_lora(components=["unet", "text_encoder"])
+            pipe.unload_lora_weights()
+            return pipe, base.resolution
     for model, folder in models.values():
         load_adapter(p.base, model, Path(folder), p.base_path)
         model.fuse_lora()
@@ -231,7 +248,11 @@ def main() -> None:
             n_lora += add_lora(part.model, part.lora, f"the {p.base} {what} ({p.base_path})")
         except ValueError as exc:
             raise PipelineError(f"params.yaml: train_lora: {exc}") from None
-        for x in trained_parameters(part.model):
+        if part.text_encoder is not None:
+            n_lora += add_lora(part.text_encoder, LoraParams(p.rank, p.alpha, p.lora_dropout,
+                                                             p.text_encoder_target_modules),
+                               f"the {p.base} text encoder ({p.base_path})")
+        for x in trained_parameters(part.denoiser):
             x.data = x.data.float()
     inputs = [PAIRS, DATASET] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
     fingerprint = run_fingerprint("train_lora", params=as_dict(p), seed=seed, inputs=inputs)
@@ -245,7 +266,7 @@ def main() -> None:
         if not accelerator.is_main_process:
             return
         if ema is not None:
-            ema.copy_to(trained_parameters(part.model))
+            ema.copy_to(trained_parameters(part.denoiser))
         last_val = next(r for r in reversed(log) if "val_loss_ema" in r)
         suffix = "" if part.name == "unet" else f"_{part.name}"
         metrics.update({f"{k}{suffix}": v for k, v in {**train_loss_metrics(log), "val_loss_ema": last_val["val_loss_ema"],
@@ -255,7 +276,7 @@ def main() -> None:
         for part in parts:
             folder = tmp / Path(part.adapter_dir).relative_to(ADAPTER)
             folder.mkdir(parents=True, exist_ok=True)
-            save_adapter(p.base, part.model, folder, p.base_path)
+            save_adapter(p.base, part.model, folder, p.base_path, part.text_encoder)
         (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics, data_sha, [x.name for x in parts]))
     pipe, resolution = reload_merged(p)
     with atomic_path(MODEL, is_dir=True) as tmp:

@@ -42,6 +42,25 @@ class PromptEncoder:
         return emb, torch.ones(emb.shape[:2], dtype=torch.long)  # all ones: the UNet sees every token, as in sampling
 
 
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+
+class TextTunedUNet(torch.nn.Module):
+    """Stable Diffusion's UNet behind its own text encoder, for training an adapter on both: the captions'
+    token ids come in (`input_ids`), the encoder's states (with gradient) go to the UNet."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.config = unet.config
+
+    def forward(self, x, t, encoder_hidden_states=None, encoder_attention_mask=None, input_ids=None):
+        return self.unet(x, t, encoder_hidden_states=self.text_encoder(input_ids)[0])
+
+
 @dataclass
 class Base:
     kind: str
@@ -152,7 +171,8 @@ def model_signature(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str) -> None:
+def save_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str,
+                 text_encoder: torch.nn.Module | None = None) -> None:
     """``model``'s LoRA weights as ``pytorch_lora_weights.safetensors`` with their config (rank, alpha),
     loadable the diffusers way: `StableDiffusionPipeline.load_lora_weights(folder)` for Stable Diffusion,
     `model.load_lora_adapter(folder, use_safetensors=True, prefix=None)` for the others; plus `base.json`,
@@ -162,18 +182,23 @@ def save_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        # the adapter's config travels with it: without it a reload assumes alpha = rank
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=model.peft_config["default"].to_dict())
+        def layers(m):
+            return convert_state_dict_to_diffusers(get_peft_model_state_dict(m)) if m is not None else None
+
+        # the adapters' configs travel with them: without them a reload assumes alpha = rank
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers(model), text_encoder_lora_layers=layers(text_encoder),
+            safe_serialization=True, unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder else None)
     else:
         model.save_lora_adapter(folder, weight_name=ADAPTER_FILE)
     (Path(folder) / BASE_RECORD).write_text(json.dumps({"kind": kind, "path": base_path,
                                                        "signature": model_signature(model)}, indent=1) + "\n")
 
 
-def load_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str = "") -> None:
-    """Load a saved adapter onto ``model`` of a freshly loaded base (the inverse of save_adapter); an adapter
+def load_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str = "", pipe=None) -> None:
+    """Load a saved adapter onto ``model`` of a freshly loaded base (the inverse of save_adapter), or, given
+    a Stable Diffusion ``pipe``, onto its UNet and text encoder as `load_lora_weights` does; an adapter
     trained on another kind of base or another architecture is refused, naming both."""
     record = Path(folder) / BASE_RECORD
     if record.is_file():
@@ -182,9 +207,12 @@ def load_adapter(kind: str, model: torch.nn.Module, folder: Path, base_path: str
             raise PipelineError(f"{folder}: this LoRA adapter was trained on the {was['kind']} base {was['path']} "
                                 f"(architecture {was['signature']}), not on the {kind} base {base_path or '?'} "
                                 f"(architecture {model_signature(model)}); load it onto the base it was trained on")
-    try:  # Stable Diffusion's file prefixes the UNet's keys with "unet."
-        model.load_lora_adapter(folder, weight_name=ADAPTER_FILE, use_safetensors=True,
-                                prefix="unet" if kind == "stable-diffusion" else None)
+    try:
+        if pipe is not None:
+            pipe.load_lora_weights(folder, weight_name=ADAPTER_FILE)
+        else:  # Stable Diffusion's file prefixes the UNet's keys with "unet."
+            model.load_lora_adapter(folder, weight_name=ADAPTER_FILE, use_safetensors=True,
+                                    prefix="unet" if kind == "stable-diffusion" else None)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise PipelineError(f"{folder}: this LoRA adapter does not fit the {kind} base "
                             f"({str(exc).splitlines()[0][:200]})") from None

@@ -55,6 +55,7 @@ class LatentPairs:
     uncond_index: int
     variants: int = 1  # encodings per image: the original, then brightness/contrast-augmented copies
     extra_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # more per-caption inputs of the denoiser
+    captions: list[str] = field(default_factory=list)  # the caption of each text_emb row
 
     def cond(self, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
         """The denoiser's conditioning keyword arguments for these caption rows."""
@@ -124,7 +125,7 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
         latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
         image_index=torch.tensor([index_of[f] for f in pairs["file_name"]]),
         caption_index=torch.tensor([caption_of[c] for c in pairs["text"]]),
-        text_emb=emb, text_mask=mask, uncond_index=0, variants=len(views),
+        text_emb=emb, text_mask=mask, uncond_index=0, variants=len(views), captions=captions,
     )
 
 

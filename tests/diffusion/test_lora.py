@@ -125,6 +125,7 @@ def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedPr
     ({"target_modules": ["to_query"]}, "match no layer of the synthmed UNet"),
     ({"base": "stable-diffusion", "path": "data/train_ldm/model"}, "not a stable-diffusion pipeline folder"),
     ({"base": "kandinsky-2.2", "path": "data/train_ldm/model"}, "kandinsky.prior_path is empty"),
+    ({"text_encoder_lora": True}, "text_encoder_lora is for base stable-diffusion"),
 ])
 def test_bad_params_stop_with_one_line_and_write_nothing(lora_run, tmp_path, values, fragment):
     proc = run_with(lora_run, tmp_path, **values)
@@ -149,15 +150,22 @@ def sd_image(pipe, steps=3):
                     generator=torch.Generator().manual_seed(7)).images
 
 
-def test_stable_diffusion_adapter_loads_in_plain_diffusers_and_generate_samples_the_merged_model(lora_run, tmp_path):
+@pytest.mark.parametrize("text_encoder_lora", [False, True], ids=["unet", "unet_and_text_encoder"])
+def test_stable_diffusion_adapter_loads_in_plain_diffusers_and_generate_samples_the_merged_model(lora_run, tmp_path,
+                                                                                                 text_encoder_lora):
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     from tests.helpers import tiny_stable_diffusion
 
     sd = tiny_stable_diffusion(tmp_path / "sd")
-    proc = run_with(lora_run, tmp_path, base="stable-diffusion", path=str(sd), alpha=8, steps=6, validate_every=0)
+    proc = run_with(lora_run, tmp_path, base="stable-diffusion", path=str(sd), alpha=8, steps=6, validate_every=0,
+                    text_encoder_lora=text_encoder_lora, lr=0.05)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "w/data/train_lora"
+    keys = load_file(out / "adapter" / ADAPTER_FILE).keys()
+    assert any(k.startswith("unet.") for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys) == text_encoder_lora
     plain = StableDiffusionPipeline.from_pretrained(sd)
     plain.set_progress_bar_config(disable=True)
     before = sd_image(plain)
