@@ -214,13 +214,12 @@ def classifier_step(fast: bool, batch: int = 32):
 
 
 def vlp_step(channels_last: bool, batch: int = 64):
-    """One training step of the evaluate_vlp dual encoder (frozen text features), its image tower channels-last
-    (as it is) or contiguous."""
+    """One training step of the evaluate_vlp dual encoder (frozen text features), its image tower contiguous
+    (as it is) or channels-last (not adopted: see synthmed/vlp/model.py)."""
     torch.manual_seed(0)
     model = DualEncoder(1, 384, 16, 1, 128)
-    if not channels_last:
-        model.image = model.image.to(memory_format=torch.contiguous_format)
-        model.image.forward = lambda x: model.image.body(x).mean(dim=(2, 3))
+    if channels_last:
+        model.image = model.image.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, text = torch.rand(batch, 1, 64, 64) * 2 - 1, torch.randn(batch, 384)
 

@@ -22,8 +22,10 @@ class SmallCNN(nn.Module):
     """Three conv-BN-ReLU-maxpool blocks, global average pooling, a linear head.
 
     Pooling comes before the ReLU (the same function: max commutes with a monotone map, and a quarter of
-    the ReLU work), and the tensors are channels-last: 2.1x faster per training step on a 2-core CPU
-    (`benchmarks/evaluate.py`)."""
+    the ReLU work), and the tensors are channels-last: 1.7x faster per training step on a 2-core CPU
+    (`benchmarks/train.py --levers`). Only stride-1 3x3 convolutions: the layout's CPU backward of a 1x1
+    stride-2 convolution corrupts memory in torch 2.13 (see synthmed/vlp/model.py), this network's
+    layers were checked under MALLOC_CHECK_=3 at 16-64 px, 1 and 3 channels, batches of 2-32."""
 
     def __init__(self, in_channels: int, n_classes: int, width: int = 16):
         super().__init__()
