@@ -4,6 +4,10 @@ Synthetic images from `fidelity_split` captions are compared with the real image
 split; synthetic images from `augment_splits` captions (never the test split) are the pool
 that augments the classifier. Images from a prompt file without a split column or from
 templates may come from test captions: they serve fidelity only. Every image is embedded once (feature cache keyed by pixel sha256, in the local store).
+
+An image-conditioned model's images come in generation modes (metadata `mode`: reconstruction,
+interpolation): each mode is scored on its own, the first one's figures under the plain names (as a text
+model's), the others' with the mode appended (`fd_effnet_interpolation`, augmentation arm `1x_interpolation`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from synthmed.config import (as_dict, load_params, require_at_least_one, require_fractions, require_inputs,
@@ -96,25 +101,46 @@ def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
             "is_inception_std": is_std}
 
 
+def modes_of(synth: pd.DataFrame) -> dict[str, str]:
+    """Generation mode -> the suffix of its figures: "" for the first (a text model's only mode, an image
+    model's reconstructions), "_<mode>" for the others."""
+    modes = list(dict.fromkeys(synth["mode"])) if "mode" in synth else ["text"]
+    return {m: "" if i == 0 else f"_{m}" for i, m in enumerate(modes)}
+
+
+def mode_mask(synth: pd.DataFrame, mode: str):
+    return (synth["mode"] == mode).to_numpy() if "mode" in synth else np.ones(len(synth), dtype=bool)
+
+
 def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dict, str | None]:
-    """Memorization table and the closest pairs figure; the gate's message when armed and exceeded."""
+    """Memorization table and the closest pairs figure, per generation mode; the gate's message when armed
+    and exceeded in any mode."""
     spaces = {k: {"feature": feat[k], "pixel": pixels(images[k])} for k in ("synth", "train", "test")}
-    table, summary = memorization_table(spaces["synth"], spaces["train"], spaces["test"], rows["synth"],
-                                        rows["train"]["file_name"])
+    tables, summary, verdicts = [], {}, []
+    for mode, suffix in modes_of(rows["synth"]).items():
+        sel = mode_mask(rows["synth"], mode)
+        table, mode_summary = memorization_table({k: v[sel] for k, v in spaces["synth"].items()}, spaces["train"],
+                                                 spaces["test"], rows["synth"][sel], rows["train"]["file_name"])
+        tables.append(table.assign(mode=mode) if suffix or "mode" in rows["synth"] else table)
+        summary.update({k + suffix: v for k, v in mode_summary.items()})
+        verdicts.append(gate(mode_summary, p.max_fraction_below_p1) if p.fail_on_violation else None)
+    table = pd.concat(tables, ignore_index=True)
     with atomic_path(f"{OUT}/memorization.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     tiles, captions = [], []
+    synth_row = {name: i for i, name in enumerate(rows["synth"]["file_name"])}
     for i, j, d in closest_pairs(table, rows["train"]["file_name"].tolist()):
-        tiles += [to_array(images["synth"][i]), to_array(images["train"][j])]
-        captions += [f"synthetic, d={d:.2f}", "nearest train image"]
+        tiles += [to_array(images["synth"][synth_row[table["file_name"].iloc[i]]]), to_array(images["train"][j])]
+        captions += [f"synthetic, d={d:.2f}", "nearest train image" + (" (not its source)" if "mode" in table else "")]
     save_png(image_grid(tiles, captions, ncol=8, caption_lines=2), f"{OUT}/closest_pairs.png")
-    verdict = gate(summary, p.max_fraction_below_p1) if p.fail_on_violation else None
+    verdict = next((v for v in verdicts if v), None)
     return summary, verdict and f"{verdict}; see {OUT}/memorization.csv and {OUT}/closest_pairs.png"
 
 
 def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
-    """The augmentation study and prompt adherence; for unlabelled data, empty tables and a figure that
-    says why (DVC declares them as outputs, and every input kind runs the whole DAG)."""
+    """The augmentation study (one set of synthetic arms per generation mode) and prompt adherence; for
+    unlabelled data, empty tables and a figure that says why (DVC declares them as outputs, and every
+    input kind runs the whole DAG)."""
     classes = sorted(set(rows["train"]["label"]) - {""})
     study = None
     if len(classes) >= 2:
@@ -122,11 +148,17 @@ def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
         if not (sets["test"][1] >= 0).any():
             raise PipelineError(f"{REAL}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
                                 "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
+        modes = modes_of(rows["synth"])
+        pools = {m: tuple(t[mode_mask(rows["pool"], m)] for t in sets["pool"]) for m in modes}
         a, cfg = p.augmentation, ClassifierConfig(**as_dict(p.classifier))
-        study = aug.run_study(sets["train"], sets["pool"], sets["test"], len(classes), a.fractions, a.ratios, a.arms,
+        study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
                               a.seeds, cfg, seed, val=sets["val"])
-        metrics = {**study.flat, **aug.prompt_adherence(study, sets["train"], sets["synth"], sets["test"],
-                                                        len(classes), cfg, seed, val=sets["val"])}
+        metrics = dict(study.flat)
+        for mode, suffix in modes.items():
+            synth = tuple(t[mode_mask(rows["synth"], mode)] for t in sets["synth"])
+            adherence = aug.prompt_adherence(study, sets["train"], synth, sets["test"], len(classes), cfg, seed,
+                                             val=sets["val"])
+            metrics.update({k + suffix: v for k, v in adherence.items()})
         runs, table, note = study.runs, study.table, ""
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
         note = f"no downstream classifier: {len(classes)} label(s) in the train split (it needs 2 or more)"
@@ -137,6 +169,31 @@ def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
     with atomic_path(f"{OUT}/augmentation.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     aug.plot(table, f"{OUT}/augmentation.png", empty_note=note)
+    return metrics
+
+
+def fidelity(feat: dict, rows: dict, fid_mask, p: EvaluateParams, seed: int) -> dict:
+    """FD/KID/PRDC per generation mode against the real images of the fidelity split (the real-vs-real
+    reference once: it depends on the set size alone, the same for every mode of a plan)."""
+    metrics, per_label = {}, []
+    for mode, suffix in modes_of(rows["synth"]).items():
+        sel = fid_mask & mode_mask(rows["synth"], mode)
+        if not sel.any():
+            continue
+        try:
+            out = fidelity_with_reference(feat["test"], feat["synth"][sel], feat["train"], p.kid_subset_size,
+                                          p.kid_subsets, p.prdc_k, seed)
+        except ValueError as exc:
+            raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
+                                "prompts.images_per_prompt") from None
+        metrics.update({k + suffix: v for k, v in out.items() if not (suffix and ("real_" in k or k.startswith("kid_sub")
+                                                                                 or k == "n_real_reference"))})
+        metrics[f"n_synthetic_fidelity{suffix}"] = int(sel.sum())
+        per_label.append(per_label_prdc(feat["test"], rows["test"]["label"], feat["synth"][sel],
+                                        rows["synth"]["label"][sel], p.prdc_k).assign(mode=mode))
+    with atomic_path(f"{OUT}/per_label.csv") as tmp:
+        frame = pd.concat(per_label, ignore_index=True)
+        (frame if "mode" in rows["synth"] else frame.drop(columns="mode")).to_csv(tmp, index=False, float_format="%.6g")
     return metrics
 
 
@@ -177,20 +234,11 @@ def main() -> None:
     cache = FeatureCache(store.cache_dir("features") / "effnet_lite0.pt", load_effnet_lite0().to(pick_device()))
     feat = {"train": cache(images["train"]), "test": cache(images["test"]), "synth": cache(images["synth"])}
     cache.save()
-    fid_rows = rows["synth"][fid_mask].reset_index(drop=True)
     metrics = {"n_real_train": len(rows["train"]), "n_real_test": len(rows["test"]), "n_synthetic": len(rows["synth"]),
-               "n_synthetic_fidelity": int(fid_mask.sum())}
-    try:
-        metrics.update(fidelity_with_reference(feat["test"], feat["synth"][fid_mask], feat["train"],
-                                               p.kid_subset_size, p.kid_subsets, p.prdc_k, seed))
-    except ValueError as exc:
-        raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
-                            "prompts.images_per_prompt") from None
-    with atomic_path(f"{OUT}/per_label.csv") as tmp:
-        per_label_prdc(feat["test"], rows["test"]["label"], feat["synth"][fid_mask], fid_rows["label"],
-                       p.prdc_k).to_csv(tmp, index=False, float_format="%.6g")
+               **fidelity(feat, rows, fid_mask, p, seed)}
     if p.inception_weights:
-        metrics.update(inception_metrics(p.inception_weights, images["test"], images["synth"][fid_mask]))
+        first = fid_mask & mode_mask(rows["synth"], next(iter(modes_of(rows["synth"]))))
+        metrics.update(inception_metrics(p.inception_weights, images["test"], images["synth"][first]))
     mem, violation = privacy(feat, images, rows, p.privacy)
     metrics.update(mem)
     metrics.update(downstream(images, rows, p, seed))

@@ -21,7 +21,7 @@ from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_metrics, write_text
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
 from synthmed.text.encoder import TextEncoder
-from synthmed.vlp.corpus import Pairs, scoring_set, split_pairs
+from synthmed.vlp.corpus import Pairs, pairs_of, scoring_set, split_pairs, split_rows
 from synthmed.vlp.evaluation import evaluate_model, retrieval_chance
 from synthmed.vlp.report import headline, report, summarise
 from synthmed.vlp.text import TextTower
@@ -52,7 +52,10 @@ def corpora(p: EvaluateVLPParams, real: Pairs) -> dict[str, Pairs]:
     """Each arm's pairs; ``real`` is the real train split's."""
     out = {"real": real}
     if set(p.arms) - {"real"}:
-        synth = split_pairs(SYNTH, p.synthetic_splits, "synthetic")
+        rows = split_rows(SYNTH, p.synthetic_splits, "synthetic")
+        if "mode" in rows:  # an image-conditioned model's: its reconstructions, which their source's caption describes
+            rows = rows[rows["mode"] == rows["mode"].iloc[0]]
+        synth = pairs_of(SYNTH, rows)
         out.update(synth=synth, real_synth=real + synth)
     return {name: out[name] for name in p.arms}
 

@@ -2,6 +2,9 @@
 
 Every image records its prompt, label, seed, sampler and the model's hash in
 metadata.csv; `python -m synthmed.diffusion.regenerate <file_name>` remakes any one of them.
+An image-conditioned model (train_ldm.condition: image) generates from the plan's source images
+instead of their captions, in the modes of `generate.image`; each image records its `mode`, source,
+partner and `r`.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import pandas as pd
 import torch
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
+from synthmed.data.dataset import images_of
+from synthmed.data.imagefolder import read_metadata
 from synthmed.diffusion.generators import load_generator
-from synthmed.diffusion.prompts import PLAN_COLUMNS
+from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import sha256_tree, write_json, write_metrics
-from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
+from synthmed.models.image_encoder import mix
+from synthmed.provenance import derive_seed, run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
@@ -28,6 +34,20 @@ PLAN = "data/prompts/plan.csv"
 MODEL = "data/train_lora/model"  # train_ldm's model, or a LoRA fine-tune (train_lora.base)
 OUT = "data/generate"
 DATASET = f"{OUT}/dataset"
+REAL = "data/ingest/dataset"  # the source images of an image-conditioned model
+
+
+@dataclass
+class ImageModesParams:  # image-conditioned models only
+    modes: list[Literal["reconstruction", "interpolation"]]
+    fractions: list[float]  # interpolation: r, the partner's share of the embedding, in turn
+    interpolation: Literal["slerp", "lerp"]
+
+    def __post_init__(self):
+        if not self.modes or set(self.modes) - set(IMAGE_MODES):
+            raise ValueError(f"generate.image.modes must list some of {', '.join(IMAGE_MODES)}, got {self.modes}")
+        if not self.fractions or not all(0 <= r <= 1 for r in self.fractions):
+            raise ValueError(f"generate.image.fractions must be in [0, 1], got {self.fractions}")
 
 
 @dataclass
@@ -38,6 +58,7 @@ class GenerateParams:
     batch_size: int
     shard_size: int
     grid_images: int
+    image: ImageModesParams
 
     def __post_init__(self):
         require_at_least_one(self, "num_inference_steps", "batch_size", "shard_size",
@@ -50,9 +71,67 @@ def plan_for(p: GenerateParams) -> pd.DataFrame:
     if missing or plan.empty:
         raise PipelineError(f"{PLAN}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
     plan["seed"] = plan["seed"].astype("int64")  # 63-bit seeds, exact
-    plan["image_index"] = plan.index
+    return plan
+
+
+def finish_plan(plan: pd.DataFrame, p: GenerateParams) -> pd.DataFrame:
+    plan = plan.assign(image_index=range(len(plan)))
     return plan.assign(scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
                        guidance_scale=p.guidance_scale)
+
+
+class SourceEmbeddings:
+    """The frozen encoder's embedding of every source image an image-conditioned plan names, computed once."""
+
+    def __init__(self, pipe, plan: pd.DataFrame, how: str):
+        real = read_metadata(REAL).drop_duplicates("file_name").set_index("file_name", drop=False)
+        names = sorted(set(plan["source_file_name"]) | set(plan.get("partner_file_name", pd.Series(dtype=str))) - {""})
+        missing = [n for n in names if n not in real.index]
+        if missing:
+            raise PipelineError(f"{PLAN}: source image {missing[0]} is not in {REAL}; rerun `dvc repro prompts`")
+        self.index = {n: i for i, n in enumerate(names)}
+        self.images = images_of(REAL, real.loc[names])
+        self.emb, self.how = pipe.embed_images(self.images), how
+
+    def __call__(self, rows: pd.DataFrame) -> torch.Tensor:
+        """Each row's condition: its source's embedding, or its mix with the partner's at r."""
+        a = self.emb[[self.index[n] for n in rows["source_file_name"]]]
+        if "partner_file_name" not in rows or not (rows["mode"] == "interpolation").any():
+            return a
+        mixed = rows["mode"].to_numpy() == "interpolation"
+        b = self.emb[[self.index[n or s] for n, s in zip(rows["partner_file_name"], rows["source_file_name"])]]
+        r = torch.tensor([float(x) if m else 0.0 for x, m in zip(rows["r"], mixed)])
+        return mix(a, b, r, self.how)
+
+    def source(self, name: str):
+        return to_array(self.images[self.index[name]])
+
+
+def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p: GenerateParams, seed: int):
+    """What an image-conditioned model's grid shows: sources beside variants of them, and interpolation strips
+    (source, the mixes at each r, partner); rendered for the figure, from seeds of their own."""
+    width = len(p.image.fractions) + 2
+    tiles, captions = [], []
+    picks = plan.drop_duplicates("source_file_name")
+    picks = picks.iloc[torch.linspace(0, len(picks) - 1, min(4, len(picks))).round().long().unique().tolist()]
+    kw = dict(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, batch_size=p.batch_size)
+    for k, row in enumerate(picks.itertuples()):
+        if "reconstruction" in p.image.modes:
+            rows = pd.DataFrame({"source_file_name": [row.source_file_name] * (width - 1)})
+            seeds = [derive_seed(seed, "grid", k, j) for j in range(width - 1)]
+            tiles += [sources.source(row.source_file_name), *map(to_array, pipe.generate(sources(rows), seeds, **kw))]
+            captions += [f"source {row.label}"] + ["variant"] * (width - 1)
+        if "interpolation" in p.image.modes:
+            partner = plan[(plan["mode"] == "interpolation") & (plan["source_file_name"] == row.source_file_name)]
+            if partner.empty:
+                continue
+            b = partner["partner_file_name"].iloc[0]
+            rows = pd.DataFrame({"source_file_name": row.source_file_name, "partner_file_name": b,
+                                 "mode": "interpolation", "r": p.image.fractions})
+            images = pipe.generate(sources(rows), [derive_seed(seed, "grid-mix", k)] * len(rows), **kw)
+            tiles += [sources.source(row.source_file_name), *map(to_array, images), sources.source(b)]
+            captions += ["source"] + [f"r={r:g}" for r in p.image.fractions] + ["partner"]
+    return tiles, captions, width
 
 
 def main() -> None:
@@ -64,13 +143,19 @@ def main() -> None:
 
     pipe = load_generator(MODEL, pick_device())
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
+    image_conditioned = getattr(pipe, "image_conditioned", False)
+    if image_conditioned:
+        plan = image_plan(plan, p.image.modes, p.image.fractions, seed, PLAN).assign(interpolation=p.image.interpolation)
+        sources = SourceEmbeddings(pipe, plan, p.image.interpolation)
+    plan = finish_plan(plan, p)
     plan["model_sha256"] = sha256_tree(MODEL)
-    inputs = [PLAN, MODEL]
+    inputs = [PLAN, MODEL] + ([REAL] if image_conditioned else [])
     # finished shards are reused only by the same run: params, seed, plan, model and code
     fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs)
 
     def render(rows: pd.DataFrame):
-        for _, images in pipe.generate_batches(rows["text"].tolist(), rows["seed"].tolist(),
+        conditions = sources(rows) if image_conditioned else rows["text"].tolist()
+        for _, images in pipe.generate_batches(conditions, rows["seed"].tolist(),
                                                num_inference_steps=p.num_inference_steps,
                                                guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             yield from (to_array(img) for img in images)
@@ -79,10 +164,13 @@ def main() -> None:
     meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render)
     meta = meta[["file_name", "text", *[c for c in meta.columns if c not in ("file_name", "text")]]]
     publish_shards(shards, meta, DATASET)
-    # The grid shows images spread over the whole plan (all planes/labels), not just the first few.
-    at = torch.linspace(0, len(meta) - 1, min(p.grid_images, len(meta))).round().long().unique().tolist()
-    save_png(image_grid([load_png(f"{DATASET}/{meta['file_name'].iloc[i]}") for i in at],
-                        meta["text"].iloc[at].tolist(), ncol=8), f"{OUT}/grid.png")
+    if image_conditioned:
+        tiles, captions, ncol = image_grid_rows(pipe, plan, sources, p, seed)
+    else:  # images spread over the whole plan (all planes/labels), not just the first few
+        at = torch.linspace(0, len(meta) - 1, min(p.grid_images, len(meta))).round().long().unique().tolist()
+        tiles = [load_png(f"{DATASET}/{meta['file_name'].iloc[i]}") for i in at]
+        captions, ncol = meta["text"].iloc[at].tolist(), 8
+    save_png(image_grid(tiles, captions, ncol=ncol), f"{OUT}/grid.png")
     write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed, inputs=inputs)
     write_metrics("generate", {"images": len(meta), "prompts": int(meta["prompt_index"].nunique())}, headline=["images"])
     write_json("logs/generate.json", {**stats, "scheduler": p.scheduler, "steps": p.num_inference_steps,

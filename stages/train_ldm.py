@@ -1,4 +1,6 @@
-"""DVC stage `train_ldm`: text-conditioned latent diffusion on VAE latents of the train split.
+"""DVC stage `train_ldm`: latent diffusion on VAE latents of the train split, conditioned on the captions
+(`condition: text`) or on a frozen image encoder's embedding of each image (`condition: image`,
+DiNO-Diffusion: no captions needed).
 
 `dvc repro train_ldm` trains on one device; `accelerate launch -m stages.train_ldm` trains the
 same recipe data-parallel on several GPUs (the main process writes the outputs).
@@ -22,10 +24,11 @@ from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
+from synthmed.models.image_encoder import ImageEncoder
 from synthmed.models.unet import build_unet
-from synthmed.diffusion.train import (TAIL, LDMTrainConfig, NonFiniteLoss, build_latent_pairs, ema_weights,
-                                     make_noise_scheduler, select_caption_sources, train_ldm, train_loss_metrics,
-                                     trained_parameters, validation_losses)
+from synthmed.diffusion.train import (TAIL, LDMTrainConfig, NonFiniteLoss, build_image_pairs, build_latent_pairs,
+                                     ema_weights, make_noise_scheduler, require_captions, select_caption_sources,
+                                     train_ldm, train_loss_metrics, trained_parameters, validation_losses)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
@@ -39,6 +42,9 @@ OUT = "data/train_ldm"
 
 @dataclass
 class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model's
+    condition: Literal["text", "image"]
+    image_encoder: str  # condition: image; efficientnet-lite0 (offline) or a transformers vision backbone id/folder
+    image_tokens: Literal["cls", "mean", "cls+mean"]  # which global token(s) of it condition the UNet
     text_encoder: str
     text_max_length: int
     # which pair rows to train on: original, paraphrase (whatever the paraphrase stage produced), or only
@@ -66,13 +72,8 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
         require_at_least_one(self, "latent_patch")
 
 
-def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in as_dict(p).items())
-    return f"""# synthmed latent diffusion model
-
-Text-to-image latent diffusion (MSDM-style) trained by the `train_ldm` stage of synthmed.
-Conditioning: frozen `{p.text_encoder}` token embeddings (max {p.text_max_length} tokens); weights are
-{'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}.
+USAGE = {"text": """Text-to-image latent diffusion (MSDM-style) trained by the `train_ldm` stage of synthmed.
+Conditioning: frozen `{p.text_encoder}` token embeddings (max {p.text_max_length} tokens).
 
 ```python
 import torch
@@ -81,9 +82,30 @@ pipe = SynthMedPipeline.from_pretrained("data/train_ldm/model")
 image = pipe("Superior axial T1-weighted brain MRI slice at z = +40 mm", num_inference_steps=50,
              guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images[0]  # a PIL image
 ```
+""", "image": """Image-conditioned latent diffusion (DiNO-Diffusion) trained by the `train_ldm` stage of synthmed.
+Conditioning: the `{p.image_tokens}` global token(s) of the frozen image encoder `{p.image_encoder}`, linearly
+projected to the cross-attention width; the all-zero embedding is the null condition of guidance.
+
+```python
+import torch
+from synthmed.diffusion.pipeline import SynthMedPipeline
+pipe = SynthMedPipeline.from_pretrained("data/train_ldm/model")
+# variants of real images (uint8 [N, C, H, W]); or pipe(image_embeds=...) from mixed embeddings
+images = pipe(image=real_images, num_inference_steps=50, guidance_scale=3.0,
+              generator=torch.Generator().manual_seed(0)).images
+```
+"""}
+
+
+def model_card(p: TrainLDMParams, seed: int, fingerprint: str, metrics: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in as_dict(p).items())
+    return f"""# synthmed latent diffusion model
+
+{USAGE[p.condition].format(p=p)}
+Weights: {'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}.
 
 - Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
-- Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs, \
+- Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, condition) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
 - Loss (min-SNR-weighted as trained): training, mean of the last {min(TAIL, p.steps)} steps \
 {metrics[f'train_loss_last{TAIL}_mean']:.4f}; validation, these weights {metrics['val_loss_ema']:.4f} \
@@ -121,44 +143,61 @@ def main() -> None:
     pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, PAIRS)
     rows, images = split_images(DATASET, ["train"])
     vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
-    encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
     side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     if side % p.latent_patch:
         raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the "
                             f"{side}x{side} latent grid of {VAE}; use a divisor of {side}")
-    data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), p.augment_copies,
-                              p.brightness, p.contrast, g, latent_patch=p.latent_patch)
-
+    val_rows, val_images = split_images(DATASET, ["val"])
+    augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast, generator=g,
+                   latent_patch=p.latent_patch)
+    if p.condition == "image":
+        encoder = ImageEncoder(p.image_encoder, p.image_tokens, device)
+        pairs = rows.assign(caption_source="image")  # one (image, its own embedding) pair per image
+        data = build_image_pairs(vae, encoder, images, **augment)
+        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch)
+        dims = dict(cross_attention_dim=p.block_out_channels[-1], encoder_hid_dim=encoder.dim)
+    else:
+        require_captions(pairs, rows)
+        encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
+        data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
+        val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
+                                      latent_patch=p.latent_patch)
+        dims = dict(cross_attention_dim=encoder.hidden_size)
     unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                       block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
-                      cross_attention_dim=encoder.hidden_size, attention_head_dim=p.attention_head_dim,
-                      norm_num_groups=p.norm_num_groups, dropout=p.dropout,
-                      self_condition=p.self_condition, attention_levels=p.attention_levels).to(device)
+                      attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups, dropout=p.dropout,
+                      self_condition=p.self_condition, attention_levels=p.attention_levels, **dims).to(device)
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
     # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code.
     fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
-    val_rows, val_images = split_images(DATASET, ["val"])
-    val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
-                                  latent_patch=p.latent_patch)
-    # the grid: 8 val captions spread over the split (all planes/labels), the same at every check
-    grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
+    # the grid: 8 val images or their captions, spread over the split (all planes/labels), the same at every check
+    at = torch.linspace(0, len(val_rows) - 1, 8).long().unique()
     if accelerator.is_main_process:
         shutil.rmtree(f"{OUT}/progress", ignore_errors=True)
     # The pipeline wraps the UNet being trained: it samples the progress grids and is saved at the end.
     pipe = SynthMedPipeline(unet, vae, DDIMScheduler.from_config(scheduler.config),
-                            text_encoder_name=p.text_encoder, text_max_length=p.text_max_length)
-    pipe.use_text_encoder(encoder).set_progress_bar_config(disable=True)
+                            text_encoder_name=p.text_encoder, text_max_length=p.text_max_length,
+                            condition=p.condition, image_encoder_name=p.image_encoder, image_tokens=p.image_tokens)
+    if p.condition == "image":
+        pipe.use_image_encoder(encoder)
+        grid_conditions, sources = val_data.text_emb[at + 1], [to_array(x) for x in val_images[at]]
+        captions = [f"val image {i}" for i in at.tolist()] + ["its variant"] * len(at)
+    else:
+        pipe.use_text_encoder(encoder)
+        grid_conditions, sources = val_rows["text"].iloc[at].tolist(), []
+        captions = grid_conditions
+    pipe.set_progress_bar_config(disable=True)
 
     def on_every(step: int, model, ema) -> dict:
         """Validation losses and a grid of fixed prompts with fixed seeds, as training goes; the grid
         comes from the weights that ship (the EMA's)."""
         with ema_weights(model.eval(), ema):
-            images = pipe.generate(grid_prompts, list(range(len(grid_prompts))), num_inference_steps=25,
-                                   guidance_scale=3.0)
+            images = pipe.generate(grid_conditions, list(range(len(at))), num_inference_steps=25, guidance_scale=3.0)
         model.train()
-        save_png(image_grid([to_array(x) for x in images], grid_prompts, ncol=8), f"{OUT}/progress/step{step:07d}.png")
+        save_png(image_grid(sources + [to_array(x) for x in images], captions, ncol=8),
+                 f"{OUT}/progress/step{step:07d}.png")
         return validation_losses(model, ema, scheduler, val_data, p.min_snr_gamma)
 
     try:

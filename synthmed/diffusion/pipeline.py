@@ -9,6 +9,11 @@
 - `pipe.generate_batches(prompts, seeds, ...)`: what the `generate` stage runs, batch by batch, each
   image from a generator seeded with its own seed, so that an image never depends on its batch.
 
+An image-conditioned model (`condition="image"`, DiNO-Diffusion) takes images instead of prompts:
+`pipe(image=uint8 [N, C, H, W])` makes variants of them, and `pipe(image_embeds=...)` or
+`generate_batches(embeddings, seeds)` samples from given (e.g. interpolated) embeddings of its frozen
+image encoder (`pipe.embed_images`).
+
 `pipe(prompt, generator=torch.Generator().manual_seed(s))` gives the image that seed s gives in
 `generate_batches`.
 """
@@ -22,6 +27,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 
 from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, seeded_generators
+from synthmed.errors import PipelineError
+from synthmed.models.image_encoder import ImageEncoder, n_tokens
 from synthmed.text.encoder import TextEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -37,16 +44,61 @@ def _as_list(value: str | list[str], name: str) -> list[str]:
 
 class SynthMedPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler,
-                 text_encoder_name: str = "all-MiniLM-L6-v2", text_max_length: int = 48):
+                 text_encoder_name: str = "all-MiniLM-L6-v2", text_max_length: int = 48,
+                 condition: str = "text", image_encoder_name: str = "", image_tokens: str = "mean"):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
-        self.register_to_config(text_encoder_name=text_encoder_name, text_max_length=text_max_length)
+        self.register_to_config(text_encoder_name=text_encoder_name, text_max_length=text_max_length,
+                                condition=condition, image_encoder_name=image_encoder_name, image_tokens=image_tokens)
         self._encoder: TextEncoder | None = None
+        self._image_encoder: ImageEncoder | None = None
 
     def use_text_encoder(self, encoder: TextEncoder) -> "SynthMedPipeline":
         """Share an encoder that is already loaded (e.g. by the trainer) instead of loading another."""
         self._encoder = encoder
         return self
+
+    def use_image_encoder(self, encoder: ImageEncoder) -> "SynthMedPipeline":
+        self._image_encoder = encoder
+        return self
+
+    @property
+    def image_conditioned(self) -> bool:
+        return self.config.condition == "image"
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        """Loaded on first use, like the text encoder; its width must be the one the UNet was trained on."""
+        if self._image_encoder is None:
+            enc = ImageEncoder(self.config.image_encoder_name, self.config.image_tokens, self.device)
+            want = self.unet.config.encoder_hid_dim
+            if enc.dim != want:
+                raise PipelineError(f"image encoder {enc.name!r} gives {enc.dim}-wide embeddings but this model was "
+                                    f"trained on {want}-wide ones (image_encoder_name in its model_index.json); "
+                                    "use the encoder it was trained with")
+            self._image_encoder = enc
+        return self._image_encoder
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, C, H, W] -> the frozen encoder's global tokens [N, T, D]: the condition."""
+        return self.image_encoder.encode(torch.as_tensor(images))
+
+    def _condition(self, conditions, negatives: list[str] | None = None):
+        """(emb, mask, uncond_emb, uncond_mask) of prompts, or of image embeddings [N, T, D] for an
+        image-conditioned model, whose null condition is the all-zero embedding it was trained with."""
+        if self.image_conditioned:
+            if isinstance(conditions, (list, str)) and conditions and isinstance(conditions[0], str):
+                raise ValueError("this model is conditioned on images: pass image= or image_embeds=, not a prompt")
+            emb = torch.as_tensor(conditions).float()
+            if emb.ndim != 3 or emb.shape[-1] != self.unet.config.encoder_hid_dim:
+                raise ValueError(f"image embeddings must be [N, {n_tokens(self.config.image_tokens)}, "
+                                 f"{self.unet.config.encoder_hid_dim}], got {list(emb.shape)}")
+            mask = torch.ones(emb.shape[:2], dtype=torch.long)
+            return emb, mask, torch.zeros_like(emb[:1]), mask[:1]
+        emb, mask = self.text_encoder.encode(list(conditions))
+        # no negative prompt: the empty caption, the null conditioning that context dropout trained
+        uncond_emb, uncond_mask = self.text_encoder.encode(negatives or [""])
+        return emb, mask, uncond_emb, uncond_mask
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -55,21 +107,21 @@ class SynthMedPipeline(DiffusionPipeline):
             self._encoder = TextEncoder(self.config.text_encoder_name, self.config.text_max_length, self.device)
         return self._encoder
 
-    def _sample(self, prompts: list[str], generators: list[torch.Generator], num_inference_steps: int,
+    def _sample(self, conditions, generators: list[torch.Generator], num_inference_steps: int,
                 guidance_scale: float, negative_prompts: list[str] | None = None, progress=None) -> torch.Tensor:
-        """The one sampling path of both interfaces: scaled latents, one per prompt and generator."""
-        emb, mask = self.text_encoder.encode(prompts)
-        # no negative prompt: the empty caption, the null conditioning that context dropout trained
-        uncond_emb, uncond_mask = self.text_encoder.encode(negative_prompts or [""])
+        """The one sampling path of both interfaces: scaled latents, one per condition and generator."""
+        emb, mask, uncond_emb, uncond_mask = self._condition(conditions, negative_prompts)
         return sample_latents(self.unet, self.scheduler, emb, mask, uncond_emb, uncond_mask, generators,
                               num_inference_steps, guidance_scale, progress)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 3.0,
+    def __call__(self, prompt: str | list[str] | None = None, num_inference_steps: int = 50, guidance_scale: float = 3.0,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
-        """Text to image(s), as a diffusers pipeline is called.
+                 return_dict: bool = True, image: torch.Tensor | None = None,
+                 image_embeds: torch.Tensor | None = None) -> ImagePipelineOutput | tuple:
+        """Text to image(s), as a diffusers pipeline is called; an image-conditioned model takes ``image``
+        (uint8 [N, C, H, W]: variants of each) or ``image_embeds`` ([N, T, D]) instead of ``prompt``.
 
         ``generator``: one per image (the image then depends on it alone, whatever else is in the
         call), or one for all (the images draw from it in turn, so each depends on its place), or
@@ -79,6 +131,15 @@ class SynthMedPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        if self.image_conditioned:
+            if (image is None) == (image_embeds is None):
+                raise ValueError("an image-conditioned model takes image= or image_embeds= (one of them)")
+            emb = self.embed_images(image) if image is not None else torch.as_tensor(image_embeds)
+            emb = emb.repeat_interleave(num_images_per_prompt, dim=0)
+            latents = self._sample(emb, self._generators(generator, len(emb)), num_inference_steps, guidance_scale,
+                                   progress=self.progress_bar)
+            images = self._postprocess(latents, output_type)
+            return ImagePipelineOutput(images=images) if return_dict else (images,)
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) not in (1, len(prompts)):
@@ -111,15 +172,17 @@ class SynthMedPipeline(DiffusionPipeline):
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
     @torch.no_grad()
-    def generate_batches(self, prompts: list[str], seeds: list[int], num_inference_steps: int = 50,
+    def generate_batches(self, prompts: list[str] | torch.Tensor, seeds: list[int], num_inference_steps: int = 50,
                          guidance_scale: float = 3.0, batch_size: int = 32) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, uint8 images [B, C, H, W]); image i comes from seeds[i] alone, whatever the
-        batch: the image of ``pipe(prompts[i], generator=torch.Generator().manual_seed(seeds[i]))``."""
+        batch: the image of ``pipe(prompts[i], generator=torch.Generator().manual_seed(seeds[i]))``. An
+        image-conditioned model takes image embeddings [N, T, D] in place of the prompts."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         for i in range(0, len(prompts), batch_size):
             j = slice(i, i + batch_size)
-            latents = self._sample(list(prompts[j]), seeded_generators(seeds[j]), num_inference_steps, guidance_scale)
+            batch = prompts[j] if isinstance(prompts, torch.Tensor) else list(prompts[j])
+            latents = self._sample(batch, seeded_generators(seeds[j]), num_inference_steps, guidance_scale)
             yield i, decode_to_uint8(self.vae, latents)
 
     def generate(self, prompts: list[str], seeds: list[int], **kwargs) -> np.ndarray:

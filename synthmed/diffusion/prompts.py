@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from synthmed.errors import PipelineError
@@ -89,3 +90,37 @@ def expand(prompts: pd.DataFrame, images_per_prompt: int, seed: int) -> pd.DataF
     plan.insert(1, "sample_index", plan.index % images_per_prompt)
     plan["seed"] = [derive_seed(seed, "generate", i, k) for i, k in zip(plan["prompt_index"], plan["sample_index"])]
     return plan
+
+
+IMAGE_MODES = ("reconstruction", "interpolation")
+
+
+def image_plan(plan: pd.DataFrame, modes: list[str], fractions: list[float], seed: int, where: str) -> pd.DataFrame:
+    """The plan of an image-conditioned model (DiNO-Diffusion): each row's source image stands in for its
+    caption. ``reconstruction``: variants of the source (its embedding; `images_per_prompt` per source);
+    ``interpolation``: as many images between the source and a partner of the same label and split, at
+    the fractions ``r`` (the partner's share) in turn. Every row keeps its source's label and split."""
+    plan = plan.drop_duplicates(["source_file_name", "sample_index"]).reset_index(drop=True)
+    if (plan["source_file_name"] == "").any():
+        raise PipelineError(f"{where}: rows without a source image; an image-conditioned model generates from "
+                            "real images: set prompts.source: heldout")
+    parts = []
+    if "reconstruction" in modes:
+        parts.append(plan.assign(mode="reconstruction", partner_file_name="", r=""))
+    if "interpolation" in modes:
+        sources = plan.drop_duplicates("source_file_name")
+        group = {k: g["source_file_name"].tolist() for k, g in sources.groupby(["split", "label"], sort=False)}
+        partners = []
+        for row in plan.itertuples():
+            pool = [f for f in group[(row.split, row.label)] if f != row.source_file_name]
+            if not pool:
+                raise PipelineError(f"{where}: label '{row.label}' has one source image in split '{row.split}' "
+                                    f"({row.source_file_name}); interpolation needs two of the same label and split: "
+                                    "add images, or drop interpolation from generate.image.modes")
+            rng = np.random.default_rng(derive_seed(seed, "partner", row.prompt_index, row.sample_index))
+            partners.append(pool[int(rng.integers(len(pool)))])
+        parts.append(plan.assign(
+            mode="interpolation", partner_file_name=partners,
+            r=[fractions[i % len(fractions)] for i in range(len(plan))],
+            seed=[derive_seed(seed, "interpolation", i, k) for i, k in zip(plan["prompt_index"], plan["sample_index"])]))
+    return pd.concat(parts, ignore_index=True)

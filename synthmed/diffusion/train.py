@@ -35,6 +35,7 @@ from synthmed.diffusion.checkpoint import TrainedState, capture, load_latest, re
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned, pack_latents
 from synthmed.models.autoencoder import encode_posterior
+from synthmed.models.image_encoder import ImageEncoder
 from synthmed.progress import progress
 from synthmed.runtime import make_accelerator
 from synthmed.text.encoder import TextEncoder
@@ -99,24 +100,30 @@ def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float
     return ((images - mean) * c + mean + b).clamp(-1, 1)
 
 
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, augment_copies: int = 0, brightness: float = 0.0,
+                   contrast: float = 0.0, generator: torch.Generator | None = None, latent_patch: int = 1,
+                   to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """The VAE posterior (mean, std) of each image and of ``augment_copies`` brightness/contrast-augmented
+    copies of it, encoded once, here (augmentation costs nothing per training step); the encodings of
+    image i are rows i*V .. i*V + V-1, packed in ``latent_patch`` x ``latent_patch`` blocks
+    (sample.pack_latents). ``to_vae_input`` maps the images, in [-1, 1], to what the VAE takes (a
+    pretrained base's channels and size)."""
+    x = to_model_range(images)
+    if to_vae_input is not None:
+        x = to_vae_input(x)
+    views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
+    mean, std = (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1)))
+    return mean, std, len(views)
+
+
 def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images: torch.Tensor,
                        file_names: list[str], augment_copies: int = 0, brightness: float = 0.0,
                        contrast: float = 0.0, generator: torch.Generator | None = None,
                        latent_patch: int = 1,
                        to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatentPairs:
-    """Encode each training image once and each unique caption once (plus the empty one); the latents
-    are packed in ``latent_patch`` x ``latent_patch`` blocks (sample.pack_latents). ``to_vae_input`` maps
-    the images, in [-1, 1], to what the VAE takes (a pretrained base's channels and size).
-
-    With ``augment_copies`` each image is also encoded that many times with random
-    brightness/contrast, once, here: augmentation costs nothing per training step.
-    """
-    x = to_model_range(images)
-    if to_vae_input is not None:  # e.g. a pretrained base's RGB channels and resolution
-        x = to_vae_input(x)
-    views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
-    # interleave so that the encodings of image i are rows i*V .. i*V + V-1
-    mean, std = (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1)))
+    """Encode each training image once (encode_latents) and each unique caption once (plus the empty one)."""
+    mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch,
+                                         to_vae_input)
     index_of = {name: i for i, name in enumerate(file_names)}
     captions = [""] + sorted(pairs["text"].unique())
     caption_of = {c: i for i, c in enumerate(captions)}
@@ -125,7 +132,25 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
         latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
         image_index=torch.tensor([index_of[f] for f in pairs["file_name"]]),
         caption_index=torch.tensor([caption_of[c] for c in pairs["text"]]),
-        text_emb=emb, text_mask=mask, uncond_index=0, variants=len(views), captions=captions,
+        text_emb=emb, text_mask=mask, uncond_index=0, variants=variants, captions=captions,
+    )
+
+
+def build_image_pairs(vae: AutoencoderKL, encoder: ImageEncoder, images: torch.Tensor, augment_copies: int = 0,
+                      brightness: float = 0.0, contrast: float = 0.0, generator: torch.Generator | None = None,
+                      latent_patch: int = 1) -> LatentPairs:
+    """DiNO-Diffusion's training set: each image conditioned on its own global token(s) from the frozen image
+    encoder, embedded once (as the latents are). Row 0 is the null condition, all zeros, that condition
+    dropout trains in place of an embedding (the UNet's projection turns it into its bias alone), so
+    classifier-free guidance works. Augmented copies keep the embedding of the original image."""
+    mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch)
+    emb = encoder.encode(images)
+    emb = torch.cat([torch.zeros_like(emb[:1]), emb])
+    n = len(images)
+    return LatentPairs(
+        latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
+        image_index=torch.arange(n), caption_index=torch.arange(n) + 1,
+        text_emb=emb, text_mask=torch.ones(emb.shape[:2], dtype=torch.long), uncond_index=0, variants=variants,
     )
 
 
@@ -164,6 +189,17 @@ def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) 
                             "take whatever it produced, or change paraphrase.backend")
     wanted = set(sources) | ((produced - {"original"}) if "paraphrase" in sources else set())
     return pairs[pairs["caption_source"].isin(wanted)]
+
+
+def require_captions(pairs: pd.DataFrame, images: pd.DataFrame) -> None:
+    """Text conditioning needs a caption for every training image; an image collection without them
+    (label-free data) trains with `condition: image`."""
+    captioned = set(pairs.loc[pairs["text"].str.strip() != "", "file_name"])
+    bare = images[~images["file_name"].isin(captioned)]
+    if len(bare):
+        raise PipelineError(f"data/ingest/dataset/metadata.csv: {len(bare)} of {len(images)} train images have no "
+                            f"caption (first: {bare['file_name'].iloc[0]}); train_ldm.condition: text needs one per "
+                            "image: add captions, or set train_ldm.condition: image to train on the images alone")
 
 
 def train_loss_metrics(log: list[dict]) -> dict[str, float]:

@@ -58,22 +58,30 @@ def classifier_seed(seed: int, rep: int) -> int:
     return derive_seed(seed, "classifier", rep) % 2**31
 
 
-def plan_cells(real_labels: np.ndarray, pool_size: int, fractions: list[float], ratios: list[float],
+def plan_cells(real_labels: np.ndarray, pool_size: int | dict[str, int], fractions: list[float], ratios: list[float],
                arms: list[str], reps: int, seed: int) -> list[Cell]:
-    """Every (regime, arm, repetition) with the indices of its real and synthetic training images."""
+    """Every (regime, arm, repetition) with the indices of its real and synthetic training images.
+
+    ``pool_size``: the synthetic pool's size, or several pools' sizes by name (e.g. generation modes), laid end
+    to end in that order; each pool gets its own arms, named ``<arm>_<pool>`` but for the first pool's, and
+    all share one real control per regime and repetition."""
+    pools = pool_size if isinstance(pool_size, dict) else {"": pool_size}
+    offsets = np.cumsum([0, *pools.values()])
     cells = []
     for f in fractions:
         for rep in range(reps):
             real = stratified_subset(real_labels, f, np.random.default_rng(derive_seed(seed, "regime", f, rep)))
             clf_seed = classifier_seed(seed, rep)
             cells.append(Cell(regime_name(f), "real", rep, clf_seed, real, np.array([], dtype=int)))
-            extra = [(ratio_name(r), r, real) for r in ratios] if "real_synth" in arms else []
-            extra += [("synth", 1.0, np.array([], dtype=int))] if "synth" in arms else []
-            for arm, ratio, keep in extra:
-                want = int(round(ratio * len(real)))
-                rng = np.random.default_rng(derive_seed(seed, "synthetic", f, arm, rep))
-                synth = np.sort(rng.choice(pool_size, size=min(want, pool_size), replace=False))
-                cells.append(Cell(regime_name(f), arm, rep, clf_seed, keep, synth, want))
+            for k, (pool, size) in enumerate(pools.items()):
+                extra = [(ratio_name(r), r, real) for r in ratios] if "real_synth" in arms else []
+                extra += [("synth", 1.0, np.array([], dtype=int))] if "synth" in arms else []
+                for arm, ratio, keep in extra:
+                    want = int(round(ratio * len(real)))
+                    # the first pool draws as a single pool always did: its cells do not depend on the others
+                    rng = np.random.default_rng(derive_seed(seed, "synthetic", f, arm, rep, *([pool] if k else [])))
+                    synth = np.sort(rng.choice(size, size=min(want, size), replace=False)) + offsets[k]
+                    cells.append(Cell(regime_name(f), f"{arm}_{pool}" if k else arm, rep, clf_seed, keep, synth, want))
     return cells
 
 
@@ -109,24 +117,30 @@ def _labelled(x, y):
     return x[y >= 0], y[y >= 0]
 
 
-def run_study(real: tuple, pool: tuple, test: tuple, n_classes: int, fractions: list[float], ratios: list[float],
-              arms: list[str], reps: int, cfg: ClassifierConfig, seed: int, val: tuple | None = None) -> Study:
-    """Every regime x arm x repetition on (images, class indices) of real train, the synthetic pool and real test
-    (and real val, which picks each classifier's weights); images with index -1 are left out. Without labelled
-    synthetic images only the real arm runs."""
-    (real_x, real_y), (pool_x, pool_y), (test_x, test_y) = (_labelled(*s) for s in (real, pool, test))
+def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classes: int, fractions: list[float],
+              ratios: list[float], arms: list[str], reps: int, cfg: ClassifierConfig, seed: int,
+              val: tuple | None = None) -> Study:
+    """Every regime x arm x repetition on (images, class indices) of real train, the synthetic pool (or several,
+    by name: plan_cells) and real test (and real val, which picks each classifier's weights); images with index
+    -1 are left out. Without labelled synthetic images only the real arm runs."""
+    pools = {k: _labelled(*v) for k, v in (pool if isinstance(pool, dict) else {"": pool}).items()}
+    (real_x, real_y), (test_x, test_y) = _labelled(*real), _labelled(*test)
     val = _labelled(*val) if val is not None else None
-    if arms and not len(pool_x):
+    pools = {k: v for k, v in pools.items() if len(v[0])}
+    if arms and not pools:
         print("evaluate: no labelled synthetic images in the augmentation pool; real-only arm only")
         arms = []
-    cells = plan_cells(real_y.numpy(), len(pool_x), fractions, ratios, arms, reps, seed)
+    pool_x = torch.cat([x for x, _ in pools.values()]) if pools else real_x[:0]
+    pool_y = torch.cat([y for _, y in pools.values()]) if pools else real_y[:0]
+    cells = plan_cells(real_y.numpy(), {k: len(x) for k, (x, _) in pools.items()}, fractions, ratios, arms, reps, seed)
     short = [c for c in cells if len(c.synth_idx) < c.synth_requested]
     if short:
-        print(f"evaluate: {len(short)} cell(s) asked for more synthetic images than the pool has ({len(pool_x)}); "
-              "they use the whole pool (n_synth in augmentation.csv). Raise prompts.images_per_prompt")
+        print(f"evaluate: {len(short)} cell(s) asked for more synthetic images than the pool has; they use the "
+              "whole pool (n_synth in augmentation.csv). Raise prompts.images_per_prompt")
     runs = run_cells(cells, real_x, real_y, pool_x, pool_y, test_x, test_y, n_classes, cfg, val)
     table, flat = summarise(runs)
-    return Study(runs, table, {**flat, "n_synthetic_pool": len(pool_x)}, cells)
+    sizes = {f"n_synthetic_pool{'_' + k if i else ''}": len(x) for i, (k, (x, _)) in enumerate(pools.items())}
+    return Study(runs, table, {**flat, "n_synthetic_pool": 0, **sizes}, cells)
 
 
 def prompt_adherence(study: Study, real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig,

@@ -14,12 +14,17 @@ import pandas as pd
 import torch
 
 
-def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance to, and index of, each query row's nearest reference row."""
+def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 512,
+            exclude: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance to, and index of, each query row's nearest reference row; ``exclude`` [n_query, k]
+    lists reference rows that do not count for each query row (-1 = none)."""
     q, r = query.flatten(1).double(), reference.flatten(1).double()
     dists, idx = [], []
     for i in range(0, len(q), chunk):
         d = torch.cdist(q[i : i + chunk], r)
+        if exclude is not None:
+            rows, cols = np.nonzero(exclude[i : i + chunk] >= 0)
+            d[rows, exclude[i : i + chunk][rows, cols]] = float("inf")
         m = d.min(dim=1)
         dists.append(m.values)
         idx.append(m.indices)
@@ -31,18 +36,31 @@ def pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.flatten(1).double() / 255.0
 
 
-def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[pd.DataFrame, dict]:
+def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+          sources: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     """spaces: name -> (synthetic, real train, real test) representations.
 
     Returns a per-synthetic-image table (nearest train index and distance per space,
     flagged when below the reference's 1st percentile in any space) and the summary.
+
+    ``sources`` [n_synth, k]: the train rows each synthetic image was conditioned on (-1 = none), as an
+    image-conditioned model's variants are. Its nearest training image is then the nearest *other*
+    one, and the distance to its first source is reported apart (`source_distance_*`,
+    `mem_source_*`): near its source by design, a copy of it when below the reference too.
     """
     table, summary = {}, {}
     flagged = None
     for name, (synth, train, test) in spaces.items():
-        d_syn, i_syn = nearest(synth, train)
+        d_syn, i_syn = nearest(synth, train, exclude=sources)
         d_ref, _ = nearest(test, train)
         p1, p5 = np.percentile(d_ref.numpy(), [1, 5])
+        if sources is not None and (sources[:, 0] >= 0).any():
+            own = sources[:, 0] >= 0
+            d_src = np.full(len(synth), np.nan)
+            d_src[own] = (synth[own].flatten(1).double() - train[sources[own, 0]].flatten(1).double()).norm(dim=1).numpy()
+            table[f"source_distance_{name}"] = d_src
+            summary.update({f"mem_source_frac_below_p1_{name}": float((d_src[own] < p1).mean()),
+                            f"mem_source_median_{name}": float(np.median(d_src[own]))})
         table[f"nn_train_index_{name}"] = i_syn.numpy()
         table[f"nn_distance_{name}"] = d_syn.numpy()
         below = d_syn.numpy() < p1
@@ -57,11 +75,23 @@ def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) ->
     return pd.DataFrame(table), summary
 
 
+def source_rows(synth_rows: pd.DataFrame, train_names) -> np.ndarray | None:
+    """[n_synth, 2] train rows of each image's source and partner (an image-conditioned model's; -1 = none or
+    not a training image); None when no image has one."""
+    if "mode" not in synth_rows or not synth_rows["mode"].isin(["reconstruction", "interpolation"]).any():
+        return None
+    row_of = {n: i for i, n in enumerate(train_names)}
+    cols = [synth_rows.get(c, pd.Series("", index=synth_rows.index)) for c in ("source_file_name", "partner_file_name")]
+    return np.array([[row_of.get(n, -1) for n in col] for col in cols]).T.reshape(len(synth_rows), 2)
+
+
 def memorization_table(synth: dict[str, torch.Tensor], train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
                        synth_rows: pd.DataFrame, train_names) -> tuple[pd.DataFrame, dict]:
     """audit() over the spaces given (name -> representations of each set), as a table people read:
-    each synthetic image's file and caption, and the file name of its nearest training image per space."""
-    table, summary = audit({name: (synth[name], train[name], test[name]) for name in synth})
+    each synthetic image's file and caption, and the file name of its nearest training image per space
+    (the nearest other than its sources, for an image-conditioned model's images)."""
+    table, summary = audit({name: (synth[name], train[name], test[name]) for name in synth},
+                           source_rows(synth_rows, train_names))
     table.insert(0, "file_name", synth_rows["file_name"].to_numpy())
     table.insert(1, "text", synth_rows["text"].to_numpy())
     train_names = np.asarray(train_names)

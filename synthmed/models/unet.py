@@ -8,10 +8,14 @@ from diffusers import UNet2DConditionModel
 def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[int], layers_per_block: int,
                cross_attention_dim: int, attention_head_dim: int, norm_num_groups: int,
                dropout: float, self_condition: bool = False,
-               attention_levels: list[int] | None = None) -> UNet2DConditionModel:
+               attention_levels: list[int] | None = None,
+               encoder_hid_dim: int | None = None) -> UNet2DConditionModel:
     """Transformer blocks (self-attention, cross-attention to the text, feed-forward) at the resolution
     levels in ``attention_levels`` (0 = the latent's full resolution) and in the middle block.
     None = every level but the lowest, whose resolution the middle block's attention already covers (MSDM).
+
+    With ``encoder_hid_dim`` the conditioning tokens (an image encoder's) are that wide and a learned linear
+    projection (diffusers' `text_proj`) maps them to ``cross_attention_dim``.
 
     With ``self_condition`` the input has twice the latent channels: the noisy latent and
     the model's previous clean estimate (the sampler and trainer detect this from the config).
@@ -32,6 +36,8 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         cross_attention_dim=cross_attention_dim,
+        encoder_hid_dim=encoder_hid_dim,
+        encoder_hid_dim_type="text_proj" if encoder_hid_dim else None,
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         dropout=dropout,
