@@ -149,6 +149,9 @@ def load_base(kind: str, path: str, device: torch.device | str = "cpu", resoluti
             raise PipelineError(f"{path}: no such folder (a synthmed base is a local SynthMedPipeline folder, "
                                 "e.g. data/train_ldm/model of a finished run)")
         pipe = open_pipeline(SynthMedPipeline, path, kind).to(device)
+        if pipe.image_conditioned:
+            raise PipelineError(f"{path}: an image-conditioned model (train_ldm.condition: image); train_lora "
+                                "fine-tunes text-conditioned ones: set train_lora.base: none")
         encoder = pipe.text_encoder
     else:
         from diffusers import StableDiffusionPipeline
