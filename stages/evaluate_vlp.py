@@ -68,6 +68,11 @@ def main() -> None:
     require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
     seed_everything(seed)
     real = split_pairs(REAL, ["train"], "real")
+    if not any(real.captions):  # label-free data (an image-conditioned model's): no pairs to pretrain on
+        write_outputs(p, seed, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
+                      "dataset has no captions, and a dual encoder learns from (image, caption) pairs.\n")
+        print("evaluate_vlp: no captions in the dataset; nothing to pretrain on")
+        return
     data = scoring_set(REAL, real, p.test_split, p.zero_shot_templates)
     for note in data.notes:
         print(f"evaluate_vlp: {note}")
@@ -86,6 +91,12 @@ def main() -> None:
     chance = retrieval_chance(data.positives)
     flat.update({f"vlp_{k}": v for k, v in chance.items()})
     text = report(table, p.arms, p.probe_fractions, p.seeds, p.steps, p.test_split, chance, data.notes)
+    write_outputs(p, seed, runs, table, flat, text)
+    print(text)
+
+
+def write_outputs(p: EvaluateVLPParams, seed: int, runs: pd.DataFrame, table: pd.DataFrame, flat: dict,
+                  text: str) -> None:
     with atomic_path(f"{OUT}/runs.csv") as tmp:
         runs.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(f"{OUT}/summary.csv") as tmp:
@@ -93,7 +104,6 @@ def main() -> None:
     write_text(f"{OUT}/report.md", text)
     write_provenance(f"{OUT}/provenance.json", stage="evaluate_vlp", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
     write_metrics("evaluate_vlp", flat, headline=headline(p.arms, p.probe_fractions, flat))
-    print(text)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def main() -> None:
     print(f"paraphrase: backend={paraphraser.name}"
           + (f" model={p.openai.model} at {p.openai.base_url or 'OpenAI'}" if paraphraser.name == "llm" else ""))
     eligible = pairs["split"].isin(p.splits)
-    unique = sorted(pairs.loc[eligible, "text"].unique())
+    unique = sorted(set(pairs.loc[eligible, "text"]) - {""})  # an image without a caption has nothing to rephrase
     paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
     declined = getattr(paraphraser, "declined", {})
     report_declined(declined, len(unique))

@@ -52,7 +52,8 @@ def read_csv_rows(path: Path, delimiter: str = ",", columns: dict[str, str] | No
     header = text.splitlines()[0] if text.strip() else ""
     names = [c.strip() for c in header.split(delimiter)]
     columns = columns or {}
-    wanted = list(columns) or list(REQUIRED)
+    # no text column: an image collection without captions (label-free; train_ldm.condition: image)
+    wanted = list(columns) or ["file_name"]
     missing = [c for c in wanted if c not in names]
     if missing:
         found = [d for d in [",", *_OTHER_DELIMITERS] if d != delimiter and all(c in header.split(d) for c in wanted)]
@@ -69,7 +70,7 @@ def read_csv_rows(path: Path, delimiter: str = ",", columns: dict[str, str] | No
     df = df.rename(columns=columns)
     extra = [c for c in OPTIONAL if c in df.columns]
     return [
-        Row(i + 2, rec["file_name"], [rec["text"]], {c: rec[c] for c in extra if rec[c] != ""})
+        Row(i + 2, rec["file_name"], [rec.get("text", "")], {c: rec[c] for c in extra if rec[c] != ""})
         for i, rec in enumerate(df.to_dict("records"))
     ]
 
@@ -87,12 +88,12 @@ def read_jsonl_rows(path: Path, problems: Problems) -> list[Row]:
             problems.report("malformed_row", f"{where(path, line_no)}: not a JSON object ({exc}); fix the line",
                             file=path, row=line_no)
             continue
-        missing = [c for c in REQUIRED if c not in rec]
-        if missing:
-            problems.report("missing_field", f"{where(path, line_no)}: missing {', '.join(missing)}; "
-                            "every line needs file_name and text", file=path, row=line_no)
+        if "file_name" not in rec:
+            problems.report("missing_field", f"{where(path, line_no)}: missing file_name; "
+                            "every line needs one", file=path, row=line_no)
             continue
-        texts = rec["text"] if isinstance(rec["text"], list) else [rec["text"]]
+        texts = rec.get("text", "")
+        texts = texts if isinstance(texts, list) else [texts]
         rows.append(Row(line_no, str(rec["file_name"]), [str(t) for t in texts],
                         {c: str(rec[c]) for c in OPTIONAL if rec.get(c) not in (None, "")}))
     return rows
@@ -116,9 +117,12 @@ def _normalise(name: str) -> str:
 
 def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions, problems: Problems,
                     workers: int = 0, default_group: str = "image") -> list[Sample]:
-    """Check rows, decode each referenced image once, merge captions per image."""
+    """Check rows, decode each referenced image once, merge captions per image. A collection without any
+    caption is valid (label-free: it trains an image-conditioned model); one with some is checked for
+    empty ones."""
     by_image: dict[str, list[Row]] = {}
     seen_pairs: dict[tuple[str, str], int] = {}
+    captionless = all(not str(t).strip() for row in rows for t in row.texts)
     for row in rows:
         name = _normalise(row.file_name)
         at = where(meta, row.line)
@@ -127,7 +131,9 @@ def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions
                             file=meta, row=row.line)
             continue
         texts = [t.strip() for t in row.texts]
-        if not texts or any(not t for t in texts):
+        if captionless:
+            texts = [""]
+        elif not texts or any(not t for t in texts):
             problems.report("empty_caption", f"{at}: empty caption for '{name}'; write a caption or drop the row",
                             file=meta, row=row.line)
             continue
