@@ -199,11 +199,15 @@ def fidelity(feat: dict, rows: dict, fid_mask, p: EvaluateParams, seed: int) -> 
 
 def headline(p: EvaluateParams) -> list[str]:
     """The figures `dvc exp show` compares: fidelity beside its real-vs-real scale, privacy, adherence and the
-    augmentation gain where synthetic data should matter most (least real data, most synthetic)."""
+    augmentation gain where synthetic data should matter most (least real data, most synthetic); an image-
+    conditioned model's interpolations' beside them, and how close its images are to their own sources."""
     cell = f"{aug.regime_name(min(p.augmentation.fractions))}_{aug.ratio_name(max(p.augmentation.ratios))}"
-    return ["fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "kid_effnet_real_train_vs_test", "precision",
-            "recall", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}",
-            f"aug_gain_auc_{cell}_p_holm"]
+    plain = ["fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "kid_effnet_real_train_vs_test", "precision",
+             "recall", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p_holm"]
+    mode = "_interpolation"
+    return plain + ["mem_source_frac_below_p1_feature"] + [
+        f"fd_effnet{mode}", f"kid_effnet{mode}", f"precision{mode}", f"recall{mode}", f"adherence_acc{mode}",
+        f"aug_gain_auc_{cell}{mode}", f"aug_gain_auc_{cell}{mode}_p_holm"]
 
 
 def main() -> None:

@@ -16,16 +16,14 @@ import pandas as pd
 import torch
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
-from synthmed.data.dataset import images_of
-from synthmed.data.imagefolder import read_metadata
 from synthmed.diffusion.generators import load_generator
+from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import publish_shards, write_shards
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import sha256_tree, write_json, write_metrics
-from synthmed.models.image_encoder import mix
 from synthmed.provenance import derive_seed, run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, load_png, save_png, to_array
@@ -80,33 +78,6 @@ def finish_plan(plan: pd.DataFrame, p: GenerateParams) -> pd.DataFrame:
                        guidance_scale=p.guidance_scale)
 
 
-class SourceEmbeddings:
-    """The frozen encoder's embedding of every source image an image-conditioned plan names, computed once."""
-
-    def __init__(self, pipe, plan: pd.DataFrame, how: str):
-        real = read_metadata(REAL).drop_duplicates("file_name").set_index("file_name", drop=False)
-        names = sorted(set(plan["source_file_name"]) | set(plan.get("partner_file_name", pd.Series(dtype=str))) - {""})
-        missing = [n for n in names if n not in real.index]
-        if missing:
-            raise PipelineError(f"{PLAN}: source image {missing[0]} is not in {REAL}; rerun `dvc repro prompts`")
-        self.index = {n: i for i, n in enumerate(names)}
-        self.images = images_of(REAL, real.loc[names])
-        self.emb, self.how = pipe.embed_images(self.images), how
-
-    def __call__(self, rows: pd.DataFrame) -> torch.Tensor:
-        """Each row's condition: its source's embedding, or its mix with the partner's at r."""
-        a = self.emb[[self.index[n] for n in rows["source_file_name"]]]
-        if "partner_file_name" not in rows or not (rows["mode"] == "interpolation").any():
-            return a
-        mixed = rows["mode"].to_numpy() == "interpolation"
-        b = self.emb[[self.index[n or s] for n, s in zip(rows["partner_file_name"], rows["source_file_name"])]]
-        r = torch.tensor([float(x) if m else 0.0 for x, m in zip(rows["r"], mixed)])
-        return mix(a, b, r, self.how)
-
-    def source(self, name: str):
-        return to_array(self.images[self.index[name]])
-
-
 def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p: GenerateParams, seed: int):
     """What an image-conditioned model's grid shows: sources beside variants of them, and interpolation strips
     (source, the mixes at each r, partner); rendered for the figure, from seeds of their own."""
@@ -146,7 +117,7 @@ def main() -> None:
     image_conditioned = getattr(pipe, "image_conditioned", False)
     if image_conditioned:
         plan = image_plan(plan, p.image.modes, p.image.fractions, seed, PLAN).assign(interpolation=p.image.interpolation)
-        sources = SourceEmbeddings(pipe, plan, p.image.interpolation)
+        sources = SourceEmbeddings(pipe, plan, REAL, p.image.interpolation, PLAN)
     plan = finish_plan(plan, p)
     plan["model_sha256"] = sha256_tree(MODEL)
     inputs = [PLAN, MODEL] + ([REAL] if image_conditioned else [])

@@ -79,9 +79,9 @@ class SynthMedPipeline(DiffusionPipeline):
             self._image_encoder = enc
         return self._image_encoder
 
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """uint8 images [N, C, H, W] -> the frozen encoder's global tokens [N, T, D]: the condition."""
-        return self.image_encoder.encode(torch.as_tensor(images))
+        return self.image_encoder.encode(torch.as_tensor(images), batch_size)
 
     def _condition(self, conditions, negatives: list[str] | None = None):
         """(emb, mask, uncond_emb, uncond_mask) of prompts, or of image embeddings [N, T, D] for an

@@ -1,7 +1,7 @@
 """Regenerate one image of a generated dataset from its metadata row, alone.
 
     python -m synthmed.diffusion.regenerate synth_000012.png [--dataset data/generate/dataset]
-        [--model data/train_lora/model] [--out regenerated.png]
+        [--model data/train_lora/model] [--out regenerated.png] [--real data/ingest/dataset]
 
 The seed, prompt, sampler, steps and guidance come from the row; the exit code is 0
 when the regenerated pixels equal the stored image.
@@ -18,15 +18,22 @@ import pandas as pd
 from PIL import Image
 
 from synthmed.data.imagefolder import read_metadata
+from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.io import sha256_tree
 from synthmed.viz import load_png, to_array
 
 
-def regenerate(pipe, row: pd.Series) -> np.ndarray:
-    """The image of one metadata row (HW or HWC uint8), generated on its own."""
+def regenerate(pipe, row: pd.Series, real: str = "data/ingest/dataset") -> np.ndarray:
+    """The image of one metadata row (HW or HWC uint8), generated on its own; an image-conditioned model's
+    from the embedding of its source image(s) in ``real``."""
     pipe.scheduler = make_sampler(row["scheduler"], pipe.scheduler.config)
-    _, images = next(pipe.generate_batches([row["text"]], [int(row["seed"])], batch_size=1,
+    if getattr(pipe, "image_conditioned", False):
+        rows = row.to_frame().T.reset_index(drop=True)
+        condition = SourceEmbeddings(pipe, rows, real, row.get("interpolation") or "slerp", "metadata.csv")(rows)
+    else:
+        condition = [row["text"]]
+    _, images = next(pipe.generate_batches(condition, [int(row["seed"])], batch_size=1,
                                            num_inference_steps=int(row["num_inference_steps"]),
                                            guidance_scale=float(row["guidance_scale"])))
     return to_array(images[0])
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="data/generate/dataset")
     ap.add_argument("--model", default="data/train_lora/model")  # what generate sampled
     ap.add_argument("--out", default="")
+    ap.add_argument("--real", default="data/ingest/dataset")  # an image-conditioned model's source images
     args = ap.parse_args(argv)
     from synthmed.diffusion.generators import load_generator
     from synthmed.runtime import pick_device
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if sha256_tree(args.model) != row["model_sha256"]:
         print(f"warning: {args.model} is not the model that made this image (model_sha256 differs)", file=sys.stderr)
     pipe = load_generator(args.model, pick_device())
-    image = regenerate(pipe, row)
+    image = regenerate(pipe, row, args.real)
     out = Path(args.out or f"regenerated_{Path(row['file_name']).name}")
     Image.fromarray(image).save(out)
     stored = load_png(Path(args.dataset) / row["file_name"])

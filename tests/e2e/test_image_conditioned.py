@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.e2e.harness import STAGES, TINY_PARAMS, declared_outputs, dvc, make_repo
+from tests.e2e.harness import STAGES, TINY_PARAMS, declared_outputs, dvc, make_repo, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -68,6 +69,11 @@ def test_image_conditioning_runs_the_whole_dag_on_images_without_captions(tmp_pa
             assert row.partner_file_name != row.source_file_name
             assert (partner["label"], partner["split"]) == (src["label"], src["split"])
             assert float(row.r) in (0.25, 0.5, 0.75)
+
+    for mode in ("reconstruction", "interpolation"):  # remade alone from its row: source(s), r, seed
+        name = synth.loc[synth["mode"] == mode, "file_name"].iloc[-1]
+        assert "identical" in sh(repo, sys.executable, "-m", "synthmed.diffusion.regenerate", name,
+                                 "--out", str(tmp_path / "again.png")).stdout
 
     m = json.loads((repo / "metrics/all/evaluate.json").read_text())
     assert m["fd_effnet"] > 0 and m["fd_effnet_interpolation"] > 0

@@ -1,0 +1,41 @@
+"""The conditions of an image-conditioned model's plan (DiNO-Diffusion): the frozen encoder's embedding of each
+row's source image, or its mix with the partner's at the row's r."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from synthmed.data.dataset import images_of
+from synthmed.data.imagefolder import read_metadata
+from synthmed.errors import PipelineError
+from synthmed.models.image_encoder import mix
+from synthmed.viz import to_array
+
+
+class SourceEmbeddings:
+    """The frozen encoder's embedding of every source image an image-conditioned plan names, computed once."""
+
+    def __init__(self, pipe, plan: pd.DataFrame, real_folder: str, how: str, where: str):
+        real = read_metadata(real_folder).drop_duplicates("file_name").set_index("file_name", drop=False)
+        names = sorted(set(plan["source_file_name"]) | set(plan.get("partner_file_name", pd.Series(dtype=str))) - {""})
+        missing = [n for n in names if n not in real.index]
+        if missing:
+            raise PipelineError(f"{where}: source image {missing[0]} is not in {real_folder}; rerun `dvc repro prompts`")
+        self.index = {n: i for i, n in enumerate(names)}
+        self.images = images_of(real_folder, real.loc[names])
+        # one image at a time: an embedding, and so an image, must not depend on which others a run embeds
+        self.emb, self.how = pipe.embed_images(self.images, batch_size=1), how
+
+    def __call__(self, rows: pd.DataFrame) -> torch.Tensor:
+        """Each row's condition: its source's embedding, or its mix with the partner's at r."""
+        a = self.emb[[self.index[n] for n in rows["source_file_name"]]]
+        if "partner_file_name" not in rows or not (rows["mode"] == "interpolation").any():
+            return a
+        mixed = rows["mode"].to_numpy() == "interpolation"
+        b = self.emb[[self.index[n or s] for n, s in zip(rows["partner_file_name"], rows["source_file_name"])]]
+        r = torch.tensor([float(x) if m else 0.0 for x, m in zip(rows["r"], mixed)])
+        return torch.where(torch.as_tensor(mixed)[:, None, None], mix(a, b, r, self.how), a)
+
+    def source(self, name: str):
+        return to_array(self.images[self.index[name]])
