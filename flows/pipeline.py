@@ -7,6 +7,7 @@ No ML here: DVC decides what is stale, the stages do the work. Run locally with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp")
+STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp",
+          "report")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot help
 
@@ -62,6 +64,21 @@ def repro_stage(stage: str, repo: str) -> None:
         raise StageFailed(stage, codes[-1] if codes else None, errors[0] if errors else "")
 
 
+@task(task_run_name="publish the report")
+def publish_report(repo: str) -> None:
+    """The run report as Prefect artifacts, readable in the UI: the report's markdown (figures linked to the
+    files of this run's `data/report/figures/`) and the headline metrics as a table."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    root = Path(repo).resolve()
+    text = (root / "data/report/report.md").read_text()
+    text = re.sub(r"\]\(figures/", f"]({(root / 'data/report/figures').as_uri()}/", text)
+    create_markdown_artifact(markdown=text, key="synthmed-report", description=f"report of {root}")
+    rows = [{"stage": f.stem, "metric": k, "value": v}
+            for f in sorted((root / "metrics").glob("*.json")) for k, v in json.loads(f.read_text()).items()]
+    create_table_artifact(table=rows, key="synthmed-metrics", description="headline metrics (dvc exp show columns)")
+
+
 @flow(name="synthmed-pipeline", log_prints=True)
 def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES)) -> None:
     unknown = [s for s in stages if s not in STAGES]
@@ -69,6 +86,8 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES)) -> No
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     for stage in stages:
         repro_stage(stage, repo)
+    if "report" in stages:
+        publish_report(repo)
 
 
 def main(argv: list[str] | None = None) -> None:

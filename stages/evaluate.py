@@ -206,8 +206,7 @@ def headline(p: EvaluateParams) -> list[str]:
              "recall", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p_holm"]
     mode = "_interpolation"
     return plain + ["mem_source_frac_below_p1_feature"] + [
-        f"fd_effnet{mode}", f"kid_effnet{mode}", f"precision{mode}", f"recall{mode}", f"adherence_acc{mode}",
-        f"aug_gain_auc_{cell}{mode}", f"aug_gain_auc_{cell}{mode}_p_holm"]
+        f"fd_effnet{mode}", f"kid_effnet{mode}", f"precision{mode}", f"recall{mode}", f"aug_gain_auc_{cell}{mode}"]
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp"]
+STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp",
+          "report"]
 TINY_PARAMS = REPO_ROOT / "tests/e2e/params_tiny.yaml"
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.browser import CHROMIUM, visit
 from tests.e2e.harness import STAGES, declared_outputs, dvc, make_repo, sh
+from tests.test_report import check_self_contained
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
@@ -75,8 +77,19 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     for stage, paths in outputs.items():
         for p in paths:
             assert (repo / p).exists(), f"{stage} did not write {p}"
+    report = (repo / "data/report/report.html").read_text()
+    check_self_contained(report)  # every figure inlined, no script: it opens offline
+    for title in ("Dataset", "Autoencoder", "Diffusion training", "Synthetic samples", "Fidelity", "Privacy",
+                  "classifier", "Vision-language"):
+        assert title in report
+    if CHROMIUM:
+        seen = visit((repo / "data/report/report.html").as_uri())
+        assert len(seen.images) >= 9 and all(i["ok"] for i in seen.images), seen.images
+        assert seen.errors == []
     metrics, headline = {}, {}
     for stage in STAGES:
+        if stage == "report":
+            continue
         metrics.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/all/{stage}.json").read_text()).items()})
         headline.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/{stage}.json").read_text()).items()})
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
@@ -145,6 +158,9 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     grid_before = lock_hashes(repo, "generate")
     pipeline(repo=str(repo))
     assert lock_hashes(repo, "generate") != grid_before
+    artifacts = {a.key: a for a in asyncio.run(_artifacts())}  # the report, readable in the Prefect UI
+    assert "## Fidelity" in artifacts["synthmed-report"].data
+    assert any(row["metric"] == "fd_effnet" for row in json.loads(artifacts["synthmed-metrics"].data))
     assert "up to date" in dvc(repo, "status").stdout
 
     # 6. The privacy gate fails evaluate when it is armed with a limit no set can meet.
@@ -163,6 +179,13 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
         state.result()
     runs = asyncio.run(_task_runs("dvc repro ingest"))
     assert [r.run_count for r in runs if r.state.is_failed()] == [1]
+
+
+async def _artifacts():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_artifacts()
 
 
 async def _task_runs(name: str):
