@@ -1,7 +1,9 @@
-"""Prefect orchestration of the DVC pipeline: one task per stage, each `dvc repro <stage>`.
+"""Prefect orchestration of the DVC pipeline: one task per stage, each `dvc repro <stage>`; or, with params
+overrides or an experiment name, one `dvc exp run`; and a sweep flow over a params grid.
 
 No ML here: DVC decides what is stale, the stages do the work. Run locally with
-`python -m flows.pipeline`, or serve it on a GPU worker with `--serve`.
+`python -m flows.pipeline`, serve it on one machine with `--serve`, or deploy it to work pools with
+`prefect deploy` (prefect.yaml).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -23,11 +27,14 @@ INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot h
 
 
 _STAGE_EXIT = re.compile(r"exited with (\d+)")
+_PROGRESS = re.compile(r"^(\w+): step (\d+)/(\d+) \(")  # the stages' plain progress lines (synthmed.progress)
+TAIL_LINES = 30
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, stage_exit: int | None, last_error: str):
-        super().__init__(f"stage '{stage}' failed: {last_error or 'see its log above'}")
+    def __init__(self, stage: str, stage_exit: int | None, last_error: str, tail: str = ""):
+        super().__init__(f"stage '{stage}' failed: {last_error or 'see its log above'}"
+                         + (f"\n--- last lines of its log ---\n{tail}" if tail else ""))
         self.stage, self.stage_exit = stage, stage_exit
 
 
@@ -37,31 +44,87 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 def _stage_env() -> dict[str, str]:
-    """The stages' `python` must be this interpreter (the project's venv)."""
+    """The stages' `python` must be this interpreter (the project's venv); unbuffered, so that their
+    progress reaches the task log as it happens."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
-@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, repo: str) -> None:
-    """Bring one stage up to date; stream its output into the task log."""
-    logger = get_run_logger()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=_stage_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+class _Progress:
+    """One Prefect progress artifact per training stage, moved along by its progress lines."""
+
+    def __init__(self):
+        self.ids: dict[str, object] = {}
+
+    def update(self, line: str) -> None:
+        m = _PROGRESS.match(line)
+        if not m:
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        name, done, total = m.group(1), int(m.group(2)), int(m.group(3))
+        percent = 100.0 * done / max(total, 1)
+        if name not in self.ids:
+            self.ids[name] = create_progress_artifact(percent, key=f"{name.replace('_', '-')}-progress",
+                                                      description=f"{name}: steps done")
+        else:
+            update_progress_artifact(self.ids[name], percent)
+
+
+def run_dvc(args: list[str], repo: str, label: str) -> None:
+    """`dvc <args>` in ``repo``, its output streamed line by line into the task log; a failure raises
+    StageFailed with the stage's one-line error and the tail of its log."""
+    logger, progress = get_run_logger(), _Progress()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    errors = []
+    errors, tail, stage = [], deque(maxlen=TAIL_LINES), label
     for line in proc.stdout:
         line = line.rstrip()
-        logger.info("[%s] %s", stage, line)
+        logger.info("[%s] %s", label, line)
+        tail.append(line)
+        progress.update(line)
+        if line.startswith("Running stage '"):
+            stage = line.split("'")[1]
         if line.startswith(("error:", "ERROR:")):
             errors.append(line)
     if proc.wait() != 0:
         # DVC exits 255 whatever happened; the stage's own exit code is in its message.
         codes = [int(m.group(1)) for line in errors for m in [_STAGE_EXIT.search(line)] if m]
-        raise StageFailed(stage, codes[-1] if codes else None, errors[0] if errors else "")
+        raise StageFailed(stage, codes[-1] if codes else None, errors[0] if errors else "", "\n".join(tail))
+
+
+@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, repo: str) -> None:
+    """Bring one stage up to date."""
+    run_dvc(["repro", stage], repo, stage)
+
+
+def check_overrides(repo: str, overrides: list[str]) -> list[str]:
+    """``key=value`` overrides of params.yaml keys that exist (a typo would otherwise add a key that no
+    stage reads, and the run would silently use the default)."""
+    import yaml
+
+    params = yaml.safe_load((Path(repo) / "params.yaml").read_text())
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        node = params
+        for part in key.split("."):
+            if not sep or not isinstance(node, dict) or part not in node:
+                raise ValueError(f"params override {item!r}: {'no such key in params.yaml' if sep else 'not key=value'}"
+                                 " (e.g. train_ldm.steps=5000)")
+            node = node[part]
+    return list(overrides)
+
+
+@task(task_run_name="dvc exp run {name}")
+def experiment_run(repo: str, name: str, overrides: list[str], targets: list[str]) -> None:
+    """The DAG (or ``targets``) as one DVC experiment: it lands in `dvc exp show` under ``name``."""
+    args = ["exp", "run", *(["-n", name] if name else [])]
+    for item in overrides:
+        args += ["-S", item]
+    run_dvc(args + targets, repo, f"exp {name or '(unnamed)'}")
 
 
 @task(task_run_name="publish the report")
@@ -80,20 +143,84 @@ def publish_report(repo: str) -> None:
 
 
 @flow(name="synthmed-pipeline", log_prints=True)
-def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES)) -> None:
+def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), params: list[str] | None = None,
+             experiment: str = "") -> None:
+    """Bring ``stages`` up to date, one task each (`dvc repro`); with ``params`` overrides (``key=value``) or
+    an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    for stage in stages:
-        repro_stage(stage, repo)
+    overrides = check_overrides(repo, params or [])
+    if overrides or experiment:
+        experiment_run(repo, experiment, overrides, [] if set(stages) == set(STAGES) else list(stages))
+    else:
+        for stage in stages:
+            repro_stage(stage, repo)
     if "report" in stages:
         publish_report(repo)
+
+
+@flow(name="synthmed-sweep", log_prints=True)
+def sweep(repo: str = str(REPO_ROOT), grid: dict[str, list] | None = None, jobs: int = 1) -> list[dict]:
+    """Every combination of ``grid`` (params key -> values) as a queued DVC experiment, run by `dvc queue start
+    -j jobs` (each in a temporary workspace of its own, so DVC's repo lock is never contended), then the
+    table of their metrics, also published as a Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    grid = grid or {}
+    check_overrides(repo, [f"{k}={v[0]}" for k, v in grid.items() if v])
+    args = ["exp", "run", "--queue"]
+    for key, values in grid.items():
+        args += ["-S", f"{key}={','.join(str(v) for v in values)}"]
+    run_dvc(args, repo, "queue")
+    run_dvc(["queue", "start", "-j", str(jobs)], repo, "queue")
+    wait_for_queue(repo)
+    rows = experiment_rows(repo, list(grid))
+    create_table_artifact(table=rows, key="synthmed-sweep", description=f"sweep over {', '.join(grid)}")
+    failed = [r["name"] for r in rows if r["state"] != "Success"]
+    if failed:
+        raise RuntimeError(f"sweep: {len(failed)} experiment(s) failed: {', '.join(failed)}; `dvc queue logs <name>`")
+    return rows
+
+
+def wait_for_queue(repo: str, poll_s: float = 5.0) -> None:
+    while True:
+        out = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=repo, env=_stage_env(),
+                             capture_output=True, text=True).stdout
+        if not re.search(r"\b(Queued|Running)\b", out):
+            return
+        time.sleep(poll_s)
+
+
+def experiment_rows(repo: str, keys: list[str]) -> list[dict]:
+    """One row per experiment of the workspace's commit: its name, state, swept params and headline metrics."""
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo,
+                                      env=_stage_env(), capture_output=True, text=True, check=True).stdout)
+    rows = []
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                params = (data.get("params", {}).get("params.yaml", {}) or {}).get("data", {})
+                row = {"name": rev.get("name") or rev.get("rev", "")[:7], "state": data.get("status", "")}
+                for key in keys:
+                    node = params
+                    for part in key.split("."):
+                        node = node.get(part, {}) if isinstance(node, dict) else {}
+                    row[key] = node
+                for file, metrics in (data.get("metrics") or {}).items():
+                    row.update({f"{Path(file).stem}.{k}": v for k, v in (metrics.get("data") or {}).items()})
+                rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo", default=str(REPO_ROOT), help="repository root (where dvc.yaml is)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("-S", "--set-param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="params.yaml override; the run becomes a DVC experiment (repeatable)")
+    parser.add_argument("--experiment", default="", help="run as the DVC experiment of this name")
     parser.add_argument("--serve", action="store_true", help="serve as a deployment on this (GPU) machine")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--cron", default=None, help="with --serve: schedule, e.g. '0 2 * * *'")
@@ -103,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         # pause_on_shutdown=False: a restarted service keeps its schedule instead of finding it paused.
         pipeline.serve(name="synthmed-pipeline", cron=args.cron, interval=args.interval,
-                       parameters={"repo": args.repo, "stages": args.stages}, pause_on_shutdown=False)
+                       parameters={"repo": args.repo, "stages": args.stages, "params": args.params,
+                                   "experiment": args.experiment}, pause_on_shutdown=False)
     else:
-        pipeline(repo=args.repo, stages=args.stages)
+        pipeline(repo=args.repo, stages=args.stages, params=args.params, experiment=args.experiment)
 
 
 if __name__ == "__main__":
