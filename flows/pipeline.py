@@ -106,6 +106,8 @@ def check_overrides(repo: str, overrides: list[str]) -> list[str]:
     stage reads, and the run would silently use the default)."""
     import yaml
 
+    if not overrides:
+        return []
     params = yaml.safe_load((Path(repo) / "params.yaml").read_text())
     for item in overrides:
         key, sep, _ = item.partition("=")
