@@ -5,10 +5,16 @@ metadata.csv; `python -m synthmed.diffusion.regenerate <file_name>` remakes any 
 An image-conditioned model (train_ldm.condition: image) generates from the plan's source images
 instead of their captions, in the modes of `generate.image`; each image records its `mode`, source,
 partner and `r`.
+
+Scale-out: `python -m stages.generate --shard i/N` renders every N-th shard (the i-th first) into the
+same resume store and stops; N such workers (processes, machines sharing the checkout's `.synthmed/`,
+or Dask tasks: `flows/generate_shards.py`) split the sampling, and a plain run afterwards (`dvc repro
+generate`) finds every shard finished and publishes the dataset, byte for byte the one a single run writes.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +26,7 @@ from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
 from synthmed.diffusion.schedulers import make_sampler
-from synthmed.diffusion.shards import publish_shards, write_shards
+from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import sha256_tree, write_json, write_metrics
@@ -105,7 +111,7 @@ def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p: Gene
     return tiles, captions, width
 
 
-def main() -> None:
+def main(shard: tuple[int, int] = (1, 1)) -> None:
     p, seed = load_params("generate", GenerateParams)
     require_inputs("generate", PLAN)
     plan = plan_for(p)
@@ -132,7 +138,11 @@ def main() -> None:
             yield from (to_array(img) for img in images)
 
     shards = store.run_dir("generate", fingerprint) / "shards"  # a killed run resumes after its finished shards
-    meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render)
+    meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render, shard)
+    if shard != (1, 1):  # one of N workers: the merge (a plain run) publishes
+        print(f"generate: shard {shard[0]}/{shard[1]}: {stats['rendered']} images rendered into {shards}; "
+              "`dvc repro generate` merges once every worker has finished")
+        return
     meta = meta[["file_name", "text", *[c for c in meta.columns if c not in ("file_name", "text")]]]
     publish_shards(shards, meta, DATASET)
     if image_conditioned:
@@ -152,5 +162,20 @@ def main() -> None:
           f"{stats['images_per_s'] or 0:.2f} images/s)")
 
 
+def pop_shard(argv: list[str]) -> tuple[int, int]:
+    """Take `--shard i/N` out of the command line (the rest is run_stage's)."""
+    if "--shard" not in argv:
+        return 1, 1
+    at = argv.index("--shard")
+    spec = argv[at + 1] if at + 1 < len(argv) else ""
+    del argv[at : at + 2]
+    return parse_shard(spec)
+
+
 if __name__ == "__main__":
-    run_stage(main)
+    try:
+        shard = pop_shard(sys.argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    run_stage(lambda: main(shard))

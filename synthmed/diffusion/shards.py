@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from synthmed.data.imagefolder import METADATA
+from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.progress import progress
 
@@ -29,24 +30,44 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}"
 
 
-def _reset_if_other_run(out: Path, fingerprint: str) -> None:
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/N"`` (1 <= i <= N) -> (i, N): this worker renders every N-th shard, starting with the i-th."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise PipelineError(f"--shard {spec}: give i/N with 1 <= i <= N, e.g. --shard 1/2 and --shard 2/2")
+    return i, n
+
+
+def _reset_if_other_run(out: Path, fingerprint: str, mine: Callable[[int], bool]) -> None:
     stamp = out / FINGERPRINT
     if out.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(".*.tmp"):  # a killed run's half-written shard
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out.glob(".shard_*.tmp"):  # a killed run's half-written shard (not another worker's)
+        if mine(int(leftover.name.split("_")[1].split(".")[0])):
+            shutil.rmtree(leftover, ignore_errors=True)
     stamp.write_text(fingerprint)
 
 
 def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerprint: str,
-                 render: Callable[[pd.DataFrame], Iterable[np.ndarray]]) -> tuple[pd.DataFrame, dict]:
+                 render: Callable[[pd.DataFrame], Iterable[np.ndarray]],
+                 shard: tuple[int, int] = (1, 1)) -> tuple[pd.DataFrame, dict]:
     """Render the plan's rows shard by shard; ``render(rows)`` yields one uint8 HWC/HW image per row.
 
-    Returns the plan with file_name (shard/…png) and image sha256, and throughput figures.
+    ``shard`` (i, N): render only shards i-1, i-1+N, ... of them (one of N workers sharing ``out``); the
+    others are left to theirs, and a run with (1, 1) then finds them finished and renders the rest.
+    Returns the plan's finished rows with file_name (shard/…png) and image sha256, and throughput figures.
     """
     out = Path(out)
-    _reset_if_other_run(out, fingerprint)
+    i_worker, n_workers = shard
+
+    def mine(k: int) -> bool:
+        return k % n_workers == i_worker - 1
+
+    _reset_if_other_run(out, fingerprint, mine)
     done_rows, rendered, seconds = [], 0, 0.0
     starts = range(0, len(plan), shard_size)
     finished = [(out / shard_name(i) / "shard.csv").is_file() for i in range(len(starts))]
@@ -56,6 +77,8 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
         shard = out / shard_name(i)
         if finished[i]:
             done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
+            continue
+        if not mine(i):
             continue
         rows = plan.iloc[start : start + shard_size].copy()
         tick = time.perf_counter()
@@ -73,9 +96,9 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
         rendered += len(rows)
         done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
     bar.close()
-    stats = {"images": len(plan), "rendered": rendered, "resumed": len(plan) - rendered,
+    stats = {"images": len(plan), "rendered": rendered, "resumed": resumed,
              "render_s": round(seconds, 2), "images_per_s": round(rendered / seconds, 3) if seconds else None}
-    return pd.concat(done_rows, ignore_index=True), stats
+    return pd.concat(done_rows, ignore_index=True) if done_rows else plan[:0], stats
 
 
 def publish_shards(shards: str | Path, meta: pd.DataFrame, dataset: str | Path) -> None:

@@ -116,3 +116,33 @@ def test_regenerate_cli_reproduces_a_generated_image(tmp_path, capsys):
     code = regenerate_cli([name, "--dataset", str(tmp_path / "dataset"), "--model", str(tmp_path / "model"),
                            "--out", str(tmp_path / "again.png")])
     assert code == 0 and "identical" in capsys.readouterr().out
+
+
+def test_shard_workers_and_the_merge_write_what_a_single_run_writes(tmp_path):
+    from synthmed.diffusion.shards import parse_shard, publish_shards
+
+    plan = pd.DataFrame({"image_index": range(10), "text": [f"p{i}" for i in range(10)], "seed": range(100, 110)})
+    calls = []
+
+    def render(rows):
+        calls.append(rows["image_index"].tolist())
+        for seed in rows["seed"]:
+            yield np.random.default_rng(int(seed)).integers(0, 256, (8, 8), dtype=np.uint8)
+
+    single, _ = write_shards(plan, tmp_path / "single", 3, "fp", render)
+    publish_shards(tmp_path / "single", single, tmp_path / "single_ds")
+    calls.clear()
+    for spec in ("2/2", "1/2"):  # any order; each renders its own shards only
+        write_shards(plan, tmp_path / "sharded", 3, "fp", render, parse_shard(spec))
+    assert calls == [[3, 4, 5], [9], [0, 1, 2], [6, 7, 8]]
+    calls.clear()
+    merged, stats = write_shards(plan, tmp_path / "sharded", 3, "fp", render)
+    assert calls == [] and stats["rendered"] == 0 and stats["resumed"] == 10
+    publish_shards(tmp_path / "sharded", merged, tmp_path / "sharded_ds")
+    a, b = tmp_path / "single_ds", tmp_path / "sharded_ds"
+    assert (a / "metadata.csv").read_bytes() == (b / "metadata.csv").read_bytes()
+    for name in single["file_name"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    for bad in ("3/2", "0/2", "2", "a/b"):
+        with pytest.raises(PipelineError, match=f"--shard {bad}: give i/N with 1 <= i <= N"):
+            parse_shard(bad)

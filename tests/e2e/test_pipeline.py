@@ -122,6 +122,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     for stage in before:
         dvc(repo, "repro", "--force", "--single-item", stage)
     assert {s: lock_hashes(repo, s) for s in before} == before
+    # Sharded generation: two workers, then the merge, write the dataset a single run wrote, byte for byte.
+    for spec in ("2/2", "1/2"):
+        assert "images rendered" in sh(repo, sys.executable, "-m", "stages.generate", "--shard", spec).stdout
+    merged = dvc(repo, "repro", "--force", "--single-item", "generate").stdout
+    assert "(0 rendered" in merged, merged
+    assert lock_hashes(repo, "generate") == before["generate"]
+    bad = sh(repo, sys.executable, "-m", "stages.generate", "--shard", "3/2", check=False)
+    assert bad.returncode == 2 and "--shard 3/2: give i/N with 1 <= i <= N" in bad.stderr
 
     # 4. Experiments. A queued one that changes only evaluation params reuses every model (only evaluate
     # runs, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
@@ -148,6 +156,18 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert "Running stage 'prompts'" in rerun and "Running stage 'generate'" not in rerun, rerun
     sh(repo, "git", "checkout", "--", "prompts/generate_example.txt")
     dvc(repo, "repro")
+
+    # 4b. Workstation <-> GPU worker through a DVC remote (a local directory here): push from this clone,
+    # pull into another clone of the same commit, and nothing there is stale.
+    dvc(repo, "remote", "add", "-d", "shared", str(repo.parent / "dvc-remote"))
+    commit(repo, "a shared remote")
+    dvc(repo, "push")
+    other = repo.parent / "worker-clone"
+    sh(repo.parent, "git", "clone", "-q", str(repo), str(other))
+    dvc(other, "pull")
+    assert "up to date" in dvc(other, "status").stdout
+    assert "Running stage" not in dvc(other, "repro").stdout
+    assert (other / "data/report/report.html").read_bytes() == (repo / "data/report/report.html").read_bytes()
 
     # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
     from flows.pipeline import StageFailed, pipeline
@@ -179,6 +199,15 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
         state.result()
     runs = asyncio.run(_task_runs("dvc repro ingest"))
     assert [r.run_count for r in runs if r.state.is_failed()] == [1]
+
+    # 8. Bad flow input fails the run with one line: an unknown params key, an unreachable remote.
+    with pytest.raises(ValueError, match="'train_ldm.stepz=3': no such key in params.yaml"):
+        pipeline(repo=str(repo), stages=["report"], params=["train_ldm.stepz=3"])
+    dvc(repo, "remote", "add", "-f", "-d", "shared", "http://127.0.0.1:9/nowhere")  # nothing listens on port 9
+    state = pipeline(repo=str(repo), stages=["report"], push=True, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match="stage 'dvc push' failed: ERROR"):
+        state.result()
 
 
 async def _artifacts():
