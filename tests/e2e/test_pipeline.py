@@ -176,6 +176,13 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     params["generate"]["guidance_scale"] = 2.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     grid_before = lock_hashes(repo, "generate")
+    # generate fanned out over a local Dask cluster of 2 shard workers; the merge renders nothing itself
+    from flows.generate_shards import generate_shards
+
+    generate_shards(repo=str(repo), shards=2)
+    assert json.loads((repo / "logs/generate.json").read_text())["rendered"] == 0
+    with pytest.raises(ConnectionError, match="Dask scheduler tcp://127.0.0.1:9 does not answer"):
+        generate_shards(repo=str(repo), shards=2, address="tcp://127.0.0.1:9")
     pipeline(repo=str(repo))
     assert lock_hashes(repo, "generate") != grid_before
     artifacts = {a.key: a for a in asyncio.run(_artifacts())}  # the report, readable in the Prefect UI
