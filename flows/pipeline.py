@@ -72,12 +72,12 @@ class _Progress:
             update_progress_artifact(self.ids[name], percent)
 
 
-def run_dvc(args: list[str], repo: str, label: str) -> None:
-    """`dvc <args>` in ``repo``, its output streamed line by line into the task log; a failure raises
-    StageFailed with the stage's one-line error and the tail of its log."""
+def run_logged(cmd: list[str], repo: str, label: str) -> None:
+    """``cmd`` in ``repo``, its output streamed line by line into the task log; a failure raises StageFailed
+    with the stage's one-line error and the tail of its log."""
     logger, progress = get_run_logger(), _Progress()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_stage_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=repo, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     assert proc.stdout is not None
     errors, tail, stage = [], deque(maxlen=TAIL_LINES), label
     for line in proc.stdout:
@@ -95,9 +95,36 @@ def run_dvc(args: list[str], repo: str, label: str) -> None:
         raise StageFailed(stage, codes[-1] if codes else None, errors[0] if errors else "", "\n".join(tail))
 
 
+def run_dvc(args: list[str], repo: str, label: str) -> None:
+    run_logged([sys.executable, "-m", "dvc", *args], repo, label)
+
+
+def gpu_count() -> int:
+    """GPUs of this worker (nvidia-smi), without importing torch into the flow."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+MULTI_GPU_STAGES = ("train_ldm", "train_lora")  # they run under `accelerate launch`, data-parallel
+
+
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, repo: str) -> None:
-    """Bring one stage up to date."""
+    """Bring one stage up to date. On a worker with several GPUs a stale training stage trains on all of
+    them (`accelerate launch`), and DVC then records what it wrote (`dvc commit`)."""
+    gpus = gpu_count() if stage in MULTI_GPU_STAGES else 0
+    if gpus > 1:
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", stage], cwd=repo, env=_stage_env(),
+                                capture_output=True, text=True).stdout
+        if f"{stage}:" in status:
+            launcher = str(Path(sys.executable).parent / "accelerate")
+            run_logged([launcher, "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", f"stages.{stage}"],
+                       repo, stage)
+            run_dvc(["commit", "--force", stage], repo, stage)
+            return
     run_dvc(["repro", stage], repo, stage)
 
 
@@ -146,9 +173,10 @@ def publish_report(repo: str) -> None:
 
 @flow(name="synthmed-pipeline", log_prints=True)
 def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), params: list[str] | None = None,
-             experiment: str = "") -> None:
+             experiment: str = "", push: bool = False) -> None:
     """Bring ``stages`` up to date, one task each (`dvc repro`); with ``params`` overrides (``key=value``) or
-    an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own."""
+    an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own. With
+    ``push``, `dvc push` the results to the default DVC remote (where a workstation pulls them)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
@@ -160,6 +188,13 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), param
             repro_stage(stage, repo)
     if "report" in stages:
         publish_report(repo)
+    if push:
+        push_results(repo)
+
+
+@task(task_run_name="dvc push")
+def push_results(repo: str) -> None:
+    run_dvc(["push"], repo, "dvc push")
 
 
 @flow(name="synthmed-sweep", log_prints=True)

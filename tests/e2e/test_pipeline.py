@@ -170,7 +170,18 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert (other / "data/report/report.html").read_bytes() == (repo / "data/report/report.html").read_bytes()
 
     # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
-    from flows.pipeline import StageFailed, pipeline
+    from flows.pipeline import StageFailed, pipeline, sweep
+
+    # A flow run with params overrides is a DVC experiment of its own; a sweep queues a grid of them.
+    pipeline(repo=str(repo), stages=["evaluate"], params=["evaluate.classifier.steps=25"], experiment="flow-exp")
+    assert experiment(repo, "flow-exp")["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 25
+    sh(repo, "git", "checkout", "--", ".")
+    dvc(repo, "checkout")
+    rows = sweep(repo=str(repo), grid={"evaluate.classifier.steps": [15, 35]}, jobs=1)
+    swept = {r["evaluate.classifier.steps"]: r for r in rows}
+    assert {15, 35} <= set(swept) and all(swept[k]["state"] == "Success" for k in (15, 35)), rows
+    assert all("evaluate.fd_effnet" in swept[k] for k in (15, 35))
+    assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["generate"]["guidance_scale"] = 2.0
