@@ -27,7 +27,7 @@ INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot h
 
 
 _STAGE_EXIT = re.compile(r"exited with (\d+)")
-_PROGRESS = re.compile(r"^(\w+): step (\d+)/(\d+) \(")  # the stages' plain progress lines (synthmed.progress)
+_PROGRESS = re.compile(r"^(\w[\w ]*): \w+ (\d+)/(\d+) \(")  # the stages' plain progress lines (synthmed.progress)
 TAIL_LINES = 30
 
 
@@ -52,7 +52,8 @@ def _stage_env() -> dict[str, str]:
 
 
 class _Progress:
-    """One Prefect progress artifact per training stage, moved along by its progress lines."""
+    """One Prefect progress artifact per loop that reports progress (training steps, generated images,
+    classifier cells, ...), moved along by its progress lines."""
 
     def __init__(self):
         self.ids: dict[str, object] = {}
@@ -66,8 +67,8 @@ class _Progress:
         name, done, total = m.group(1), int(m.group(2)), int(m.group(3))
         percent = 100.0 * done / max(total, 1)
         if name not in self.ids:
-            self.ids[name] = create_progress_artifact(percent, key=f"{name.replace('_', '-')}-progress",
-                                                      description=f"{name}: steps done")
+            key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + "-progress"
+            self.ids[name] = create_progress_artifact(percent, key=key, description=f"{name}: share done")
         else:
             update_progress_artifact(self.ids[name], percent)
 

@@ -199,6 +199,7 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     artifacts = {a.key: a for a in asyncio.run(_artifacts())}  # the report, readable in the Prefect UI
     assert "## Fidelity" in artifacts["synthmed-report"].data
     assert any(row["metric"] == "fd_effnet" for row in json.loads(artifacts["synthmed-metrics"].data))
+    assert "classifier-cells-progress" in artifacts  # moved along by evaluate's progress lines
     assert "up to date" in dvc(repo, "status").stdout
 
     # 6. The privacy gate fails evaluate when it is armed with a limit no set can meet.
