@@ -131,13 +131,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     bad = sh(repo, sys.executable, "-m", "stages.generate", "--shard", "3/2", check=False)
     assert bad.returncode == 2 and "--shard 3/2: give i/N with 1 <= i <= N" in bad.stderr
 
-    # 4. Experiments. A queued one that changes only evaluation params reuses every model (only evaluate
-    # runs, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
+    # 4. Experiments. A queued one that changes only evaluation params reuses every model (only evaluate and
+    # the report run, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
     commit(repo, "baseline")
     dvc(repo, "exp", "run", "--queue", "-n", "eval-steps", "-S", "evaluate.classifier.steps=30")
     dvc(repo, "queue", "start", "-j", "1")
     log = wait_for_queue(repo, "eval-steps")
-    assert "Running stage 'evaluate'" in log and log.count("Running stage") == 1, log
+    assert "Running stage 'evaluate'" in log and "Running stage 'report'" in log  # and nothing upstream
+    assert log.count("Running stage") == 2, log
     data = experiment(repo, "eval-steps")
     assert data["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 30
     assert "aug_gain_auc_50pct_1x" in data["metrics"]["metrics/evaluate.json"]["data"]
