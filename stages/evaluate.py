@@ -109,7 +109,7 @@ def modes_of(synth: pd.DataFrame) -> dict[str, str]:
 
 
 def mode_mask(synth: pd.DataFrame, mode: str):
-    return (synth["mode"] == mode).to_numpy() if "mode" in synth else np.ones(len(synth), dtype=bool)
+    return (synth["mode"] == mode).to_numpy(copy=True) if "mode" in synth else np.ones(len(synth), dtype=bool)
 
 
 def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dict, str | None]:
