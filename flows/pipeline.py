@@ -215,7 +215,7 @@ def sweep(repo: str = str(REPO_ROOT), grid: dict[str, list] | None = None, jobs:
     wait_for_queue(repo)
     rows = experiment_rows(repo, list(grid))
     create_table_artifact(table=rows, key="synthmed-sweep", description=f"sweep over {', '.join(grid)}")
-    failed = [r["name"] for r in rows if r["state"] != "Success"]
+    failed = [r["name"] for r in rows if r["state"] != "success"]
     if failed:
         raise RuntimeError(f"sweep: {len(failed)} experiment(s) failed: {', '.join(failed)}; `dvc queue logs <name>`")
     return rows
@@ -237,10 +237,12 @@ def experiment_rows(repo: str, keys: list[str]) -> list[dict]:
     rows = []
     for commit in shown:
         for exp in commit.get("experiments") or []:
+            # queued | running | failed | success; a finished experiment run in the workspace has no executor
+            state = (exp.get("executor") or {}).get("state", "success")
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
                 params = (data.get("params", {}).get("params.yaml", {}) or {}).get("data", {})
-                row = {"name": rev.get("name") or rev.get("rev", "")[:7], "state": data.get("status", "")}
+                row = {"name": rev.get("name") or rev.get("rev", "")[:7], "state": state}
                 for key in keys:
                     node = params
                     for part in key.split("."):

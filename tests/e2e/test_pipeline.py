@@ -180,7 +180,7 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     dvc(repo, "checkout")
     rows = sweep(repo=str(repo), grid={"evaluate.classifier.steps": [15, 35]}, jobs=1)
     swept = {r["evaluate.classifier.steps"]: r for r in rows}
-    assert {15, 35} <= set(swept) and all(swept[k]["state"] == "Success" for k in (15, 35)), rows
+    assert {15, 35} <= set(swept) and all(swept[k]["state"] == "success" for k in (15, 35)), rows
     assert all("evaluate.fd_effnet" in swept[k] for k in (15, 35))
     assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
 
