@@ -4,7 +4,10 @@ what the console said, and a screenshot. The `websockets` client comes with Pref
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -32,9 +35,10 @@ class PageVisit:
 def visit(url: str, timeout: float = 60.0) -> PageVisit:
     from websockets.sync.client import connect
 
-    with tempfile.TemporaryDirectory() as profile:
+    # its helper processes may still write to the profile as it goes down: leave what they leave
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + timeout
             while not port_file.is_file() or not port_file.read_text().strip():
@@ -46,7 +50,8 @@ def visit(url: str, timeout: float = 60.0) -> PageVisit:
             ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
             return _drive(connect(ws_url, max_size=None, open_timeout=timeout), url, timeout)
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the browser and its helper processes
             proc.wait()
 
 
