@@ -30,6 +30,7 @@ from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.fidelity import fidelity_with_reference, frechet_distance, per_label_prdc
 from synthmed.metrics.privacy import closest_pairs, gate, memorization_table, pixels
+from synthmed.metrics.volumes import PlaneFeatures, nearest_volume_metrics, plane_frechet
 from synthmed import store
 from synthmed.provenance import seed_everything, write_provenance
 from synthmed.runtime import pick_device
@@ -139,11 +140,11 @@ def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dic
 
 def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
     """The augmentation study (one set of synthetic arms per generation mode) and prompt adherence; for
-    unlabelled data, empty tables and a figure that says why (DVC declares them as outputs, and every
-    input kind runs the whole DAG)."""
+    unlabelled data or volumes, empty tables and a figure that says why (DVC declares them as outputs, and
+    every input kind runs the whole DAG)."""
     classes = sorted(set(rows["train"]["label"]) - {""})
-    study = None
-    if len(classes) >= 2:
+    volumes = images["train"].ndim == 5
+    if len(classes) >= 2 and not volumes:
         sets = {k: (images[k], aug.encode(rows[k]["label"], classes)) for k in ("train", "val", "pool", "test", "synth")}
         if not (sets["test"][1] >= 0).any():
             raise PipelineError(f"{REAL}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
@@ -161,7 +162,8 @@ def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
             metrics.update({k + suffix: v for k, v in adherence.items()})
         runs, table, note = study.runs, study.table, ""
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
-        note = f"no downstream classifier: {len(classes)} label(s) in the train split (it needs 2 or more)"
+        note = ("no downstream classifier: the classifier is 2-D and these are volumes" if volumes else
+                f"no downstream classifier: {len(classes)} label(s) in the train split (it needs 2 or more)")
         print(f"evaluate: {note}")
         runs, table, metrics = pd.DataFrame(columns=aug.RUN_COLUMNS), pd.DataFrame(), {}
     with atomic_path(f"{OUT}/augmentation_runs.csv") as tmp:
@@ -205,7 +207,7 @@ def headline(p: EvaluateParams) -> list[str]:
     plain = ["fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "kid_effnet_real_train_vs_test", "precision",
              "recall", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p_holm"]
     mode = "_interpolation"
-    return plain + ["mem_source_frac_below_p1_feature"] + [
+    return plain + ["volume_ssim", "volume_ssim_real_test_vs_train", "mem_source_frac_below_p1_feature"] + [
         f"fd_effnet{mode}", f"kid_effnet{mode}", f"precision{mode}", f"recall{mode}", f"aug_gain_auc_{cell}{mode}"]
 
 
@@ -234,12 +236,19 @@ def main() -> None:
     images["synth"] = images_of(SYNTH, rows["synth"])
     images["pool"] = images["synth"][pool_mask]
 
-    cache = FeatureCache(store.cache_dir("features") / "effnet_lite0.pt", load_effnet_lite0().to(pick_device()))
+    volumes = images["train"].ndim == 5  # a volume is seen by the 2-D extractor through its central planes
+    extractor, name = load_effnet_lite0(), "effnet_lite0"
+    if volumes:
+        extractor, name = PlaneFeatures(extractor), "effnet_lite0_planes"
+    cache = FeatureCache(store.cache_dir("features") / f"{name}.pt", extractor.to(pick_device()))
     feat = {"train": cache(images["train"]), "test": cache(images["test"]), "synth": cache(images["synth"])}
     cache.save()
     metrics = {"n_real_train": len(rows["train"]), "n_real_test": len(rows["test"]), "n_synthetic": len(rows["synth"]),
                **fidelity(feat, rows, fid_mask, p, seed)}
-    if p.inception_weights:
+    if volumes:
+        metrics.update(plane_frechet(feat["test"], feat["synth"][fid_mask]))
+        metrics.update(nearest_volume_metrics(images["synth"][fid_mask], images["train"], images["test"]))
+    if p.inception_weights and not volumes:
         first = fid_mask & mode_mask(rows["synth"], next(iter(modes_of(rows["synth"]))))
         metrics.update(inception_metrics(p.inception_weights, images["test"], images["synth"][first]))
     mem, violation = privacy(feat, images, rows, p.privacy)

@@ -73,6 +73,11 @@ def main() -> None:
                       "dataset has no captions, and a dual encoder learns from (image, caption) pairs.\n")
         print("evaluate_vlp: no captions in the dataset; nothing to pretrain on")
         return
+    if real.images.ndim == 5:
+        write_outputs(p, seed, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
+                      "dataset holds volumes, and the dual encoder's image tower is 2-D.\n")
+        print("evaluate_vlp: volumes; the dual encoder is 2-D, nothing to pretrain")
+        return
     data = scoring_set(REAL, real, p.test_split, p.zero_shot_templates)
     for note in data.notes:
         print(f"evaluate_vlp: {note}")

@@ -15,7 +15,7 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
@@ -24,6 +24,7 @@ from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
+from synthmed.models.autoencoder import load_autoencoder
 from synthmed.models.image_encoder import ImageEncoder
 from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (TAIL, LDMTrainConfig, NonFiniteLoss, build_image_pairs, build_latent_pairs,
@@ -50,6 +51,8 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     # which pair rows to train on: original, paraphrase (whatever the paraphrase stage produced), or only
     # the rows of one paraphrase backend (rule, llm)
     caption_sources: list[Literal["original", "paraphrase", "rule", "llm"]]
+    backbone: Literal["standard", "invertible"]  # invertible: coupling blocks recomputed from their outputs (IDM)
+    invertible_attention: bool  # backbone: invertible; checkerboard-split self-attention couplings (iTrans)
     block_out_channels: list[int]
     layers_per_block: int
     attention_head_dim: int  # diffusers' name; it is the number of attention heads
@@ -142,11 +145,15 @@ def main() -> None:
     pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
     pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, PAIRS)
     rows, images = split_images(DATASET, ["train"])
-    vae = AutoencoderKL.from_pretrained(VAE).to(device).eval().requires_grad_(False)
+    vae = load_autoencoder(VAE).to(device).eval().requires_grad_(False)
     side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     if side % p.latent_patch:
         raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the "
                             f"{side}x{side} latent grid of {VAE}; use a divisor of {side}")
+    volumes = images.ndim == 5
+    if volumes and p.condition == "image":
+        raise PipelineError("params.yaml: train_ldm.condition=image needs 2-D images (the image encoders are 2-D); "
+                            "use condition: text for volumes")
     val_rows, val_images = split_images(DATASET, ["val"])
     augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast, generator=g,
                    latent_patch=p.latent_patch)
@@ -163,12 +170,17 @@ def main() -> None:
         val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
                                       latent_patch=p.latent_patch)
         dims = dict(cross_attention_dim=encoder.hidden_size)
-    unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
-                      block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
-                      attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups, dropout=p.dropout,
-                      self_condition=p.self_condition, attention_levels=p.attention_levels, **dims).to(device)
-    if p.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    try:
+        unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
+                          block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
+                          attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups,
+                          dropout=p.dropout, self_condition=p.self_condition, attention_levels=p.attention_levels,
+                          dims=data.latent_mean.ndim - 2, backbone=p.backbone,
+                          invertible_attention=p.invertible_attention, **dims).to(device)
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+    except ValueError as exc:  # an option the backbone cannot honour, a grid its strides do not divide
+        raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
     # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code.
     fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])

@@ -36,12 +36,18 @@ class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model
     mid_attention: bool  # self-attention over the latent grid in the middle blocks
 
 
-def load_vae(p: TrainVAEParams, channels: int, size: int) -> AutoencoderKL:
+def load_vae(p: TrainVAEParams, channels: int, size: int, dims: int = 2) -> AutoencoderKL:
     if not p.pretrained:
-        return build_autoencoder(in_channels=channels, block_out_channels=p.block_out_channels,
-                                 layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
-                                 norm_num_groups=p.norm_num_groups, sample_size=size,
-                                 mid_attention=p.mid_attention)
+        try:
+            return build_autoencoder(in_channels=channels, block_out_channels=p.block_out_channels,
+                                     layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
+                                     norm_num_groups=p.norm_num_groups, sample_size=size,
+                                     mid_attention=p.mid_attention, dims=dims)
+        except ValueError as exc:
+            raise PipelineError(f"params.yaml: train_vae: {exc}") from None
+    if dims != 2:
+        raise PipelineError("train_vae.pretrained is 2-D only (no pretrained volume autoencoder exists offline); "
+                            "set train_vae.pretrained: \"\" for a 3-D dataset")
     path = Path(p.pretrained)
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None  # a whole pipeline's folder
     try:
@@ -62,7 +68,7 @@ def main() -> None:
     _, train_u8 = split_images(DATASET, ["train"])
     _, val_u8 = split_images(DATASET, ["val"])
     train, val = to_model_range(train_u8), to_model_range(val_u8)
-    vae = load_vae(p, train.shape[1], train.shape[-1]).to(pick_device())
+    vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(pick_device())
     log = []
     fingerprint = run_fingerprint("train_vae", params=as_dict(p), seed=seed, inputs=[DATASET])
     if not (p.pretrained and p.pretrained_mode == "validate"):

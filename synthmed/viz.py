@@ -11,11 +11,29 @@ from PIL import Image, ImageDraw, ImageFont
 from synthmed.io import atomic_path
 
 
+def is_volume(a: np.ndarray) -> bool:
+    """(D, H, W) greyscale volume, not an (H, W, 3|4) colour image (volumes are at least 8 voxels a side)."""
+    return a.ndim == 3 and a.shape[-1] not in (3, 4)
+
+
+def central_planes(volume: np.ndarray) -> np.ndarray:
+    """A (D, H, W) volume shown as its three central planes side by side: axial | coronal | sagittal, each
+    with superior (or anterior) up, for volumes stored RAS (ingest's orientation: axes x, y, z)."""
+    x, y, z = (s // 2 for s in volume.shape)
+    planes = [volume[:, :, z], volume[:, y, :], volume[x, :, :]]
+    side = max(volume.shape)
+    tiles = [np.pad(np.rot90(p), [(0, side - p.shape[1]), (0, side - p.shape[0])]) for p in planes]
+    gap = np.zeros((side, 1), dtype=volume.dtype)
+    return np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
+
+
 def image_grid(images: list[np.ndarray], captions: list[str] | None = None, ncol: int = 8,
                scale: int = 2, caption_lines: int = 4) -> Image.Image:
-    """Tile uint8 images (H, W[, 3]) in rows of ``ncol``; optional wrapped captions beneath."""
+    """Tile uint8 images (H, W[, 3]) in rows of ``ncol``; optional wrapped captions beneath. A volume
+    (D, H, W) becomes a tile of its three central planes."""
     if not images:
         raise ValueError("image_grid needs at least one image")
+    images = [central_planes(a) if is_volume(a) else a for a in images]
     h, w = images[0].shape[:2]
     tw, th = w * scale, h * scale
     font = ImageFont.load_default()
@@ -44,10 +62,11 @@ def save_png(image: Image.Image, path: str | Path) -> None:
 
 
 def to_array(image) -> np.ndarray:
-    """uint8 tensor/array [C, H, W] -> [H, W] (C == 1) or [H, W, 3] for PIL."""
+    """uint8 tensor/array [C, H, W] -> [H, W] (C == 1) or [H, W, 3] for PIL; a volume [1, D, H, W] -> [D, H, W]."""
     a = np.asarray(image)
     return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 
 def load_png(path: str | Path) -> np.ndarray:
-    return np.asarray(Image.open(path))
+    """An image file, or a volume's .npy, as a uint8 array."""
+    return np.load(path) if str(path).endswith(".npy") else np.asarray(Image.open(path))

@@ -152,6 +152,10 @@ def load_base(kind: str, path: str, device: torch.device | str = "cpu", resoluti
         if pipe.image_conditioned:
             raise PipelineError(f"{path}: an image-conditioned model (train_ldm.condition: image); train_lora "
                                 "fine-tunes text-conditioned ones: set train_lora.base: none")
+        if type(pipe.unet).__name__ != "UNet2DConditionModel":
+            raise PipelineError(f"{path}: its UNet is a {type(pipe.unet).__name__} (a volume model or "
+                                "train_ldm.backbone: invertible); train_lora adapts diffusers' 2-D UNet: set "
+                                "train_lora.base: none")
         encoder = pipe.text_encoder
     else:
         from diffusers import StableDiffusionPipeline

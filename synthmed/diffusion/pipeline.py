@@ -168,6 +168,10 @@ class SynthMedPipeline(DiffusionPipeline):
         images = (decode(self.vae, latents) + 1) / 2
         if output_type == "pt":
             return images
+        if images.ndim == 5:  # volumes: [N, D, H, W, C]; PIL has no volumes
+            if output_type == "pil":
+                raise ValueError("a volume model's output is not a picture: use output_type='np' or 'pt'")
+            return images.permute(0, 2, 3, 4, 1).numpy()
         images = images.permute(0, 2, 3, 1).numpy()
         return self.numpy_to_pil(images) if output_type == "pil" else images
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from synthmed.data.imagefolder import read_metadata
 from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.io import sha256_tree
+from synthmed.diffusion.shards import save_image
 from synthmed.viz import load_png, to_array
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_generator(args.model, pick_device())
     image = regenerate(pipe, row, args.real)
     out = Path(args.out or f"regenerated_{Path(row['file_name']).name}")
-    Image.fromarray(image).save(out)
+    out = out.with_name(save_image(image, out.with_suffix("")))  # PNG, or .npy for a volume
     stored = load_png(Path(args.dataset) / row["file_name"])
     same = stored.shape == image.shape and np.array_equal(stored, image)
     diff = "identical" if same else f"differs in {int((stored != image).sum())} pixel values"

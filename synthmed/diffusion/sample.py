@@ -14,18 +14,31 @@ def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
     """[N, C, H, W] VAE latents -> [N, C * patch**2, H / patch, W / patch]: each patch x patch block of
     latent pixels becomes one position of the diffusion model's grid (as DiT's patch size and Flux's
     latent packing do). The VAE keeps its fine latent grid (sharp reconstructions) while the UNet runs
-    on a coarser one (quadratically cheaper convolutions and attention)."""
-    return F.pixel_unshuffle(latents, patch) if patch > 1 else latents
+    on a coarser one (quadratically cheaper convolutions and attention). Volumes [N, C, D, H, W] pack
+    patch**3 blocks the same way."""
+    if patch == 1:
+        return latents
+    if latents.ndim == 4:
+        return F.pixel_unshuffle(latents, patch)
+    n, c, d, h, w = latents.shape
+    x = latents.reshape(n, c, d // patch, patch, h // patch, patch, w // patch, patch)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, c * patch**3, d // patch, h // patch, w // patch)
 
 
 def unpack_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_latents; the patch size follows from the VAE's latent channels."""
-    packed, c = latents.shape[1], vae.config.latent_channels
-    patch = round((packed // c) ** 0.5)
-    if patch * patch * c != packed:
+    packed, c, dims = latents.shape[1], vae.config.latent_channels, latents.ndim - 2
+    patch = round((packed // c) ** (1 / dims))
+    if patch**dims * c != packed:
         raise ValueError(f"{packed} latent channels cannot be unpacked for a VAE with {c}: the UNet and the VAE "
                          "do not belong together")
-    return F.pixel_shuffle(latents, patch) if patch > 1 else latents
+    if patch == 1:
+        return latents
+    if dims == 2:
+        return F.pixel_shuffle(latents, patch)
+    n, _, d, h, w = latents.shape
+    x = latents.reshape(n, c, patch, patch, patch, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(n, c, d * patch, h * patch, w * patch)
 
 
 def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
@@ -43,7 +56,7 @@ def predicted_x0(scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.T
     hi = (lo + 1).clamp(max=len(scheduler.alphas_cumprod) - 1)
     frac = t - lo  # Euler's timesteps are fractional: interpolate between the integer ones
     ab = scheduler.alphas_cumprod.double()
-    ab = ((1 - frac) * ab[lo] + frac * ab[hi]).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)
+    ab = ((1 - frac) * ab[lo] + frac * ab[hi]).to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
     if scheduler.config.prediction_type == "v_prediction":
         x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * pred
     else:
@@ -70,9 +83,10 @@ def sample_latents(unet: UNet2DConditionModel, scheduler, cond_emb: torch.Tensor
     """
     device = next(unet.parameters()).device
     c, s = unet.config.out_channels, unet.config.sample_size
+    shape = (c,) + (s,) * getattr(unet.config, "dims", 2)  # a volume model's config says dims=3
     self_cond = is_self_conditioned(unet)
     n = len(generators)
-    latents = torch.stack([torch.randn((c, s, s), generator=g, device=g.device).to(device) for g in generators])
+    latents = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in generators])
     scheduler.set_timesteps(num_inference_steps)  # first: init_noise_sigma depends on it (Euler)
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -22,6 +22,7 @@ from synthmed.data.imagefolder import METADATA
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.progress import progress
+from synthmed.viz import is_volume
 
 FINGERPRINT = "fingerprint.txt"
 
@@ -52,6 +53,17 @@ def _reset_if_other_run(out: Path, fingerprint: str, mine: Callable[[int], bool]
     stamp.write_text(fingerprint)
 
 
+def save_image(img: np.ndarray, stem: Path) -> str:
+    """A uint8 image as PNG, a volume (D, H, W) as .npy (lossless, the same bytes for the same voxels); the
+    file's name."""
+    path = stem.with_suffix(".npy" if is_volume(img) else ".png")
+    if is_volume(img):
+        np.save(path, np.ascontiguousarray(img, dtype=np.uint8), allow_pickle=False)
+    else:
+        Image.fromarray(img).save(path, format="PNG")
+    return path.name
+
+
 def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerprint: str,
                  render: Callable[[pd.DataFrame], Iterable[np.ndarray]],
                  shard: tuple[int, int] = (1, 1)) -> tuple[pd.DataFrame, dict]:
@@ -59,7 +71,7 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
 
     ``shard`` (i, N): render only shards i-1, i-1+N, ... of them (one of N workers sharing ``out``); the
     others are left to theirs, and a run with (1, 1) then finds them finished and renders the rest.
-    Returns the plan's finished rows with file_name (shard/…png) and image sha256, and throughput figures.
+    Returns the plan's finished rows with file_name (shard/…png, or …npy for volumes) and image sha256, and throughput figures.
     """
     out = Path(out)
     i_worker, n_workers = shard
@@ -85,8 +97,8 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
         with atomic_path(shard, is_dir=True) as tmp:
             names, digests = [], []
             for (_, row), img in zip(rows.iterrows(), render(rows)):
-                name = f"synth_{int(row['image_index']):06d}.png"
-                Image.fromarray(img).save(tmp / name, format="PNG")
+                name = f"synth_{int(row['image_index']):06d}"
+                name = save_image(img, tmp / name)
                 names.append(f"{shard.name}/{name}")
                 digests.append(sha256_bytes((tmp / name).read_bytes()))
                 bar.update()

@@ -93,10 +93,10 @@ def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float
                         generator: torch.Generator) -> torch.Tensor:
     """Random brightness shift and contrast scaling of images in [-1, 1]; never flips (prompts encode
     position and side)."""
-    n = len(images)
-    b = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * brightness * 2  # [-1, 1] range is 2 wide
-    c = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * contrast
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    shape = (len(images),) + (1,) * (images.ndim - 1)  # per image, any number of spatial axes
+    b = (torch.rand(shape, generator=generator) * 2 - 1) * brightness * 2  # [-1, 1] range is 2 wide
+    c = 1 + (torch.rand(shape, generator=generator) * 2 - 1) * contrast
+    mean = images.mean(dim=tuple(range(1, images.ndim)), keepdim=True)
     return ((images - mean) * c + mean + b).clamp(-1, 1)
 
 

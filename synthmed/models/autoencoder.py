@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,24 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from synthmed.config import require_at_least_one, require_non_negative
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
+from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.progress import progress
 
 
 def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
                       latent_channels: int, norm_num_groups: int, sample_size: int,
-                      mid_attention: bool = True) -> AutoencoderKL:
+                      mid_attention: bool = True, dims: int = 2) -> AutoencoderKL | VolumeAutoencoderKL:
     """Downsampling factor is 2 ** (len(block_out_channels) - 1). ``mid_attention``: self-attention over the
-    latent grid in the middle blocks (quadratic in the number of latent pixels)."""
+    latent grid in the middle blocks (quadratic in the number of latent pixels). ``dims=3``: volumes."""
     n = len(block_out_channels)
+    if dims == 3:
+        if mid_attention:
+            raise ValueError("mid_attention is 2-D only (attention over a latent volume grows with the cube of its "
+                             "side); set train_vae.mid_attention: false for volumes")
+        return VolumeAutoencoderKL(dims=3, in_channels=in_channels, out_channels=in_channels,
+                                   block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                                   latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+                                   sample_size=sample_size)
     return AutoencoderKL(
         in_channels=in_channels,
         out_channels=in_channels,
@@ -35,6 +45,12 @@ def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers
         sample_size=sample_size,
         mid_block_add_attention=mid_attention,
     )
+
+
+def load_autoencoder(folder: str | Path, **kwargs) -> AutoencoderKL | VolumeAutoencoderKL:
+    """A saved autoencoder of either kind (its config.json names its class)."""
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
+    return (VolumeAutoencoderKL if name == VolumeAutoencoderKL.__name__ else AutoencoderKL).from_pretrained(folder, **kwargs)
 
 
 def use_bf16(device: torch.device, mixed_precision: str) -> bool:
@@ -161,7 +177,7 @@ def reconstruction_metrics(images: torch.Tensor, recon: torch.Tensor) -> dict[st
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a, b = (images + 1) / 2, (recon + 1) / 2
-    psnr = float(peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3)))  # mean of per-image PSNR
+    psnr = float(peak_signal_noise_ratio(b, a, data_range=1.0, dim=tuple(range(1, a.ndim))))  # mean of per-image PSNR
     ssim = float(structural_similarity_index_measure(b, a, data_range=1.0))
     mae = float((a - b).abs().mean())
     if not all(map(math.isfinite, (psnr, ssim, mae))):
