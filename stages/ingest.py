@@ -17,6 +17,7 @@ from synthmed.data.nifti import NiftiParams
 from synthmed.data.problems import Problems
 from synthmed.data.sample import Sample
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
+from synthmed.data.volumes import VolumeParams, check_volume_params
 from synthmed.errors import PipelineError
 from synthmed.io import write_text, write_metrics
 from synthmed.provenance import seed_everything, write_provenance
@@ -37,6 +38,22 @@ class DemoParams:
 
 
 @dataclass
+class Demo3DParams:
+    extent_mm: float  # side of each cube cut from the template
+    step_mm: int  # distance between cube centres (a grid anchored at the world origin)
+    guard_mm: float  # least Chebyshev distance from a val/test cube centre (or its mirror) to a train one
+    elastic_mm: float  # largest displacement of the random elastic deformation
+    intensity: float  # strength of the random gamma and scale: exp(U(-a, a)), 1 + U(-a, a)
+    min_brain_fraction: float  # skip cubes with less brain than this
+
+    def __post_init__(self) -> None:
+        require_at_least_one(self, "step_mm")
+        require_non_negative(self, "guard_mm", "elastic_mm", "intensity")
+        if self.extent_mm <= 0:
+            raise ValueError(f"demo3d.extent_mm must be positive, got {self.extent_mm}")
+
+
+@dataclass
 class IngestParams:
     source: Literal["demo", "imagefolder", "imageclef", "nifti", "dicom"]
     path: str  # the dataset folder (or NIfTI file) for every source but demo
@@ -51,6 +68,9 @@ class IngestParams:
     demo: DemoParams
     nifti: NiftiParams
     dicom: DicomParams
+    dims: Literal[2, 3]  # 3: one sample per volume (sources demo and nifti)
+    volume: VolumeParams  # dims 3, source nifti
+    demo3d: Demo3DParams  # dims 3, source demo
 
 
 def load_demo(p: IngestParams, seed: int) -> tuple[list[Sample], int]:
@@ -82,8 +102,30 @@ def load_samples(p: IngestParams, problems: Problems) -> list[Sample]:
     return reader(p.path, opts, problems, p.workers)
 
 
+def load_volumes(p: IngestParams, seed: int, problems: Problems) -> tuple[list[Sample], int, list[str]]:
+    """dims 3: (samples, guard drop count, card notes)."""
+    if p.source == "demo":
+        from synthmed.data.demo3d import demo3d_samples
+
+        samples, dropped = demo3d_samples(resolution=p.resolution, split_fractions=p.split_fractions, seed=seed,
+                                          **as_dict(p.demo3d))
+        spacing = p.demo3d.extent_mm / p.resolution
+        return samples, dropped, [f"Cubes of {p.demo3d.extent_mm:g} mm from the MNI152 2009 T1 template, "
+                                  f"{spacing:g} mm voxels, RAS voxel order"]
+    if not Path(p.path).exists():
+        raise PipelineError(f"params.yaml: ingest.path={p.path!r} does not exist; point it to your {p.source} dataset")
+    from synthmed.data.volumes import read_volumes
+
+    samples, spacing = read_volumes(p.path, p.volume, resolution=p.resolution, crop=p.crop, problems=problems)
+    return samples, 0, [f"Volumes resampled to {spacing:g} mm isotropic voxels, RAS voxel order"] if samples else []
+
+
 def split_notes(p: IngestParams, samples: list[Sample], guard_dropped: int) -> tuple[list[str], dict[str, int]]:
     """What the split had to leave out or could not group: card lines and metrics of the source."""
+    if p.source == "demo" and p.dims == 3:
+        return [f"Guard: {guard_dropped} train cubes dropped, so every val/test cube centre (and its left-right "
+                f"mirror) is at least `ingest.demo3d.guard_mm` = {p.demo3d.guard_mm:g} mm (largest per-axis "
+                "distance) from every train cube centre"], {"guard_dropped": guard_dropped}
     if p.source == "demo":
         return [f"Guard: {guard_dropped} train slices dropped, so every val/test slice is at least "
                 f"`ingest.demo.guard_mm` = {p.demo.guard_mm:g} mm from the nearest train slice of its plane"
@@ -97,9 +139,14 @@ def split_notes(p: IngestParams, samples: list[Sample], guard_dropped: int) -> t
 
 def main() -> None:
     p, seed = load_params("ingest", IngestParams)
+    check_volume_params(p.dims, p.source, p.channels, p.resolution)
     seed_everything(seed)
     problems = Problems(p.on_error)
-    samples, guard_dropped = load_demo(p, seed) if p.source == "demo" else (load_samples(p, problems), 0)
+    volume_notes: list[str] = []
+    if p.dims == 3:
+        samples, guard_dropped, volume_notes = load_volumes(p, seed, problems)
+    else:
+        samples, guard_dropped = load_demo(p, seed) if p.source == "demo" else (load_samples(p, problems), 0)
     if len(samples) < p.min_images:
         raise PipelineError(
             f"ingest found {len(samples)} usable images, fewer than ingest.min_images={p.min_images}; "
@@ -118,20 +165,22 @@ def main() -> None:
     check_pixels_not_shared(images)
     stats = dataset_stats(images, pairs)
     notes, figures = split_notes(p, samples, guard_dropped)
+    notes = volume_notes + notes
 
     write_imagefolder(f"{OUT}/dataset", samples)
     write_manifest(f"{OUT}/manifest", images, pairs)
     problems.write(f"{OUT}/problems.csv")
-    preview = samples[:: max(1, len(samples) // 16)][:16]
-    save_png(image_grid([s.pixels for s in preview], [s.captions[0] for s in preview], ncol=8),
+    n = 8 if p.dims == 3 else 16  # a volume's tile is its three central planes
+    preview = samples[:: max(1, len(samples) // n)][:n]
+    save_png(image_grid([s.pixels for s in preview], [s.captions[0] for s in preview], ncol=n // 2 if p.dims == 3 else 8),
              f"{OUT}/samples.png")
     write_text(f"{OUT}/card.md", dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
                                               params=as_dict(p), stats=stats, images=images, pairs=pairs,
-                                              problems=problems.counts(), notes=notes))
+                                              problems=problems.counts(), notes=notes, volumes=p.dims == 3))
     write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
                      inputs=[p.path] if p.source != "demo" else [])
     write_metrics("ingest", {**stats, "rows_dropped": len(problems.items), **figures}, headline=["images"])
-    print(f"ingest: {stats['images']} images, {stats['pairs']} pairs "
+    print(f"ingest: {stats['images']} {'volumes' if p.dims == 3 else 'images'}, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else "")
           + "".join(f"\n  {note}" for note in notes))

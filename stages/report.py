@@ -102,12 +102,20 @@ def fidelity_section(m: dict) -> Section:
     modes = [("", "synthetic")] + ([("_interpolation", "interpolations")] if "fd_effnet_interpolation" in m else [])
     rows = [[key, *(fmt(m.get(key + s)) for s, _ in modes), fmt(m.get(f"{key}_real_train_vs_test")), meaning]
             for key, meaning in FIDELITY]
+    blocks: list = [f"{fmt(m.get('n_synthetic_fidelity'))} synthetic images against {fmt(m.get('n_real_test'))} "
+                    "real test images.",
+                    Table(["metric", *(name for _, name in modes), "real vs real", "meaning"], rows)]
+    if "volume_ssim" in m:  # volumes: the planes' features above, and voxel by voxel here
+        blocks += ["Volumes: the figures above use the EfficientNet features of each volume's three central planes "
+                   f"side by side (FD per plane: axial {fmt(m.get('fd_effnet_axial'))}, coronal "
+                   f"{fmt(m.get('fd_effnet_coronal'))}, sagittal {fmt(m.get('fd_effnet_sagittal'))}). Below, each "
+                   "synthetic volume against its nearest real test volume, beside real test against nearest train.",
+                   Table(["metric", "synthetic vs nearest real", "real test vs nearest train"],
+                         [[k, fmt(m.get(f"volume_{k}")), fmt(m.get(f"volume_{k}_real_test_vs_train"))]
+                          for k in ("psnr", "ssim", "mae")])]
     return Section("Fidelity", "each synthetic figure beside the same figure for real train images against real "
                    "test ones, the score of a generator that samples the real distribution; precision/recall "
-                   "near that twin and FD/KID near it are the goal.",
-                   [f"{fmt(m.get('n_synthetic_fidelity'))} synthetic images against {fmt(m.get('n_real_test'))} "
-                    "real test images.",
-                    Table(["metric", *(name for _, name in modes), "real vs real", "meaning"], rows)])
+                   "near that twin and FD/KID near it are the goal.", blocks)
 
 
 def privacy_section(m: dict) -> Section:

@@ -13,8 +13,12 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame, pairs: pd.DataFrame,
-                 problems: dict[str, int], notes: list[str] | None = None) -> str:
-    """``notes``: more bullets for the summary, e.g. what the split left out and why."""
+                 problems: dict[str, int], notes: list[str] | None = None, volumes: bool = False) -> str:
+    """``notes``: more bullets for the summary, e.g. what the split left out and why. ``volumes``:
+    the samples are 3-D cubes (``ingest.dims: 3``)."""
+    unit = "Volumes" if volumes else "Images"
+    resolution = (f"{params['resolution']}^3 voxels, 1 channel, {params['crop']} to a cube" if volumes else
+                  f"{params['resolution']} px, {params['channels']} channel(s), {params['crop']} to square")
     by_label = (images.assign(label=images["label"].replace("", "(none)"))
                 .pivot_table(index="label", columns="split", values="id", aggfunc="count", fill_value=0)
                 .reset_index())
@@ -24,15 +28,15 @@ def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame
     return f"""# Dataset card
 
 - Source: `{source}`
-- Images: {stats['images']} ({stats['images_train']} train / {stats['images_val']} val / {stats['images_test']} test), \
+- {unit}: {stats['images']} ({stats['images_train']} train / {stats['images_val']} val / {stats['images_test']} test), \
 {stats['groups']} groups; splits never cut a group
 - Pairs (image, caption): {stats['pairs']}; unique captions: {stats['unique_captions']}; \
 captions per image: {stats['captions_per_image']}
 - Caption length (words): median {lengths.median():.0f}, min {lengths.min()}, max {lengths.max()}
-- Resolution: {params['resolution']} px, {params['channels']} channel(s), {params['crop']} to square
+- Resolution: {resolution}
 - Rows dropped (`ingest.on_error: skip`): {dropped} (details in `problems.csv`)
 """ + "".join(f"- {n}\n" for n in notes or []) + f"""
-## Images per label and split
+## {unit} per label and split
 
 {_table(by_label)}
 

@@ -215,12 +215,17 @@ def read_imageclef(folder: str | Path, opts: DecodeOptions, problems: Problems, 
 
 
 def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame:
-    """Atomically write samples as PNGs plus metadata.csv (one row per image-caption pair)."""
+    """Atomically write samples as PNGs (volumes, ``file_name`` ending in .npy: NumPy files) plus
+    metadata.csv (one row per image-caption pair)."""
     rows = []
     with atomic_path(folder, is_dir=True) as tmp:
         for s in samples:
             png = tmp / s.file_name
-            Image.fromarray(s.pixels).save(png, format="PNG", optimize=False)
+            if s.file_name.endswith(".npy"):
+                # np.save's bytes are a function of dtype, shape and values: same array, same hash
+                np.save(png, np.ascontiguousarray(s.pixels), allow_pickle=False)
+            else:
+                Image.fromarray(s.pixels).save(png, format="PNG", optimize=False)
             digest = sha256_bytes(png.read_bytes())
             for caption in s.captions:
                 rows.append(
@@ -233,9 +238,12 @@ def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame
 
 
 def load_images(folder: str | Path, file_names: list[str]) -> np.ndarray:
-    """Stack images of an ImageFolder as uint8 (N, C, H, W)."""
+    """Stack images of an ImageFolder as uint8 (N, C, H, W); volumes (.npy) as (N, 1, D, H, W)."""
     arrays = []
     for name in file_names:
+        if name.endswith(".npy"):
+            arrays.append(np.load(Path(folder) / name, allow_pickle=False)[None])
+            continue
         with Image.open(Path(folder) / name) as im:
             a = np.asarray(im)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))

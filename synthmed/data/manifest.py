@@ -12,15 +12,23 @@ from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes
 
 
+def _is_volume(s: Sample) -> bool:
+    return s.file_name.endswith(".npy")  # (D, H, W) volumes; images are (H, W[, 3])
+
+
 def build_manifest(samples: list[Sample]) -> pd.DataFrame:
+    """One row per image; a dataset of volumes also gets a depth column (images keep their columns)."""
+    volumes = any(_is_volume(s) for s in samples)
+    hw = [s.pixels.shape[1:3] if _is_volume(s) else s.pixels.shape[:2] for s in samples]
     return pd.DataFrame(
         {
             "id": [s.file_name for s in samples],
             "source": [s.source for s in samples],
             "source_sha256": [s.source_sha256 for s in samples],
             "pixel_sha256": [sha256_bytes(s.pixels.tobytes()) for s in samples],
-            "height": [s.pixels.shape[0] for s in samples],
-            "width": [s.pixels.shape[1] for s in samples],
+            **({"depth": [s.pixels.shape[0] if _is_volume(s) else 1 for s in samples]} if volumes else {}),
+            "height": [h for h, _ in hw],
+            "width": [w for _, w in hw],
             "group": [s.group for s in samples],
             "label": [s.label for s in samples],
             "split": [s.split for s in samples],

@@ -28,7 +28,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipe
 
 from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, seeded_generators
 from synthmed.errors import PipelineError
+from synthmed.models.cond_unet import ConditionalUNet
 from synthmed.models.image_encoder import ImageEncoder, n_tokens
+from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.text.encoder import TextEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -43,7 +45,8 @@ def _as_list(value: str | list[str], name: str) -> list[str]:
 
 
 class SynthMedPipeline(DiffusionPipeline):
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler,
+    def __init__(self, unet: UNet2DConditionModel | ConditionalUNet, vae: AutoencoderKL | VolumeAutoencoderKL,
+                 scheduler: DDIMScheduler,
                  text_encoder_name: str = "all-MiniLM-L6-v2", text_max_length: int = 48,
                  condition: str = "text", image_encoder_name: str = "", image_tokens: str = "mean"):
         super().__init__()

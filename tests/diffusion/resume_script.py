@@ -2,7 +2,9 @@
 random paths: UNet dropout, self-conditioning, augmented views, context dropout, posterior sampling,
 EMA, and validation (on the EMA and the raw weights) every 15 steps.
 
-argv: checkpoint_dir output_file [lora]: with `lora`, only a LoRA adapter on the UNet trains (train_lora)
+argv: checkpoint_dir output_file [lora | invertible3d]: with `lora`, only a LoRA adapter on the UNet trains
+(train_lora); with `invertible3d`, volumes through a volume VAE train the invertible backbone (its dropout masks
+replayed when activations are recomputed)
 """
 
 import sys
@@ -15,15 +17,17 @@ from synthmed.diffusion.train import (LDMTrainConfig, build_latent_pairs, make_n
 from synthmed.models.lora import LoraParams, add_lora
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
+from tests.diffusion.test_volume_pipeline import tiny_vae as tiny_volume_vae
 from tests.models.test_autoencoder import tiny_vae
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    images = (torch.rand(6, 1, 16, 16, generator=g) * 200 + 20).to(torch.uint8)
+    volumes = sys.argv[3:] == ["invertible3d"]
+    images = (torch.rand(6, 1, *(16,) * (3 if volumes else 2), generator=g) * 200 + 20).to(torch.uint8)
     names = [f"img{i}.png" for i in range(6)]
     pairs = pd.DataFrame({"file_name": names + names[:3], "text": [f"caption {i}" for i in range(9)]})
-    vae, encoder = tiny_vae().eval(), TextEncoder(max_length=8)
+    vae, encoder = (tiny_volume_vae() if volumes else tiny_vae()).eval(), TextEncoder(max_length=8)
     # as in the stage: the augmentation draws come from the training generator, before training
     train_g = torch.Generator().manual_seed(1)
     data = build_latent_pairs(vae, encoder, pairs, images, names, augment_copies=2, brightness=0.1, contrast=0.1,
@@ -33,9 +37,10 @@ if __name__ == "__main__":
                          context_dropout=0.2, sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9,
                          min_snr_gamma=5.0, checkpoint_every=10, keep_checkpoints=2)
     torch.manual_seed(0)
-    unet = build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-                      cross_attention_dim=encoder.hidden_size, attention_head_dim=4, norm_num_groups=8, dropout=0.1,
-                      self_condition=True)
+    unet = build_unet(sample_size=8, in_channels=data.latent_mean.shape[1], block_out_channels=[16, 32],
+                      layers_per_block=1, cross_attention_dim=encoder.hidden_size, attention_head_dim=4,
+                      norm_num_groups=8, dropout=0.1, self_condition=True, dims=3 if volumes else 2,
+                      backbone="invertible" if volumes else "standard")
     if sys.argv[3:] == ["lora"]:
         add_lora(unet, LoraParams(rank=2, alpha=4, dropout=0.1), "the tiny UNet")
     sched = make_noise_scheduler(1000)

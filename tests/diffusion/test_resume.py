@@ -22,7 +22,8 @@ def run(ckpt, out, *mode) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("mode", [(), ("lora",)], ids=["from_scratch", "lora_adapter"])
+@pytest.mark.parametrize("mode", [(), ("lora",), ("invertible3d",)],
+                         ids=["from_scratch", "lora_adapter", "invertible_volumes"])
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode):
     full = run(tmp_path / "ckpt_full", tmp_path / "full.pt", *mode)
     assert full.returncode == 0, full.stderr
@@ -49,7 +50,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode
         assert all(torch.equal(a[kind][k], b[kind][k]) for k in a[kind]), kind
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step00000050.pt", "step00000060.pt"]
     kept = load_latest(tmp_path / "ckpt", "run-a")["unet"]  # a LoRA checkpoint holds the adapter, not the base
-    assert all("lora_" in k for k in kept) if mode else len(kept) == len(a["weights"])
+    assert all("lora_" in k for k in kept) if mode == ("lora",) else len(kept) == len(a["weights"])
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
