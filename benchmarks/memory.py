@@ -11,7 +11,7 @@ the AdamW state): forward, MSE loss, backward, optimizer.step, zero_grad.
 
 Prints one JSON document on stdout (progress on stderr):
 
-    .venv/bin/python benchmarks/memory.py [--dims 3] [--depths 1,2,4,8] [--quick] [--device cuda]
+    .venv/bin/python benchmarks/memory.py [--dims 3] [--depths 1,2,4,8] [--quick] [--device cuda] [--amp bf16]
 """
 
 from __future__ import annotations
@@ -88,9 +88,13 @@ def measure_one(args: argparse.Namespace) -> dict:
     t = torch.randint(0, 1000, (args.batch,), device=device)
     tokens = torch.randn(args.batch, 8, args.ctx_dim, device=device)
 
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
     def step() -> float:
         start = time.perf_counter()
-        loss = F.mse_loss(model(x, t, tokens).sample, target)
+        with amp:
+            pred = model(x, t, tokens).sample
+        loss = F.mse_loss(pred.float(), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -133,7 +137,7 @@ def child_cmd(args: argparse.Namespace, variant: str, depth: int) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--variant", variant, "--depth", str(depth),
            "--dims", str(args.dims), "--size", str(args.size), "--batch", str(args.batch),
            "--channels", args.channels, "--device", args.device, "--steps", str(args.steps),
-           "--ctx-dim", str(args.ctx_dim), "--threads", str(args.threads)]
+           "--ctx-dim", str(args.ctx_dim), "--threads", str(args.threads), "--amp", args.amp]
     return cmd + (["--invertible-attention"] if args.invertible_attention else [])
 
 
@@ -171,7 +175,7 @@ def run_all(args: argparse.Namespace) -> dict:
         "config": {"dims": args.dims, "size": args.size, "batch": args.batch,
                    "block_out_channels": [int(c) for c in args.channels.split(",")], "depths": depths,
                    "cross_attention_dim": args.ctx_dim, "text_tokens": 8,
-                   "invertible_attention": args.invertible_attention, "steps_timed": args.steps,
+                   "invertible_attention": args.invertible_attention, "steps_timed": args.steps, "amp": args.amp,
                    "memory": "cuda max_memory_allocated growth" if device == "cuda"
                    else "RSS growth over the step (1 ms sampler); ru_maxrss growth alongside"},
         "device": device_name,
@@ -196,6 +200,7 @@ def main() -> None:
     ap.add_argument("--ctx-dim", type=int, default=384, help="cross_attention_dim (text token width)")
     ap.add_argument("--invertible-attention", action="store_true")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--amp", default="no", choices=("no", "bf16"), help="bf16 autocast around the forward pass")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in each child")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and two depths (a smoke run, seconds)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
