@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
 from urllib.parse import urlparse
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 
-from flows.pipeline import REPO_ROOT, StageFailed, _stage_env, repro_stage
+from flows.pipeline import REPO_ROOT, repro_stage, run_logged
 
 
 @task(task_run_name="generate shard {i}/{n}")
 def render_shard(repo: str, i: int, n: int) -> None:
-    logger = get_run_logger()
-    proc = subprocess.run([sys.executable, "-m", "stages.generate", "--shard", f"{i}/{n}"], cwd=repo,
-                          env=_stage_env(), capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        logger.info("[shard %d/%d] %s", i, n, line)
-    if proc.returncode != 0:
-        error = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), "")
-        raise StageFailed(f"generate --shard {i}/{n}", proc.returncode, error, proc.stderr[-3000:])
+    run_logged([sys.executable, "-m", "stages.generate", "--shard", f"{i}/{n}"], repo, f"generate --shard {i}/{n}")
 
 
 def check_scheduler(address: str, timeout: float = 5.0) -> None:

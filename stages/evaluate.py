@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 
 from synthmed.config import (as_dict, load_params, require_at_least_one, require_fractions, require_inputs,
                              require_non_negative, run_stage)
-from synthmed.data.dataset import images_of, split_frame, split_mask
+from synthmed.data.dataset import images_of, mode_mask, modes_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_metrics
@@ -100,17 +99,6 @@ def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
     is_mean, is_std = inception_score(f_syn[:, 2048:])
     return {"fid_inception": frechet_distance(f_test[:, :2048], f_syn[:, :2048]), "is_inception": is_mean,
             "is_inception_std": is_std}
-
-
-def modes_of(synth: pd.DataFrame) -> dict[str, str]:
-    """Generation mode -> the suffix of its figures: "" for the first (a text model's only mode, an image
-    model's reconstructions), "_<mode>" for the others."""
-    modes = list(dict.fromkeys(synth["mode"])) if "mode" in synth else ["text"]
-    return {m: "" if i == 0 else f"_{m}" for i, m in enumerate(modes)}
-
-
-def mode_mask(synth: pd.DataFrame, mode: str):
-    return (synth["mode"] == mode).to_numpy(copy=True) if "mode" in synth else np.ones(len(synth), dtype=bool)
 
 
 def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dict, str | None]:

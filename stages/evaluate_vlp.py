@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.data.dataset import first_mode
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_metrics, write_text
 from synthmed.provenance import derive_seed, seed_everything, write_provenance
@@ -53,8 +54,7 @@ def corpora(p: EvaluateVLPParams, real: Pairs) -> dict[str, Pairs]:
     out = {"real": real}
     if set(p.arms) - {"real"}:
         rows = split_rows(SYNTH, p.synthetic_splits, "synthetic")
-        if "mode" in rows:  # an image-conditioned model's: its reconstructions, which their source's caption describes
-            rows = rows[rows["mode"] == rows["mode"].iloc[0]]
+        rows = first_mode(rows)  # an image-conditioned model's reconstructions, which their source's caption describes
         synth = pairs_of(SYNTH, rows)
         out.update(synth=synth, real_synth=real + synth)
     return {name: out[name] for name in p.arms}

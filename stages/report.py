@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from synthmed.config import require_inputs, run_stage
-from synthmed.data.dataset import images_of
+from synthmed.data.dataset import first_mode, images_of
 from synthmed.data.imagefolder import read_metadata
 from synthmed.report import Figure, Section, Table, curves_png, fmt, frame_table, smoothed, write_report
 from synthmed.viz import image_grid, to_array
@@ -78,8 +78,7 @@ def diffusion_section() -> Section:
 def samples_section() -> Section:
     """A real image of each label beside synthetic ones of it (the first generation mode's)."""
     real, synth = read_metadata(REAL).drop_duplicates("file_name"), read_metadata(SYNTH).drop_duplicates("file_name")
-    if "mode" in synth:
-        synth = synth[synth["mode"] == synth["mode"].iloc[0]]
+    synth = first_mode(synth)
     tiles, captions = [], []
     for label in sorted(set(synth["label"]))[:12]:
         mine = synth[synth["label"] == label].head(7)

@@ -44,3 +44,19 @@ def split_mask(rows: pd.DataFrame, splits: list[str], unsplit: bool = False) -> 
     fidelity (unsplit=True) but never train a downstream model (the default)."""
     split = rows["split"] if "split" in rows.columns else pd.Series("", index=rows.index)
     return (split.isin(splits) | (unsplit & (split == ""))).to_numpy(copy=True)
+
+
+def modes_of(synth: pd.DataFrame) -> dict[str, str]:
+    """Generation mode of a synthetic metadata table -> the suffix of its figures: "" for the first (a text
+    model's only mode, an image model's reconstructions), "_<mode>" for the others."""
+    modes = list(dict.fromkeys(synth["mode"])) if "mode" in synth else ["text"]
+    return {m: "" if i == 0 else f"_{m}" for i, m in enumerate(modes)}
+
+
+def mode_mask(synth: pd.DataFrame, mode: str) -> np.ndarray:
+    return (synth["mode"] == mode).to_numpy(copy=True) if "mode" in synth else np.ones(len(synth), dtype=bool)
+
+
+def first_mode(synth: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the first generation mode: what a single-mode figure (VLP, the report's samples) uses."""
+    return synth[mode_mask(synth, next(iter(modes_of(synth))))]

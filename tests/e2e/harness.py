@@ -64,3 +64,12 @@ def declared_outputs(repo: Path) -> dict[str, list[str]]:
                 paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
         out[name] = paths
     return out
+
+
+def assert_declared_outputs(repo: Path) -> None:
+    """Every stage of the DAG ran and wrote every output dvc.yaml declares for it."""
+    outputs = declared_outputs(repo)
+    assert list(outputs) == STAGES
+    for stage, paths in outputs.items():
+        for p in paths:
+            assert (repo / p).exists(), f"{stage} did not write {p}"

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from tests.browser import CHROMIUM, visit
-from tests.e2e.harness import STAGES, declared_outputs, dvc, make_repo, sh
+from tests.e2e.harness import STAGES, assert_declared_outputs, dvc, make_repo, sh
 from tests.test_report import check_self_contained
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
@@ -72,11 +72,7 @@ def experiment(repo: Path, name: str) -> dict:
 def test_pipeline_end_to_end(repo: Path, prefect_harness):
     # 1. The whole DAG runs and every declared output exists.
     dvc(repo, "repro")
-    outputs = declared_outputs(repo)
-    assert list(outputs) == STAGES
-    for stage, paths in outputs.items():
-        for p in paths:
-            assert (repo / p).exists(), f"{stage} did not write {p}"
+    assert_declared_outputs(repo)
     report = (repo / "data/report/report.html").read_text()
     check_self_contained(report)  # every figure inlined, no script: it opens offline
     for title in ("Dataset", "Autoencoder", "Diffusion training", "Synthetic samples", "Fidelity", "Privacy",
