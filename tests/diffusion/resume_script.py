@@ -24,7 +24,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     volumes = sys.argv[3:] == ["invertible3d"]
-    images = (torch.rand(6, 1, *(16,) * (3 if volumes else 2), generator=g) * 200 + 20).to(torch.uint8)
+    shape = (8, 8, 8) if volumes else (16, 16)
+    images = (torch.rand(6, 1, *shape, generator=g) * 200 + 20).to(torch.uint8)
     names = [f"img{i}.png" for i in range(6)]
     pairs = pd.DataFrame({"file_name": names + names[:3], "text": [f"caption {i}" for i in range(9)]})
     vae, encoder = (tiny_volume_vae() if volumes else tiny_vae()).eval(), TextEncoder(max_length=8)
@@ -37,7 +38,7 @@ if __name__ == "__main__":
                          context_dropout=0.2, sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9,
                          min_snr_gamma=5.0, checkpoint_every=10, keep_checkpoints=2)
     torch.manual_seed(0)
-    unet = build_unet(sample_size=8, in_channels=data.latent_mean.shape[1], block_out_channels=[16, 32],
+    unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1], block_out_channels=[16, 32],
                       layers_per_block=1, cross_attention_dim=encoder.hidden_size, attention_head_dim=4,
                       norm_num_groups=8, dropout=0.1, self_condition=True, dims=3 if volumes else 2,
                       backbone="invertible" if volumes else "standard")
