@@ -225,24 +225,11 @@ class InvertibleDown(ReversibleLayer):
         return [torch.cat([skip, depth_to_space(self.mix(down, transpose=True), self.dims)], dim=1)]
 
 
-class InvertibleUp(ReversibleLayer):
-    """[.., skip(C - C_d, S), h(2C, S/2)] -> [.., h(C, S)]: orthogonal mixing, depth-to-space, concat skip."""
+class InvertibleUp(InvertibleDown):
+    """[.., skip(C - C_d, S), h(2C, S/2)] -> [.., h(C, S)]: InvertibleDown run backwards, with weights of its own."""
 
     n_in, n_out = 2, 1
-
-    def __init__(self, dims: int, channels: int):
-        super().__init__()
-        self.dims = dims
-        self.skip, self.down = split_sizes(channels, dims)
-        self.mix = OrthogonalMix(2 * channels)
-
-    def forward(self, xs, temb, ctx, mask):
-        skip, h = xs
-        return [torch.cat([skip, depth_to_space(self.mix(h), self.dims)], dim=1)]
-
-    def inverse(self, ys, temb, ctx, mask):
-        skip, up = ys[0].split([self.skip, self.down], dim=1)
-        return [skip.contiguous(), self.mix(space_to_depth(up, self.dims), transpose=True)]
+    forward, inverse = InvertibleDown.inverse, InvertibleDown.forward
 
 
 def checkerboard_index(spatial: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -17,9 +17,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-
-def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    return (nn.Conv2d if dims == 2 else nn.Conv3d)(*args, **kwargs)
+from synthmed.models.invertible import conv_nd
 
 
 class DiagonalGaussian:
@@ -54,9 +52,9 @@ class DecoderOutput(BaseOutput):
 class ResBlock(nn.Module):
     def __init__(self, dims: int, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, cin), conv_nd(dims, cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, cout), conv_nd(dims, cout, cout, 3, padding=1)
-        self.skip = conv_nd(dims, cin, cout, 1) if cin != cout else nn.Identity()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin), conv_nd(dims, cin, cout)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout), conv_nd(dims, cout, cout)
+        self.skip = conv_nd(dims, cin, cout, kernel=1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -73,29 +71,29 @@ class VolumeAutoencoderKL(ModelMixin, ConfigMixin):
                  scaling_factor: float = 1.0):
         super().__init__()
         chans, g = list(block_out_channels), norm_num_groups
-        self.enc_in = conv_nd(dims, in_channels, chans[0], 3, padding=1)
+        self.enc_in = conv_nd(dims, in_channels, chans[0])
         enc, c = [], chans[0]
         for i, width in enumerate(chans):
             for _ in range(layers_per_block):
                 enc.append(ResBlock(dims, c, width, g))
                 c = width
             if i < len(chans) - 1:
-                enc.append(conv_nd(dims, c, c, 3, stride=2, padding=1))
-        moments = conv_nd(dims, c, 2 * latent_channels, 3, padding=1)
+                enc.append(conv_nd(dims, c, c, stride=2))
+        moments = conv_nd(dims, c, 2 * latent_channels)
         # The posterior starts nearly deterministic (std e^-3): at an LDM's tiny KL weight nothing pulls it wider,
         # while from the usual std 1 a short training leaves latents half noise, which the diffusion model then
         # has to learn too (measured on the 3-D demo: posterior std 0.59 against 0.74 for the means).
         nn.init.constant_(moments.bias[latent_channels:], -6.0)
         enc += [ResBlock(dims, c, c, g), nn.GroupNorm(g, c), nn.SiLU(), moments]
         self.encoder = nn.Sequential(*enc)
-        dec: list[nn.Module] = [conv_nd(dims, latent_channels, c, 3, padding=1), ResBlock(dims, c, c, g)]
+        dec: list[nn.Module] = [conv_nd(dims, latent_channels, c), ResBlock(dims, c, c, g)]
         for i, width in enumerate(reversed(chans)):
             for _ in range(layers_per_block + 1):
                 dec.append(ResBlock(dims, c, width, g))
                 c = width
             if i < len(chans) - 1:
-                dec += [nn.Upsample(scale_factor=2, mode="nearest"), conv_nd(dims, c, c, 3, padding=1)]
-        dec += [nn.GroupNorm(g, c), nn.SiLU(), conv_nd(dims, c, out_channels, 3, padding=1)]
+                dec += [nn.Upsample(scale_factor=2, mode="nearest"), conv_nd(dims, c, c)]
+        dec += [nn.GroupNorm(g, c), nn.SiLU(), conv_nd(dims, c, out_channels)]
         self.decoder = nn.Sequential(*dec)
 
     def _check(self, x: torch.Tensor, what: str, channels: int) -> None:
