@@ -25,6 +25,7 @@ from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.models.autoencoder import load_autoencoder
+from synthmed.models.cond_unet import nearest_valid_sizes
 from synthmed.models.image_encoder import ImageEncoder
 from synthmed.models.unet import build_unet
 from synthmed.diffusion.train import (TAIL, LDMTrainConfig, NonFiniteLoss, build_image_pairs, build_latent_pairs,
@@ -151,6 +152,14 @@ def main() -> None:
         raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the "
                             f"{side}x{side} latent grid of {VAE}; use a divisor of {side}")
     volumes = images.ndim == 5
+    grid, stride = side // p.latent_patch, 2 ** (len(p.block_out_channels) - 1)
+    if (volumes or p.backbone == "invertible") and grid % stride:  # diffusers' 2-D UNet pads odd sizes itself
+        factor = images.shape[-1] // grid
+        valid = " or ".join(str(g * factor) for g in nearest_valid_sizes(grid, stride))
+        raise PipelineError(f"params.yaml: ingest.resolution={images.shape[-1]} gives a {grid}-wide grid for the UNet "
+                            f"(÷{factor}: the VAE's downsampling x train_ldm.latent_patch), which its total stride "
+                            f"{stride} (2 ** (levels of train_ldm.block_out_channels - 1)) does not divide; nearest "
+                            f"valid ingest.resolution: {valid}, or fewer levels")
     if volumes and p.condition == "image":
         raise PipelineError("params.yaml: train_ldm.condition=image needs 2-D images (the image encoders are 2-D); "
                             "use condition: text for volumes")

@@ -150,3 +150,28 @@ def test_cpu_settings_are_checked_like_any_param(workdir):
     del params["cpu"]
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     assert_one_line_error(run_stage(workdir, "train_vae"), "section 'cpu:' is missing")
+
+
+def test_a_volume_grid_the_unet_stride_does_not_divide_names_the_valid_resolutions(workdir):
+    """24^3 volumes: the volume VAE halves them and latent_patch 2 packs 2^3 blocks, a 6-wide grid; the UNet's
+    three levels need a multiple of 4."""
+    import numpy as np
+    import pandas as pd
+
+    from tests.diffusion.test_volume_pipeline import tiny_vae
+
+    dataset = workdir / "data/ingest/dataset"
+    dataset.mkdir(parents=True)
+    rows = []
+    for i, split in enumerate(["train"] * 3 + ["val"] * 2):
+        np.save(dataset / f"v{i}.npy", np.full((24, 24, 24), 40 * i, dtype=np.uint8))
+        rows.append({"file_name": f"v{i}.npy", "text": f"volume {i}", "caption_source": "original", "split": split,
+                     "label": "", "group": str(i)})
+    pd.DataFrame(rows).to_csv(dataset / "metadata.csv", index=False)
+    (workdir / "data/paraphrase").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(workdir / "data/paraphrase/pairs.csv", index=False)
+    tiny_vae().save_pretrained(workdir / "data/train_vae/vae")
+    set_param(workdir, "train_ldm", latent_patch=2, block_out_channels=[32, 64, 128])
+    assert_one_line_error(run_stage(workdir, "train_ldm"), "ingest.resolution=24", "6-wide grid",
+                          "nearest valid ingest.resolution: 16 or 32")
+    assert not (workdir / "data/train_ldm").exists()

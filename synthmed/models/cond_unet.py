@@ -30,15 +30,16 @@ class ConditionalUNetOutput(BaseOutput):
     sample: Tensor
 
 
-def nearest_valid_sizes(size: int, stride: int) -> tuple[int, int]:
+def nearest_valid_sizes(size: int, stride: int) -> tuple[int, ...]:
+    """The multiples of ``stride`` nearest ``size`` from below (if any) and above."""
     below = (size // stride) * stride
-    return (below if below > 0 else stride), below + stride
+    return (below, below + stride) if below > 0 else (stride,)
 
 
 def _size_error(size: int, stride: int, what: str) -> ValueError:
-    lo, hi = nearest_valid_sizes(size, stride)
+    valid = " or ".join(map(str, nearest_valid_sizes(size, stride)))
     return ValueError(f"{what} {size} is not divisible by the UNet's total stride {stride} "
-                      f"(2 ** (len(block_out_channels) - 1)); nearest valid sizes: {lo} or {hi}")
+                      f"(2 ** (len(block_out_channels) - 1)); nearest valid sizes: {valid}")
 
 
 class ResBlock(nn.Module):
