@@ -214,19 +214,24 @@ def read_imageclef(folder: str | Path, opts: DecodeOptions, problems: Problems, 
     return rows_to_samples(images, rows, meta, opts, problems, workers)
 
 
+def save_pixels(pixels: np.ndarray, path: Path) -> None:
+    """Write uint8 pixels losslessly, by ``path``'s suffix: a volume (D, H, W) as .npy, an image as PNG."""
+    if path.suffix == ".npy":
+        # np.save's bytes are a function of dtype, shape and values: same voxels, same hash
+        np.save(path, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+    else:
+        Image.fromarray(pixels).save(path, format="PNG", optimize=False)
+
+
 def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame:
     """Atomically write samples as PNGs (volumes, ``file_name`` ending in .npy: NumPy files) plus
     metadata.csv (one row per image-caption pair)."""
     rows = []
     with atomic_path(folder, is_dir=True) as tmp:
         for s in samples:
-            png = tmp / s.file_name
-            if s.file_name.endswith(".npy"):
-                # np.save's bytes are a function of dtype, shape and values: same array, same hash
-                np.save(png, np.ascontiguousarray(s.pixels), allow_pickle=False)
-            else:
-                Image.fromarray(s.pixels).save(png, format="PNG", optimize=False)
-            digest = sha256_bytes(png.read_bytes())
+            path = tmp / s.file_name
+            save_pixels(s.pixels, path)
+            digest = sha256_bytes(path.read_bytes())
             for caption in s.captions:
                 rows.append(
                     {"file_name": s.file_name, "text": caption, "label": s.label, "group": s.group,

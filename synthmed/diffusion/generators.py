@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from synthmed.diffusion.bases import DATA_FORMAT, _class_in, quiet_loading
-from synthmed.diffusion.sample import seeded_generators, unpack_latents
+from synthmed.diffusion.sample import seeded_generators, spatial_dims, unpack_latents
 from synthmed.errors import PipelineError
 
 
@@ -78,7 +78,7 @@ def load_generator(folder: str | Path, device: torch.device | str = "cpu"):
 
         pipe = SynthMedPipeline.from_pretrained(folder).to(device)
         try:  # the UNet's channels are the VAE's, or packed patches of them (train_ldm.latent_patch)
-            unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, *[1] * getattr(pipe.unet.config, "dims", 2)))
+            unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, *[1] * spatial_dims(pipe.unet)))
         except ValueError as exc:
             raise PipelineError(f"{folder}: {exc}; retrain it (dvc repro train_ldm)") from None
     elif kind in FINE_TUNED:

@@ -41,6 +41,11 @@ def unpack_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, d * patch, h * patch, w * patch)
 
 
+def spatial_dims(unet: UNet2DConditionModel) -> int:
+    """2 for images, 3 for a volume model (its config says dims=3; diffusers' UNets have no such key)."""
+    return getattr(unet.config, "dims", 2)
+
+
 def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
     return unet.config.in_channels == 2 * unet.config.out_channels
 
@@ -83,7 +88,7 @@ def sample_latents(unet: UNet2DConditionModel, scheduler, cond_emb: torch.Tensor
     """
     device = next(unet.parameters()).device
     c, s = unet.config.out_channels, unet.config.sample_size
-    shape = (c,) + (s,) * getattr(unet.config, "dims", 2)  # a volume model's config says dims=3
+    shape = (c,) + (s,) * spatial_dims(unet)
     self_cond = is_self_conditioned(unet)
     n = len(generators)
     latents = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in generators])

@@ -16,9 +16,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from synthmed.data.imagefolder import METADATA
+from synthmed.data.imagefolder import METADATA, save_pixels
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.progress import progress
@@ -54,13 +53,9 @@ def _reset_if_other_run(out: Path, fingerprint: str, mine: Callable[[int], bool]
 
 
 def save_image(img: np.ndarray, stem: Path) -> str:
-    """A uint8 image as PNG, a volume (D, H, W) as .npy (lossless, the same bytes for the same voxels); the
-    file's name."""
+    """A uint8 image as ``stem``.png, a volume (D, H, W) as ``stem``.npy; the file's name."""
     path = stem.with_suffix(".npy" if is_volume(img) else ".png")
-    if is_volume(img):
-        np.save(path, np.ascontiguousarray(img, dtype=np.uint8), allow_pickle=False)
-    else:
-        Image.fromarray(img).save(path, format="PNG")
+    save_pixels(img, path)
     return path.name
 
 
