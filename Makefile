@@ -26,7 +26,8 @@ run: venv
 # in place (--temp): about 20 min on 2 CPU cores. See README "Volumes".
 run-3d: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --temp -n demo-3d -S ingest.dims=3 -S ingest.resolution=32 \
-		-S 'train_vae.block_out_channels=[16,32]' -S train_vae.batch_size=8 -S train_vae.steps=400
+		-S 'train_vae.block_out_channels=[16,32]' -S train_vae.batch_size=8 -S train_vae.steps=400 \
+		-S train_ldm.prediction_type=v_prediction -S train_ldm.sample_posterior=false
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed
 
 flow: venv

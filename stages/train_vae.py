@@ -15,8 +15,9 @@ from synthmed.data.dataset import split_images, to_model_range
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
-from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, latent_scaling_factor,
-                                         reconstruct, reconstruction_metrics, train_autoencoder)
+from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior,
+                                         latent_scaling_factor, posterior_noise_fraction, reconstruct,
+                                         reconstruction_metrics, train_autoencoder)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
@@ -95,6 +96,7 @@ def main() -> None:
     write_metrics("train_vae", {
         **{f"val_{k}": v for k, v in metrics.items()},
         "scaling_factor": float(vae.config.scaling_factor),
+        "posterior_noise_fraction": posterior_noise_fraction(*encode_posterior(vae, train)),
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
     }, headline=["val_psnr", "val_ssim"])

@@ -165,6 +165,15 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) 
                       for i in range(0, len(mean), batch_size)]).clamp(-1, 1)
 
 
+def posterior_noise_fraction(mean: torch.Tensor, std: torch.Tensor) -> float:
+    """The share of a posterior sample's variance that is the posterior's own noise, not the image's:
+    mean(std^2) / (var(mean) + mean(std^2)), from `encode_posterior`. Near 0, sampled latents are the
+    images'; a large share (the KL term widens the posterior during a short training) makes them partly
+    noise that a diffusion model trained on samples learns too (train_ldm.sample_posterior: false avoids it)."""
+    noise = float(std.double().pow(2).mean())
+    return noise / (float(mean.double().var()) + noise)
+
+
 def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> float:
     """1 / std of posterior samples of the training latents (unit variance for the diffusion)."""
     mean, std = encode_posterior(vae, images)

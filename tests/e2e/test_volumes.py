@@ -24,7 +24,9 @@ def volume_params() -> dict:
     params = yaml.safe_load(TINY_PARAMS.read_text())
     params["ingest"].update(dims=3, resolution=16)
     params["train_vae"].update(block_out_channels=[8, 16], mid_attention=False, batch_size=8)
-    params["train_ldm"].update(backbone="invertible", block_out_channels=[16, 32], batch_size=8)
+    # the 3-D recipe of `make run-3d` (README "Volumes (3-D)")
+    params["train_ldm"].update(backbone="invertible", block_out_channels=[16, 32], batch_size=8,
+                               prediction_type="v_prediction", sample_posterior=False)
     return params
 
 
@@ -40,6 +42,7 @@ def test_volumes_run_the_whole_dag_with_the_invertible_backbone(tmp_path: Path):
     assert unet["_class_name"] == "ConditionalUNet" and unet["dims"] == 3 and unet["backbone"] == "invertible"
     assert json.loads((repo / "data/train_ldm/model/vae/config.json").read_text())["_class_name"] == "VolumeAutoencoderKL"
 
+    assert 0 <= json.loads((repo / "metrics/all/train_vae.json").read_text())["posterior_noise_fraction"] <= 1
     synth = pd.read_csv(repo / "data/generate/dataset/metadata.csv")
     first = np.load(repo / "data/generate/dataset" / synth["file_name"].iloc[0])
     assert first.shape == (16, 16, 16) and first.dtype == np.uint8 and first.std() > 0

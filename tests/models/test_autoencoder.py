@@ -1,8 +1,11 @@
+import math
+
 import torch
 from diffusers import AutoencoderKL
 
-from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, latent_scaling_factor,
-                                         reconstruct, reconstruction_metrics, train_autoencoder)
+from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
+                                         posterior_noise_fraction, reconstruct, reconstruction_metrics,
+                                         train_autoencoder)
 
 
 def cfg(**kw) -> VAETrainConfig:
@@ -60,3 +63,15 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
     assert log[-1]["loss"] < log[0]["loss"]
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     assert use_bf16(torch.device("cpu"), "bf16") and not use_bf16(torch.device("cpu"), "no")
+
+
+def test_posterior_noise_fraction_tells_noisy_latents_from_clean_ones():
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = tiny_vae()
+    assert 0.5 < posterior_noise_fraction(*encode_posterior(vae, images)) <= 1.0  # at init the std is about 1
+    with torch.no_grad():  # the logvar half of the posterior's last conv: variance e^-8 everywhere
+        vae.quant_conv.weight[4:].zero_()
+        vae.quant_conv.bias[4:].fill_(-8.0)
+        mean_var = float(vae.encode(images).latent_dist.mean.double().var())
+    noise = math.exp(-8.0)
+    assert abs(posterior_noise_fraction(*encode_posterior(vae, images)) - noise / (mean_var + noise)) < 1e-6
