@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import errno
+import re
 import sys
 import time
 import typing
@@ -40,6 +41,9 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+_EXPONENT_ONLY = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -59,6 +63,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return {k: _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-7 (no dot) as a string; `dvc exp run -S` writes such values
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (
         isinstance(value, bool) and tp is not bool
     )):

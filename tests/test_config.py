@@ -36,12 +36,20 @@ def test_valid_section_is_typed(tmp_path):
     assert p.inner == Inner(depth=2)
 
 
+@pytest.mark.parametrize("written, value", [("1e-07", 1e-7), ("'2E+3'", 2000.0), (".5e1", 5.0)])
+def test_an_exponent_without_a_dot_is_a_float(tmp_path, written, value):
+    p, _ = load_params("stage", P, write(tmp_path, GOOD.replace("lr: 1", f"lr: {written}")))
+    assert p.lr == value
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
         (GOOD.replace("  steps: 10\n", ""), "key 'stage.steps' is missing"),
         (GOOD.replace("steps: 10", "stepz: 10"), "unknown key 'stage.stepz'; did you mean 'steps'?"),
         (GOOD.replace("steps: 10", "steps: ten"), "stage.steps must be int"),
+        (GOOD.replace("lr: 1", "lr: 1e"), "stage.lr must be float"),
+        (GOOD.replace("steps: 10", "steps: 1e3"), "stage.steps must be int"),
         (GOOD.replace("mode: a", "mode: c"), "stage.mode = 'c' is not supported; use one of: a, b"),
         (GOOD.replace("sizes: [1, 2]", "sizes: 3"), "stage.sizes must be a list"),
         (GOOD.replace("seed: 3", "seed: x"), "'seed' must be an integer"),
