@@ -24,7 +24,7 @@ from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
-from synthmed.models.autoencoder import load_autoencoder, posterior_noise_fraction
+from synthmed.models.autoencoder import load_autoencoder
 from synthmed.models.cond_unet import nearest_valid_sizes
 from synthmed.models.image_encoder import ImageEncoder
 from synthmed.models.unet import build_unet
@@ -40,7 +40,6 @@ DATASET = "data/ingest/dataset"
 PAIRS = "data/paraphrase/pairs.csv"
 VAE = "data/train_vae/vae"
 OUT = "data/train_ldm"
-MAX_POSTERIOR_NOISE = 0.1  # the share of posterior noise in training latents above which train_ldm warns
 
 
 @dataclass
@@ -180,11 +179,6 @@ def main() -> None:
         val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
                                       latent_patch=p.latent_patch)
         dims = dict(cross_attention_dim=encoder.hidden_size)
-    noise = posterior_noise_fraction(data.latent_mean, data.latent_std)
-    if p.sample_posterior and noise > MAX_POSTERIOR_NOISE:
-        print(f"train_ldm: warning: {noise:.0%} of the variance of the posterior samples it trains on is the VAE "
-              "posterior's own noise (train_vae's posterior_noise_fraction), which the model would learn to "
-              "generate too; set train_ldm.sample_posterior: false to train on the posterior means")
     try:
         unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                           block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
