@@ -12,6 +12,7 @@ model's), the others' with the mode appended (`fd_effnet_interpolation`, augment
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -251,4 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

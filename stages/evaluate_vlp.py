@@ -10,6 +10,7 @@ of the test images, beside the chance level. Unlabelled data gets retrieval only
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,4 +113,4 @@ def write_outputs(p: EvaluateVLPParams, seed: int, runs: pd.DataFrame, table: pd
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

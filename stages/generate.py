@@ -172,10 +172,15 @@ def pop_shard(argv: list[str]) -> tuple[int, int]:
     return parse_shard(spec)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m stages.generate [--shard i/N]`; ``argv`` given: in this process (see run_stage)."""
     try:
-        shard = pop_shard(sys.argv)
+        shard = pop_shard(sys.argv if argv is None else argv)  # the rest is run_stage's
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    run_stage(lambda: main(shard))
+        return 2
+    return run_stage(lambda: main(shard), argv, stage="generate")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

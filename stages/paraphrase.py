@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

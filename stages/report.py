@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import io
 import json
 import re
@@ -175,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

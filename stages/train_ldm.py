@@ -8,6 +8,7 @@ same recipe data-parallel on several GPUs (the main process writes the outputs).
 
 from __future__ import annotations
 
+import sys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,4 +261,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

@@ -14,6 +14,7 @@ written adapter is one that loads.
 
 from __future__ import annotations
 
+import sys
 import json
 import shutil
 from dataclasses import dataclass
@@ -314,4 +315,4 @@ def fit(p: TrainLoraParams, part: Part, g, accelerator, fingerprint: str, sample
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    sys.exit(run_stage(main))

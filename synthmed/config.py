@@ -160,12 +160,15 @@ class CPUParams:
         require_at_least_one(self, "threads")
 
 
-def apply_cpu_params(path: str | Path = PARAMS_FILE) -> CPUParams:
+def apply_cpu_params(path: str | Path = PARAMS_FILE, *, pin: bool = True) -> CPUParams:
     """Pin the thread count and, in strict mode, the CPU kernels (see synthmed/reproducibility.py)
-    before the stage creates any tensor; restarts the process once if a kernel was chosen already."""
+    before the stage creates any tensor; restarts the process once if a kernel was chosen already.
+    ``pin=False`` only validates the section (a stage run inside another process leaves its settings)."""
     from synthmed import reproducibility
 
     p = _build(CPUParams, _read_yaml(Path(path)).get("cpu"), "cpu", Path(path))
+    if not pin:
+        return p
     if p.mode == "native":
         reproducibility.pin_cpu(p.threads, strict=False)
         return p
@@ -192,36 +195,46 @@ def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml
     return "\n".join(lines)
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError becomes one line on stderr and exit code 2.
+def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage: str | None = None) -> int:
+    """Run a stage's main() and return its exit code; a PipelineError (or a disk the user must fix)
+    becomes one line on stderr and exit code 2. Stages end with `sys.exit(run_stage(main))`.
 
+    ``argv`` None: the command line, and the process's CPU settings come from params.yaml (`cpu:`).
+    ``argv`` given: a run inside another process (tests, notebooks), whose CPU settings stay as they are.
     `--help` describes the stage and exits without touching anything. The wall time goes to
     logs/timings/<stage>.json, outside every DVC output, so that cached artifacts stay identical
     across reruns.
     """
-    stage = Path(sys.argv[0]).stem  # `python -m stages.ingest` -> "ingest"
-    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
-    argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=describe_stage(stage, doc),
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    module = getattr(main, "__module__", "__main__")
+    if stage is None:  # `python -m stages.ingest` -> "ingest"
+        stage = module.removeprefix("stages.") if module.startswith("stages.") else Path(sys.argv[0]).stem
+    doc = getattr(sys.modules.get(module), "__doc__", None)
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=describe_stage(stage, doc),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an unknown option (2)
+        return exc.code if isinstance(exc.code, int) else 2
     start = time.perf_counter()
     try:
-        apply_cpu_params()
+        apply_cpu_params(pin=argv is None)
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except OSError as exc:
         if exc.errno not in _USER_FIXABLE_OS_ERRORS:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}; {_USER_FIXABLE_OS_ERRORS[exc.errno]} and rerun "
               f"`dvc repro {stage}` (a killed or failed run resumes where it stopped)", file=sys.stderr)
-        sys.exit(2)
+        return 2
     seconds = time.perf_counter() - start
     print(f"{stage}: finished in {seconds:.1f} s")
     from synthmed.io import write_json
 
     write_json(Path("logs/timings") / f"{stage}.json", {"stage": stage, "wall_s": round(seconds, 2)})
+    return 0
 
 
 def require_inputs(stage: str, *paths: str | Path) -> None:

@@ -1,7 +1,12 @@
-"""Small fixtures-as-functions shared by tests: tiny image folders and models."""
+"""Builders shared by tests: tiny image folders, models, training configs and pipelines, and a stage run in
+this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,40 @@ def write_imagefolder(root: Path, rows: list[tuple[str, str]], size: int = 24, *
     df = pd.DataFrame({"file_name": [r[0] for r in rows], "text": [r[1] for r in rows], **extra_columns})
     df.to_csv(root / "metadata.csv", index=False)
     return root
+
+
+@dataclass
+class StageRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_stage_here(workdir: Path, stage: str, *argv: str, env: dict[str, str | None] | None = None) -> StageRun:
+    """`python -m stages.<stage> [argv]` run in this process from ``workdir`` (synthmed.config.run_stage with
+    argv): its exit code and what it printed, without paying a fresh interpreter's imports. ``env``: variables
+    set (None: unset) for the run only."""
+    import importlib
+
+    from synthmed.config import run_stage
+
+    module = importlib.import_module(f"stages.{stage}")
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    saved = {k: os.environ.get(k) for k in env or {}}
+
+    def put(values):
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    put(env or {})
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.cli(list(argv)) if stage == "generate" else run_stage(module.main, list(argv))
+    finally:
+        os.chdir(cwd)
+        put(saved)
+    return StageRun(code, out.getvalue(), err.getvalue())
 
 
 def byte_level_clip_tokenizer(folder: Path, model_max_length: int = 77):
@@ -110,3 +149,63 @@ def tiny_kandinsky(folder: Path) -> tuple[Path, Path]:
                               clip_sample=False, prediction_type="epsilon")
     KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(folder / "decoder")
     return folder / "prior", folder / "decoder"
+
+
+# Training-loop options that switch every extra off (accumulation, AMP, warm-up, EMA, min-SNR, checkpoints).
+PLAIN = dict(grad_accum_steps=1, mixed_precision="no", warmup_steps=0, ema_decay=0.0, min_snr_gamma=0.0,
+             checkpoint_every=0, keep_checkpoints=0)
+
+
+def tiny_unet(cross_dim: int = 384):
+    """A 2-level conditional UNet on 8x8x4 latents (the text encoder's 384-d states by default)."""
+    import torch
+
+    from synthmed.models.unet import build_unet
+
+    torch.manual_seed(0)
+    return build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+                      cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=8, dropout=0.0)
+
+
+def toy_latent_pairs(n: int = 6, g=None):
+    """``n`` random 8x8x4 latents, each paired with its own 5-token caption state (index 0: the null caption)."""
+    import torch
+
+    from synthmed.diffusion.train import LatentPairs
+
+    g = g or torch.Generator().manual_seed(0)
+    return LatentPairs(latent_mean=torch.randn(n, 4, 8, 8, generator=g), latent_std=torch.zeros(n, 4, 8, 8),
+                       scaling_factor=1.0, image_index=torch.arange(n), caption_index=torch.arange(1, n + 1),
+                       text_emb=torch.randn(n + 1, 5, 384, generator=g),
+                       text_mask=torch.ones(n + 1, 5, dtype=torch.long), uncond_index=0)
+
+
+def vae_train_config(**kw):
+    """A short L1 VAE training run; keywords override."""
+    from synthmed.models.autoencoder import VAETrainConfig
+
+    base = dict(steps=40, batch_size=8, lr=3e-3, kl_weight=1e-6, recon_loss="l1", ssim_weight=0.0,
+                warmup_steps=0, mixed_precision="no", checkpoint_every=0, keep_checkpoints=2)
+    return VAETrainConfig(**{**base, **kw})
+
+
+def tiny_vae():
+    """A 2-level greyscale AutoencoderKL: 16 px images, 8x8x4 latents."""
+    import torch
+
+    from synthmed.models.autoencoder import build_autoencoder
+
+    torch.manual_seed(0)
+    return build_autoencoder(in_channels=1, block_out_channels=[8, 16], layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=16)
+
+
+def tiny_volume_vae():
+    """A 2-level volume autoencoder: 16^3 volumes, 8^3x2 latents."""
+    import torch
+
+    from synthmed.models.autoencoder import build_autoencoder
+
+    torch.manual_seed(0)
+    return build_autoencoder(in_channels=1, block_out_channels=[8, 8], layers_per_block=1, latent_channels=2,
+                             norm_num_groups=4, sample_size=16, mid_attention=False, dims=3)

@@ -3,9 +3,6 @@ split rules of evaluation, and which paraphrases train the diffusion model."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import yaml
@@ -15,6 +12,7 @@ from synthmed.data.dataset import split_mask
 from synthmed.diffusion.prompts import file_prompts
 from synthmed.errors import PipelineError
 from tests.conftest import REPO_ROOT
+from tests.helpers import run_stage_here
 
 METADATA = """file_name,text,label,group,split,sha256
 a.png,axial slice one,ax,g1,train,0
@@ -33,7 +31,7 @@ def test_heldout_prompts_come_from_ingest_metadata_whatever_the_paraphrase_strat
     (tmp_path / "data/paraphrase").mkdir(parents=True)  # replace_all: no original train caption is left
     (tmp_path / "data/paraphrase/pairs.csv").write_text(
         "file_name,text,caption_source,split,label,group\na.png,an axial slice,rule,train,ax,g1\n")
-    proc = subprocess.run([sys.executable, "-m", "stages.prompts"], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_stage_here(tmp_path, "prompts")
     assert proc.returncode == 0, proc.stderr
     plan = pd.read_csv(tmp_path / "data/prompts/plan.csv", dtype=str, keep_default_na=False)
     assert plan["text"].tolist() == ["axial slice one", "axial slice one again", "coronal slice", "sagittal slice"]

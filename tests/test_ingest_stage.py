@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +12,14 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.data.test_dicom import IDENTIFIERS, RAW, file_id, write_dcm
-from tests.helpers import write_imagefolder
+from tests.helpers import StageRun, run_stage_here, write_imagefolder
 
 
-def run_ingest(workdir: Path, **ingest) -> subprocess.CompletedProcess:
+def run_ingest(workdir: Path, **ingest) -> StageRun:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["ingest"].update(ingest)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=workdir, capture_output=True, text=True)
+    return run_stage_here(workdir, "ingest")
 
 
 def outputs_text(workdir: Path) -> str:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import StageRun, run_stage_here
 from tests.text.fake_openai import FakeOpenAI
 from tests.text.test_llm import ENV, KEY, good
 
@@ -31,12 +29,8 @@ def setup(workdir: Path, url: str, **openai) -> None:
     (ds / "metadata.csv").write_text("\n".join(rows + ['9.png,"held out",x,9,test']) + "\n")
 
 
-def run(workdir: Path, with_key: bool) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if with_key:
-        env[ENV] = KEY
-    return subprocess.run([sys.executable, "-m", "stages.paraphrase"], cwd=workdir, env=env,
-                          capture_output=True, text=True)
+def run(workdir: Path, with_key: bool) -> StageRun:
+    return run_stage_here(workdir, "paraphrase", env={ENV: KEY if with_key else None})
 
 
 def test_llm_stage_caches_reproduces_and_never_writes_the_key(tmp_path):

@@ -17,8 +17,7 @@ from synthmed.diffusion.train import LDMTrainConfig, make_noise_scheduler, train
 from synthmed.errors import PipelineError
 from synthmed.models.autoencoder import train_autoencoder
 from synthmed.progress import LineProgress, progress
-from tests.diffusion.test_train import PLAIN, _toy_data, tiny_unet
-from tests.models.test_autoencoder import cfg as vae_cfg, tiny_vae
+from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs, vae_train_config
 
 LINE = re.compile(r"^(\w+): (\w+) (\d+)/(\d+) \(\d+\.\d%\), (?:loss ([\d.e+-]+), )?[\d.e+-]+ \w+/s, "
                   r"(?:ETA \w+|\w+ elapsed)$")
@@ -63,7 +62,7 @@ def test_a_resumed_loop_counts_its_rate_from_where_it_resumed():
 def test_train_ldm_prints_progress_lines_without_a_terminal(plain_lines, capsys):
     cfg = LDMTrainConfig(steps=4, batch_size=4, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
                          sample_posterior=False, grad_clip=0.0, **PLAIN)
-    log, _ = train_ldm(tiny_unet(), make_noise_scheduler(1000), _toy_data(), cfg, torch.Generator().manual_seed(0))
+    log, _ = train_ldm(tiny_unet(), make_noise_scheduler(1000), toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
     found = lines_of(capsys.readouterr().out, "train_ldm")
     assert [(m[2], int(m[3]), int(m[4])) for m in found] == [("step", i, 4) for i in range(1, 5)]
     for m, row in zip(found, log):  # one step per line: the line's loss is that step's
@@ -72,7 +71,7 @@ def test_train_ldm_prints_progress_lines_without_a_terminal(plain_lines, capsys)
 
 def test_train_vae_prints_progress_lines_without_a_terminal(plain_lines, capsys):
     images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    log = train_autoencoder(tiny_vae(), images, vae_cfg(steps=3, batch_size=2), torch.Generator().manual_seed(0))
+    log = train_autoencoder(tiny_vae(), images, vae_train_config(steps=3, batch_size=2), torch.Generator().manual_seed(0))
     found = lines_of(capsys.readouterr().out, "train_vae")
     assert [int(m[3]) for m in found] == [1, 2, 3]
     assert float(found[-1][5]) == pytest.approx(log[-1]["loss"], rel=1e-3)

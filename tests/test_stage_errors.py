@@ -1,4 +1,7 @@
-"""Bad params or inputs stop a stage with one line naming the key/file, exit 2, and no outputs."""
+"""Bad params or inputs stop a stage with one line naming the key/file, exit 2, and no outputs.
+
+The stages run in this process (run_stage with argv, as `python -m stages.X` runs them but without a fresh
+interpreter's imports); one test per contract runs the real command in a subprocess."""
 
 from __future__ import annotations
 
@@ -12,11 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.helpers import write_imagefolder
-
-
-def run_stage(workdir: Path, stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, capture_output=True, text=True)
+from tests.helpers import StageRun, write_imagefolder
+from tests.helpers import run_stage_here as run_stage
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def set_param(workdir: Path, stage: str, **values) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+def assert_one_line_error(proc, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -43,6 +43,14 @@ def test_unknown_source(workdir):
     set_param(workdir, "ingest", source="dicomm")
     assert_one_line_error(run_stage(workdir, "ingest"), "ingest.source = 'dicomm'", "demo, imagefolder")
     assert not (workdir / "data").exists()
+
+
+def test_the_command_line_exits_2_with_one_line_and_writes_nothing(workdir):
+    """The contract of every stage's `python -m stages.X`, once in a real subprocess."""
+    set_param(workdir, "ingest", source="dicomm")
+    proc = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=workdir, capture_output=True, text=True)
+    assert_one_line_error(proc, "ingest.source = 'dicomm'", "demo, imagefolder")
+    assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
 
 
 def test_missing_key(workdir):
@@ -104,15 +112,22 @@ def test_counts_that_must_be_positive_are_checked_when_params_load(workdir):
     assert_one_line_error(run_stage(workdir, "generate"), "shard_size must be at least 1")
 
 
-@pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "prompts", "generate",
-                                   "evaluate", "evaluate_vlp"])
+@pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts",
+                                   "generate", "evaluate", "evaluate_vlp"])
 def test_help_describes_the_stage_and_touches_nothing(workdir, stage):
     shutil.copy(REPO_ROOT / "dvc.yaml", workdir / "dvc.yaml")
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=workdir, capture_output=True,
-                          text=True)
+    proc = run_stage(workdir, stage, "--help")
     assert proc.returncode == 0, proc.stderr
     assert f"DVC stage `{stage}`" in proc.stdout and f"`{stage}:` section" in proc.stdout
     assert f"metrics/{stage}.json" in proc.stdout  # what it writes, from dvc.yaml
+    assert sorted(p.name for p in workdir.iterdir()) == ["dvc.yaml", "params.yaml"]
+
+
+def test_help_on_the_command_line(workdir):
+    shutil.copy(REPO_ROOT / "dvc.yaml", workdir / "dvc.yaml")
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", "--help"], cwd=workdir, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "DVC stage `generate`" in proc.stdout, proc.stderr
     assert sorted(p.name for p in workdir.iterdir()) == ["dvc.yaml", "params.yaml"]
 
 
@@ -129,16 +144,19 @@ def test_training_params_out_of_range_stop_before_anything_is_touched(workdir, s
     assert (workdir / "data" / stage / "progress").is_dir() and not (workdir / ".synthmed").exists()
 
 
-def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path):
-    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
-    script = tmp_path / "full_disk.py"  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
-    script.write_text("from synthmed.config import run_stage\n"
-                      "def main():\n    open('/dev/full', 'w').write('x' * 65536)\n"
-                      "run_stage(main)\n")
+def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path, monkeypatch, capsys):
+    from synthmed.config import run_stage as run
+
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+
+    def main():  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
+        open("/dev/full", "w").write("x" * 65536)
+
+    code = run(main, [], stage="full_disk")
+    proc = StageRun(code, *capsys.readouterr())
     assert_one_line_error(proc, "No space left on device", "free disk space", "dvc repro full_disk")
 
 
@@ -158,7 +176,7 @@ def test_a_volume_grid_the_unet_stride_does_not_divide_names_the_valid_resolutio
     import numpy as np
     import pandas as pd
 
-    from tests.diffusion.test_volume_pipeline import tiny_vae
+    from tests.helpers import tiny_volume_vae
 
     dataset = workdir / "data/ingest/dataset"
     dataset.mkdir(parents=True)
@@ -170,7 +188,7 @@ def test_a_volume_grid_the_unet_stride_does_not_divide_names_the_valid_resolutio
     pd.DataFrame(rows).to_csv(dataset / "metadata.csv", index=False)
     (workdir / "data/paraphrase").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(workdir / "data/paraphrase/pairs.csv", index=False)
-    tiny_vae().save_pretrained(workdir / "data/train_vae/vae")
+    tiny_volume_vae().save_pretrained(workdir / "data/train_vae/vae")
     set_param(workdir, "train_ldm", latent_patch=2, block_out_channels=[32, 64, 128])
     assert_one_line_error(run_stage(workdir, "train_ldm"), "ingest.resolution=24", "6-wide grid",
                           "nearest valid ingest.resolution: 16 or 32")

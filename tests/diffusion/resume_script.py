@@ -17,8 +17,7 @@ from synthmed.diffusion.train import (LDMTrainConfig, build_latent_pairs, make_n
 from synthmed.models.lora import LoraParams, add_lora
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
-from tests.diffusion.test_volume_pipeline import tiny_vae as tiny_volume_vae
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import tiny_vae, tiny_volume_vae
 
 if __name__ == "__main__":
     torch.manual_seed(0)

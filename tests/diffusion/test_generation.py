@@ -20,8 +20,7 @@ from synthmed.diffusion.train import make_noise_scheduler
 from synthmed.errors import PipelineError
 from synthmed.io import sha256_tree
 from tests.conftest import REPO_ROOT
-from tests.diffusion.test_train import tiny_unet
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import tiny_unet, tiny_vae
 
 PROMPTS = ["axial slice at z = +10 mm", "coronal slice", "left sagittal slice", "axial slice at z = -20 mm"]
 

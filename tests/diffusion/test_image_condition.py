@@ -14,8 +14,7 @@ from synthmed.diffusion.train import LDMTrainConfig, build_image_pairs, make_noi
 from synthmed.errors import PipelineError
 from synthmed.models.image_encoder import ImageEncoder, mix
 from synthmed.models.unet import build_unet
-from tests.diffusion.test_train import PLAIN
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import PLAIN, tiny_vae
 
 
 def tiny_dinov2(folder, hidden: int = 32):

@@ -4,8 +4,6 @@ fresh base, the merged model sampled by generate's loader; bad params stop with 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +19,8 @@ from synthmed.diffusion.train import make_noise_scheduler
 from synthmed.errors import PipelineError
 from synthmed.models.lora import LoraParams, add_lora
 from tests.conftest import REPO_ROOT
-from tests.diffusion.test_train import tiny_unet
-from tests.helpers import write_imagefolder
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import StageRun, run_stage_here, tiny_unet, tiny_vae, write_imagefolder
+from tests.e2e.harness import tiny_params
 
 
 def test_rank_and_target_modules_are_checked_before_peft():
@@ -59,11 +56,10 @@ def lora_run(tmp_path_factory):
     (work / "data/paraphrase").mkdir(parents=True)
     pairs.to_csv(work / "data/paraphrase/pairs.csv", index=False)
     write_base(work / "data/train_ldm/model")
-    params = yaml.safe_load((REPO_ROOT / "tests/e2e/params_tiny.yaml").read_text())
+    params = tiny_params()
     params["train_lora"].update(base="synthmed", steps=6, validate_every=3, checkpoint_every=3, lr=0.01)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.train_lora"], cwd=work, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)})
+    proc = run_stage_here(work, "train_lora")
     assert proc.returncode == 0, proc.stderr
     return work
 
@@ -107,7 +103,7 @@ def test_adapter_on_another_base_is_refused(lora_run, tmp_path):
                      lora_run / "data/train_lora/adapter", str(tmp_path / "other"))
 
 
-def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedProcess:
+def run_with(lora_run: Path, tmp_path: Path, **values) -> StageRun:
     work = tmp_path / "w"
     shutil.copytree(lora_run / "data/ingest", work / "data/ingest")
     shutil.copytree(lora_run / "data/paraphrase", work / "data/paraphrase")
@@ -115,8 +111,7 @@ def run_with(lora_run: Path, tmp_path: Path, **values) -> subprocess.CompletedPr
     params = yaml.safe_load((lora_run / "params.yaml").read_text())
     params["train_lora"].update(values)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", "stages.train_lora"], cwd=work, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)})
+    return run_stage_here(work, "train_lora")
 
 
 @pytest.mark.parametrize("values, fragment", [

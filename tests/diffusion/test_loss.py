@@ -11,7 +11,7 @@ from synthmed.diffusion.loss import diffusion_loss, min_snr_weights
 from synthmed.diffusion.sample import predicted_x0
 from synthmed.diffusion.train import make_noise_scheduler
 from synthmed.models.unet import build_unet
-from tests.diffusion.test_train import tiny_unet
+from tests.helpers import tiny_unet
 
 T = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
 

@@ -18,8 +18,7 @@ from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.train import make_noise_scheduler
 from synthmed.text.encoder import TextEncoder
 from tests.conftest import REPO_ROOT
-from tests.diffusion.test_train import tiny_unet
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import tiny_unet, tiny_vae
 
 LOAD_AND_GENERATE = """
 import sys, numpy as np

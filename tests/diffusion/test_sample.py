@@ -3,8 +3,7 @@ from diffusers import DDIMScheduler
 
 from synthmed.diffusion.sample import decode_to_uint8, sample_latents, seeded_generators
 from synthmed.diffusion.train import make_noise_scheduler
-from tests.diffusion.test_train import tiny_unet
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import tiny_unet, tiny_vae
 
 
 def run(unet, seeds, guidance=3.0, cond=None):

@@ -12,16 +12,7 @@ from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, draw_batch, make_noise_scheduler, train_ldm
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
-from tests.models.test_autoencoder import tiny_vae
-
-
-PLAIN = dict(grad_accum_steps=1, mixed_precision="no", warmup_steps=0, ema_decay=0.0, min_snr_gamma=0.0, checkpoint_every=0, keep_checkpoints=0)
-
-
-def tiny_unet(cross_dim=384):
-    torch.manual_seed(0)
-    return build_unet(sample_size=8, in_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-                      cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=8, dropout=0.0)
+from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs
 
 
 def test_ldm_is_fed_encoded_training_images_with_their_captions():
@@ -131,16 +122,6 @@ def test_augmented_views_are_encoded_once_and_drawn_per_image():
         assert (views - row).flatten(1).abs().amax(1).min() < 1e-6
 
 
-def _toy_data(n=6, g=None):
-    from synthmed.diffusion.train import LatentPairs
-
-    g = g or torch.Generator().manual_seed(0)
-    return LatentPairs(latent_mean=torch.randn(n, 4, 8, 8, generator=g), latent_std=torch.zeros(n, 4, 8, 8),
-                       scaling_factor=1.0, image_index=torch.arange(n), caption_index=torch.arange(1, n + 1),
-                       text_emb=torch.randn(n + 1, 5, 384, generator=g),
-                       text_mask=torch.ones(n + 1, 5, dtype=torch.long), uncond_index=0)
-
-
 def test_predicted_x0_inverts_the_forward_process_for_both_parameterisations():
     from synthmed.diffusion.sample import predicted_x0
 
@@ -169,7 +150,7 @@ def test_self_conditioning_feeds_the_first_pass_estimate_on_half_the_samples():
     sched = make_noise_scheduler(1000)
     cfg = LDMTrainConfig(steps=6, batch_size=32, lr=0.0, weight_decay=0.0, context_dropout=0.0,
                          sample_posterior=False, grad_clip=0.0, **PLAIN)
-    train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+    train_ldm(unet, sched, toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
     assert len(calls) == 12  # a gradient-free first pass, then the training pass, every step
     used = 0
     for (first_in, first_t, first_out), (train_in, train_t, _) in zip(calls[::2], calls[1::2]):
@@ -219,7 +200,7 @@ def test_gradient_accumulation_equals_one_large_batch_step():
     hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: stepped.append(
         [p.grad.clone() for group in opt.param_groups for p in group["params"]]))
     try:
-        log, _ = train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+        log, _ = train_ldm(unet, sched, toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
     finally:
         hook.remove()
     assert len(seen) == 2 and seen[0][0].shape[0] == 4 and len(stepped) == 1
@@ -241,7 +222,7 @@ def test_batch_that_does_not_split_into_micro_batches_is_refused():
     cfg = LDMTrainConfig(steps=1, batch_size=6, lr=1e-3, weight_decay=0.0, context_dropout=0.0,
                          sample_posterior=False, grad_clip=0.0, **{**PLAIN, "grad_accum_steps": 4})
     with pytest.raises(ValueError, match="grad_accum_steps=4"):
-        train_ldm(tiny_unet(), make_noise_scheduler(1000), _toy_data(), cfg, torch.Generator().manual_seed(0))
+        train_ldm(tiny_unet(), make_noise_scheduler(1000), toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
 
 
 def test_cpu_training_runs_in_full_precision_whatever_is_asked():
@@ -269,7 +250,7 @@ def test_logged_loss_is_the_min_snr_weighted_mse_to_the_parameterisation_target(
         sched.add_noise = lambda x0, n, t: (noised.append((x0.clone(), n.clone())), add_noise(x0, n, t))[1]
         cfg = LDMTrainConfig(steps=1, batch_size=16, lr=0.0, weight_decay=0.0, context_dropout=0.0,
                              sample_posterior=False, grad_clip=0.0, **{**PLAIN, "min_snr_gamma": 2.0})
-        log, _ = train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+        log, _ = train_ldm(unet, sched, toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
         (t, pred), (x0, noise) = seen[0], noised[0]
         target = noise if kind == "epsilon" else sched.get_velocity(x0, noise, t)
         mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
@@ -282,7 +263,7 @@ def test_validation_scores_the_ema_and_the_raw_weights_with_the_training_weighti
 
     from synthmed.diffusion.train import validation_losses
 
-    data, sched = _toy_data(), make_noise_scheduler(1000, "v_prediction")
+    data, sched = toy_latent_pairs(), make_noise_scheduler(1000, "v_prediction")
     unet = tiny_unet()
     cfg = LDMTrainConfig(steps=4, batch_size=4, lr=1e-2, weight_decay=0.0, context_dropout=0.0,
                          sample_posterior=False, grad_clip=0.0, **{**PLAIN, "ema_decay": 0.5, "min_snr_gamma": 2.0})

@@ -9,8 +9,7 @@ from stages.train_ldm import save_model, summary_line
 from synthmed.diffusion.train import train_loss_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.train import LDMTrainConfig, make_noise_scheduler, train_ldm
-from tests.diffusion.test_train import PLAIN, _toy_data, tiny_unet
-from tests.models.test_autoencoder import tiny_vae
+from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs
 
 
 def test_reported_training_loss_is_named_for_what_it_averages():
@@ -28,7 +27,7 @@ def test_saved_model_carries_the_ema_weights(tmp_path):
     unet, sched = tiny_unet(), make_noise_scheduler(1000)
     cfg = LDMTrainConfig(steps=5, batch_size=4, lr=1e-2, weight_decay=0.0, context_dropout=0.0,
                          sample_posterior=False, grad_clip=0.0, **{**PLAIN, "ema_decay": 0.7})
-    _, ema = train_ldm(unet, sched, _toy_data(), cfg, torch.Generator().manual_seed(0))
+    _, ema = train_ldm(unet, sched, toy_latent_pairs(), cfg, torch.Generator().manual_seed(0))
     raw = [p.detach().clone() for p in unet.parameters()]
     pipe = SynthMedPipeline(unet, tiny_vae().eval(), DDIMScheduler.from_config(sched.config), text_max_length=8)
     save_model(pipe, ema, "# card\n", tmp_path / "model")

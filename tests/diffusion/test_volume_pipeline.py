@@ -18,6 +18,7 @@ from synthmed.models.autoencoder import build_autoencoder, load_autoencoder, rec
 from synthmed.models.unet import build_unet
 from synthmed.viz import central_planes, image_grid
 from synthmed.text.encoder import TextEncoder
+from tests.helpers import tiny_volume_vae
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +26,8 @@ def encoder():
     return TextEncoder(max_length=8)
 
 
-def tiny_vae():
-    torch.manual_seed(0)
-    return build_autoencoder(in_channels=1, block_out_channels=[8, 8], layers_per_block=1, latent_channels=2,
-                             norm_num_groups=4, sample_size=16, mid_attention=False, dims=3)
-
-
 def test_volume_autoencoder_round_trips_its_folder(tmp_path):
-    vae = tiny_vae()
+    vae = tiny_volume_vae()
     x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
     post = vae.encode(x).latent_dist
     assert post.mean.shape == (2, 2, 8, 8, 8) and post.kl().shape == (2,)
@@ -52,7 +47,7 @@ def test_volume_mid_attention_is_refused():
 
 @pytest.mark.parametrize("patch", [1, 2])
 def test_volume_latents_pack_and_unpack(patch):
-    vae = tiny_vae()
+    vae = tiny_volume_vae()
     z = torch.randn(3, 2, 8, 8, 8)
     packed = pack_latents(z, patch)
     assert packed.shape == (3, 2 * patch**3, 8 // patch, 8 // patch, 8 // patch)
@@ -60,7 +55,7 @@ def test_volume_latents_pack_and_unpack(patch):
 
 
 def test_volume_pipeline_samples_by_seed_and_survives_its_folder(tmp_path, encoder):
-    vae = tiny_vae()
+    vae = tiny_volume_vae()
     torch.manual_seed(1)
     unet = build_unet(sample_size=4, in_channels=16, block_out_channels=[8, 16], layers_per_block=1,
                       cross_attention_dim=encoder.hidden_size, attention_head_dim=2, norm_num_groups=4,

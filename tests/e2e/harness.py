@@ -10,11 +10,25 @@ from pathlib import Path
 
 import yaml
 
+from flows.pipeline import STAGES  # the flow's order, checked against dvc.yaml's below
 from tests.conftest import REPO_ROOT
 
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp",
-          "report"]
-TINY_PARAMS = REPO_ROOT / "tests/e2e/params_tiny.yaml"
+TINY_OVERLAY = REPO_ROOT / "tests/e2e/params_tiny.yaml"
+
+
+def merged(base: dict, overlay: dict, where: str = "") -> dict:
+    """``base`` with ``overlay``'s values put in, section by section; a key params.yaml lacks is an error."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if key not in base:
+            raise KeyError(f"{TINY_OVERLAY.name}: '{where}{key}' is not a key of params.yaml")
+        out[key] = merged(base[key], value, f"{where}{key}.") if isinstance(value, dict) else value
+    return out
+
+
+def tiny_params() -> dict:
+    """The tiny profile: params.yaml with the keys of tests/e2e/params_tiny.yaml replaced."""
+    return merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(TINY_OVERLAY.read_text()))
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,10 +53,7 @@ def make_repo(root: Path, params: dict | None = None, extra_files: dict[str, byt
             continue
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / rel, root / rel)
-    if params is None:
-        shutil.copy(TINY_PARAMS, root / "params.yaml")
-    else:
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params() if params is None else params, sort_keys=False))
     for rel, data in (extra_files or {}).items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -69,7 +80,7 @@ def declared_outputs(repo: Path) -> dict[str, list[str]]:
 def assert_declared_outputs(repo: Path) -> None:
     """Every stage of the DAG ran and wrote every output dvc.yaml declares for it."""
     outputs = declared_outputs(repo)
-    assert list(outputs) == STAGES
+    assert list(outputs) == list(STAGES)
     for stage, paths in outputs.items():
         for p in paths:
             assert (repo / p).exists(), f"{stage} did not write {p}"

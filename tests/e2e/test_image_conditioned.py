@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.e2e.harness import TINY_PARAMS, assert_declared_outputs, dvc, make_repo, sh
+from tests.e2e.harness import assert_declared_outputs, dvc, make_repo, sh, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -40,7 +40,7 @@ def uncaptioned_files(n: int = 48) -> dict[str, bytes]:
 
 
 def test_image_conditioning_runs_the_whole_dag_on_images_without_captions(tmp_path: Path):
-    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params = tiny_params()
     params["ingest"].update(source="imagefolder", path="data/raw")
     repo = make_repo(tmp_path / "repo", params, uncaptioned_files())
 

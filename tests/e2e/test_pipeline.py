@@ -1,12 +1,13 @@
 """End to end: the real DVC DAG and the real Prefect flow on the demo, tiny profile.
 
-Copies the working tree into a fresh git repo, runs `dvc repro`, checks every
-declared output and metric, that a second repro runs nothing, that a forced rerun of
-the training and sampling stages reproduces their artifacts byte for byte (no resume
-state outlives a finished run), that a queued experiment changing evaluation params
-reuses every model and shows up in `dvc exp show`, that going back to the baseline
-after applying it needs no rerun, that the Prefect flow drives the same DAG, and that a
-killed LLM paraphrase run never re-buys a reply under `dvc repro` or `dvc exp run`.
+The DAG is built once per session (tests/e2e/conftest.py: a fresh git repo of the working tree, `dvc repro`);
+each test below checks one thing on it, on a private copy where it changes anything: every declared output
+and metric; that a second repro runs nothing and that a forced rerun of the training and sampling stages
+reproduces their artifacts byte for byte (no resume state outlives a finished run); that a queued experiment
+changing evaluation params reuses every model and shows up in `dvc exp show`, and that going back to the
+baseline after applying it needs no rerun; that a remote carries the results to another clone; that the
+Prefect flow drives the same DAG; and that a killed LLM paraphrase run never re-buys a reply under `dvc repro`
+or `dvc exp run`.
 """
 
 from __future__ import annotations
@@ -25,16 +26,11 @@ import pytest
 import yaml
 
 from tests.browser import CHROMIUM, visit
-from tests.e2e.harness import STAGES, assert_declared_outputs, dvc, make_repo, sh
+from tests.e2e.harness import STAGES, assert_declared_outputs, dvc, sh
+from tests.helpers import run_stage_here
 from tests.test_report import check_self_contained
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh git+DVC repo holding the project's files and the tiny params profile."""
-    return make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 def lock_hashes(repo: Path, stage: str) -> dict[str, str]:
@@ -69,29 +65,31 @@ def experiment(repo: Path, name: str) -> dict:
     return found[0]["data"]
 
 
-def test_pipeline_end_to_end(repo: Path, prefect_harness):
-    # 1. The whole DAG runs and every declared output exists.
-    dvc(repo, "repro")
-    assert_declared_outputs(repo)
-    report = (repo / "data/report/report.html").read_text()
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
+    assert_declared_outputs(dag)
+    report = (dag / "data/report/report.html").read_text()
     check_self_contained(report)  # every figure inlined, no script: it opens offline
     for title in ("Dataset", "Autoencoder", "Diffusion training", "Synthetic samples", "Fidelity", "Privacy",
                   "classifier", "Vision-language"):
         assert title in report
     if CHROMIUM:
-        seen = visit((repo / "data/report/report.html").as_uri())
+        seen = visit((dag / "data/report/report.html").as_uri())
         assert len(seen.images) >= 9 and all(i["ok"] for i in seen.images), seen.images
         assert seen.errors == []
     metrics, headline = {}, {}
     for stage in STAGES:
         if stage == "report":
             continue
-        metrics.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/all/{stage}.json").read_text()).items()})
-        headline.update({f"{stage}.{k}": v for k, v in json.loads((repo / f"metrics/{stage}.json").read_text()).items()})
+        metrics.update({f"{stage}.{k}": v for k, v in json.loads((dag / f"metrics/all/{stage}.json").read_text()).items()})
+        headline.update({f"{stage}.{k}": v for k, v in json.loads((dag / f"metrics/{stage}.json").read_text()).items()})
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
     assert headline.items() <= metrics.items() and len(headline) <= 20, sorted(headline)  # `dvc exp show` fits
     assert "evaluate.aug_gain_auc_50pct_1x" in headline and "evaluate.fd_effnet_real_train_vs_test" in headline
-    evaluation = json.loads((repo / "metrics/all/evaluate.json").read_text())
+    evaluation = json.loads((dag / "metrics/all/evaluate.json").read_text())
     for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "precision", "recall", "density",
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_100pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
@@ -99,21 +97,23 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
                 "aug_bacc_100pct_synth", "adherence_acc", "adherence_real_test_acc"):
         assert key in evaluation
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_100pct_real"] <= 1 + 1e-9
-    synth = (repo / "data/generate/dataset/metadata.csv").read_text().splitlines()
+    synth = (dag / "data/generate/dataset/metadata.csv").read_text().splitlines()
     header = synth[0].split(",")
     assert header[:2] == ["file_name", "text"]
     for column in ("label", "seed", "scheduler", "num_inference_steps", "guidance_scale", "model_sha256", "sha256"):
         assert column in header
     assert evaluation["n_synthetic"] == len(synth) - 1
+    assert not list((dag / ".synthmed/runs").glob("*/*")), "resume state outlived a finished run"
 
-    # 2. Nothing reruns when nothing changed.
+
+def test_nothing_reruns_and_a_forced_rerun_gives_the_same_bytes(copy_of):
+    repo = copy_of()
     again = dvc(repo, "repro").stdout
     assert "Running stage" not in again, again
     assert "up to date" in dvc(repo, "status").stdout
 
-    # 3. Same params and seed, same artifacts: force the training and sampling stages again. A finished run
+    # Same params and seed, same artifacts: force the training and sampling stages again. A finished run
     # leaves no resume state behind (so nothing needs deleting first), and the outputs are byte-identical.
-    assert not list((repo / ".synthmed/runs").glob("*/*")), "resume state outlived a finished run"
     before = {s: lock_hashes(repo, s) for s in ("train_vae", "train_ldm", "generate")}
     for stage in before:
         dvc(repo, "repro", "--force", "--single-item", stage)
@@ -124,11 +124,14 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     merged = dvc(repo, "repro", "--force", "--single-item", "generate").stdout
     assert "(0 rendered" in merged, merged
     assert lock_hashes(repo, "generate") == before["generate"]
-    bad = sh(repo, sys.executable, "-m", "stages.generate", "--shard", "3/2", check=False)
+    bad = run_stage_here(repo, "generate", "--shard", "3/2")
     assert bad.returncode == 2 and "--shard 3/2: give i/N with 1 <= i <= N" in bad.stderr
 
-    # 4. Experiments. A queued one that changes only evaluation params reuses every model (only evaluate and
-    # the report run, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
+
+def test_an_evaluation_experiment_reuses_every_model_and_the_baseline_comes_back(copy_of):
+    # A queued experiment that changes only evaluation params reuses every model (only evaluate and the
+    # report run, in DVC's temporary workspace) and appears in `dvc exp show` with its metrics.
+    repo = copy_of()
     commit(repo, "baseline")
     dvc(repo, "exp", "run", "--queue", "-n", "eval-steps", "-S", "evaluate.classifier.steps=30")
     dvc(repo, "queue", "start", "-j", "1")
@@ -151,11 +154,12 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
         f.write("An extra prompt nobody asked for\n")
     rerun = dvc(repo, "repro").stdout
     assert "Running stage 'prompts'" in rerun and "Running stage 'generate'" not in rerun, rerun
-    sh(repo, "git", "checkout", "--", "prompts/generate_example.txt")
-    dvc(repo, "repro")
 
-    # 4b. Workstation <-> GPU worker through a DVC remote (a local directory here): push from this clone,
+
+def test_a_remote_brings_the_results_to_another_clone(copy_of):
+    # Workstation <-> GPU worker through a DVC remote (a local directory here): push from this clone,
     # pull into another clone of the same commit, and nothing there is stale.
+    repo = copy_of()
     dvc(repo, "remote", "add", "-d", "shared", str(repo.parent / "dvc-remote"))
     commit(repo, "a shared remote")
     dvc(repo, "push")
@@ -166,9 +170,12 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert "Running stage" not in dvc(other, "repro").stdout
     assert (other / "data/report/report.html").read_bytes() == (repo / "data/report/report.html").read_bytes()
 
-    # 5. The Prefect flow drives the same DAG: a changed generate param reruns generate + evaluate.
+
+def test_the_prefect_flow_drives_the_dag(copy_of, prefect_harness):
     from flows.pipeline import StageFailed, pipeline, sweep
 
+    repo = copy_of()
+    commit(repo, "baseline")
     # A flow run with params overrides is a DVC experiment of its own; a sweep queues a grid of them.
     pipeline(repo=str(repo), stages=["evaluate"], params=["evaluate.classifier.steps=25"], experiment="flow-exp")
     assert experiment(repo, "flow-exp")["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 25
@@ -180,9 +187,10 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert all("evaluate.fd_effnet" in swept[k] for k in (15, 35))
     assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
 
+    # A changed generate param reruns generate and what reads it.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["generate"]["guidance_scale"] = 2.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     grid_before = lock_hashes(repo, "generate")
     # generate fanned out over a local Dask cluster of 2 shard workers; the merge renders nothing itself
     from flows.generate_shards import generate_shards
@@ -199,16 +207,9 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert "classifier-cells-progress" in artifacts  # moved along by evaluate's progress lines
     assert "up to date" in dvc(repo, "status").stdout
 
-    # 6. The privacy gate fails evaluate when it is armed with a limit no set can meet.
-    gated = {**params, "evaluate": {**params["evaluate"], "privacy": {"fail_on_violation": True,
-                                                                     "max_fraction_below_p1": -1.0}}}
-    (repo / "params.yaml").write_text(yaml.safe_dump(gated, sort_keys=False))
-    failed = dvc(repo, "repro", "evaluate", check=False)
-    assert failed.returncode != 0 and "privacy gate" in failed.stderr + failed.stdout
-
-    # 7. A stage with bad params fails the flow once (no retries), naming the stage.
+    # A stage with bad params fails the flow once (no retries), naming the stage.
     params["ingest"]["source"] = "dicomm"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     state = pipeline(repo=str(repo), stages=["ingest"], return_state=True)
     assert state.is_failed()
     with pytest.raises(StageFailed, match="stage 'ingest' failed: error: params.yaml: ingest.source = 'dicomm'"):
@@ -216,7 +217,7 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     runs = asyncio.run(_task_runs("dvc repro ingest"))
     assert [r.run_count for r in runs if r.state.is_failed()] == [1]
 
-    # 8. Bad flow input fails the run with one line: an unknown params key, an unreachable remote.
+    # Bad flow input fails the run with one line: an unknown params key, an unreachable remote.
     with pytest.raises(ValueError, match="'train_ldm.stepz=3': no such key in params.yaml"):
         pipeline(repo=str(repo), stages=["report"], params=["train_ldm.stepz=3"])
     dvc(repo, "remote", "add", "-f", "-d", "shared", "http://127.0.0.1:9/nowhere")  # nothing listens on port 9
@@ -224,6 +225,15 @@ def test_pipeline_end_to_end(repo: Path, prefect_harness):
     assert state.is_failed()
     with pytest.raises(StageFailed, match="stage 'dvc push' failed: ERROR"):
         state.result()
+
+
+def test_the_privacy_gate_fails_evaluate_when_armed_with_a_limit_no_set_meets(copy_of):
+    repo = copy_of()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["privacy"] = {"fail_on_violation": True, "max_fraction_below_p1": -1.0}
+    write_params(repo, params)
+    failed = dvc(repo, "repro", "evaluate", check=False)
+    assert failed.returncode != 0 and "privacy gate" in failed.stderr + failed.stdout
 
 
 async def _artifacts():
@@ -252,12 +262,12 @@ def cached_replies(repo: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", [("repro", "paraphrase"), ("exp", "run", "paraphrase")])
-def test_a_killed_llm_run_never_rebuys_a_reply(repo: Path, command):
+def test_a_killed_llm_run_never_rebuys_a_reply(copy_of, command):
     """`dvc exp run` restores outputs before reproducing: paid replies must live outside them."""
     from tests.text.fake_openai import FakeOpenAI
     from tests.text.test_llm import ENV, KEY, caption_of, good
 
-    sh(repo, "git", "checkout", "--", "params.yaml")
+    repo = copy_of()
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["paraphrase"]["backend"] = "openai"
     params["paraphrase"]["openai"].update(api_key_env=ENV, backoff_s=0.01, max_concurrency=2,

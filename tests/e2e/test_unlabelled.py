@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from tests.e2e.harness import TINY_PARAMS, assert_declared_outputs, dvc, make_repo
+from tests.e2e.harness import assert_declared_outputs, dvc, make_repo, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 REGIONS = ["upper-left", "upper-right", "lower-left", "lower-right", "centre"]
@@ -45,7 +44,7 @@ def imageclef_files(n: int = 40) -> dict[str, bytes]:
 
 
 def test_unlabelled_imageclef_data_runs_the_whole_dag(tmp_path: Path):
-    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params = tiny_params()
     params["ingest"].update(source="imageclef", path="data/raw")
     repo = make_repo(tmp_path / "repo", params, imageclef_files())
     dvc(repo, "repro")

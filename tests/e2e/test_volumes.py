@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from tests.e2e.harness import TINY_PARAMS, assert_declared_outputs, dvc, make_repo
+from tests.e2e.harness import assert_declared_outputs, dvc, make_repo, tiny_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 def volume_params() -> dict:
-    params = yaml.safe_load(TINY_PARAMS.read_text())
+    params = tiny_params()
     params["ingest"].update(dims=3, resolution=16)
     params["train_vae"].update(block_out_channels=[8, 16], mid_attention=False, batch_size=8)
     # the 3-D recipe of `make run-3d` (README "Volumes (3-D)")

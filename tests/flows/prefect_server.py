@@ -99,15 +99,16 @@ def prefect_server(tmp_path: Path):
         stop(server)
 
 
-def wait_for_scheduled_run(client: httpx.Client, timeout: float, alive, logs) -> dict:
-    """The first flow run that the server's *scheduler* created (auto_scheduled, created by SCHEDULE; a
-    `prefect deployment run` leaves both unset) once it completes; fails on a failed one."""
+def wait_for_scheduled_run(client: httpx.Client, deployment: str, timeout: float, alive, logs) -> dict:
+    """The first flow run of ``deployment`` (a name) that the server's *scheduler* created (auto_scheduled,
+    created by SCHEDULE; a `prefect deployment run` leaves both unset) once it completes; fails on a failed one."""
     deadline = time.monotonic() + timeout
     while True:
         alive()
         assert time.monotonic() < deadline, f"no scheduled flow run completed in {timeout} s{logs()}"
         time.sleep(2)
-        resp = client.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": 50})
+        resp = client.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": 50,
+                                                      "deployments": {"name": {"any_": [deployment]}}})
         resp.raise_for_status()
         scheduled = [r for r in resp.json() if r["auto_scheduled"] and r["deployment_id"]
                      and (r.get("created_by") or {}).get("type") == "SCHEDULE"]

@@ -5,6 +5,7 @@ broken one (e.g. SQLAlchemy 2.1 beside prefect 3.8: "Can't evaluate bulk DML sta
 logs a traceback every loop while `--serve` looks healthy. So this starts its own server and
 `python -m flows.pipeline --serve --interval ...` in subprocesses, on a throwaway DVC repo whose
 `ingest` stage only touches a file, and waits for a flow run that the *schedule* created to complete.
+The server is the session's (tests/flows/conftest.py), shared with the deployment test.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.flows.prefect_server import prefect_server, stop, tail, tiny_dvc_repo, wait_for_scheduled_run
+from tests.flows.prefect_server import stop, tail, tiny_dvc_repo, wait_for_scheduled_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -24,26 +25,26 @@ SCHEDULED_RUN_TIMEOUT = 180
 INTERVAL_SECONDS = 30  # the first run is due at once; a long gap keeps runs from overlapping
 
 
-def test_served_interval_schedule_fires(tmp_path: Path):
-    with prefect_server(tmp_path) as (client, env, server_log):
-        repo = tiny_dvc_repo(tmp_path / "repo", env)
-        serve_log = tmp_path / "serve.log"
-        with serve_log.open("wb") as out:
-            serve = subprocess.Popen(
-                [sys.executable, "-m", "flows.pipeline", "--serve", "--interval", str(INTERVAL_SECONDS),
-                 "--repo", str(repo), "--stages", "ingest"],
-                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            def alive():
-                assert serve.poll() is None, f"--serve exited ({serve.returncode}){logs()}"
+def test_served_interval_schedule_fires(tmp_path: Path, server):
+    client, env, server_log = server
+    repo = tiny_dvc_repo(tmp_path / "repo", env)
+    serve_log = tmp_path / "serve.log"
+    with serve_log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.pipeline", "--serve", "--interval", str(INTERVAL_SECONDS),
+             "--repo", str(repo), "--stages", "ingest"],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def alive():
+            assert serve.poll() is None, f"--serve exited ({serve.returncode}){logs()}"
 
-            def logs():
-                return f"\n--- server log ---\n{tail(server_log)}\n--- serve log ---\n{tail(serve_log)}"
+        def logs():
+            return f"\n--- server log ---\n{tail(server_log)}\n--- serve log ---\n{tail(serve_log)}"
 
-            done = wait_for_scheduled_run(client, SCHEDULED_RUN_TIMEOUT, alive, logs)
-            deployment = client.get(f"/deployments/{done['deployment_id']}").json()
-            assert deployment["name"] == "synthmed-pipeline"
-            assert done["parameters"]["stages"] == ["ingest"]
-            assert (repo / "ran.txt").exists(), "the DVC stage did not run"
-        finally:
-            stop(serve)
+        done = wait_for_scheduled_run(client, "synthmed-pipeline", SCHEDULED_RUN_TIMEOUT, alive, logs)
+        deployment = client.get(f"/deployments/{done['deployment_id']}").json()
+        assert deployment["name"] == "synthmed-pipeline"
+        assert done["parameters"]["stages"] == ["ingest"]
+        assert (repo / "ran.txt").exists(), "the DVC stage did not run"
+    finally:
+        stop(serve)

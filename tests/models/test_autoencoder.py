@@ -6,18 +6,7 @@ from diffusers import AutoencoderKL
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, reconstruct, reconstruction_metrics,
                                          train_autoencoder)
-
-
-def cfg(**kw) -> VAETrainConfig:
-    base = dict(steps=40, batch_size=8, lr=3e-3, kl_weight=1e-6, recon_loss="l1", ssim_weight=0.0,
-                warmup_steps=0, mixed_precision="no", checkpoint_every=0, keep_checkpoints=2)
-    return VAETrainConfig(**{**base, **kw})
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return build_autoencoder(in_channels=1, block_out_channels=[8, 16], layers_per_block=1, latent_channels=4,
-                             norm_num_groups=4, sample_size=16)
+from tests.helpers import tiny_vae, vae_train_config
 
 
 def test_vae_trains_reconstructs_and_roundtrips(tmp_path):
@@ -25,7 +14,7 @@ def test_vae_trains_reconstructs_and_roundtrips(tmp_path):
     images = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
     vae = tiny_vae()
     before = reconstruction_metrics(images, reconstruct(vae, images))
-    log = train_autoencoder(vae, images, cfg(steps=40), g)
+    log = train_autoencoder(vae, images, vae_train_config(steps=40), g)
     after = reconstruction_metrics(images, reconstruct(vae, images))
     assert after["mae"] < before["mae"] and log[-1]["loss"] < log[0]["loss"]
     assert vae.encode(images).latent_dist.mean.shape == (8, 4, 8, 8)  # factor 2 per extra level
@@ -40,14 +29,14 @@ def test_l2_ssim_loss_and_resume_match_an_uninterrupted_run(tmp_path):
     images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     settings = dict(recon_loss="l1+l2", ssim_weight=0.5, checkpoint_every=5, warmup_steps=3)
     full = tiny_vae()
-    log_full = train_autoencoder(full, images, cfg(steps=12, **settings), torch.Generator().manual_seed(1))
+    log_full = train_autoencoder(full, images, vae_train_config(steps=12, **settings), torch.Generator().manual_seed(1))
     part = tiny_vae()  # a run "killed" after step 10: its newest checkpoint is that of step 10
-    train_autoencoder(part, images, cfg(steps=12, **settings), torch.Generator().manual_seed(1),
+    train_autoencoder(part, images, vae_train_config(steps=12, **settings), torch.Generator().manual_seed(1),
                       checkpoint_dir=tmp_path, fingerprint="f")
     (tmp_path / "step00000012.pt").unlink()  # the checkpoints' own names; step 10's stays
     assert (tmp_path / "step00000010.pt").is_file()
     resumed = tiny_vae()
-    log = train_autoencoder(resumed, images, cfg(steps=12, **settings), torch.Generator().manual_seed(99),
+    log = train_autoencoder(resumed, images, vae_train_config(steps=12, **settings), torch.Generator().manual_seed(99),
                             checkpoint_dir=tmp_path, fingerprint="f")
     assert [r["step"] for r in log] == list(range(12)) and log[-1]["loss"] == log_full[-1]["loss"]
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
@@ -59,7 +48,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
     vae = tiny_vae()
-    log = train_autoencoder(vae, images, cfg(steps=30, mixed_precision="bf16", warmup_steps=5), g)
+    log = train_autoencoder(vae, images, vae_train_config(steps=30, mixed_precision="bf16", warmup_steps=5), g)
     assert log[-1]["loss"] < log[0]["loss"]
     assert all(p.dtype == torch.float32 for p in vae.parameters())
     assert use_bf16(torch.device("cpu"), "bf16") and not use_bf16(torch.device("cpu"), "no")
