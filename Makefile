@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv run run-3d test flow browser clean-venv
+.PHONY: venv run run-3d test test-fast coverage flow browser clean-venv
 
 venv: $(STAMP)
 
@@ -33,8 +33,23 @@ run-3d: venv
 flow: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.pipeline
 
+# One pytest worker per core, one torch thread each (tests/conftest.py); the 15 slowest tests in every log.
+WORKERS ?= 2
+PYTEST  := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(WORKERS) --maxschedchunk 1 --durations=15
+
 test: venv browser
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	$(PYTEST)
+
+# The edit-test loop: unit tests only (no DAG, no Prefect server, no killed processes).
+test-fast: venv
+	$(PYTEST) -m "not e2e and not slow"
+
+# Statement coverage of synthmed/, stages/ and flows/, stages run by DVC and Prefect included (pyproject.toml).
+coverage: venv browser
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE="$(CURDIR)/.coverage" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m coverage run -m pytest -q \
+		-n $(WORKERS) --maxschedchunk 1 -p no:cacheprovider
+	$(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report --skip-covered
 
 # Debian's Chromium, for the test that opens the run report in a real headless browser. Installed where
 # apt-get runs as root (CI); elsewhere that one test is skipped and says why.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal
 

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import sys
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd

@@ -8,8 +8,8 @@ same recipe data-parallel on several GPUs (the main process writes the outputs).
 
 from __future__ import annotations
 
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal

@@ -14,9 +14,9 @@ written adapter is one that loads.
 
 from __future__ import annotations
 
-import sys
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal

@@ -209,10 +209,13 @@ def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage:
     if stage is None:  # `python -m stages.ingest` -> "ingest"
         stage = module.removeprefix("stages.") if module.startswith("stages.") else Path(sys.argv[0]).stem
     doc = getattr(sys.modules.get(module), "__doc__", None)
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=describe_stage(stage, doc),
+    args = sys.argv[1:] if argv is None else argv
+    described = any(a in ("-h", "--help") for a in args)  # reading dvc.yaml for it costs every run 0.4 s
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
+                                     description=describe_stage(stage, doc) if described else None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
-        parser.parse_args(argv)
+        parser.parse_args(args)
     except SystemExit as exc:  # --help (0) or an unknown option (2)
         return exc.code if isinstance(exc.code, int) else 2
     start = time.perf_counter()

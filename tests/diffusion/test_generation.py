@@ -71,6 +71,7 @@ def test_every_sampler_regenerates_an_image_alone_from_its_seed(tmp_path, sample
     assert np.abs(alone.astype(int) - batch[2, 0]).max() <= (1 if sampler == "ddpm" else 0)
 
 
+@pytest.mark.slow
 def test_killed_generation_resumes_after_its_finished_shards(tmp_path):
     script = [sys.executable, "-m", "tests.diffusion.shard_script"]
     full = subprocess.run([*script, str(tmp_path / "full")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

@@ -22,6 +22,7 @@ def run(ckpt, out, *mode) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [(), ("lora",), ("invertible3d",)],
                          ids=["from_scratch", "lora_adapter", "invertible_volumes"])
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode):

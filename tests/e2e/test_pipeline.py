@@ -177,14 +177,15 @@ def test_the_prefect_flow_drives_the_dag(copy_of, prefect_harness):
     repo = copy_of()
     commit(repo, "baseline")
     # A flow run with params overrides is a DVC experiment of its own; a sweep queues a grid of them.
-    pipeline(repo=str(repo), stages=["evaluate"], params=["evaluate.classifier.steps=25"], experiment="flow-exp")
-    assert experiment(repo, "flow-exp")["params"]["params.yaml"]["data"]["evaluate"]["classifier"]["steps"] == 25
+    # (Both vary the cheapest study, evaluate_vlp; the evaluate experiment above shows a whole stage's reuse.)
+    pipeline(repo=str(repo), stages=["evaluate_vlp"], params=["evaluate_vlp.steps=5"], experiment="flow-exp")
+    assert experiment(repo, "flow-exp")["params"]["params.yaml"]["data"]["evaluate_vlp"]["steps"] == 5
     sh(repo, "git", "checkout", "--", ".")
     dvc(repo, "checkout")
-    rows = sweep(repo=str(repo), grid={"evaluate.classifier.steps": [15, 35]}, jobs=1)
-    swept = {r["evaluate.classifier.steps"]: r for r in rows}
-    assert {15, 35} <= set(swept) and all(swept[k]["state"] == "success" for k in (15, 35)), rows
-    assert all("evaluate.fd_effnet" in swept[k] for k in (15, 35))
+    rows = sweep(repo=str(repo), grid={"evaluate_vlp.steps": [4, 6]}, jobs=1)
+    swept = {r["evaluate_vlp.steps"]: r for r in rows}
+    assert {4, 6} <= set(swept) and all(swept[k]["state"] == "success" for k in (4, 6)), rows
+    assert all("evaluate.fd_effnet" in swept[k] and "evaluate_vlp.vlp_gain_probe_auc_50pct_real_synth" in swept[k] for k in (4, 6)), rows
     assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
 
     # A changed generate param reruns generate and what reads it.
