@@ -23,7 +23,7 @@ os.environ.update(
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One pytest worker per core (Makefile): one torch thread each, here and in every process a test starts,
     # so that two workers never oversubscribe the cores (OpenMP threads spin-wait for each other).
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 # Stages run as `python -m stages.x` in subprocesses: make sure that is this venv's python.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--real", default="data/ingest/dataset")  # an image-conditioned model's source images
     args = ap.parse_args(argv)
+    if Path("params.yaml").is_file():  # the thread count and kernels of the run that made the image
+        from synthmed.config import apply_cpu_params
+
+        apply_cpu_params()
     from synthmed.diffusion.generators import load_generator
     from synthmed.runtime import pick_device
 

@@ -31,15 +31,22 @@ def tiny_params() -> dict:
     return merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(TINY_OVERLAY.read_text()))
 
 
-def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=os.environ.copy())
+def sh(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, env=env or os.environ.copy())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(repo, sys.executable, "-m", "dvc", *args, check=check)
+def dvc(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "dvc", *args, check=check, env=env)
+
+
+def unpinned_env() -> dict[str, str]:
+    """This environment without the test workers' one-thread pins (tests/conftest.py): threads as on a
+    user's machine, from params.yaml's `cpu:` alone."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                             "OPENBLAS_NUM_THREADS")}
 
 
 def make_repo(root: Path, params: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.e2e.harness import assert_declared_outputs, dvc, make_repo, tiny_params
+from tests.e2e.harness import assert_declared_outputs, dvc, make_repo, tiny_params, unpinned_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -22,9 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 def volume_params() -> dict:
     params = tiny_params()
     params["ingest"].update(dims=3, resolution=16)
-    params["ingest"]["demo3d"]["step_mm"] = 24  # 88 cubes, not 274: every stage still sees all three splits
-    # The regeneration check below is the default's: two threads. At one thread a volume regenerated alone
-    # differs from its batch's in one voxel level (kernels whose reduction order follows the batch size).
+    # The regeneration check below holds as a user runs it: two threads, no one-thread pins in the
+    # environment (at one thread a volume regenerated alone differs from its batch's in one voxel level).
     params["cpu"]["threads"] = 2
     params["train_vae"].update(block_out_channels=[8, 16], mid_attention=False, batch_size=8)
     # the 3-D recipe of `make run-3d` (README "Volumes (3-D)")
@@ -35,7 +34,7 @@ def volume_params() -> dict:
 
 def test_volumes_run_the_whole_dag_with_the_invertible_backbone(tmp_path: Path):
     repo = make_repo(tmp_path / "repo", volume_params())
-    dvc(repo, "repro")
+    dvc(repo, "repro", env=unpinned_env())
     assert_declared_outputs(repo)
 
     real = pd.read_csv(repo / "data/ingest/dataset/metadata.csv")
@@ -62,6 +61,7 @@ def test_volumes_run_the_whole_dag_with_the_invertible_backbone(tmp_path: Path):
 
     name = synth["file_name"].iloc[1]
     again = subprocess.run([sys.executable, "-m", "synthmed.diffusion.regenerate", name, "--out",
-                            str(tmp_path / "again.npy")], cwd=repo, capture_output=True, text=True)
+                            str(tmp_path / "again.npy")], cwd=repo, capture_output=True, text=True,
+                           env=unpinned_env())
     assert again.returncode == 0 and "identical" in again.stdout, again.stdout + again.stderr
     assert np.array_equal(np.load(tmp_path / "again.npy"), np.load(repo / "data/generate/dataset" / name))
