@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import yaml
 
 from synthmed.io import sha256_bytes, sha256_file, sha256_tree, write_json
 
-_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "torchmetrics", "nilearn")
+_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "nilearn")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -27,8 +28,13 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    # Deterministic kernels where torch has them; warn rather than fail elsewhere.
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic kernels where torch has them; warn rather than fail elsewhere. This is
+    # torch.use_deterministic_algorithms(True, warn_only=True) without its import of torch._inductor
+    # (2 s per stage process) for a flag only torch.compile reads: the environment sets it there.
+    os.environ.setdefault("TORCHINDUCTOR_DETERMINISTIC", "1")
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].deterministic = True
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return torch.Generator().manual_seed(seed)
 

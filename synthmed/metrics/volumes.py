@@ -7,11 +7,11 @@ volume (PSNR/SSIM/MAE), each beside the same figure for real test volumes agains
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from synthmed.metrics.fidelity import frechet_distance
 from synthmed.metrics.privacy import nearest
+from synthmed.metrics.similarity import psnr, ssim
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -43,40 +43,12 @@ def plane_frechet(real: torch.Tensor, synth: torch.Tensor) -> dict[str, float]:
             for i, name in enumerate(PLANES)}
 
 
-def _gaussian_filter(x: torch.Tensor, sigma: float = 1.5, size: int = 11) -> torch.Tensor:
-    """Gaussian window over every spatial axis of a reflection-padded input (what torchmetrics' SSIM does),
-    one axis at a time: torchmetrics' single 3-D convolution becomes a size**3-column matrix in float64
-    (70 GB for 42 volumes of 32^3)."""
-    k = torch.exp(-((torch.arange(size, dtype=x.dtype) - size // 2) ** 2) / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.pad(x, [size // 2] * 2 * (x.ndim - 2), mode="reflect")
-    conv = F.conv3d if x.ndim == 5 else F.conv2d
-    for axis in range(2, x.ndim):
-        shape = [1, 1] + [size if a == axis else 1 for a in range(2, x.ndim)]
-        x = conv(x, k.view(shape))
-    return x
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pair SSIM of images or volumes [N, 1, ...] in [0, 1] (Gaussian window 11, sigma 1.5; Wang et al.),
-    torchmetrics' values with memory linear in the window size."""
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = _gaussian_filter(x), _gaussian_filter(y)
-    vx = (_gaussian_filter(x * x) - mx * mx).clamp_min(0)
-    vy = (_gaussian_filter(y * y) - my * my).clamp_min(0)
-    cxy = _gaussian_filter(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
-
-
 @torch.no_grad()
 def _pairwise(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB), SSIM (3-D Gaussian window) and MAE of uint8 volume pairs, on [0, 1]."""
     x, y = a.double() / 255, b.double() / 255
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
     values = torch.cat([ssim(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)])
-    return {"psnr": psnr, "ssim": float(values.mean()), "mae": float((x - y).abs().mean())}
+    return {"psnr": float(psnr(x, y).mean()), "ssim": float(values.mean()), "mae": float((x - y).abs().mean())}
 
 
 def nearest_volume_metrics(synth: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> dict[str, float]:

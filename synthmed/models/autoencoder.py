@@ -15,6 +15,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from synthmed.config import require_at_least_one, require_non_negative
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
+from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.progress import progress
 
@@ -94,9 +95,7 @@ def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> to
     if "l2" in cfg.recon_loss:
         loss = loss + F.mse_loss(recon, x)
     if cfg.ssim_weight > 0:
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-        loss = loss + cfg.ssim_weight * (1 - ssim((recon + 1) / 2, (x + 1) / 2, data_range=1.0))
+        loss = loss + cfg.ssim_weight * (1 - ssim((recon + 1) / 2, (x + 1) / 2).mean())
     return loss
 
 
@@ -183,12 +182,8 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: t
 
 def reconstruction_metrics(images: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
     """PSNR/SSIM/MAE of images in [-1, 1], computed on [0, 1]."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     a, b = (images + 1) / 2, (recon + 1) / 2
-    psnr = float(peak_signal_noise_ratio(b, a, data_range=1.0, dim=tuple(range(1, a.ndim))))  # mean of per-image PSNR
-    ssim = float(structural_similarity_index_measure(b, a, data_range=1.0))
-    mae = float((a - b).abs().mean())
-    if not all(map(math.isfinite, (psnr, ssim, mae))):
+    out = {"psnr": float(psnr(b, a).mean()), "ssim": float(ssim(b, a).mean()), "mae": float((a - b).abs().mean())}
+    if not all(map(math.isfinite, out.values())):
         raise FloatingPointError("non-finite reconstruction metric")
-    return {"psnr": psnr, "ssim": ssim, "mae": mae}
+    return out

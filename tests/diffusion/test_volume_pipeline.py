@@ -13,7 +13,7 @@ from synthmed.diffusion.train import make_noise_scheduler
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.sample import pack_latents, unpack_latents
 from synthmed.diffusion.shards import save_image
-from synthmed.metrics.volumes import PlaneFeatures, central_plane_images, nearest_volume_metrics, ssim
+from synthmed.metrics.volumes import PlaneFeatures, central_plane_images, nearest_volume_metrics
 from synthmed.models.autoencoder import build_autoencoder, load_autoencoder, reconstruction_metrics
 from synthmed.models.unet import build_unet
 from synthmed.viz import central_planes, image_grid
@@ -114,14 +114,3 @@ def test_nearest_volume_metrics_score_copies_above_noise():
     assert copies["volume_mae"] == pytest.approx(0.0, abs=1e-12) and copies["volume_ssim"] == pytest.approx(1.0)
     assert noise["volume_mae"] > 0.2 and noise["volume_ssim"] < 0.2
     assert noise["volume_ssim_real_test_vs_train"] == pytest.approx(copies["volume_ssim_real_test_vs_train"])
-
-
-@pytest.mark.parametrize("dims", [2, 3])
-def test_separable_ssim_is_torchmetrics_ssim(dims):
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 1, *(14,) * dims, generator=g, dtype=torch.float64)
-    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    reference = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
-    torch.testing.assert_close(ssim(y, x), reference, rtol=1e-6, atol=1e-8)
