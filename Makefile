@@ -33,8 +33,9 @@ run-3d: venv
 flow: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.pipeline
 
-# One pytest worker per core, one torch thread each (tests/conftest.py); the 15 slowest tests in every log.
-WORKERS ?= 2
+# One pytest worker per core and one more (a test often waits: on a subprocess's imports, a server, a queue
+# poll), one torch thread each (tests/conftest.py); the 15 slowest tests in every log.
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 PYTEST  := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(WORKERS) --maxschedchunk 1 --durations=15
 
 test: venv browser

@@ -32,6 +32,7 @@ class TextTower(nn.Module):
             for layer in _layers(self.model)[-trainable_layers:]:
                 layer.requires_grad_(True)
         self.out_features = encoder.hidden_size
+        self._frozen: dict[str, torch.Tensor] = {}  # caption -> pooled features, while no layer is tuned
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.encoder.tokenizer(texts, padding="max_length", truncation=True,
@@ -44,7 +45,15 @@ class TextTower(nn.Module):
 
     @torch.no_grad()
     def pooled(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Frozen pooled features of many captions (computed once, then cached by the caller)."""
+        """Pooled features of many captions. A frozen tower encodes each distinct caption once per process:
+        every arm and seed of a study reads the same captions."""
+        if self.trainable_layers:
+            return self._encode(texts, batch_size)
+        new = list(dict.fromkeys(t for t in texts if t not in self._frozen))
+        self._frozen.update(zip(new, self._encode(new, batch_size)))
+        return torch.stack([self._frozen[t] for t in texts]) if texts else torch.zeros(0, self.out_features)
+
+    def _encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
         was = self.model.training
         self.model.eval()
         out = []

@@ -1,6 +1,6 @@
 """Run by test_resume.py in a subprocess: tiny LDM training with checkpoints, on the default recipe's
 random paths: UNet dropout, self-conditioning, augmented views, context dropout, posterior sampling,
-EMA, and validation (on the EMA and the raw weights) every 15 steps.
+EMA, and validation (on the EMA and the raw weights) every 10 steps.
 
 argv: checkpoint_dir output_file [lora | invertible3d]: with `lora`, only a LoRA adapter on the UNet trains
 (train_lora); with `invertible3d`, volumes through a volume VAE train the invertible backbone (its dropout masks
@@ -33,9 +33,9 @@ if __name__ == "__main__":
     data = build_latent_pairs(vae, encoder, pairs, images, names, augment_copies=2, brightness=0.1, contrast=0.1,
                               generator=train_g)
     val = build_latent_pairs(vae, encoder, pairs.iloc[:4], images, names)
-    cfg = LDMTrainConfig(steps=60, batch_size=4, grad_accum_steps=1, mixed_precision="no", lr=1e-3, weight_decay=0.01,
+    cfg = LDMTrainConfig(steps=30, batch_size=4, grad_accum_steps=1, mixed_precision="no", lr=1e-3, weight_decay=0.01,
                          context_dropout=0.2, sample_posterior=True, grad_clip=1.0, warmup_steps=5, ema_decay=0.9,
-                         min_snr_gamma=5.0, checkpoint_every=10, keep_checkpoints=2)
+                         min_snr_gamma=5.0, checkpoint_every=5, keep_checkpoints=2)
     torch.manual_seed(0)
     unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1], block_out_channels=[16, 32],
                       layers_per_block=1, cross_attention_dim=encoder.hidden_size, attention_head_dim=4,
@@ -44,7 +44,7 @@ if __name__ == "__main__":
     if sys.argv[3:] == ["lora"]:
         add_lora(unet, LoraParams(rank=2, alpha=4, dropout=0.1), "the tiny UNet")
     sched = make_noise_scheduler(1000)
-    log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=sys.argv[1], fingerprint="run-a", every=15,
+    log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=sys.argv[1], fingerprint="run-a", every=10,
                          on_every=lambda step, model, ema: validation_losses(model, ema, sched, val, 5.0))
     raw = {k: v.clone() for k, v in unet.state_dict().items()}
     ema.copy_to(trained_parameters(unet))

@@ -42,13 +42,6 @@ def dvc(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None =
     return sh(repo, sys.executable, "-m", "dvc", *args, check=check, env=env)
 
 
-def unpinned_env() -> dict[str, str]:
-    """This environment without the test workers' one-thread pins (tests/conftest.py): threads as on a
-    user's machine, from params.yaml's `cpu:` alone."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                             "OPENBLAS_NUM_THREADS")}
-
-
 def make_repo(root: Path, params: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """A fresh git+DVC repo at ``root`` holding the project's tracked files, the tiny params profile (or
     ``params``) and ``extra_files`` (relative path -> bytes, e.g. a dataset under data/raw/)."""

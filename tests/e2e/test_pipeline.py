@@ -115,12 +115,13 @@ def test_nothing_reruns_and_a_forced_rerun_gives_the_same_bytes(copy_of):
     # Same params and seed, same artifacts: force the training and sampling stages again. A finished run
     # leaves no resume state behind (so nothing needs deleting first), and the outputs are byte-identical.
     before = {s: lock_hashes(repo, s) for s in ("train_vae", "train_ldm", "generate")}
-    for stage in before:
-        dvc(repo, "repro", "--force", "--single-item", stage)
+    dvc(repo, "repro", "--force", "--single-item", *before)
     assert {s: lock_hashes(repo, s) for s in before} == before
-    # Sharded generation: two workers, then the merge, write the dataset a single run wrote, byte for byte.
+    # Sharded generation: two workers (here in-process), then the merge, write the dataset a single run wrote,
+    # byte for byte. (The Prefect flow test runs shard workers as processes of a Dask cluster.)
     for spec in ("2/2", "1/2"):
-        assert "images rendered" in sh(repo, sys.executable, "-m", "stages.generate", "--shard", spec).stdout
+        shard = run_stage_here(repo, "generate", "--shard", spec)
+        assert shard.returncode == 0 and "images rendered" in shard.stdout, shard.stderr
     merged = dvc(repo, "repro", "--force", "--single-item", "generate").stdout
     assert "(0 rendered" in merged, merged
     assert lock_hashes(repo, "generate") == before["generate"]
@@ -171,8 +172,8 @@ def test_a_remote_brings_the_results_to_another_clone(copy_of):
     assert (other / "data/report/report.html").read_bytes() == (repo / "data/report/report.html").read_bytes()
 
 
-def test_the_prefect_flow_drives_the_dag(copy_of, prefect_harness):
-    from flows.pipeline import StageFailed, pipeline, sweep
+def test_the_prefect_flow_runs_experiments_and_sweeps(copy_of, prefect_harness):
+    from flows.pipeline import pipeline, sweep
 
     repo = copy_of()
     commit(repo, "baseline")
@@ -188,6 +189,11 @@ def test_the_prefect_flow_drives_the_dag(copy_of, prefect_harness):
     assert all("evaluate.fd_effnet" in swept[k] and "evaluate_vlp.vlp_gain_probe_auc_50pct_real_synth" in swept[k] for k in (4, 6)), rows
     assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
 
+
+def test_the_prefect_flow_reruns_what_a_change_touches_and_fails_in_one_line(copy_of, prefect_harness):
+    from flows.pipeline import StageFailed, pipeline
+
+    repo = copy_of()
     # A changed generate param reruns generate and what reads it.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["generate"]["guidance_scale"] = 2.0
@@ -257,6 +263,8 @@ def cached_replies(repo: Path) -> dict[str, str]:
 
     found = {}
     for path in (repo / ".synthmed/cache/llm").rglob("*.json"):
+        if path.parent.name.endswith(".tmp"):  # a reply being written (io.atomic_path's temporary folder)
+            continue
         paraphrases, _ = parse_reply(json.loads(path.read_text())["content"])
         found[path.name] = paraphrases[0].removeprefix("Image: ")
     return found
