@@ -44,8 +44,6 @@ import os
 import sys
 import tempfile
 
-import torch
-
 # ISA pins. AVX2 (+FMA) is the common level of x86-64 CPUs since Haswell / Zen 1; a CPU without
 # it cannot run the AVX2 kernels, and pin_cpu then reports the mismatch instead of guessing.
 STRICT_ENV: dict[str, str] = {
@@ -84,6 +82,10 @@ def pin_cpu(threads: int, *, strict: bool = True, cross_vendor: bool = True) -> 
     env = (strict_env(threads, cross_vendor=cross_vendor) if strict
            else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     os.environ.update(env)
+    if "torch" not in sys.modules:  # a stage without tensors: torch, if it ever loads, reads the env set here
+        return {"strict_cpu": strict, "threads": threads, "env": env}
+    import torch
+
     torch.set_num_threads(threads)
     record = {"strict_cpu": strict, "threads": torch.get_num_threads(), "env": env}
     if not strict:
@@ -142,6 +144,8 @@ def _mkl_cnr_mode() -> str | None:
     MKL offers no exported query in the torch wheel; its verbose output goes to fd 1 from C,
     so fd 1 is redirected for the duration of one 2x2 matmul.
     """
+    import torch
+
     sys.stdout.flush()
     saved = os.dup(1)
     try:

@@ -1,8 +1,8 @@
-"""Run by test_resume.py in a subprocess: tiny LDM training with checkpoints, on the default recipe's
+"""Run by test_resume.py (the killed run in a subprocess, the others in-process): tiny LDM training with checkpoints, on the default recipe's
 random paths: UNet dropout, self-conditioning, augmented views, context dropout, posterior sampling,
 EMA, and validation (on the EMA and the raw weights) every 10 steps.
 
-argv: checkpoint_dir output_file [lora | invertible3d]: with `lora`, only a LoRA adapter on the UNet trains
+argv: checkpoint_dir output_file [lora | invertible3d] (or train() with them): with `lora`, only a LoRA adapter on the UNet trains
 (train_lora); with `invertible3d`, volumes through a volume VAE train the invertible backbone (its dropout masks
 replayed when activations are recomputed)
 """
@@ -19,10 +19,10 @@ from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
 from tests.helpers import tiny_vae, tiny_volume_vae
 
-if __name__ == "__main__":
+def train(checkpoint_dir: str, output_file: str, *mode: str) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    volumes = sys.argv[3:] == ["invertible3d"]
+    volumes = list(mode) == ["invertible3d"]
     shape = (8, 8, 8) if volumes else (16, 16)
     images = (torch.rand(6, 1, *shape, generator=g) * 200 + 20).to(torch.uint8)
     names = [f"img{i}.png" for i in range(6)]
@@ -41,11 +41,15 @@ if __name__ == "__main__":
                       layers_per_block=1, cross_attention_dim=encoder.hidden_size, attention_head_dim=4,
                       norm_num_groups=8, dropout=0.1, self_condition=True, dims=3 if volumes else 2,
                       backbone="invertible" if volumes else "standard")
-    if sys.argv[3:] == ["lora"]:
+    if list(mode) == ["lora"]:
         add_lora(unet, LoraParams(rank=2, alpha=4, dropout=0.1), "the tiny UNet")
     sched = make_noise_scheduler(1000)
-    log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=sys.argv[1], fingerprint="run-a", every=10,
+    log, ema = train_ldm(unet, sched, data, cfg, train_g, checkpoint_dir=checkpoint_dir, fingerprint="run-a", every=10,
                          on_every=lambda step, model, ema: validation_losses(model, ema, sched, val, 5.0))
     raw = {k: v.clone() for k, v in unet.state_dict().items()}
     ema.copy_to(trained_parameters(unet))
-    torch.save({"weights": unet.state_dict(), "raw": raw, "log": log}, sys.argv[2])
+    torch.save({"weights": unet.state_dict(), "raw": raw, "log": log}, output_file)
+
+
+if __name__ == "__main__":
+    train(*sys.argv[1:])

@@ -13,21 +13,18 @@ import torch
 
 from synthmed.diffusion.checkpoint import load_latest, save_checkpoint
 from tests.conftest import REPO_ROOT
+from tests.diffusion import resume_script
 
 SCRIPT = [sys.executable, "-m", "tests.diffusion.resume_script"]
-
-
-def run(ckpt, out, *mode) -> subprocess.CompletedProcess:
-    return subprocess.run([*SCRIPT, str(ckpt), str(out), *mode], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [(), ("lora",), ("invertible3d",)],
                          ids=["from_scratch", "lora_adapter", "invertible_volumes"])
-def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode):
-    full = run(tmp_path / "ckpt_full", tmp_path / "full.pt", *mode)
-    assert full.returncode == 0, full.stderr
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys, mode):
+    # Only the run that is killed needs a process of its own; the uninterrupted and the resumed run go in-process
+    # (one torch thread either way, as in every process a test worker starts: tests/conftest.py).
+    resume_script.train(str(tmp_path / "ckpt_full"), str(tmp_path / "full.pt"), *mode)
 
     proc = subprocess.Popen([*SCRIPT, str(tmp_path / "ckpt"), str(tmp_path / "resumed.pt"), *mode], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -39,10 +36,11 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, mode
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "resumed.pt").exists()
 
-    again = run(tmp_path / "ckpt", tmp_path / "resumed.pt", *mode)
-    assert again.returncode == 0, again.stderr
-    resumed_from = int(again.stdout.split("resuming from step ")[1].split()[0])
-    assert resumed_from >= 10 and "checkpoint at step 30" in again.stdout
+    capsys.readouterr()
+    resume_script.train(str(tmp_path / "ckpt"), str(tmp_path / "resumed.pt"), *mode)
+    again = capsys.readouterr().out
+    resumed_from = int(again.split("resuming from step ")[1].split()[0])
+    assert resumed_from >= 10 and "checkpoint at step 30" in again
     a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
     assert [r["step"] for r in b["log"]] == list(range(30))
     assert a["log"] == b["log"]  # losses, learning rates and validation losses, float for float
