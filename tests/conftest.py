@@ -31,11 +31,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One Prefect test server for the whole session (it takes 10-20 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory):
+    """(api client, env for subprocesses, server log) of one real `prefect server start` per test process, with a
+    fast scheduler: the flow tests report to it and the deployment tests deploy to it (a start costs 15-20 s)."""
+    from tests.flows.prefect_server import prefect_server
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_api):
+    """Flows run in this process report to the session's server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api[1]["PREFECT_API_URL"]}):
         yield
 
 

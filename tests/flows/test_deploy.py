@@ -28,8 +28,8 @@ def prefect(env: dict, cwd: Path, *args: str, check: bool = True) -> subprocess.
 @pytest.mark.skipif(subprocess.run(["git", "rev-parse", "--verify", "-q", "main"], cwd=REPO_ROOT,
                                    capture_output=True).returncode != 0,
                     reason="the pull step clones this repository's `main` branch, which this checkout lacks")
-def test_prefect_yaml_deploys_to_a_process_pool_and_its_schedule_runs_on_a_worker(tmp_path: Path, server):
-    client, env, server_log = server
+def test_prefect_yaml_deploys_to_a_process_pool_and_its_schedule_runs_on_a_worker(tmp_path: Path, prefect_api):
+    client, env, server_log = prefect_api
     env = {**env, "SYNTHMED_REPOSITORY": str(REPO_ROOT)}
     repo = tiny_dvc_repo(tmp_path / "repo", env)
     prefect(env, tmp_path, "work-pool", "create", "gpu", "--type", "process")

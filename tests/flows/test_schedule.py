@@ -1,11 +1,11 @@
 """A served deployment's schedule really fires against a real `prefect server start`.
 
-The session's `prefect_test_harness` cannot show this: the scheduler is a server service, and a
+An in-process flow run cannot show this: the scheduler is a server service, and a
 broken one (e.g. SQLAlchemy 2.1 beside prefect 3.8: "Can't evaluate bulk DML statement") only
-logs a traceback every loop while `--serve` looks healthy. So this starts its own server and
+logs a traceback every loop while `--serve` looks healthy. So this uses a real server and starts
 `python -m flows.pipeline --serve --interval ...` in subprocesses, on a throwaway DVC repo whose
 `ingest` stage only touches a file, and waits for a flow run that the *schedule* created to complete.
-The server is the session's (tests/flows/conftest.py), shared with the deployment test.
+The server is the session's (tests/conftest.py `prefect_api`), shared with the deployment and flow tests.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ SCHEDULED_RUN_TIMEOUT = 180
 INTERVAL_SECONDS = 30  # the first run is due at once; a long gap keeps runs from overlapping
 
 
-def test_served_interval_schedule_fires(tmp_path: Path, server):
-    client, env, server_log = server
+def test_served_interval_schedule_fires(tmp_path: Path, prefect_api):
+    client, env, server_log = prefect_api
     repo = tiny_dvc_repo(tmp_path / "repo", env)
     serve_log = tmp_path / "serve.log"
     with serve_log.open("wb") as out:
