@@ -29,7 +29,7 @@ from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.fidelity import fidelity_with_reference, frechet_distance, per_label_prdc
-from synthmed.metrics.privacy import closest_pairs, gate, memorization_table, pixels
+from synthmed.metrics.privacy import PixelSpace, closest_pairs, gate, memorization_table
 from synthmed.metrics.volumes import PlaneFeatures, nearest_volume_metrics, plane_frechet
 from synthmed import store
 from synthmed.provenance import seed_everything, write_provenance
@@ -46,6 +46,10 @@ OUT = "data/evaluate"
 class PrivacyParams:
     fail_on_violation: bool  # stop the stage when too many synthetic images are near copies
     max_fraction_below_p1: float  # gate: share of synthetic images below the reference's 1st percentile
+    pixel_resolution: int  # pixel-space distances at this side (area-averaged down from larger images); 0 = native
+
+    def __post_init__(self):
+        require_non_negative(self, "pixel_resolution")
 
 
 @dataclass
@@ -105,12 +109,13 @@ def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
 def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dict, str | None]:
     """Memorization table and the closest pairs figure, per generation mode; the gate's message when armed
     and exceeded in any mode."""
-    spaces = {k: {"feature": feat[k], "pixel": pixels(images[k])} for k in ("synth", "train", "test")}
-    tables, summary, verdicts = [], {}, []
+    space = {k: {"feature": feat[k], "pixel": PixelSpace(images[k], p.pixel_resolution)} for k in ("train", "test")}
+    tables, summary, verdicts = [], {"mem_pixel_side": space["train"]["pixel"].side}, []
     for mode, suffix in modes_of(rows["synth"]).items():
         sel = mode_mask(rows["synth"], mode)
-        table, mode_summary = memorization_table({k: v[sel] for k, v in spaces["synth"].items()}, spaces["train"],
-                                                 spaces["test"], rows["synth"][sel], rows["train"]["file_name"])
+        synth = {"feature": feat["synth"][sel], "pixel": PixelSpace(images["synth"][sel], p.pixel_resolution)}
+        table, mode_summary = memorization_table(synth, space["train"], space["test"], rows["synth"][sel],
+                                                 rows["train"]["file_name"])
         tables.append(table.assign(mode=mode) if suffix or "mode" in rows["synth"] else table)
         summary.update({k + suffix: v for k, v in mode_summary.items()})
         verdicts.append(gate(mode_summary, p.max_fraction_below_p1) if p.fail_on_violation else None)

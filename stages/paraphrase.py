@@ -73,7 +73,8 @@ def report_declined(declined: dict[str, str], total: int) -> None:
         caption, why = next(iter(declined.items()))
         print(f"paraphrase: the rule backend declined {len(declined)} of {total} captions it cannot rephrase "
               f"grammatically (sentences, prompts, negations; e.g. {caption!r}: {why}); "
-              "they keep only their original")
+              "they keep only their original; paraphrase.backend: openai (any OpenAI-compatible endpoint, a local "
+              "one too) rephrases them")
 
 
 def main() -> None:

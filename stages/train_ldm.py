@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
 from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
-from synthmed.data.dataset import split_images
+from synthmed.data.dataset import split_stack
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
@@ -146,7 +146,7 @@ def main() -> None:
     require_inputs("train_ldm", PAIRS, DATASET, f"{VAE}/config.json")
     pairs = pd.read_csv(PAIRS, dtype=str, keep_default_na=False)
     pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, PAIRS)
-    rows, images = split_images(DATASET, ["train"])
+    rows, images = split_stack(DATASET, ["train"])  # uint8 on disk, encoded a batch at a time
     vae = load_autoencoder(VAE).to(device).eval().requires_grad_(False)
     side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     if side % p.latent_patch:
@@ -164,21 +164,25 @@ def main() -> None:
     if volumes and p.condition == "image":
         raise PipelineError("params.yaml: train_ldm.condition=image needs 2-D images (the image encoders are 2-D); "
                             "use condition: text for volumes")
-    val_rows, val_images = split_images(DATASET, ["val"])
+    val_rows, val_images = split_stack(DATASET, ["val"])
+    # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code; its encoded
+    # latents and caption states live beside its checkpoints.
+    fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
+    encoded = store.run_dir("train_ldm", fingerprint) / "encoded"
     augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast, generator=g,
-                   latent_patch=p.latent_patch)
+                   latent_patch=p.latent_patch, cache=encoded / "train")
     if p.condition == "image":
         encoder = ImageEncoder(p.image_encoder, p.image_tokens, device)
         pairs = rows.assign(caption_source="image")  # one (image, its own embedding) pair per image
         data = build_image_pairs(vae, encoder, images, **augment)
-        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch)
+        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch, cache=encoded / "val")
         dims = dict(cross_attention_dim=p.block_out_channels[-1], encoder_hid_dim=encoder.dim)
     else:
         require_captions(pairs, rows)
         encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
         data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
         val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
-                                      latent_patch=p.latent_patch)
+                                      latent_patch=p.latent_patch, cache=encoded / "val")
         dims = dict(cross_attention_dim=encoder.hidden_size)
     try:
         unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
@@ -192,8 +196,6 @@ def main() -> None:
     except ValueError as exc:  # an option the backbone cannot honour, a grid its strides do not divide
         raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
-    # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code.
-    fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
     # the grid: 8 val images or their captions, spread over the split (all planes/labels), the same at every check
     at = torch.linspace(0, len(val_rows) - 1, 8).long().unique()
     if accelerator.is_main_process:
@@ -223,7 +225,7 @@ def main() -> None:
         return validation_losses(model, ema, scheduler, val_data, p.min_snr_gamma)
 
     try:
-        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=store.run_dir("train_ldm", fingerprint) / "checkpoints", fingerprint=fingerprint,
+        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=encoded.parent / "checkpoints", fingerprint=fingerprint,
                              every=p.validate_every or p.steps, on_every=on_every, accelerator=accelerator)
     except ValueError as exc:  # batch_size not divisible into micro-batches / processes
         raise PipelineError(f"params.yaml: train_ldm: {exc}") from None

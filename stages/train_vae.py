@@ -12,19 +12,19 @@ import torch
 from diffusers import AutoencoderKL
 
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
-from synthmed.data.dataset import split_images, to_model_range
+from synthmed.data.dataset import split_stack
 from synthmed.errors import PipelineError
 from synthmed import store
 from synthmed.io import atomic_path, write_metrics
-from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior,
-                                         latent_scaling_factor, posterior_noise_fraction, reconstruct,
-                                         reconstruction_metrics, train_autoencoder)
+from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
+                                         posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
 from synthmed.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
 DATASET = "data/ingest/dataset"
 OUT = "data/train_vae"
+POSTERIOR_SAMPLE = 1000  # training images the scaling factor and the noise fraction are measured on
 
 
 @dataclass(kw_only=True)
@@ -67,9 +67,8 @@ def main() -> None:
     p, seed = load_params("train_vae", TrainVAEParams)
     require_inputs("train_vae", DATASET)
     g = seed_everything(seed)
-    _, train_u8 = split_images(DATASET, ["train"])
-    _, val_u8 = split_images(DATASET, ["val"])
-    train, val = to_model_range(train_u8), to_model_range(val_u8)
+    _, train = split_stack(DATASET, ["train"])  # uint8 on disk: batches are read and scaled as training goes
+    _, val = split_stack(DATASET, ["val"])
     vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(pick_device())
     log = []
     fingerprint = run_fingerprint("train_vae", params=as_dict(p), seed=seed, inputs=[DATASET])
@@ -79,25 +78,27 @@ def main() -> None:
             log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint)
         except FloatingPointError as exc:
             raise PipelineError(f"{exc}; the last good checkpoint is in {checkpoints}") from None
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train, g))
-    recon = reconstruct(vae, val)
-    metrics = reconstruction_metrics(val, recon)
+    sample = posterior_sample_rows(len(train), POSTERIOR_SAMPLE, seed)
+    mean, std = encode_posterior(vae, train, rows=sample)
+    vae.register_to_config(scaling_factor=latent_scaling_factor(mean, std, g))
+    # Originals (top row) over their reconstructions, spread across the val split.
+    pick = torch.linspace(0, len(val) - 1, min(8, len(val))).long()
+    metrics, recon = validate(vae, val, pick.tolist())
 
     with atomic_path(f"{OUT}/vae", is_dir=True) as tmp:
         vae.to("cpu").save_pretrained(tmp)
     with atomic_path(f"{OUT}/loss.csv") as tmp:
         pd.DataFrame(log, columns=["step", "loss", "recon", "kl"]).to_csv(tmp, index=False, float_format="%.6g")
-    # Originals (top row) over their reconstructions, spread across the val split.
-    pick = torch.linspace(0, len(val) - 1, min(8, len(val))).long()
-    recon_u8 = ((recon[pick] + 1) * 127.5).round().to(torch.uint8)
-    save_png(image_grid([to_array(x) for x in [*val_u8[pick], *recon_u8]], ncol=len(pick)), f"{OUT}/recon.png")
+    recon_u8 = ((recon + 1) * 127.5).round().to(torch.uint8)
+    save_png(image_grid([to_array(x) for x in [*val[pick], *recon_u8]], ncol=len(pick)), f"{OUT}/recon.png")
     write_provenance(f"{OUT}/provenance.json", stage="train_vae", params=as_dict(p), seed=seed,
                      inputs=[DATASET])
     tail = log[-50:]
     write_metrics("train_vae", {
         **{f"val_{k}": v for k, v in metrics.items()},
         "scaling_factor": float(vae.config.scaling_factor),
-        "posterior_noise_fraction": posterior_noise_fraction(*encode_posterior(vae, train)),
+        "posterior_noise_fraction": posterior_noise_fraction(mean, std),
+        "posterior_sample": len(sample),  # the training images both figures above are measured on
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
     }, headline=["val_psnr", "val_ssim"])

@@ -36,6 +36,27 @@ def sha256_tree(root: str | Path) -> str:
     return h.hexdigest()
 
 
+MANIFEST = "metadata.csv"
+
+
+def manifest_hash(root: str | Path) -> str | None:
+    """The hash of a folder whose metadata.csv records every file's sha256 (what ingest writes), from that
+    manifest and each file's name and size, without reading the images again; None for another folder.
+    The files are checked against the manifest where they are decoded (synthmed.data.pixels)."""
+    root = Path(root)
+    meta = root / MANIFEST
+    if not meta.is_file():
+        return None
+    with meta.open(encoding="utf-8") as f:
+        if "sha256" not in f.readline().strip().split(","):
+            return None
+    h = hashlib.sha256(b"manifest")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(sha256_file(path).encode() if path == meta else str(path.stat().st_size).encode())
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``target`` in one rename.

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from synthmed.io import sha256_bytes, sha256_file, sha256_tree, write_json
+from synthmed.io import manifest_hash, sha256_bytes, sha256_file, sha256_tree, write_json
 
 _PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "nilearn")
 
@@ -116,9 +116,8 @@ def package_versions() -> dict[str, str]:
 
 
 def input_hashes(paths: list[str | Path]) -> dict[str, str]:
-    return {
-        str(p): (sha256_tree(p) if Path(p).is_dir() else sha256_file(p)) for p in map(Path, paths)
-    }
+    """sha256 of each file, of each folder's files, or of a dataset folder's manifest (hashed once, by ingest)."""
+    return {str(p): (manifest_hash(p) or sha256_tree(p)) if p.is_dir() else sha256_file(p) for p in map(Path, paths)}
 
 
 def write_provenance(

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from synthmed.data.disk_array import DiskArray
 from synthmed.data.imagefolder import load_images, read_metadata
+from synthmed.data.pixels import pixel_stack
 from synthmed.errors import PipelineError
 
 
@@ -36,6 +38,12 @@ def split_images(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, t
     """(rows, uint8 images [N, C, H, W]) for the given splits."""
     rows = split_frame(folder, splits)
     return rows, images_of(folder, rows)
+
+
+def split_stack(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, DiskArray]:
+    """(rows, uint8 images [N, C, H, W] on disk, read a batch at a time) for the given splits."""
+    rows = split_frame(folder, splits)
+    return rows, pixel_stack(folder, rows["file_name"].tolist())
 
 
 def split_mask(rows: pd.DataFrame, splits: list[str], unsplit: bool = False) -> np.ndarray:

@@ -19,9 +19,9 @@ from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files
 from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes
+from synthmed.io import MANIFEST, atomic_path, sha256_bytes
 
-METADATA = "metadata.csv"
+METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"
 REQUIRED = ("file_name", "text")
 OPTIONAL = ("label", "group", "split")
@@ -242,14 +242,16 @@ def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame
     return df
 
 
+def decode_pixels(path: Path, data: bytes | None = None) -> np.ndarray:
+    """uint8 (C, H, W) of an image file; (1, D, H, W) of a volume (.npy); from ``data`` when its bytes are read."""
+    source = io.BytesIO(data) if data is not None else path
+    if path.suffix == ".npy":
+        return np.load(source, allow_pickle=False)[None]
+    with Image.open(source) as im:
+        a = np.asarray(im)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
 def load_images(folder: str | Path, file_names: list[str]) -> np.ndarray:
     """Stack images of an ImageFolder as uint8 (N, C, H, W); volumes (.npy) as (N, 1, D, H, W)."""
-    arrays = []
-    for name in file_names:
-        if name.endswith(".npy"):
-            arrays.append(np.load(Path(folder) / name, allow_pickle=False)[None])
-            continue
-        with Image.open(Path(folder) / name) as im:
-            a = np.asarray(im)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return np.stack(arrays)
+    return np.stack([decode_pixels(Path(folder) / name) for name in file_names])

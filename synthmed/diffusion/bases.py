@@ -34,12 +34,15 @@ class PromptEncoder:
         self.pipe = pipe
         self.hidden_size = pipe.text_encoder.config.hidden_size
 
-    @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        embs = [self.pipe.encode_prompt(texts[i : i + batch_size], self.pipe.device, 1, False)[0].float().cpu()
-                for i in range(0, len(texts), batch_size)]
-        emb = torch.cat(embs)
-        return emb, torch.ones(emb.shape[:2], dtype=torch.long)  # all ones: the UNet sees every token, as in sampling
+        embs, masks = zip(*self.encode_batches(texts, batch_size))
+        return torch.cat(embs), torch.cat(masks)
+
+    @torch.no_grad()
+    def encode_batches(self, texts: list[str], batch_size: int = 64):
+        for i in range(0, len(texts), batch_size):
+            emb = self.pipe.encode_prompt(texts[i : i + batch_size], self.pipe.device, 1, False)[0].float().cpu()
+            yield emb, torch.ones(emb.shape[:2], dtype=torch.long)  # all ones: the UNet sees every token, as in sampling
 
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 
 from synthmed import store
 from synthmed.config import as_dict, require_inputs
-from synthmed.data.dataset import split_images
+from synthmed.data.dataset import split_stack
 from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
 from synthmed.diffusion.train import (NonFiniteLoss, build_latent_pairs, ema_weights, select_caption_sources, train_ldm,
@@ -102,15 +102,17 @@ LoRA fine-tune of the {p.base} pipeline `{p.base_path}`{f" (prior `{p.kandinsky.
 def training_sets(p, at: Layout):
     pairs = pd.read_csv(at.pairs, dtype=str, keep_default_na=False)
     pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, at.pairs)
-    rows, images = split_images(at.dataset, ["train"])
-    val_rows, val_images = split_images(at.dataset, ["val"])
+    rows, images = split_stack(at.dataset, ["train"])  # uint8 on disk, encoded a batch at a time
+    val_rows, val_images = split_stack(at.dataset, ["val"])
     return pairs, rows, images, val_rows, val_images
 
 
-def prepare(p, device, sets, adapter: str) -> tuple[object, list[Part], object]:
-    """The base (frozen), the parts to adapt with their data, and a sampler for the progress grids."""
+def prepare(p, device, sets, adapter: str, encoded: Path) -> tuple[object, list[Part], object]:
+    """The base (frozen), the parts to adapt with their data (latents and caption states encoded into
+    ``encoded``), and a sampler for the progress grids."""
     pairs, rows, images, val_rows, val_images = sets
-    if p.base == "kandinsky-2.2":
+    if p.base == "kandinsky-2.2":  # its prior and decoder pairs are built in memory
+        images, val_images = images[:], val_images[:]
         from synthmed.diffusion.kandinsky import (DecoderDenoiser, PriorDenoiser, decoder_pairs, load_kandinsky,
                                                   prior_noise_scheduler, prior_pairs)
 
@@ -133,8 +135,8 @@ def prepare(p, device, sets, adapter: str) -> tuple[object, list[Part], object]:
     base = load_base(p.base, p.base_path, device, p.resolution)
     patch = round((base.unet.config.out_channels // base.vae.config.latent_channels) ** 0.5)
     data, val_data = (build_latent_pairs(base.vae, base.encoder, pr, im, r["file_name"].tolist(), latent_patch=patch,
-                                         to_vae_input=base.to_vae_input)
-                      for pr, im, r in ((pairs, images, rows), (val_rows, val_images, val_rows)))
+                                         to_vae_input=base.to_vae_input, cache=encoded / split)
+                      for pr, im, r, split in ((pairs, images, rows, "train"), (val_rows, val_images, val_rows, "val")))
     sampler = base.pipe if p.base == "synthmed" else DiffusersGenerator(base.pipe, images.shape[1], images.shape[-1],
                                                                         base.resolution)
     part = Part("unet", base.unet, base.unet, base.noise_scheduler(), data, val_data, p.lora, adapter)
@@ -196,13 +198,13 @@ def finetune(p, seed: int, at: Layout) -> None:
     accelerator = make_accelerator(p.mixed_precision)
     require_inputs(STAGE, at.pairs, at.dataset)
     sets = training_sets(p, at)
-    base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter)
+    inputs = [at.pairs, at.dataset] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
+    fingerprint = run_fingerprint(STAGE, params=as_dict(p), seed=seed, inputs=inputs)
+    base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter, store.run_dir(STAGE, fingerprint) / "encoded")
     images, val_rows = sets[2], sets[3]
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     n_base = sum(x.numel() for part in parts for x in part.model.parameters())
     n_lora = add_adapters(p, parts, half)
-    inputs = [at.pairs, at.dataset] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
-    fingerprint = run_fingerprint(STAGE, params=as_dict(p), seed=seed, inputs=inputs)
     grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
     if accelerator.is_main_process:
         shutil.rmtree(f"{at.out}/progress", ignore_errors=True)

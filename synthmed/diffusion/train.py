@@ -30,11 +30,12 @@ from diffusers.training_utils import EMAModel
 
 from synthmed.diffusion.config import LDMTrainConfig  # noqa: F401 (the loop's knobs; re-exported)
 from synthmed.data.dataset import to_model_range
+from synthmed.data.disk_array import DiskArrayWriter, open_disk_array
 from synthmed.errors import PipelineError
 from synthmed.diffusion.checkpoint import TrainedState, capture, load_latest, restore, save_checkpoint
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned, pack_latents
-from synthmed.models.autoencoder import encode_posterior
+from synthmed.models.autoencoder import encode_batch_size, encode_posterior
 from synthmed.models.image_encoder import ImageEncoder
 from synthmed.progress import progress
 from synthmed.runtime import make_accelerator
@@ -65,45 +66,76 @@ class LatentPairs:
                 **{k: v[rows].to(device) for k, v in self.extra_cond.items()}}
 
 
-def brightness_contrast(images: torch.Tensor, brightness: float, contrast: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """Random brightness shift and contrast scaling of images in [-1, 1]; never flips (prompts encode
-    position and side)."""
-    shape = (len(images),) + (1,) * (images.ndim - 1)  # per image, any number of spatial axes
+def draw_brightness_contrast(shape: tuple[int, ...], brightness: float, contrast: float,
+                             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random brightness shift and contrast scale per image (``shape`` broadcasts over an image)."""
     b = (torch.rand(shape, generator=generator) * 2 - 1) * brightness * 2  # [-1, 1] range is 2 wide
     c = 1 + (torch.rand(shape, generator=generator) * 2 - 1) * contrast
+    return b, c
+
+
+def apply_brightness_contrast(images: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] shifted by ``b`` and scaled by ``c`` about their mean; never flipped (prompts encode
+    position and side)."""
     mean = images.mean(dim=tuple(range(1, images.ndim)), keepdim=True)
     return ((images - mean) * c + mean + b).clamp(-1, 1)
 
 
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, augment_copies: int = 0, brightness: float = 0.0,
+def encode_latents(vae: AutoencoderKL, images, augment_copies: int = 0, brightness: float = 0.0,
                    contrast: float = 0.0, generator: torch.Generator | None = None, latent_patch: int = 1,
-                   to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                   to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None, cache: Path | None = None):
     """The VAE posterior (mean, std) of each image and of ``augment_copies`` brightness/contrast-augmented
     copies of it, encoded once, here (augmentation costs nothing per training step); the encodings of
     image i are rows i*V .. i*V + V-1, packed in ``latent_patch`` x ``latent_patch`` blocks
-    (sample.pack_latents). ``to_vae_input`` maps the images, in [-1, 1], to what the VAE takes (a
-    pretrained base's channels and size)."""
-    x = to_model_range(images)
-    if to_vae_input is not None:
-        x = to_vae_input(x)
-    views = [x] + [brightness_contrast(x, brightness, contrast, generator) for _ in range(augment_copies)]
-    mean, std = (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1)))
-    return mean, std, len(views)
+    (sample.pack_latents). ``images`` are uint8 (a tensor or a DiskArray), read a batch at a time;
+    ``to_vae_input`` maps a batch, in [-1, 1], to what the VAE takes (a pretrained base's channels and size).
+    With ``cache`` (a folder) the posteriors go there as DiskArrays, memory holds one batch, and a run that
+    finds them there (a resumed one) reads them instead; the augmentations are drawn either way, so the
+    generator ends where it would."""
+    n, variants = len(images), 1 + augment_copies
+    draws = [draw_brightness_contrast((n,) + (1,) * (images.ndim - 1), brightness, contrast, generator)
+             for _ in range(augment_copies)]
+    if cache is not None:
+        found = [open_disk_array(cache / f"{k}.f32") for k in ("mean", "std")]
+        if all(a is not None and len(a) == n * variants for a in found):
+            return *found, variants
+
+    def vae_input(rows: slice) -> torch.Tensor:
+        x = to_model_range(images[rows])
+        return x if to_vae_input is None else to_vae_input(x)
+
+    size = encode_batch_size(vae_input(slice(0, 1)).shape)
+
+    def posteriors():
+        for i in progress(range(0, n, size), desc="encode latents", unit="batch"):
+            x = vae_input(slice(i, i + size))
+            views = [x] + [apply_brightness_contrast(x, b[i : i + size], c[i : i + size]) for b, c in draws]
+            yield (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1), size))
+
+    if cache is None:
+        means, stds = zip(*posteriors())
+        return torch.cat(means), torch.cat(stds), variants
+    with DiskArrayWriter(cache / "mean.f32", "float32") as m, DiskArrayWriter(cache / "std.f32", "float32") as sd:
+        for mean, std in posteriors():
+            m.append(mean)
+            sd.append(std)
+    return m.array, sd.array, variants
 
 
-def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images: torch.Tensor,
+def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images,
                        file_names: list[str], augment_copies: int = 0, brightness: float = 0.0,
                        contrast: float = 0.0, generator: torch.Generator | None = None,
                        latent_patch: int = 1,
-                       to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatentPairs:
-    """Encode each training image once (encode_latents) and each unique caption once (plus the empty one)."""
+                       to_vae_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       cache: Path | None = None) -> LatentPairs:
+    """Encode each training image once (encode_latents) and each unique caption once (plus the empty one);
+    with ``cache`` (a folder), both on disk there."""
     mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch,
-                                         to_vae_input)
+                                         to_vae_input, cache)
     index_of = {name: i for i, name in enumerate(file_names)}
     captions = [""] + sorted(pairs["text"].unique())
     caption_of = {c: i for i, c in enumerate(captions)}
-    emb, mask = encoder.encode(captions)
+    emb, mask = encode_captions(encoder, captions, cache)
     return LatentPairs(
         latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
         image_index=torch.tensor([index_of[f] for f in pairs["file_name"]]),
@@ -112,14 +144,31 @@ def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataF
     )
 
 
-def build_image_pairs(vae: AutoencoderKL, encoder: ImageEncoder, images: torch.Tensor, augment_copies: int = 0,
+def encode_captions(encoder: TextEncoder, captions: list[str], cache: Path | None = None):
+    """(token states [N, L, D], attention masks [N, L]) of ``captions``; with ``cache``, the states on disk
+    (and read from there by a run that finds them)."""
+    if cache is None:
+        return encoder.encode(captions)
+    states, masks = open_disk_array(cache / "text.f32"), open_disk_array(cache / "text_mask.i64")
+    if states is not None and masks is not None and len(states) == len(captions):
+        return states, masks[:]
+    with DiskArrayWriter(cache / "text.f32", "float32") as states, DiskArrayWriter(cache / "text_mask.i64", "int64") as masks:
+        for emb, mask in encoder.encode_batches(captions):
+            states.append(emb)
+            masks.append(mask)
+    return states.array, masks.array[:]
+
+
+def build_image_pairs(vae: AutoencoderKL, encoder: ImageEncoder, images, augment_copies: int = 0,
                       brightness: float = 0.0, contrast: float = 0.0, generator: torch.Generator | None = None,
-                      latent_patch: int = 1) -> LatentPairs:
+                      latent_patch: int = 1, cache: Path | None = None) -> LatentPairs:
     """DiNO-Diffusion's training set: each image conditioned on its own global token(s) from the frozen image
     encoder, embedded once (as the latents are). Row 0 is the null condition, all zeros, that condition
     dropout trains in place of an embedding (the UNet's projection turns it into its bias alone), so
-    classifier-free guidance works. Augmented copies keep the embedding of the original image."""
-    mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch)
+    classifier-free guidance works. Augmented copies keep the embedding of the original image. The global
+    tokens (one or two per image) stay in memory; the latents go to ``cache`` as in `build_latent_pairs`."""
+    mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch,
+                                         cache=cache)
     emb = encoder.encode(images)
     emb = torch.cat([torch.zeros_like(emb[:1]), emb])
     n = len(images)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from synthmed.metrics.prdc import PRDC_KEYS, prdc
+from synthmed.metrics.prdc import MAX_POINTS as PRDC_MAX_POINTS, PRDC_KEYS, prdc
 from synthmed.provenance import derive_seed
 from synthmed.progress import progress
 
@@ -87,6 +87,7 @@ def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torc
         out[f"kid_effnet{suffix}"], out[f"kid_effnet{suffix}_std"] = mean, std
         out.setdefault("kid_subset_size", size)
         out.update({f"{k}{suffix}": v for k, v in prdc(test, fake, prdc_k).items()})
+    out["prdc_points"] = min(len(test), n, PRDC_MAX_POINTS)  # the smaller side PRDC saw (subsampled above it)
     return out
 
 

@@ -12,28 +12,76 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 
-def nearest(query: torch.Tensor, reference: torch.Tensor, chunk: int = 512,
+CHUNK = 1024  # rows per side of one distance block: memory is O(CHUNK^2 + CHUNK x dims), whatever the set sizes
+
+
+def nearest(query, reference, chunk: int = CHUNK,
             exclude: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance to, and index of, each query row's nearest reference row; ``exclude`` [n_query, k]
-    lists reference rows that do not count for each query row (-1 = none)."""
-    q, r = query.flatten(1).double(), reference.flatten(1).double()
-    dists, idx = [], []
-    for i in range(0, len(q), chunk):
-        d = torch.cdist(q[i : i + chunk], r)
-        if exclude is not None:
-            rows, cols = np.nonzero(exclude[i : i + chunk] >= 0)
-            d[rows, exclude[i : i + chunk][rows, cols]] = float("inf")
-        m = d.min(dim=1)
-        dists.append(m.values)
-        idx.append(m.indices)
-    return torch.cat(dists), torch.cat(idx)
+    lists reference rows that do not count for each query row (-1 = none). Both sides are anything sliceable
+    into row tensors (a tensor, a `PixelSpace`), read ``chunk`` rows at a time: float32 blocks of
+    |q|^2 + |r|^2 - 2 q.r on rows centred on the reference's mean (which keeps the cancellation small) pick
+    the neighbour, whose distance is then computed directly."""
+    centre = row_mean(reference, chunk)
+    best_d = torch.full((len(query),), float("inf"))
+    best_i = torch.zeros(len(query), dtype=torch.long)
+    for j in range(0, len(reference), chunk):
+        r = rows_of(reference, j, chunk) - centre
+        r2 = r.pow(2).sum(1)
+        for i in range(0, len(query), chunk):
+            q = rows_of(query, i, chunk) - centre
+            d2 = (q.pow(2).sum(1, keepdim=True) + r2 - 2 * q @ r.T).clamp_min_(0)
+            if exclude is not None:
+                e = exclude[i : i + chunk] - j
+                hit_rows, hit_cols = np.nonzero((e >= 0) & (e < len(r)) & (exclude[i : i + chunk] >= 0))
+                d2[hit_rows, e[hit_rows, hit_cols]] = float("inf")
+            m = d2.min(dim=1)
+            better = m.values < best_d[i : i + chunk]
+            best_d[i : i + chunk][better] = m.values[better]
+            best_i[i : i + chunk][better] = m.indices[better] + j
+    for i in range(0, len(query), chunk):  # the winners' distances exactly (the expansion rounds a copy's 0 up)
+        q, r = rows_of(query, i, chunk), reference[best_i[i : i + chunk]].flatten(1).float()
+        best_d[i : i + chunk] = (q - r).norm(dim=1)
+    return best_d, best_i
 
 
-def pixels(images_uint8: torch.Tensor) -> torch.Tensor:
-    """Pixel space: intensities in [0, 1], flattened (distance ~ sqrt(#pixels) x RMS difference)."""
-    return images_uint8.flatten(1).double() / 255.0
+def rows_of(x, start: int, n: int) -> torch.Tensor:
+    return x[start : start + n].flatten(1).float()
+
+
+def row_mean(x, chunk: int) -> torch.Tensor:
+    total = None
+    for i in range(0, len(x), chunk):
+        part = rows_of(x, i, chunk).double().sum(0)
+        total = part if total is None else total + part
+    return (total / max(len(x), 1)).float()
+
+
+class PixelSpace:
+    """Images as pixel-space rows, intensities in [0, 1] at ``resolution`` (area-averaged down when the images
+    are larger; 0 = as they are), converted only for the rows asked for (distance ~ sqrt(#pixels) x RMS
+    difference)."""
+
+    def __init__(self, images_uint8, resolution: int = 0):
+        self.images, self.resolution = images_uint8, resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        x = self.images[index].float() / 255.0
+        side = x.shape[-1]
+        if self.resolution and self.resolution < side:
+            x = F.adaptive_avg_pool3d(x, self.resolution) if x.ndim == 5 else F.adaptive_avg_pool2d(x, self.resolution)
+        return x.flatten(1)
+
+    @property
+    def side(self) -> int:
+        side = self.images.shape[-1]
+        return min(side, self.resolution) if self.resolution else side
 
 
 def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -57,7 +105,8 @@ def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         if sources is not None and (sources[:, 0] >= 0).any():
             own = sources[:, 0] >= 0
             d_src = np.full(len(synth), np.nan)
-            d_src[own] = (synth[own].flatten(1).double() - train[sources[own, 0]].flatten(1).double()).norm(dim=1).numpy()
+            rows = np.flatnonzero(own)
+            d_src[own] = (synth[rows].flatten(1).double() - train[sources[own, 0]].flatten(1).double()).norm(dim=1).numpy()
             table[f"source_distance_{name}"] = d_src
             summary.update({f"mem_source_frac_below_p1_{name}": float((d_src[own] < p1).mean()),
                             f"mem_source_median_{name}": float(np.median(d_src[own]))})

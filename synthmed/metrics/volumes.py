@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from synthmed.metrics.fidelity import frechet_distance
-from synthmed.metrics.privacy import nearest
+from synthmed.metrics.privacy import PixelSpace, nearest
 from synthmed.metrics.similarity import psnr, ssim
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -56,9 +56,8 @@ def nearest_volume_metrics(synth: torch.Tensor, train: torch.Tensor, test: torch
     test volume against its nearest real train volume: how close a volume of the right distribution gets to
     its nearest real neighbour. Higher PSNR/SSIM and lower MAE than the reference = closer than real data is
     to itself (worth a look at the memorization audit); far lower = off the real manifold."""
-    flat = lambda v: v.flatten(1).double() / 255  # noqa: E731
-    _, i_syn = nearest(flat(synth), flat(test))
-    _, i_ref = nearest(flat(test), flat(train))
+    _, i_syn = nearest(PixelSpace(synth), PixelSpace(test))
+    _, i_ref = nearest(PixelSpace(test), PixelSpace(train))
     out = {f"volume_{k}": v for k, v in _pairwise(synth, test[i_syn]).items()}
     out.update({f"volume_{k}_real_test_vs_train": v for k, v in _pairwise(test, train[i_ref]).items()})
     return out

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from synthmed.config import require_at_least_one, require_non_negative
+from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
@@ -101,7 +103,8 @@ def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> to
 
 def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generator,
                       checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> list[dict]:
-    """Train on images in [-1, 1] with reconstruction (+ SSIM) + KL; return the loss log.
+    """Train on images in [-1, 1] (or uint8: a tensor or a DiskArray, converted a batch at a time) with
+    reconstruction (+ SSIM) + KL; return the loss log.
 
     Checkpoints and resume work as in the LDM trainer (synthmed.diffusion.checkpoint).
     """
@@ -120,7 +123,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     bar = progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps, unit="step")
     for step in bar:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-        x = images[idx].to(device)
+        x = as_model_range(images[idx]).to(device)
         with autocast:
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
@@ -144,24 +147,53 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     return log
 
 
+ENCODE_ELEMENTS = 2**21  # input elements per encoding batch: 64 images at 64 px, 10 at 256 px RGB
+
+
+def encode_batch_size(shape) -> int:
+    """Images per no-grad encoding batch: activations, not the image count, bound the memory."""
+    per_image = math.prod(shape[1:])
+    return max(1, min(64, ENCODE_ELEMENTS // per_image))
+
+
+def model_batches(images, batch_size: int, rows=None):
+    """Images in [-1, 1], ``batch_size`` at a time, of ``images`` (in [-1, 1] or uint8; a tensor or a DiskArray)
+    or of its ``rows``."""
+    n = len(images) if rows is None else len(rows)
+    for i in range(0, n, batch_size):
+        yield as_model_range(images[i : i + batch_size] if rows is None else images[list(rows[i : i + batch_size])])
+
+
+def as_model_range(x: torch.Tensor) -> torch.Tensor:
+    return to_model_range(x) if x.dtype == torch.uint8 else x
+
+
 @torch.no_grad()
-def encode_posterior(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of images in [-1, 1], on the CPU."""
+def encode_posterior(vae: AutoencoderKL, images, batch_size: int | None = None,
+                     rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std, on the CPU, of images (see `model_batches`) or of their ``rows``."""
     device = next(vae.parameters()).device
     means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        d = vae.encode(images[i : i + batch_size].to(device)).latent_dist
+    for x in model_batches(images, batch_size or encode_batch_size(images.shape), rows):
+        d = vae.encode(x.to(device)).latent_dist
         means.append(d.mean.cpu())
         stds.append(d.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    mean, _ = encode_posterior(vae, images, batch_size)
+def reconstruct(vae: AutoencoderKL, images, batch_size: int | None = None) -> torch.Tensor:
+    """Decoded posterior means of images (see `model_batches`), in [-1, 1]."""
+    return torch.cat([recon for _, recon in reconstructions(vae, images, batch_size)])
+
+
+@torch.no_grad()
+def reconstructions(vae: AutoencoderKL, images, batch_size: int | None = None):
+    """(originals, reconstructions) in [-1, 1], a batch at a time."""
     device = next(vae.parameters()).device
-    return torch.cat([vae.decode(mean[i : i + batch_size].to(device)).sample.cpu()
-                      for i in range(0, len(mean), batch_size)]).clamp(-1, 1)
+    for x in model_batches(images, batch_size or encode_batch_size(images.shape)):
+        mean = vae.encode(x.to(device)).latent_dist.mean
+        yield x, vae.decode(mean).sample.cpu().clamp(-1, 1)
 
 
 def posterior_noise_fraction(mean: torch.Tensor, std: torch.Tensor) -> float:
@@ -173,17 +205,44 @@ def posterior_noise_fraction(mean: torch.Tensor, std: torch.Tensor) -> float:
     return noise / (float(mean.double().var()) + noise)
 
 
-def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> float:
-    """1 / std of posterior samples of the training latents (unit variance for the diffusion)."""
-    mean, std = encode_posterior(vae, images)
+def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> float:
+    """1 / std of posterior samples of training latents (from `encode_posterior`): unit variance for the diffusion."""
     z = mean + std * torch.randn(mean.shape, generator=generator)
     return 1.0 / max(float(z.std()), 1e-8)
 
 
+def posterior_sample_rows(n: int, size: int, seed: int) -> list[int]:
+    """The training images the scaling factor and the noise fraction are measured on: all of them up to
+    ``size``, else a seeded sample of ``size`` (in row order), so the cost does not grow with the dataset."""
+    if n <= size:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size, replace=False).tolist())
+
+
 def reconstruction_metrics(images: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
-    """PSNR/SSIM/MAE of images in [-1, 1], computed on [0, 1]."""
+    """PSNR/SSIM/MAE of images in [-1, 1], computed on [0, 1]: means of the per-image figures."""
+    return mean_metrics(per_image_metrics(images, recon))
+
+
+def per_image_metrics(images: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
     a, b = (images + 1) / 2, (recon + 1) / 2
-    out = {"psnr": float(psnr(b, a).mean()), "ssim": float(ssim(b, a).mean()), "mae": float((a - b).abs().mean())}
+    return {"psnr": psnr(b, a), "ssim": ssim(b, a), "mae": (a - b).abs().flatten(1).mean(1)}
+
+
+def mean_metrics(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {k: float(v.mean()) for k, v in per_image.items()}
     if not all(map(math.isfinite, out.values())):
         raise FloatingPointError("non-finite reconstruction metric")
     return out
+
+
+def validate(vae: AutoencoderKL, images, keep: list[int]) -> tuple[dict[str, float], torch.Tensor]:
+    """Reconstruction metrics over images (see `model_batches`), streamed, and the reconstructions of the
+    ``keep`` rows (for a figure)."""
+    per_image, kept, seen = {}, [], 0
+    for x, recon in reconstructions(vae, images):
+        for k, v in per_image_metrics(x, recon).items():
+            per_image.setdefault(k, []).append(v)
+        kept += [recon[i - seen] for i in keep if seen <= i < seen + len(x)]
+        seen += len(x)
+    return mean_metrics({k: torch.cat(v) for k, v in per_image.items()}), torch.stack(kept)

@@ -50,11 +50,14 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-        embs, masks = [], []
+        embs, masks = zip(*self.encode_batches(texts, batch_size))
+        return torch.cat(embs), torch.cat(masks)
+
+    @torch.no_grad()
+    def encode_batches(self, texts: list[str], batch_size: int = 128):
+        """(token states [B, L, D], attention mask [B, L]) of ``texts``, ``batch_size`` at a time, on the CPU."""
         for i in range(0, len(texts), batch_size):
             tok = self.tokenizer(texts[i : i + batch_size], padding="max_length", truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
             out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            embs.append(out.last_hidden_state.float().cpu())
-            masks.append(tok["attention_mask"].cpu())
-        return torch.cat(embs), torch.cat(masks)
+            yield out.last_hidden_state.float().cpu(), tok["attention_mask"].cpu()

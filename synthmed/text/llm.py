@@ -156,6 +156,20 @@ class OpenAIParaphraser:
         self._lock = threading.Lock()
         self._jitter = random.Random(seed)
 
+    def _check_budget(self, captions: list[str]) -> None:
+        """Before the first request: a job the budget cannot cover even when every first reply is accepted
+        stops here, not half-way (each caption without a cached first reply costs at least one request)."""
+        needed = sum(1 for c in captions if self.cache.get(self._key(c, 0)) is None)
+        if needed > self.p.max_requests:
+            raise PipelineError(
+                f"this run needs at least {needed} requests ({needed} of {len(captions)} captions have no cached "
+                f"reply; up to {self.p.max_attempts} each when replies are rejected) but the budget is "
+                f"{self.p.max_requests}: raise paraphrase.openai.max_requests to {needed} or more")
+
+    def _key(self, caption: str, attempt: int) -> str:
+        return self.cache.key(model=self.p.model, prompt_sha256=self.prompt_sha, caption=caption,
+                              temperature=self.p.temperature, n=self.n, seed=self.seed, attempt=attempt)
+
     # -- one HTTP request, with retries -------------------------------------------------
     def _spend(self) -> None:
         with self._lock:
@@ -215,8 +229,7 @@ class OpenAIParaphraser:
     def _one(self, caption: str) -> list[str]:
         accepted: list[str] = []
         for attempt in range(self.p.max_attempts):
-            key = self.cache.key(model=self.p.model, prompt_sha256=self.prompt_sha, caption=caption,
-                                 temperature=self.p.temperature, n=self.n, seed=self.seed, attempt=attempt)
+            key = self._key(caption, attempt)
             record = self.cache.get(key)
             if record is None:
                 record = self._request(caption, self.seed + attempt)
@@ -243,6 +256,7 @@ class OpenAIParaphraser:
 
     def paraphrase(self, captions: list[str], n: int) -> dict[str, list[str]]:
         self.n = n
+        self._check_budget(captions)
         with ThreadPoolExecutor(max_workers=self.p.max_concurrency) as pool:
             results = list(progress(pool.map(self._one, captions), total=len(captions), desc="paraphrase"))
         return dict(zip(captions, results))

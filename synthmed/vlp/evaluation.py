@@ -49,21 +49,27 @@ def zero_shot(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.
 
 
 def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: np.ndarray,
-                     ks=(1, 5, 10)) -> dict[str, float]:
+                     ks=(1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Image->text and text->image recall@K with every caption of an image a positive.
 
     text_emb rows are the distinct candidate captions; positives[i, j] says caption j describes image i.
     Image->text: is any of image i's captions among its K most similar captions? Text->image: is any
-    image that caption j describes among the K images most similar to it?
+    image that caption j describes among the K images most similar to it? Similarities are computed
+    ``chunk`` queries at a time, keeping only each query's top max(K).
     """
-    sims = image_emb @ text_emb.T  # [images, captions]
-    i2t = sims.argsort(dim=1, descending=True).numpy()
-    t2i = sims.T.argsort(dim=1, descending=True).numpy()
-    out = {}
-    for k in ks:
-        out[f"i2t_r{k}"] = float(np.take_along_axis(positives, i2t[:, :k], axis=1).any(axis=1).mean())
-        out[f"t2i_r{k}"] = float(np.take_along_axis(positives.T, t2i[:, :k], axis=1).any(axis=1).mean())
-    return out
+    i2t = _recall_at(image_emb, text_emb, positives, ks, chunk)
+    t2i = _recall_at(text_emb, image_emb, positives.T, ks, chunk)
+    return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
+
+
+def _recall_at(queries: torch.Tensor, keys: torch.Tensor, positives: np.ndarray, ks, chunk: int) -> dict[int, float]:
+    found = dict.fromkeys(ks, 0)
+    for i in range(0, len(queries), chunk):
+        top = (queries[i : i + chunk] @ keys.T).topk(min(max(ks), len(keys)), dim=1).indices.numpy()
+        hit = np.take_along_axis(positives[i : i + chunk], top, axis=1)
+        for k in ks:
+            found[k] += int(hit[:, :k].any(axis=1).sum())
+    return {k: found[k] / len(queries) for k in ks}
 
 
 def _hit_chance(n: int, hits: np.ndarray, k: int) -> float:

@@ -122,6 +122,34 @@ def test_augmented_views_are_encoded_once_and_drawn_per_image():
         assert (views - row).flatten(1).abs().amax(1).min() < 1e-6
 
 
+def test_latents_and_caption_states_encoded_to_disk_equal_those_in_memory_and_a_rerun_reads_them(tmp_path):
+    from synthmed.data.disk_array import DiskArray, write_disk_array
+
+    images = (torch.rand(70, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 200 + 20).to(torch.uint8)
+    names = [f"i{k}" for k in range(70)]
+    pairs = pd.DataFrame({"file_name": names, "text": [f"caption {k % 9}" for k in range(70)]})
+    vae, encoder = tiny_vae().eval(), TextEncoder(max_length=8)
+    on_disk = write_disk_array(tmp_path / "px.u8", images.split(32), "uint8")  # a split as ingest's images
+    kw = dict(augment_copies=1, brightness=0.2, contrast=0.2)
+    g_mem, g_disk = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    mem = build_latent_pairs(vae, encoder, pairs, images, names, generator=g_mem, **kw)
+    disk = build_latent_pairs(vae, encoder, pairs, on_disk, names, generator=g_disk, cache=tmp_path / "enc", **kw)
+    assert isinstance(disk.latent_mean, DiskArray) and isinstance(disk.text_emb, DiskArray)
+    assert torch.equal(disk.latent_mean[:], mem.latent_mean) and torch.equal(disk.latent_std[:], mem.latent_std)
+    assert torch.equal(disk.text_emb[:], mem.text_emb) and torch.equal(disk.text_mask, mem.text_mask)
+    assert torch.equal(g_mem.get_state(), g_disk.get_state())
+    stamp = (tmp_path / "enc/mean.f32").stat().st_mtime_ns
+    g_again = torch.Generator().manual_seed(5)
+    again = build_latent_pairs(vae, encoder, pairs, on_disk, names, generator=g_again, cache=tmp_path / "enc", **kw)
+    assert (tmp_path / "enc/mean.f32").stat().st_mtime_ns == stamp and torch.equal(again.latent_mean[:], mem.latent_mean)
+    assert torch.equal(g_again.get_state(), g_mem.get_state())  # a resumed run's RNG is where a fresh one's is
+    cfg = LDMTrainConfig(steps=1, batch_size=8, lr=0, weight_decay=0, context_dropout=0.0,
+                         sample_posterior=True, grad_clip=0, **PLAIN)
+    z_mem, _ = draw_batch(mem, cfg, torch.Generator().manual_seed(1))
+    z_disk, _ = draw_batch(disk, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(z_mem, z_disk)
+
+
 def test_predicted_x0_inverts_the_forward_process_for_both_parameterisations():
     from synthmed.diffusion.sample import predicted_x0
 

@@ -240,7 +240,7 @@ def test_the_prefect_flow_reruns_what_a_change_touches_and_fails_in_one_line(cop
 def test_the_privacy_gate_fails_evaluate_when_armed_with_a_limit_no_set_meets(copy_of):
     repo = copy_of()
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["privacy"] = {"fail_on_violation": True, "max_fraction_below_p1": -1.0}
+    params["evaluate"]["privacy"].update(fail_on_violation=True, max_fraction_below_p1=-1.0)
     write_params(repo, params)
     failed = dvc(repo, "repro", "evaluate", check=False)
     assert failed.returncode != 0 and "privacy gate" in failed.stderr + failed.stdout

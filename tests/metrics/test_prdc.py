@@ -33,6 +33,18 @@ def test_prdc_of_a_set_with_itself_is_perfect_and_needs_more_than_k_points():
         prdc(x[:5], x, k=5)
 
 
+def test_prdc_in_blocks_equals_the_dense_computation_and_large_sets_are_subsampled(monkeypatch):
+    import synthmed.metrics.prdc as module
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(90, 6, generator=g), torch.randn(70, 6, generator=g) + 0.3
+    dense = prdc(real, fake, k=3)
+    monkeypatch.setattr(module, "CHUNK", 16)  # 6 blocks of real rows, radii in 6 and 5 blocks
+    assert prdc(real, fake, k=3) == pytest.approx(dense)
+    assert prdc(real, fake, k=3, max_points=40) != pytest.approx(dense)  # 40 of each: another, smaller sample
+    assert prdc(real, fake, k=3, max_points=40) == prdc(real, fake, k=3, max_points=40)  # seeded
+
+
 def test_confidence_interval_and_paired_test_on_known_data():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-5)  # t(0.975, 2) = 4.3027

@@ -18,7 +18,7 @@ def test_vae_trains_reconstructs_and_roundtrips(tmp_path):
     after = reconstruction_metrics(images, reconstruct(vae, images))
     assert after["mae"] < before["mae"] and log[-1]["loss"] < log[0]["loss"]
     assert vae.encode(images).latent_dist.mean.shape == (8, 4, 8, 8)  # factor 2 per extra level
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images, g))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(*encode_posterior(vae, images), g))
     vae.save_pretrained(tmp_path / "vae")
     loaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert loaded.config.scaling_factor == vae.config.scaling_factor != 0.18215

@@ -165,10 +165,25 @@ def test_auth_failure_names_the_variable_not_the_key(tmp_path, monkeypatch):
     assert ENV in str(err.value) and KEY not in str(err.value)
 
 
-def test_budget_is_a_hard_stop(tmp_path, monkeypatch):
+def test_a_budget_the_job_cannot_meet_stops_before_the_first_request(tmp_path, monkeypatch):
     with FakeOpenAI(good) as server:
-        with pytest.raises(PipelineError, match=r"budget exhausted \(paraphrase.openai.max_requests=1\)"):
-            make(tmp_path, server.url, monkeypatch, max_requests=1, max_concurrency=1).paraphrase(CAPTIONS, n=2)
+        with pytest.raises(PipelineError, match=r"this run needs at least 2 requests \(2 of 2 captions have no cached "
+                                                r"reply.*\) but the budget is 1: raise paraphrase.openai.max_requests"):
+            make(tmp_path, server.url, monkeypatch, max_requests=1).paraphrase(CAPTIONS, n=2)
+        assert server.requests == []
+        make(tmp_path, server.url, monkeypatch, max_requests=1).paraphrase(CAPTIONS[:1], n=2)  # one caption: enough
+        make(tmp_path, server.url, monkeypatch, max_requests=1).paraphrase(CAPTIONS, n=2)  # the first is cached now
+    assert len(server.requests) == 2
+
+
+def test_budget_is_a_hard_stop(tmp_path, monkeypatch):
+    def rejected(body, n):  # never a usable reply: every caption spends all its attempts
+        return paraphrases("", "")
+
+    with FakeOpenAI(rejected) as server:
+        with pytest.raises(PipelineError, match=r"budget exhausted \(paraphrase.openai.max_requests=2\)"):
+            make(tmp_path, server.url, monkeypatch, max_requests=2, max_concurrency=1).paraphrase(CAPTIONS, n=2)
+    assert len(server.requests) == 2
 
 
 def test_missing_key_is_named(tmp_path, monkeypatch):

@@ -39,6 +39,18 @@ def test_retrieval_recall_on_a_constructed_case():
     assert out["t2i_r1"] == pytest.approx(1 / 3) and out["t2i_r2"] == 1.0 and out["t2i_r3"] == 1.0
 
 
+def test_retrieval_in_chunks_ranks_as_a_full_sort_does():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(37, 8, generator=g), torch.randn(23, 8, generator=g)
+    positives = torch.rand(37, 23, generator=g).numpy() < 0.1
+    chunked = retrieval_recall(img, txt, positives, ks=(1, 5, 10), chunk=5)
+    sims = img @ txt.T
+    for k in (1, 5, 10):
+        i2t = np.take_along_axis(positives, sims.argsort(1, descending=True)[:, :k].numpy(), 1).any(1).mean()
+        t2i = np.take_along_axis(positives.T, sims.T.argsort(1, descending=True)[:, :k].numpy(), 1).any(1).mean()
+        assert chunked[f"i2t_r{k}"] == pytest.approx(i2t) and chunked[f"t2i_r{k}"] == pytest.approx(t2i)
+
+
 def test_every_caption_of_an_image_is_a_positive():
     # image 0 has captions 0 and 2; its most similar caption is 2, which the first-caption-only rule missed
     img = torch.eye(3)

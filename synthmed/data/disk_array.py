@@ -1,0 +1,120 @@
+"""Arrays too large for memory, on disk, read back a few rows at a time.
+
+A `DiskArray` is one raw file of fixed-shape rows (images, latents, caption states). Indexing it with rows
+reads only those rows (`os.pread`, so nothing stays mapped: a process's memory holds the batch, never the
+array), and gives a torch tensor, so a trainer indexes it as it would a tensor. `write_disk_array` streams
+rows into one, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from synthmed.io import atomic_path
+
+
+class DiskArray:
+    """Rows of ``shape[1:]`` and ``dtype`` in a raw file (row-major); ``a[rows]`` -> torch tensor."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: str = "uint8"):
+        self.path, self.shape, self.dtype = Path(path).resolve(), tuple(int(x) for x in shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        size = self.path.stat().st_size
+        if size != self.row_bytes * self.shape[0]:
+            raise ValueError(f"{self.path}: {size} bytes, expected {self.shape[0]} rows of {self.row_bytes}; "
+                             "delete it (a cache, rebuilt on the next run)")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self[[int(index)]][0]
+        if isinstance(index, slice):
+            rows = list(range(*index.indices(len(self))))
+        else:
+            index = torch.as_tensor(index)
+            rows = (index.nonzero().reshape(-1) if index.dtype == torch.bool else index.reshape(-1)).tolist()
+        n = len(self)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            for k, i in enumerate(rows):
+                if not -n <= i < n:
+                    raise IndexError(f"row {i} of a {n}-row array ({self.path})")
+                flat[k] = np.frombuffer(os.pread(fd, self.row_bytes, (i % n) * self.row_bytes), dtype=np.uint8)
+        return torch.from_numpy(out)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The rows in order, ``batch_size`` at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self[start:start + batch_size]
+
+
+class DiskArrayWriter:
+    """Rows appended a batch at a time to a file written beside ``path`` and renamed on a clean exit (a killed
+    writer leaves nothing); its shape and dtype go to ``path``.json. ``array`` is the result."""
+
+    def __init__(self, path: str | Path, dtype: str):
+        self.path, self.dtype, self.rows, self.row_shape, self.array = Path(path), np.dtype(dtype), 0, None, None
+
+    def __enter__(self) -> "DiskArrayWriter":
+        meta_path(self.path).unlink(missing_ok=True)  # an older array's shape never describes these rows
+        self._stack = ExitStack()
+        self._tmp = self._stack.enter_context(atomic_path(self.path))
+        self._file = self._stack.enter_context(open(self._tmp, "wb"))
+        return self
+
+    def append(self, batch) -> None:
+        a = np.ascontiguousarray(batch.detach().cpu().numpy() if torch.is_tensor(batch) else batch, dtype=self.dtype)
+        if self.row_shape is None:
+            self.row_shape = a.shape[1:]
+        elif a.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path}: rows of shape {a.shape[1:]} after rows of shape {self.row_shape}")
+        self._file.write(a.tobytes())
+        self.rows += len(a)
+
+    def __exit__(self, *exc) -> bool:
+        self._stack.__exit__(*exc)  # closes the file, then renames it into place (or removes it)
+        if exc[0] is None:
+            shape = (self.rows, *(self.row_shape or ()))
+            with atomic_path(meta_path(self.path)) as tmp:
+                tmp.write_text(json.dumps({"shape": list(shape), "dtype": str(self.dtype)}))
+            self.array = DiskArray(self.path, shape, self.dtype)
+        return False
+
+
+def write_disk_array(path: str | Path, batches: Iterable, dtype: str) -> DiskArray:
+    """Stream ``batches`` (tensors or arrays with equal row shapes) into a DiskArray at ``path``."""
+    with DiskArrayWriter(path, dtype) as w:
+        for batch in batches:
+            w.append(batch)
+    return w.array
+
+
+def meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def open_disk_array(path: str | Path) -> DiskArray | None:
+    """The DiskArray written at ``path``, or None when there is none (or only half of one)."""
+    path = Path(path)
+    if not (path.is_file() and meta_path(path).is_file()):
+        return None
+    meta = json.loads(meta_path(path).read_text())
+    try:
+        return DiskArray(path, meta["shape"], meta["dtype"])
+    except ValueError:
+        return None
