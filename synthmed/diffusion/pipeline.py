@@ -181,9 +181,11 @@ class SynthMedPipeline(DiffusionPipeline):
     @torch.no_grad()
     def generate_batches(self, prompts: list[str] | torch.Tensor, seeds: list[int], num_inference_steps: int = 50,
                          guidance_scale: float = 3.0, batch_size: int = 32) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start index, uint8 images [B, C, H, W]); image i comes from seeds[i] alone, whatever the
-        batch: the image of ``pipe(prompts[i], generator=torch.Generator().manual_seed(seeds[i]))``. An
-        image-conditioned model takes image embeddings [N, T, D] in place of the prompts."""
+        """Yield (start index, uint8 images [B, C, H, W]); image i's noise comes from seeds[i] alone, whatever
+        the batch: the image of ``pipe(prompts[i], generator=torch.Generator().manual_seed(seeds[i]))``, up to the
+        float rounding of batched kernels (seen for 3-D volumes at one thread), so byte-for-byte checks compare
+        runs of the same batch size. An image-conditioned model takes
+        image embeddings [N, T, D] in place of the prompts."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         for i in range(0, len(prompts), batch_size):
