@@ -168,7 +168,8 @@ def main() -> None:
     # A checkpoint is resumed only by the run that wrote it: same params, seed, inputs and code; its encoded
     # latents and caption states live beside its checkpoints.
     fingerprint = run_fingerprint("train_ldm", params=as_dict(p), seed=seed, inputs=[PAIRS, DATASET, VAE])
-    encoded = store.run_dir("train_ldm", fingerprint) / "encoded"
+    run = store.run_dir("train_ldm", fingerprint)
+    encoded = run / "encoded"
     augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast, generator=g,
                    latent_patch=p.latent_patch, cache=encoded / "train")
     if p.condition == "image":
@@ -225,7 +226,7 @@ def main() -> None:
         return validation_losses(model, ema, scheduler, val_data, p.min_snr_gamma)
 
     try:
-        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=encoded.parent / "checkpoints", fingerprint=fingerprint,
+        log, ema = train_ldm(unet, scheduler, data, p, g, checkpoint_dir=run / "checkpoints", fingerprint=fingerprint,
                              every=p.validate_every or p.steps, on_every=on_every, accelerator=accelerator)
     except ValueError as exc:  # batch_size not divisible into micro-batches / processes
         raise PipelineError(f"params.yaml: train_ldm: {exc}") from None

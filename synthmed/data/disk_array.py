@@ -41,6 +41,9 @@ class DiskArray:
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
             return self[[int(index)]][0]
+        if isinstance(index, slice) and index.step in (None, 1):  # consecutive rows: one read
+            start, stop, _ = index.indices(len(self))
+            return self._read_run(start, max(stop - start, 0))
         if isinstance(index, slice):
             rows = list(range(*index.indices(len(self))))
         else:
@@ -56,6 +59,11 @@ class DiskArray:
                     raise IndexError(f"row {i} of a {n}-row array ({self.path})")
                 flat[k] = np.frombuffer(os.pread(fd, self.row_bytes, (i % n) * self.row_bytes), dtype=np.uint8)
         return torch.from_numpy(out)
+
+    def _read_run(self, start: int, count: int) -> torch.Tensor:
+        with open(self.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), count * self.row_bytes, start * self.row_bytes)
+        return torch.from_numpy(np.frombuffer(bytearray(data), dtype=self.dtype).reshape(count, *self.shape[1:]))
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The rows in order, ``batch_size`` at a time."""

@@ -32,7 +32,11 @@ def cache_key(folder: Path, file_names: list[str]) -> str:
     h = hashlib.sha256((folder / METADATA).read_bytes())
     h.update(json.dumps(file_names).encode())
     for name in file_names:
-        st = (folder / name).stat()
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            raise PipelineError(f"{folder / name}: listed in {folder / METADATA} but missing; the folder was changed "
+                                "after ingest: rerun `dvc repro ingest` (or `dvc checkout`)") from None
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
@@ -41,10 +45,6 @@ def pixel_stack(folder: str | Path, file_names: list[str], workers: int = 4) -> 
     """uint8 [N, C, H, W] (volumes [N, 1, D, H, W]) of ``file_names``, in that order; each file is checked
     against the sha256 metadata.csv records for it (where it has that column) as it is decoded."""
     folder = Path(folder)
-    missing = next((n for n in file_names if not (folder / n).is_file()), None)
-    if missing is not None:
-        raise PipelineError(f"{folder / missing}: listed in {folder / METADATA} but missing; the folder was changed "
-                            "after ingest: rerun `dvc repro ingest` (or `dvc checkout`)")
     path = store.cache_dir(CACHE) / f"{cache_key(folder, file_names)}.u8"
     cached = open_disk_array(path)
     if cached is not None:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from synthmed.data.dataset import to_model_range
+
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU-maxpool blocks, global average pooling, a linear head.
@@ -50,10 +52,6 @@ class ClassifierConfig:
     val_every: int = 0  # steps between scores on real val; the best-scoring weights are kept. 0 = last step
 
 
-def _prep(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float() / 127.5 - 1.0
-
-
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Shift each image by up to size/16 pixels (background fill) and jitter its brightness and contrast.
     No flips: left/right and plane orientation can carry the label."""
@@ -75,7 +73,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
     model = SmallCNN(images.shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    x, y = _prep(images), labels
+    x, y = to_model_range(images), labels
     select = val is not None and cfg.val_every > 0 and len(val[1]) > 0
     best, best_state = None, None
     for step in range(1, cfg.steps + 1):
@@ -100,7 +98,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
 
 @torch.no_grad()
 def predict(model: SmallCNN, images: torch.Tensor) -> np.ndarray:
-    return torch.cat([model(_prep(images[i : i + 256])).softmax(-1) for i in range(0, len(images), 256)]).numpy()
+    return torch.cat([model(to_model_range(images[i : i + 256])).softmax(-1) for i in range(0, len(images), 256)]).numpy()
 
 
 def score_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

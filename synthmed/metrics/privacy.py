@@ -73,9 +73,8 @@ class PixelSpace:
 
     def __getitem__(self, index) -> torch.Tensor:
         x = self.images[index].float() / 255.0
-        side = x.shape[-1]
-        if self.resolution and self.resolution < side:
-            x = F.adaptive_avg_pool3d(x, self.resolution) if x.ndim == 5 else F.adaptive_avg_pool2d(x, self.resolution)
+        if self.side < x.shape[-1]:
+            x = F.adaptive_avg_pool3d(x, self.side) if x.ndim == 5 else F.adaptive_avg_pool2d(x, self.side)
         return x.flatten(1)
 
     @property
