@@ -20,7 +20,7 @@ import pandas as pd
 
 from synthmed.config import (as_dict, load_params, require_at_least_one, require_fractions, require_inputs,
                              require_non_negative, run_stage)
-from synthmed.data.dataset import images_of, mode_mask, modes_of, split_frame, split_mask
+from synthmed.data.dataset import image_rows, mode_mask, modes_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_metrics
@@ -113,7 +113,7 @@ def privacy(feat: dict, images: dict, rows: dict, p: PrivacyParams) -> tuple[dic
     tables, summary, verdicts = [], {"mem_pixel_side": space["train"]["pixel"].side}, []
     for mode, suffix in modes_of(rows["synth"]).items():
         sel = mode_mask(rows["synth"], mode)
-        synth = {"feature": feat["synth"][sel], "pixel": PixelSpace(images["synth"][sel], p.pixel_resolution)}
+        synth = {"feature": feat["synth"][sel], "pixel": PixelSpace(images["synth"].subset(sel), p.pixel_resolution)}
         table, mode_summary = memorization_table(synth, space["train"], space["test"], rows["synth"][sel],
                                                  rows["train"]["file_name"])
         tables.append(table.assign(mode=mode) if suffix or "mode" in rows["synth"] else table)
@@ -144,13 +144,13 @@ def downstream(images: dict, rows: dict, p: EvaluateParams, seed: int) -> dict:
             raise PipelineError(f"{REAL}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
                                 "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
         modes = modes_of(rows["synth"])
-        pools = {m: tuple(t[mode_mask(rows["pool"], m)] for t in sets["pool"]) for m in modes}
+        pools = {m: aug.subset(sets["pool"], mode_mask(rows["pool"], m)) for m in modes}
         a, cfg = p.augmentation, ClassifierConfig(**as_dict(p.classifier))
         study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
                               a.seeds, cfg, seed, val=sets["val"])
         metrics = dict(study.flat)
         for mode, suffix in modes.items():
-            synth = tuple(t[mode_mask(rows["synth"], mode)] for t in sets["synth"])
+            synth = aug.subset(sets["synth"], mode_mask(rows["synth"], mode))
             adherence = aug.prompt_adherence(study, sets["train"], synth, sets["test"], len(classes), cfg, seed,
                                              val=sets["val"])
             metrics.update({k + suffix: v for k, v in adherence.items()})
@@ -225,10 +225,11 @@ def main() -> None:
         raise PipelineError(f"{SYNTH}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
                             f"{p.fidelity_split} to prompts.splits or set evaluate.fidelity_split")
     rows["pool"] = rows["synth"][pool_mask]
-    images = {k: images_of(REAL, rows[k]) for k in ("train", "test")}
-    images["val"] = images_of(REAL, rows["val"]) if has_val else images["train"][:0]
-    images["synth"] = images_of(SYNTH, rows["synth"])
-    images["pool"] = images["synth"][pool_mask]
+    # uint8 images on disk (decoded once into the local store), read a batch at a time by every metric
+    images = {k: image_rows(REAL, rows[k]) for k in ("train", "test")}
+    images["val"] = image_rows(REAL, rows["val"]) if has_val else images["train"].subset([])
+    images["synth"] = image_rows(SYNTH, rows["synth"])
+    images["pool"] = images["synth"].subset(pool_mask)
 
     volumes = images["train"].ndim == 5  # a volume is seen by the 2-D extractor through its central planes
     extractor, name = load_effnet_lite0(), "effnet_lite0"
@@ -241,10 +242,10 @@ def main() -> None:
                **fidelity(feat, rows, fid_mask, p, seed)}
     if volumes:
         metrics.update(plane_frechet(feat["test"], feat["synth"][fid_mask]))
-        metrics.update(nearest_volume_metrics(images["synth"][fid_mask], images["train"], images["test"]))
+        metrics.update(nearest_volume_metrics(images["synth"].subset(fid_mask), images["train"], images["test"]))
     if p.inception_weights and not volumes:
         first = fid_mask & mode_mask(rows["synth"], next(iter(modes_of(rows["synth"]))))
-        metrics.update(inception_metrics(p.inception_weights, images["test"], images["synth"][first]))
+        metrics.update(inception_metrics(p.inception_weights, images["test"], images["synth"].subset(first)))
     mem, violation = privacy(feat, images, rows, p.privacy)
     if violation:  # an armed gate stops before the downstream study: on real data that takes hours
         raise PipelineError(f"{violation}; the pairs are in {OUT}/memorization.csv and {OUT}/closest_pairs.png")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthmed.data.disk_array import DiskArray
+from synthmed.data.disk_array import DiskArray, Rows
 from synthmed.data.imagefolder import load_images, read_metadata
 from synthmed.data.pixels import pixel_stack
 from synthmed.errors import PipelineError
@@ -32,6 +32,12 @@ def split_frame(folder: str | Path, splits: list[str]) -> pd.DataFrame:
 def images_of(folder: str | Path, rows: pd.DataFrame) -> torch.Tensor:
     """uint8 images [N, C, H, W] of the rows' file_name column, in row order."""
     return torch.as_tensor(load_images(folder, rows["file_name"].tolist()))
+
+
+def image_rows(folder: str | Path, rows: pd.DataFrame) -> Rows:
+    """uint8 images [N, C, H, W] of the rows' file_name column, in row order, on disk (decoded once into the
+    local store) and read only where indexed."""
+    return Rows(pixel_stack(folder, rows["file_name"].tolist()))
 
 
 def split_images(folder: str | Path, splits: list[str]) -> tuple[pd.DataFrame, torch.Tensor]:

@@ -51,6 +51,8 @@ class DiskArray:
             rows = (index.nonzero().reshape(-1) if index.dtype == torch.bool else index.reshape(-1)).tolist()
         n = len(self)
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if not rows:
+            return torch.from_numpy(out)
         flat = out.reshape(len(rows), -1).view(np.uint8)
         with open(self.path, "rb", buffering=0) as f:
             fd = f.fileno()
@@ -126,3 +128,87 @@ def open_disk_array(path: str | Path) -> DiskArray | None:
         return DiskArray(path, meta["shape"], meta["dtype"])
     except ValueError:
         return None
+
+
+class Rows:
+    """A lazy selection of rows from one or more sources (DiskArrays or tensors) laid end to end.
+
+    ``subset`` narrows it and ``+`` joins two, without reading anything; indexing (int, slice, index list or
+    bool mask) reads just those rows and gives a tensor. Metrics and classifiers hold a `Rows` of a dataset's
+    images where they would hold the images: memory holds the batch being read, never the set.
+    """
+
+    def __init__(self, *parts, index=None):
+        if not parts or any(isinstance(p, Rows) for p in parts):
+            raise TypeError("Rows(...) takes one or more DiskArrays or tensors; join Rows with +")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+        self.index = np.arange(self.offsets[-1]) if index is None else np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _positions(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            return self.index[index]
+        index = index.numpy() if torch.is_tensor(index) else np.asarray(index)
+        return self.index[index.astype(bool) if index.dtype == bool else index.astype(np.int64)]
+
+    def subset(self, index) -> "Rows":
+        """The rows at ``index`` (positions or a bool mask), as a Rows: nothing is read."""
+        out = Rows.__new__(Rows)
+        out.parts, out.offsets, out.index = self.parts, self.offsets, self._positions(index).reshape(-1)
+        return out
+
+    def __add__(self, other: "Rows") -> "Rows":
+        if self.shape[1:] != other.shape[1:]:
+            raise ValueError(f"cannot join rows of shape {self.shape[1:]} and {other.shape[1:]}")
+        out = Rows.__new__(Rows)
+        out.parts = self.parts + other.parts
+        out.offsets = np.cumsum([0, *(len(p) for p in out.parts)])
+        out.index = np.concatenate([self.index, other.index + self.offsets[-1]])
+        return out
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self[[int(index)]][0]
+        rows = self._positions(index).reshape(-1)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        if len(np.unique(part)) <= 1:  # one source (the usual case): one read in the order asked
+            k = int(part[0]) if len(part) else 0
+            return self._read(k, rows - self.offsets[k])
+        out = None
+        for k in np.unique(part):
+            at = np.flatnonzero(part == k)
+            block = self._read(int(k), rows[at] - self.offsets[k])
+            out = block.new_empty((len(rows), *block.shape[1:])) if out is None else out
+            out[torch.from_numpy(at)] = block
+        return out
+
+    def _read(self, k: int, rows: np.ndarray) -> torch.Tensor:
+        src = self.parts[k]
+        if len(rows) and (np.diff(rows) == 1).all():  # consecutive rows: a slice (one read from disk)
+            return src[int(rows[0]) : int(rows[-1]) + 1]
+        return src[torch.from_numpy(rows)] if torch.is_tensor(src) else src[rows.tolist()]
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The rows in order, ``batch_size`` at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self[start:start + batch_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.batches(256):
+            yield from batch
+
+
+def as_rows(x) -> Rows:
+    """``x`` (a tensor, a DiskArray or a Rows) as a Rows."""
+    return x if isinstance(x, Rows) else Rows(x)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from synthmed.data.disk_array import Rows, as_rows
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
 from synthmed.metrics.stats import summarise_arms
 from synthmed.provenance import derive_seed
@@ -90,7 +91,7 @@ def run_cells(cells: list[Cell], real_x, real_y, synth_x, synth_y, test_x, test_
     """Train (keeping the weights that score best on real ``val``, if given) and score every cell; one row each."""
     rows = []
     for cell in progress(cells, desc="classifier cells"):
-        x = torch.cat([real_x[cell.real_idx], synth_x[cell.synth_idx]])
+        x = as_rows(real_x).subset(cell.real_idx) + as_rows(synth_x).subset(cell.synth_idx)  # read by batch
         y = torch.cat([real_y[cell.real_idx], synth_y[cell.synth_idx]])
         cell.model = train_classifier(x, y, n_classes, cfg, cell.clf_seed, val)
         cell.scores = score_classifier(cell.model, test_x, test_y)
@@ -113,8 +114,14 @@ class Study:
     cells: list[Cell]
 
 
+def subset(images_labels: tuple, mask) -> tuple[Rows, torch.Tensor]:
+    """(images, labels) of the rows in ``mask``; the images stay where they are (a Rows: nothing is read)."""
+    x, y = images_labels
+    return as_rows(x).subset(mask), y[torch.as_tensor(mask)]
+
+
 def _labelled(x, y):
-    return x[y >= 0], y[y >= 0]
+    return subset((x, y), y >= 0)
 
 
 def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classes: int, fractions: list[float],
@@ -130,8 +137,8 @@ def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classe
     if arms and not pools:
         print("evaluate: no labelled synthetic images in the augmentation pool; real-only arm only")
         arms = []
-    pool_x = torch.cat([x for x, _ in pools.values()]) if pools else real_x[:0]
-    pool_y = torch.cat([y for _, y in pools.values()]) if pools else real_y[:0]
+    pool_x = sum((x for x, _ in pools.values()), start=real_x.subset([])) if pools else real_x.subset([])
+    pool_y = torch.cat([real_y[:0], *(y for _, y in pools.values())])
     cells = plan_cells(real_y.numpy(), {k: len(x) for k, (x, _) in pools.items()}, fractions, ratios, arms, reps, seed)
     short = [c for c in cells if len(c.synth_idx) < c.synth_requested]
     if short:

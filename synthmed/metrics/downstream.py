@@ -65,21 +65,23 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return ((shifted + 1) * scale - 1 + offset).clamp(-1, 1)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, cfg: ClassifierConfig,
-                     seed: int, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> SmallCNN:
-    """Train by the module's rule; ``val``: real (uint8 images, labels) that pick the kept weights."""
+def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: ClassifierConfig,
+                     seed: int, val: tuple | None = None) -> SmallCNN:
+    """Train by the module's rule on uint8 ``images`` (a tensor, DiskArray or Rows: each step reads its batch);
+    ``val``: real (uint8 images, labels) that pick the kept weights."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    x, y = to_model_range(images), labels
+    y = labels
     select = val is not None and cfg.val_every > 0 and len(val[1]) > 0
     best, best_state = None, None
     for step in range(1, cfg.steps + 1):
         model.train()
-        idx = torch.randint(len(x), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
-        batch = _augment(x[idx], g) if cfg.augment else x[idx]
+        idx = torch.randint(len(y), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
+        x = to_model_range(images[idx])
+        batch = _augment(x, g) if cfg.augment else x
         loss = F.cross_entropy(model(batch), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,11 +99,11 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int,
 
 
 @torch.no_grad()
-def predict(model: SmallCNN, images: torch.Tensor) -> np.ndarray:
+def predict(model: SmallCNN, images) -> np.ndarray:
     return torch.cat([model(to_model_range(images[i : i + 256])).softmax(-1) for i in range(0, len(images), 256)]).numpy()
 
 
-def score_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def score_classifier(model: SmallCNN, images, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy, balanced accuracy and macro one-vs-rest AUC over the classes present in the labels."""
     probs, y = predict(model, images), labels.numpy()
     pred = probs.argmax(1)

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from synthmed.data.disk_array import as_rows
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.metrics.fidelity import extract_features
+
+CHUNK = 1024  # images read (and hashed) at a time: a multiple of the extraction batch, so batches are as before
 
 
 def pixel_keys(images_uint8: torch.Tensor) -> list[str]:
@@ -53,14 +56,18 @@ class FeatureCache:
         self.store: dict[str, torch.Tensor] = saved["features"] if saved.get("extractor") == self.extractor_sha else {}
         self.computed = 0
 
-    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """[N, D] float64 features of uint8 images [N, C, H, W]; new images are embedded once."""
-        keys = pixel_keys(images_uint8)
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        if missing:
-            feats = extract_features(self.extractor, images_uint8[missing], self.batch_size)
-            self.store.update({keys[i]: f for i, f in zip(missing, feats)})
-            self.computed += len(missing)
+    def __call__(self, images_uint8) -> torch.Tensor:
+        """[N, D] float64 features of uint8 images [N, C, H, W] (a tensor, DiskArray or Rows, read ``CHUNK``
+        rows at a time); new images are embedded once."""
+        keys = []
+        for chunk in as_rows(images_uint8).batches(CHUNK):
+            chunk_keys = pixel_keys(chunk)
+            missing = [i for i, k in enumerate(chunk_keys) if k not in self.store]
+            if missing:
+                feats = extract_features(self.extractor, chunk[missing], self.batch_size)
+                self.store.update({chunk_keys[i]: f for i, f in zip(missing, feats)})
+                self.computed += len(missing)
+            keys += chunk_keys
         return torch.stack([self.store[k] for k in keys]) if keys else torch.zeros(0)
 
     def save(self) -> None:

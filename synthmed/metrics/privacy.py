@@ -105,7 +105,9 @@ def audit(spaces: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
             own = sources[:, 0] >= 0
             d_src = np.full(len(synth), np.nan)
             rows = np.flatnonzero(own)
-            d_src[own] = (synth[rows].flatten(1).double() - train[sources[own, 0]].flatten(1).double()).norm(dim=1).numpy()
+            for k in range(0, len(rows), CHUNK):
+                at = rows[k : k + CHUNK]
+                d_src[at] = (synth[at].flatten(1).double() - train[sources[at, 0]].flatten(1).double()).norm(dim=1).numpy()
             table[f"source_distance_{name}"] = d_src
             summary.update({f"mem_source_frac_below_p1_{name}": float((d_src[own] < p1).mean()),
                             f"mem_source_median_{name}": float(np.median(d_src[own]))})

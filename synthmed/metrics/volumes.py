@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from synthmed.data.disk_array import as_rows
 from synthmed.metrics.fidelity import frechet_distance
 from synthmed.metrics.privacy import PixelSpace, nearest
 from synthmed.metrics.similarity import psnr, ssim
@@ -44,20 +45,26 @@ def plane_frechet(real: torch.Tensor, synth: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _pairwise(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM (3-D Gaussian window) and MAE of uint8 volume pairs, on [0, 1]."""
-    x, y = a.double() / 255, b.double() / 255
-    values = torch.cat([ssim(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)])
-    return {"psnr": float(psnr(x, y).mean()), "ssim": float(values.mean()), "mae": float((x - y).abs().mean())}
+def _pairwise(a, b, chunk: int = 8) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM (3-D Gaussian window) and MAE of uint8 volume pairs (row i of ``a`` and of ``b``:
+    tensors, DiskArrays or Rows, read ``chunk`` pairs at a time), on [0, 1]."""
+    values = {"psnr": [], "ssim": [], "mae": []}
+    for i in range(0, len(a), chunk):
+        x, y = a[i : i + chunk].double() / 255, b[i : i + chunk].double() / 255
+        values["psnr"].append(psnr(x, y))
+        values["ssim"].append(ssim(x, y))
+        values["mae"].append((x - y).abs().flatten(1).mean(1))
+    return {k: float(torch.cat(v).mean()) for k, v in values.items()}
 
 
-def nearest_volume_metrics(synth: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+def nearest_volume_metrics(synth, train, test) -> dict[str, float]:
     """Each synthetic volume against its nearest real test volume (voxel L2), and as the scale, each real
     test volume against its nearest real train volume: how close a volume of the right distribution gets to
     its nearest real neighbour. Higher PSNR/SSIM and lower MAE than the reference = closer than real data is
-    to itself (worth a look at the memorization audit); far lower = off the real manifold."""
+    to itself (worth a look at the memorization audit); far lower = off the real manifold. Volumes are read
+    a chunk at a time (tensors, DiskArrays or Rows)."""
     _, i_syn = nearest(PixelSpace(synth), PixelSpace(test))
     _, i_ref = nearest(PixelSpace(test), PixelSpace(train))
-    out = {f"volume_{k}": v for k, v in _pairwise(synth, test[i_syn]).items()}
-    out.update({f"volume_{k}_real_test_vs_train": v for k, v in _pairwise(test, train[i_ref]).items()})
+    out = {f"volume_{k}": v for k, v in _pairwise(synth, as_rows(test).subset(i_syn)).items()}
+    out.update({f"volume_{k}_real_test_vs_train": v for k, v in _pairwise(test, as_rows(train).subset(i_ref)).items()})
     return out

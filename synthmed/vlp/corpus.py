@@ -11,16 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
+from scipy import sparse
 
-from synthmed.data.dataset import images_of, split_mask
+from synthmed.data.dataset import image_rows, split_mask
+from synthmed.data.disk_array import Rows
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 
 
 @dataclass
 class Pairs:
-    images: torch.Tensor  # uint8 [N_images, C, H, W], one per distinct image
+    images: Rows  # uint8 [N_images, C, H, W], one per distinct image, on disk (read a batch at a time)
     image_of: np.ndarray  # [N_pairs]: the image row of each pair
     captions: list[str]  # [N_pairs]
     files: pd.DataFrame  # one row per distinct image (file_name, label, split, ...)
@@ -29,7 +30,7 @@ class Pairs:
         return len(self.captions)
 
     def __add__(self, other: Pairs) -> Pairs:
-        return Pairs(torch.cat([self.images, other.images]),
+        return Pairs(self.images + other.images,
                      np.concatenate([self.image_of, other.image_of + len(self.images)]),
                      self.captions + other.captions, pd.concat([self.files, other.files], ignore_index=True))
 
@@ -39,7 +40,7 @@ def pairs_of(folder: str, rows: pd.DataFrame) -> Pairs:
     rows = rows.drop_duplicates(["file_name", "text"]).reset_index(drop=True)
     files = rows.drop_duplicates("file_name").reset_index(drop=True)
     index = {name: i for i, name in enumerate(files["file_name"])}
-    return Pairs(images_of(folder, files), rows["file_name"].map(index).to_numpy(), rows["text"].tolist(), files)
+    return Pairs(image_rows(folder, files), rows["file_name"].map(index).to_numpy(), rows["text"].tolist(), files)
 
 
 def split_rows(folder: str, splits: list[str], what: str) -> pd.DataFrame:
@@ -62,21 +63,23 @@ class ScoringSet:
     """The real test images with every caption of theirs, plus labels for the linear probe and zero-shot."""
 
     test: Pairs
-    positives: np.ndarray  # bool [test images, distinct captions]: caption j describes image i
+    positives: sparse.csr_matrix  # bool [test images, distinct captions]: caption j describes image i
     candidates: list[str]  # the distinct test captions, the retrieval candidates
     classes: list[str] = field(default_factory=list)  # 2+ labels seen in train, else empty (retrieval only)
-    probe_x: torch.Tensor | None = None  # labelled real train images and their class indices
+    probe_x: Rows | None = None  # labelled real train images and their class indices
     probe_y: np.ndarray | None = None
     test_y: np.ndarray | None = None  # class index per test image
     zs_labels: list[str] = field(default_factory=list)  # classes with a zero-shot caption
     notes: list[str] = field(default_factory=list)  # what was left out and why, for the log and the report
 
 
-def positives_of(pairs: Pairs) -> tuple[np.ndarray, list[str]]:
+def positives_of(pairs: Pairs) -> tuple[sparse.csr_matrix, list[str]]:
     candidates = sorted(set(pairs.captions))
     col = {c: j for j, c in enumerate(candidates)}
-    positives = np.zeros((len(pairs.images), len(candidates)), dtype=bool)
-    positives[pairs.image_of, [col[c] for c in pairs.captions]] = True
+    cols = [col[c] for c in pairs.captions]
+    # sparse: a test split of 40,000 images with a report each would be 1.6 GB dense
+    positives = sparse.csr_matrix((np.ones(len(cols), dtype=bool), (pairs.image_of, cols)),
+                                  shape=(len(pairs.images), len(candidates)))
     return positives, candidates
 
 
@@ -108,6 +111,6 @@ def scoring_set(folder: str, train: Pairs, test_split: str, templates: dict[str,
         notes.append(f"zero-shot over {len(zs)} of {len(classes)} labels; no caption in "
                      f"evaluate_vlp.zero_shot_templates for: {', '.join(missing)}")
     positives, candidates = positives_of(test)
-    return ScoringSet(test, positives, candidates, classes, train.images[labelled],
+    return ScoringSet(test, positives, candidates, classes, train.images.subset(labelled),
                       train.files["label"][labelled].map(code).to_numpy(), test.files["label"].map(code).to_numpy(),
                       zs, notes)

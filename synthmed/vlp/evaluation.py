@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -48,25 +49,35 @@ def zero_shot(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.
             "auc": _auc(test_y, torch.as_tensor(sims).softmax(-1).numpy(), np.arange(sims.shape[1]))}
 
 
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: np.ndarray,
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, positives,
                      ks=(1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Image->text and text->image recall@K with every caption of an image a positive.
 
-    text_emb rows are the distinct candidate captions; positives[i, j] says caption j describes image i.
+    text_emb rows are the distinct candidate captions; positives[i, j] (bool, dense or scipy-sparse) says caption
+    j describes image i.
     Image->text: is any of image i's captions among its K most similar captions? Text->image: is any
     image that caption j describes among the K images most similar to it? Similarities are computed
     ``chunk`` queries at a time, keeping only each query's top max(K).
     """
     i2t = _recall_at(image_emb, text_emb, positives, ks, chunk)
-    t2i = _recall_at(text_emb, image_emb, positives.T, ks, chunk)
+    t2i = _recall_at(text_emb, image_emb, _rows(positives.T), ks, chunk)
     return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
 
 
-def _recall_at(queries: torch.Tensor, keys: torch.Tensor, positives: np.ndarray, ks, chunk: int) -> dict[int, float]:
+def _rows(positives):
+    """Row-sliceable positives: a sparse matrix in CSR (its transpose comes as CSC)."""
+    return positives.tocsr() if sparse.issparse(positives) else positives
+
+
+def _dense(block) -> np.ndarray:
+    return block.toarray() if sparse.issparse(block) else np.asarray(block)
+
+
+def _recall_at(queries: torch.Tensor, keys: torch.Tensor, positives, ks, chunk: int) -> dict[int, float]:
     found = dict.fromkeys(ks, 0)
     for i in range(0, len(queries), chunk):
         top = (queries[i : i + chunk] @ keys.T).topk(min(max(ks), len(keys)), dim=1).indices.numpy()
-        hit = np.take_along_axis(positives[i : i + chunk], top, axis=1)
+        hit = np.take_along_axis(_dense(positives[i : i + chunk]), top, axis=1)
         for k in ks:
             found[k] += int(hit[:, :k].any(axis=1).sum())
     return {k: found[k] / len(queries) for k in ks}
@@ -82,14 +93,14 @@ def _hit_chance(n: int, hits: np.ndarray, k: int) -> float:
     return float(np.mean(1 - misses))
 
 
-def retrieval_chance(positives: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+def retrieval_chance(positives, ks=(1, 5, 10)) -> dict[str, float]:
     """What recall@K a random ranking scores on this test set (it grows with positives per query and
     shrinks with candidates), and the number of candidates, reported beside every recall."""
     n_img, n_cap = positives.shape
     out = {"i2t_candidates": n_cap, "t2i_candidates": n_img}
     for k in ks:
-        out[f"i2t_r{k}_chance"] = _hit_chance(n_cap, positives.sum(1), k)
-        out[f"t2i_r{k}_chance"] = _hit_chance(n_img, positives.sum(0), k)
+        out[f"i2t_r{k}_chance"] = _hit_chance(n_cap, np.asarray(positives.sum(1)).ravel(), k)
+        out[f"t2i_r{k}_chance"] = _hit_chance(n_img, np.asarray(positives.sum(0)).ravel(), k)
     return out
 
 

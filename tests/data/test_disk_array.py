@@ -80,6 +80,7 @@ def test_vae_training_on_disk_equals_training_in_memory_and_reads_a_batch_at_a_t
     u8 = (torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     disk = write_disk_array(tmp_path / "x.u8", u8.split(5), "uint8")
     disk = CountingArray(disk.path, disk.shape, "uint8")
+    CountingArray.most = 0
     cfg = vae_train_config(steps=4, batch_size=3)
     in_memory, streamed = tiny_vae(), tiny_vae()
     log_a = train_autoencoder(in_memory, to_model_range(u8), cfg, torch.Generator().manual_seed(1))
@@ -129,3 +130,23 @@ def test_a_file_changed_after_ingest_is_an_error_naming_it_and_its_row(tmp_path,
     with pytest.raises(PipelineError, match="ds/a.png: listed in .*metadata.csv but missing"):
         split_stack(folder, ["train"])
     assert manifest_hash(tmp_path) is None  # no manifest: the caller hashes the tree
+
+
+def test_rows_select_and_join_lazily_and_read_only_what_is_indexed(tmp_path):
+    from synthmed.data.disk_array import Rows, as_rows
+
+    data = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)
+    disk = write_disk_array(tmp_path / "x.f32", [data[:4], data[4:]], "float32")
+    disk = CountingArray(disk.path, disk.shape, "float32")
+    extra = torch.full((3, 2), -1.0)
+    CountingArray.most = 0
+    picked = Rows(disk).subset(np.array([True, False, True, True, False, True])) + as_rows(extra).subset([2, 0])
+    assert CountingArray.most == 0 and len(picked) == 6 and picked.shape == (6, 2) and picked.ndim == 2  # nothing read
+    whole = torch.cat([data[[0, 2, 3, 5]], extra[[2, 0]]])
+    assert torch.equal(picked[:], whole) and torch.equal(picked[[5, 0, 4]], whole[[5, 0, 4]])
+    assert torch.equal(picked[3], whole[3]) and torch.equal(torch.stack(list(picked)), whole)
+    assert torch.equal(picked.subset(torch.tensor([4, 1]))[:], whole[[4, 1]])
+    assert torch.equal(torch.cat(list(picked.batches(4))), whole) and CountingArray.most <= 4
+    assert len(picked.subset([])) == 0 and picked.subset([])[:].shape == (0, 2)
+    with pytest.raises(ValueError, match="cannot join rows of shape"):
+        picked + as_rows(torch.zeros(2, 3))

@@ -61,3 +61,20 @@ def test_augmentation_shifts_and_jitters_within_range_and_is_seeded():
     a = _augment(x, torch.Generator().manual_seed(3))
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
     assert torch.equal(a, _augment(x, torch.Generator().manual_seed(3)))
+
+
+def test_a_classifier_on_disk_trains_as_in_memory_and_reads_one_batch_a_step(tmp_path):
+    from synthmed.data.disk_array import Rows, write_disk_array
+    from tests.data.test_disk_array import CountingArray
+
+    g = torch.Generator().manual_seed(0)
+    (x, y), (tx, ty) = blobs(40, g), blobs(20, g)
+    disk = write_disk_array(tmp_path / "x.u8", [x[:25], x[25:]], "uint8")
+    disk = CountingArray(disk.path, disk.shape, "uint8")
+    cfg = ClassifierConfig(steps=5, lr=3e-3, batch_size=8, val_every=2)
+    CountingArray.most = 0
+    streamed = train_classifier(Rows(disk).subset(torch.arange(1, 40)), y[1:], 2, cfg, seed=3, val=(tx, ty))
+    assert CountingArray.most == 8  # a step's batch, never the training set
+    in_memory = train_classifier(x[1:], y[1:], 2, cfg, seed=3, val=(tx, ty))
+    assert all(torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), streamed.state_dict().values()))
+    assert np.array_equal(predict(streamed, Rows(disk)), predict(in_memory, x))

@@ -52,3 +52,18 @@ def test_a_change_of_preprocessing_or_its_settings_starts_the_cache_afresh(tmp_p
     same = FeatureCache(tmp_path / "f.pt", Resized(1.0, 4))
     same(images)
     assert same.computed == 0
+
+
+def test_images_are_read_and_embedded_a_chunk_at_a_time(tmp_path, monkeypatch):
+    from synthmed.data.disk_array import Rows, write_disk_array
+    from synthmed.metrics import feature_cache
+    from tests.data.test_disk_array import CountingArray
+
+    monkeypatch.setattr(feature_cache, "CHUNK", 4)
+    images = (torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    disk = write_disk_array(tmp_path / "x.u8", [images], "uint8")
+    disk = CountingArray(disk.path, disk.shape, "uint8")
+    CountingArray.most = 0
+    cache = FeatureCache(tmp_path / "f.pt", Mean(1.0), batch_size=2)
+    assert torch.equal(cache(Rows(disk).subset([9, *range(9)])), FeatureCache(tmp_path / "g.pt", Mean(1.0))(images[[9, *range(9)]]))
+    assert CountingArray.most == 4 and cache.computed == 10

@@ -5,6 +5,7 @@ import itertools
 import math
 
 import numpy as np
+from scipy import sparse
 import pytest
 import torch
 
@@ -49,6 +50,7 @@ def test_retrieval_in_chunks_ranks_as_a_full_sort_does():
         i2t = np.take_along_axis(positives, sims.argsort(1, descending=True)[:, :k].numpy(), 1).any(1).mean()
         t2i = np.take_along_axis(positives.T, sims.T.argsort(1, descending=True)[:, :k].numpy(), 1).any(1).mean()
         assert chunked[f"i2t_r{k}"] == pytest.approx(i2t) and chunked[f"t2i_r{k}"] == pytest.approx(t2i)
+    assert retrieval_recall(img, txt, sparse.csr_matrix(positives), chunk=5) == retrieval_recall(img, txt, positives)
 
 
 def test_every_caption_of_an_image_is_a_positive():
@@ -72,6 +74,7 @@ def test_retrieval_chance_matches_every_random_ranking():
             exact = np.mean([np.mean([row[list(r[:k])].any() for r in rankings]) for row in pos])
             assert out[f"{name}_r{k}_chance"] == pytest.approx(exact)
     assert out["i2t_candidates"] == 5 and out["t2i_candidates"] == 4 and out["i2t_r5_chance"] == 1.0
+    assert retrieval_chance(sparse.csr_matrix(positives), ks=(1, 2, 5)) == out
 
 
 def test_zero_shot_and_linear_probe_score_known_answers():
@@ -166,7 +169,7 @@ def test_pairs_keep_every_caption_and_zero_shot_says_what_it_skips(tmp_path, cap
     assert len(train) == 4 and len(train.images) == 2 and train.image_of.tolist() == [0, 0, 1, 1]
     data = scoring_set(str(folder), train, "test", {"x": "an x image"})
     assert data.candidates == ["generic prompt", "no lesion", "two lesions"]
-    assert data.positives.tolist() == [[True, True, False], [True, False, True]]
+    assert data.positives.toarray().tolist() == [[True, True, False], [True, False, True]]
     assert data.zs_labels == ["x"] and "no caption in evaluate_vlp.zero_shot_templates for: y" in data.notes[0]
     assert "zero-shot skipped" in scoring_set(str(folder), train, "test", {}).notes[0]
 
