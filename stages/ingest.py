@@ -11,7 +11,7 @@ from synthmed.config import as_dict, load_params, require_at_least_one, require_
 from synthmed.data.card import dataset_card
 from synthmed.data.decode import DecodeOptions
 from synthmed.data.dicom import DicomParams, without_patient_id
-from synthmed.data.imagefolder import write_imagefolder
+from synthmed.data.imagefolder import shard_file_names, write_imagefolder
 from synthmed.data.manifest import (build_manifest, build_pairs, check_pixels_not_shared, dataset_stats,
                                     write_manifest)
 from synthmed.data.nifti import NiftiParams
@@ -95,7 +95,7 @@ def load_samples(p: IngestParams, problems: Problems) -> list[Sample]:
         from synthmed.data.dicom import read_dicom
 
         return read_dicom(p.path, p.dicom, resolution=p.resolution, crop=p.crop, channels=p.channels,
-                          problems=problems)
+                          problems=problems, workers=p.workers)
     from synthmed.data.imagefolder import read_imageclef, read_imagefolder
 
     reader = read_imagefolder if p.source == "imagefolder" else read_imageclef
@@ -162,6 +162,7 @@ def main() -> None:
                                             p.split_fractions, seed)):
         s.split = split
     check_no_leak([s.group for s in samples], [s.split for s in samples])
+    shard_file_names(samples)  # before the manifest: its ids are the file names
     images, pairs = build_manifest(samples), build_pairs(samples)
     check_pixels_not_shared(images)
     stats = dataset_stats(images, pairs)

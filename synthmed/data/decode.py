@@ -7,6 +7,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -16,6 +17,9 @@ from synthmed.io import sha256_bytes
 from synthmed.progress import progress
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MIN_POOL_FILES = 64  # below this a pool of processes costs more than it saves
+J = TypeVar("J")
+R = TypeVar("R")
 
 
 @dataclass
@@ -70,9 +74,24 @@ def _decode_star(args: tuple[str, DecodeOptions]) -> Decoded:
 
 def decode_files(paths: list[str | Path], opts: DecodeOptions, workers: int = 0) -> list[Decoded]:
     """decode_file over many paths, order kept; workers=0 means one per core."""
-    workers = workers or os.cpu_count() or 1
     jobs = [(str(p), opts) for p in paths]
-    if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a few images
-        return [_decode_star(j) for j in progress(jobs, desc="decode")]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(_decode_star, jobs, chunksize=32), total=len(jobs), desc="decode"))
+    return list(map_ordered(_decode_star, jobs, processes(len(jobs), workers), desc="decode"))
+
+
+def processes(n_files: int, workers: int) -> int:
+    """Processes for decoding n_files: 1 (this one) below MIN_POOL_FILES, else ``workers`` (0: one per core)."""
+    return 1 if n_files < MIN_POOL_FILES else workers or os.cpu_count() or 1
+
+
+def map_ordered(fn: Callable[[J], R], jobs: list[J], n_processes: int, *, desc: str) -> Iterator[R]:
+    """``fn`` over ``jobs``, results in job order, here or in a pool; closing the iterator early (a problem
+    under on_error: fail) cancels the jobs not yet started instead of decoding the rest for nothing."""
+    if n_processes == 1:
+        yield from progress(map(fn, jobs), total=len(jobs), desc=desc)
+        return
+    pool = ProcessPoolExecutor(max_workers=n_processes)
+    try:
+        chunk = max(1, min(32, len(jobs) // (4 * n_processes)))  # small enough that every process gets work
+        yield from progress(pool.map(fn, jobs, chunksize=chunk), total=len(jobs), desc=desc)
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -32,7 +32,7 @@ import re
 import string
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,7 +41,8 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
-from synthmed.data.problems import Problems
+from synthmed.data.decode import map_ordered, processes
+from synthmed.data.problems import Problem, Problems
 from synthmed.data.sample import Sample
 from synthmed.data.transforms import prepare, to_uint8
 from synthmed.errors import PipelineError
@@ -120,8 +121,12 @@ def _os_clutter(rel: Path) -> bool:
 
 
 def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str, channels: int,
-               problems: Problems) -> list[Sample]:
-    """Read every file under ``folder`` (recursively, sorted); bad files go to ``problems``."""
+               problems: Problems, workers: int = 0) -> list[Sample]:
+    """Read every file under ``folder`` (recursively, sorted); bad files go to ``problems``.
+
+    Files are decoded over ``workers`` processes (0: one per core; a few files: this one); the pseudonyms
+    and the problems are dealt with here, in file order, so the result is the same whatever the number.
+    """
     folder = Path(folder)
     window = parse_window(p.window)
     check_template(p.caption_template)
@@ -131,11 +136,22 @@ def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str
         raise PipelineError("ingest.path: the DICOM folder is missing or has no files; "
                             "point it at a folder of DICOM files")
     pseudonyms = Pseudonyms(p.group_salt_env)  # an unset variable stops here, before any file is read
+    n = processes(len(paths), workers)
+    jobs = [(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels, n == 1)
+            for path in paths]
     samples: list[Sample] = []
-    with _quiet_pydicom():
-        for path in paths:
-            samples += _read_file(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels,
-                                  problems, pseudonyms)
+    with contextlib.closing(map_ordered(_read_job, jobs, n, desc="dicom")) as results:
+        for (path, rel, *_), got in zip(jobs, results):
+            for item in got.problems:  # raises at the first one under on_error: fail
+                problems.report(item.reason, item.message, file=item.file)
+            if got.unit is None:
+                continue
+            if got.data is None and not pseudonyms.secret:  # read in a worker: read again, not sent back
+                got.data = _read_again(path, rel, got.stamp)
+            group = pseudonyms.placeholder(got.unit, got.data)
+            for s in got.samples:
+                s.group = group
+            samples += got.samples
     pseudonyms.apply(samples)
     return samples
 
@@ -155,9 +171,11 @@ class Pseudonyms:
         self.content = hashlib.sha256()
         self.units: dict[tuple[str, str], str] = {}
 
-    def placeholder(self, ds: pydicom.Dataset, rel: str, data: bytes) -> str:
-        self.content.update(data)
-        return self.units.setdefault(_unit(ds, rel), f"pending-{len(self.units)}")
+    def placeholder(self, unit: tuple[str, str], data: bytes | None) -> str:
+        """Called in file order with each usable file's unit and bytes (None only where a secret is the key)."""
+        if data is not None:
+            self.content.update(data)
+        return self.units.setdefault(unit, f"pending-{len(self.units)}")
 
     def apply(self, samples: list[Sample]) -> None:
         key = self.secret.encode() if self.secret else self.content.digest()
@@ -199,37 +217,78 @@ def file_id(rel: str) -> str:
     return "dicom_" + sha256_bytes(rel.encode())[:16]
 
 
-def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, float], resolution: int,
-               crop: str, channels: int, problems: Problems, pseudonyms: Pseudonyms) -> list[Sample]:
-    fid = file_id(rel)
-    ref = f"DICOM file {fid} (see its path with: python -m synthmed.data.dicom <ingest.path> {fid})"
+def _ref(fid: str) -> str:
+    return f"DICOM file {fid} (see its path with: python -m synthmed.data.dicom <ingest.path> {fid})"
+
+
+@dataclass
+class _Read:
+    """One file's outcome, made where it is decoded (perhaps a worker) for read_dicom to take in file order."""
+    samples: list[Sample] = field(default_factory=list)  # group still unset
+    problems: list[Problem] = field(default_factory=list)
+    unit: tuple[str, str] | None = None  # the leakage unit; None when the file gave no samples
+    data: bytes | None = None  # the file's bytes, for the default key: kept only when read in read_dicom's process
+    stamp: tuple[int, int] = (0, 0)  # size and mtime_ns as read
+
+
+def _read_job(job: tuple) -> _Read:
+    """Read one file with pydicom muted (in a worker too), its problems recorded for read_dicom to report."""
+    path, rel, p, window, resolution, crop, channels, keep_bytes = job
+    problems = Problems("skip")
+    with _quiet_pydicom():
+        got = _read_file(path, rel, p, window, resolution, crop, channels, problems)
+    got.problems = problems.items
+    if not keep_bytes:
+        got.data = None  # sending every file's bytes back would cost more than reading them again
+    return got
+
+
+def _read_again(path: Path, rel: str, stamp: tuple[int, int]) -> bytes:
+    """The bytes a worker decoded, for the default key; a file changed in between would key other bytes."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            st, data = os.fstat(f.fileno()), f.read()
+        same = (st.st_size, st.st_mtime_ns) == stamp and len(data) == stamp[0]
+    except OSError:
+        same = False
+    if not same:
+        raise PipelineError(f"{_ref(file_id(rel))}: changed or removed while ingest read it; "
+                            "rerun ingest once the export is complete")
+    return data
+
+
+def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, float], resolution: int,
+               crop: str, channels: int, problems: Problems) -> _Read:
+    fid = file_id(rel)
+    ref = _ref(fid)
+    try:
+        with path.open("rb") as f:
+            data, st = f.read(), os.fstat(f.fileno())
     except OSError as exc:  # str(exc) would quote the path
         problems.report("unreadable_file", f"{ref}: cannot read ({exc.strerror}); check its permissions", file=fid)
-        return []
+        return _Read()
     try:  # parse from memory so no pydicom message can quote the path
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except Exception:  # InvalidDicomError, or any parse failure of a damaged header
         problems.report("not_dicom", f"{ref}: not a DICOM file (or its header is damaged); "
                         "remove it from the folder or re-export it as DICOM", file=fid)
-        return []
+        return _Read()
     if str(_get(ds.file_meta, "MediaStorageSOPClassUID")) == DICOMDIR_SOP_CLASS:
-        return []
+        return _Read()
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         problems.report("no_pixel_data", f"{ref}: DICOM without pixel data (a report, structured document or "
                         "presentation state?); remove it from the folder", file=fid)
-        return []
+        return _Read()
     if _code(ds, "BurnedInAnnotation") == "YES":
         problems.report("burned_in_annotation", f"{ref}: flagged BurnedInAnnotation=YES, its pixels may show "
                         "patient details; remove it or export a de-identified copy", file=fid)
-        return []
+        return _Read()
     photometric = _code(ds, "PhotometricInterpretation")
     if photometric not in SUPPORTED_PHOTOMETRIC:
         shown = photometric if photometric in KNOWN_PHOTOMETRIC else "missing or unrecognised"  # never echo free text
         problems.report("unsupported_image", f"{ref}: PhotometricInterpretation {shown} is not supported; "
                         "convert it to MONOCHROME2 or RGB", file=fid)
-        return []
+        return _Read()
     try:
         frames = _frames(ds, photometric, window, channels)
     except Exception as exc:  # decoders raise many types; their text names the codec or a size
@@ -239,15 +298,15 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
         detail = re.sub(r"'[^']*'", "'...'", " ".join(str(exc).split()))
         problems.report("corrupt_image", f"{ref}: cannot decode its pixels ({name}: {detail}); "
                         "install a decoder for it (e.g. pylibjpeg) or re-export uncompressed", file=fid)
-        return []
+        return _Read()
 
     plain = _plain_fields(ds)
     caption = p.caption_template.format(**_render(plain)).strip()
     if not caption:  # e.g. a template of "{view}" on a file without a view
         problems.report("empty_caption", f"{ref}: ingest.dicom.caption_template gives an empty caption for it; "
                         "add a field it has, e.g. {modality}", file=fid)
-        return []
-    group = pseudonyms.placeholder(ds, rel, data)
+        return _Read()
+    digest = sha256_bytes(data)
     out = []
     for k, frame in enumerate(frames, start=1):
         pixels = prepare(frame, resolution, crop)
@@ -258,12 +317,12 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
             file_name=f"{fid}{suffix}.png",
             pixels=pixels,
             captions=[caption],
-            group=group,  # every frame, slice, series and study of a patient stays together
+            group="",  # set by read_dicom: every frame, slice, series and study of a patient stays together
             label=str(plain[p.label_field]) if p.label_field else "",
             source="dicom:" + fid.removeprefix("dicom_"),
-            source_sha256=sha256_bytes(data),
+            source_sha256=digest,
         ))
-    return out
+    return _Read(out, unit=_unit(ds, rel), data=data, stamp=(st.st_size, st.st_mtime_ns))
 
 
 def _frames(ds: pydicom.Dataset, photometric: str, window: str | tuple[float, float],

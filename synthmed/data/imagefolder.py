@@ -24,6 +24,7 @@ from synthmed.io import MANIFEST, atomic_path, sha256_bytes
 METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"
 REQUIRED = ("file_name", "text")
+SHARD_ABOVE = 10_000  # images; a larger dataset is written in subfolders (see shard_file_names)
 OPTIONAL = ("label", "group", "split")
 _OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 
@@ -223,11 +224,23 @@ def save_pixels(pixels: np.ndarray, path: Path) -> None:
         Image.fromarray(pixels).save(path, format="PNG", optimize=False)
 
 
+def shard_file_names(samples: list[Sample]) -> None:
+    """Above SHARD_ABOVE images, put each file in one of 256 subfolders, ``<2 hex digits of the sha256 of its
+    name>/<name>`` (about 1,600 files each at 400,000 images): one huge directory is slow to list, copy and
+    check (DVC, rsync, file browsers). The ImageFolder convention takes such relative paths in file_name.
+    Smaller datasets keep their flat names, so their outputs and hashes do not change."""
+    if len(samples) > SHARD_ABOVE:
+        for s in samples:
+            s.file_name = f"{sha256_bytes(s.file_name.encode())[:2]}/{s.file_name}"
+
+
 def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame:
     """Atomically write samples as PNGs (volumes, ``file_name`` ending in .npy: NumPy files) plus
-    metadata.csv (one row per image-caption pair)."""
+    metadata.csv (one row per image-caption pair); a ``file_name`` may name a subfolder (shard_file_names)."""
     rows = []
     with atomic_path(folder, is_dir=True) as tmp:
+        for sub in sorted({PurePosixPath(s.file_name).parent for s in samples} - {PurePosixPath(".")}):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
         for s in samples:
             path = tmp / s.file_name
             save_pixels(s.pixels, path)

@@ -60,10 +60,10 @@ def write_dcm(path: Path, pixels: np.ndarray | None = RAW, photometric: str = "M
     return path
 
 
-def read(folder, on_error="fail", resolution=40, channels=1, crop="pad", **params):
+def read(folder, on_error="fail", resolution=40, channels=1, crop="pad", workers=1, **params):
     problems = Problems(on_error)
     samples = read_dicom(folder, DicomParams(**{"window": "1000,4000", **params}), resolution=resolution,
-                         crop=crop, channels=channels, problems=problems)
+                         crop=crop, channels=channels, problems=problems, workers=workers)
     return samples, problems
 
 
@@ -331,3 +331,80 @@ def test_os_clutter_is_ignored(tmp_path):
 
     assert _os_clutter(Path(".DS_Store")) and _os_clutter(Path("a/.hidden/x.dcm")) and _os_clutter(Path("Thumbs.db"))
     assert not _os_clutter(Path("Doe_Jane/scan1.dcm"))
+
+
+def mixed_folder(root: Path) -> None:
+    """Patients, a multi-frame file, groups by study/series/file, bad files and a malformed one, in one folder."""
+    write_dcm(root / "p1" / "a.dcm")
+    write_dcm(root / "p1" / "b.dcm", pixels=np.stack([RAW, RAW // 2, RAW // 3]))
+    write_dcm(root / "p2" / "a.dcm", PatientID="PID-112233", pixels=RAW // 2)
+    write_dcm(root / "p3" / "a.dcm", PatientID=None, StudyInstanceUID="1.2.826.0.1.3680043.8.498.4")
+    write_dcm(root / "p4" / "a.dcm", PatientID=None, StudyInstanceUID=None)
+    write_dcm(root / "p4" / "b.dcm", PatientID=None, StudyInstanceUID=None, SeriesInstanceUID=None)
+    malformed(root / "p5" / "a.dcm")
+    write_dcm(root / "p1" / "burned.dcm", BurnedInAnnotation="YES")
+    write_dcm(root / "p2" / "sr.dcm", pixels=None)
+    (root / "p3" / "notes.txt").write_text("Doe^Jane PID-778899")
+    write_dcm(root / "p4" / "cut.dcm", PixelData=b"\0" * 10)
+    write_dcm(root / "p5" / "frames.dcm", NumberOfFrames="7777")
+    patch(root / "p5" / "frames.dcm", b"7777", b"Jane")  # pydicom warns and logs the value
+
+
+@pytest.mark.parametrize("key", ["", "GROUP_KEY"])
+def test_parallel_read_equals_serial(tmp_path, monkeypatch, capfd, key):
+    """Workers decode, read_dicom keeps the pseudonyms and problems: same samples, groups and problems, in order."""
+    import synthmed.data.decode as decode
+    import synthmed.data.dicom as dicom
+
+    monkeypatch.setenv("GROUP_KEY", "secret")
+    mixed_folder(tmp_path / "ds")
+    pools = []
+
+    def spy(fn, jobs, n_processes, **kw):
+        pools.append(n_processes)
+        return decode.map_ordered(fn, jobs, n_processes, **kw)
+
+    monkeypatch.setattr(dicom, "map_ordered", spy)
+    monkeypatch.setattr(decode, "MIN_POOL_FILES", 2)  # the real threshold (64) would keep 10 files serial
+    loud = logging.StreamHandler(sys.stderr)  # pydicom's warnings and logs would reach stderr, a worker's too
+    logging.getLogger("pydicom").addHandler(loud)
+    monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.DEBUG)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: print(message, file=sys.stderr))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            runs = [read(tmp_path / "ds", on_error="skip", window="auto", group_salt_env=key, workers=w)
+                    for w in (1, 2)]
+    finally:
+        logging.getLogger("pydicom").removeHandler(loud)
+    assert pools == [1, 2]
+    (serial, serial_problems), (parallel, parallel_problems) = runs
+    assert len(serial) == 9 and len({s.group for s in serial}) == 5 and len(serial_problems.items) == 5
+    assert [vars(p) for p in parallel_problems.items] == [vars(p) for p in serial_problems.items]
+    fields = [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256, s.extra) for s in serial]
+    assert [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256, s.extra)
+            for s in parallel] == fields
+    assert all(a.pixels.dtype == b.pixels.dtype and np.array_equal(a.pixels, b.pixels)
+               for a, b in zip(serial, parallel))
+    with pytest.raises(PipelineError) as serial_error:  # under fail, the first bad file in path order stops both
+        read(tmp_path / "ds", window="auto", workers=1)
+    with pytest.raises(PipelineError) as parallel_error:
+        read(tmp_path / "ds", window="auto", workers=2)
+    assert str(parallel_error.value) == str(serial_error.value) and "burned" not in str(serial_error.value)
+    out, err = capfd.readouterr()  # the workers' pydicom is muted too
+    leaked = [i for i in IDENTIFIERS if i.lower() in (out + err).lower()]
+    assert leaked == [], leaked
+
+
+def test_a_file_changed_between_worker_and_key_stops_the_read(tmp_path):
+    from synthmed.data.dicom import _read_again
+
+    path = write_dcm(tmp_path / "Doe_Jane" / "a.dcm")
+    st = path.stat()
+    assert _read_again(path, "Doe_Jane/a.dcm", (st.st_size, st.st_mtime_ns)) == path.read_bytes()
+    with pytest.raises(PipelineError, match=f"DICOM file {file_id('Doe_Jane/a.dcm')} .*changed or removed") as err:
+        _read_again(path, "Doe_Jane/a.dcm", (st.st_size + 1, st.st_mtime_ns))
+    assert "Doe" not in str(err.value).split("<ingest.path>")[1]
+    path.unlink()
+    with pytest.raises(PipelineError, match="changed or removed"):
+        _read_again(path, "Doe_Jane/a.dcm", (st.st_size, st.st_mtime_ns))

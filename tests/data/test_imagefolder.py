@@ -149,3 +149,44 @@ def test_identical_pixels_in_two_splits_are_rejected(tmp_path):
     samples[0].split, samples[1].split = "train", "test"
     with pytest.raises(PipelineError, match="identical images in different splits: a.png"):
         check_pixels_not_shared(build_manifest(samples))
+
+
+def test_a_large_dataset_is_written_in_subfolders_and_read_back(tmp_path, monkeypatch):
+    import synthmed.data.imagefolder as imagefolder
+    from synthmed.data.imagefolder import load_images, read_metadata, shard_file_names, write_imagefolder
+    from synthmed.data.pixels import pixel_stack
+    from synthmed.data.sample import Sample
+    from synthmed.io import manifest_hash
+
+    monkeypatch.chdir(tmp_path)  # the pixel store
+    monkeypatch.setattr(imagefolder, "SHARD_ABOVE", 2)
+    rng = np.random.default_rng(0)
+
+    def samples(suffix, shape):
+        return [Sample(f"img{i}{suffix}", rng.integers(0, 256, shape, dtype=np.uint8), [f"c{i}", f"d{i}"], f"g{i}")
+                for i in range(3)]
+
+    flat = samples(".png", (8, 8))[:2]
+    shard_file_names(flat)  # at the threshold: names unchanged
+    assert [s.file_name for s in flat] == ["img0.png", "img1.png"]
+    images = samples(".png", (8, 8))
+    shard_file_names(images)
+    names = [s.file_name for s in images]
+    assert all(n.count("/") == 1 and len(n.split("/")[0]) == 2 and n.endswith(f"/img{i}.png")
+               for i, n in enumerate(names))
+    write_imagefolder(tmp_path / "ds", images)
+    assert sorted(p.relative_to(tmp_path / "ds").as_posix() for p in (tmp_path / "ds").rglob("*.png")) == sorted(names)
+    meta = read_metadata(tmp_path / "ds")
+    assert meta["file_name"].tolist() == [n for n in names for _ in range(2)]
+    stack = pixel_stack(tmp_path / "ds", names, workers=1)
+    assert np.array_equal(np.asarray(stack[:]), np.stack([s.pixels[None] for s in images]))
+    assert manifest_hash(tmp_path / "ds") is not None
+    again, _ = read(tmp_path / "ds", opts=DecodeOptions(resolution=8))  # a written dataset is valid input
+    assert [s.captions for s in again] == [s.captions for s in images]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(again, images))
+
+    volumes = samples(".npy", (4, 4, 4))  # 3-D: the same writer
+    shard_file_names(volumes)
+    write_imagefolder(tmp_path / "vols", volumes)
+    loaded = load_images(tmp_path / "vols", read_metadata(tmp_path / "vols")["file_name"].unique().tolist())
+    assert np.array_equal(loaded[:, 0], np.stack([s.pixels for s in volumes]))
