@@ -35,7 +35,8 @@ CUT = {"steps": 3, "checkpoint_every": 0}
 
 
 def make_dataset(root: Path, n: int, size: int, channels: int, captions: int) -> None:
-    """A bright disc in the upper or lower half (the label) on a smooth background, with ``captions`` captions."""
+    """A bright disc in the upper or lower half (the label) on a smooth background, with ``captions`` captions
+    (also the large generated set of tests/e2e/test_scale.py)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -53,8 +54,9 @@ def make_dataset(root: Path, n: int, size: int, channels: int, captions: int) ->
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
 
 
-def params_for(data: Path, resolution: int, channels: int) -> dict:
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+def params_for(data: Path, resolution: int, channels: int, base: dict | None = None) -> dict:
+    """``base`` (default: params.yaml) on ``data`` with training cut to a few steps and the smallest studies."""
+    p = base or yaml.safe_load((REPO / "params.yaml").read_text())
     p["ingest"].update(source="imagefolder", path=str(data), resolution=resolution, channels=channels, min_images=1)
     p["train_vae"].update(CUT)
     p["train_ldm"].update(CUT, validate_every=3)

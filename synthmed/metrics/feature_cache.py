@@ -19,7 +19,7 @@ from synthmed.data.disk_array import as_rows
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.metrics.fidelity import extract_features
 
-CHUNK = 1024  # images read (and hashed) at a time: a multiple of the extraction batch, so batches are as before
+CHUNK = 512  # images read (and hashed) at a time: a multiple of the extraction batch, so batches are as before
 
 
 def pixel_keys(images_uint8: torch.Tensor) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-CHUNK = 1024  # rows per side of one distance block: memory is O(CHUNK^2 + CHUNK x dims), whatever the set sizes
+CHUNK = 512  # rows per side of one distance block: memory is O(CHUNK^2 + CHUNK x dims), whatever the set sizes
 
 
 def nearest(query, reference, chunk: int = CHUNK,
