@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from synthmed.data.dataset import images_of
+from synthmed.data.dataset import image_rows
 from synthmed.data.imagefolder import read_metadata
 from synthmed.errors import PipelineError
 from synthmed.models.image_encoder import mix
@@ -23,7 +23,7 @@ class SourceEmbeddings:
         if missing:
             raise PipelineError(f"{where}: source image {missing[0]} is not in {real_folder}; rerun `dvc repro prompts`")
         self.index = {n: i for i, n in enumerate(names)}
-        self.images = images_of(real_folder, real.loc[names])
+        self.images = image_rows(real_folder, real.loc[names])  # on disk: read a batch at a time
         # one image at a time: an embedding, and so an image, must not depend on which others a run embeds
         self.emb, self.how = pipe.embed_images(self.images, batch_size=1), how
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 
+from synthmed.data.disk_array import Rows
 from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, seeded_generators
 from synthmed.errors import PipelineError
 from synthmed.models.cond_unet import ConditionalUNet
@@ -82,9 +83,10 @@ class SynthMedPipeline(DiffusionPipeline):
             self._image_encoder = enc
         return self._image_encoder
 
-    def embed_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """uint8 images [N, C, H, W] -> the frozen encoder's global tokens [N, T, D]: the condition."""
-        return self.image_encoder.encode(torch.as_tensor(images), batch_size)
+    def embed_images(self, images, batch_size: int = 64) -> torch.Tensor:
+        """uint8 images [N, C, H, W] (an array, tensor or Rows: read a batch at a time) -> the frozen encoder's
+        global tokens [N, T, D]: the condition."""
+        return self.image_encoder.encode(images if isinstance(images, Rows) else torch.as_tensor(images), batch_size)
 
     def _condition(self, conditions, negatives: list[str] | None = None):
         """(emb, mask, uncond_emb, uncond_mask) of prompts, or of image embeddings [N, T, D] for an
