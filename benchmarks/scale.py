@@ -9,6 +9,7 @@ ingested images), as a real run's full plan would give them. The last lines give
 slope of time and of memory between the two largest N (1 = linear).
 
     .venv/bin/python benchmarks/scale.py [--sizes 500 2000 8000] [--resolution 64] [--channels 1] [--captions 10]
+    .venv/bin/python benchmarks/scale.py --memorization 20000 1400   # the search alone, on random rows
 """
 
 from __future__ import annotations
@@ -103,6 +104,30 @@ def measure(n: int, args, root: Path) -> dict:
     return out
 
 
+def memorization_search(n_synth: int, n_train: int) -> dict:
+    """Wall time and peak RSS growth of the memorization search alone (synthmed.metrics.privacy.nearest), on
+    random rows: feature space (EfficientNet-Lite0's 1,280 dimensions) and pixel space at 64 px RGB."""
+    import resource
+
+    import torch
+
+    from synthmed.metrics.privacy import PixelSpace, nearest
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    g = torch.Generator().manual_seed(0)
+    out = {"n_synthetic": n_synth, "n_train": n_train}
+    spaces = {"feature": lambda n: torch.randn(n, 1280, generator=g),
+              "pixel_64px_rgb": lambda n: PixelSpace(torch.randint(0, 256, (n, 3, 64, 64), generator=g,
+                                                                    dtype=torch.uint8))}
+    for name, make in spaces.items():
+        synth, train = make(n_synth), make(n_train)
+        t0 = time.perf_counter()
+        nearest(synth, train)
+        out[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return out
+
+
 def slope(a: float, b: float, n_a: int, n_b: int) -> float | None:
     return round(math.log(b / a) / math.log(n_b / n_a), 2) if a > 0 and b > 0 else None
 
@@ -115,7 +140,13 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1, choices=[1, 3])
     ap.add_argument("--captions", type=int, default=10)
     ap.add_argument("--stages", nargs="+", default=STAGES)
+    ap.add_argument("--memorization", type=int, nargs=2, metavar=("N_SYNTH", "N_TRAIN"),
+                    help="time only the memorization search at these sizes (e.g. 20000 1400)")
     args = ap.parse_args()
+    if args.memorization:
+        print(json.dumps({"benchmark": "scale.memorization", "cores": os.cpu_count(),
+                          **memorization_search(*args.memorization)}, indent=2))
+        return
     args.size = args.size or args.resolution
     root = Path(tempfile.mkdtemp(prefix="synthmed-scale-"))
     try:

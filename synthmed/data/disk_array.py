@@ -139,6 +139,7 @@ class Rows:
     """
 
     def __init__(self, *parts, index=None):
+        """``parts`` laid end to end; ``index``: the positions selected (default all)."""
         if not parts or any(isinstance(p, Rows) for p in parts):
             raise TypeError("Rows(...) takes one or more DiskArrays or tensors; join Rows with +")
         self.parts = list(parts)
@@ -164,18 +165,12 @@ class Rows:
 
     def subset(self, index) -> "Rows":
         """The rows at ``index`` (positions or a bool mask), as a Rows: nothing is read."""
-        out = Rows.__new__(Rows)
-        out.parts, out.offsets, out.index = self.parts, self.offsets, self._positions(index).reshape(-1)
-        return out
+        return Rows(*self.parts, index=self._positions(index).reshape(-1))
 
     def __add__(self, other: "Rows") -> "Rows":
         if self.shape[1:] != other.shape[1:]:
             raise ValueError(f"cannot join rows of shape {self.shape[1:]} and {other.shape[1:]}")
-        out = Rows.__new__(Rows)
-        out.parts = self.parts + other.parts
-        out.offsets = np.cumsum([0, *(len(p) for p in out.parts)])
-        out.index = np.concatenate([self.index, other.index + self.offsets[-1]])
-        return out
+        return Rows(*self.parts, *other.parts, index=np.concatenate([self.index, other.index + self.offsets[-1]]))
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):

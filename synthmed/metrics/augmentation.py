@@ -137,7 +137,7 @@ def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classe
     if arms and not pools:
         print("evaluate: no labelled synthetic images in the augmentation pool; real-only arm only")
         arms = []
-    pool_x = sum((x for x, _ in pools.values()), start=real_x.subset([])) if pools else real_x.subset([])
+    pool_x = sum((x for x, _ in pools.values()), start=real_x.subset([]))
     pool_y = torch.cat([real_y[:0], *(y for _, y in pools.values())])
     cells = plan_cells(real_y.numpy(), {k: len(x) for k, (x, _) in pools.items()}, fractions, ratios, arms, reps, seed)
     short = [c for c in cells if len(c.synth_idx) < c.synth_requested]
