@@ -9,6 +9,7 @@ rows into one, atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +19,12 @@ import numpy as np
 import torch
 
 from synthmed.io import atomic_path
+
+
+def rows_per_batch(shape, elements: int = 2**21, most: int = 256) -> int:
+    """Rows of ``shape[1:]`` per no-grad forward batch: input elements, not the row count, bound the activation
+    memory (2**21: 256 images at 64 px, 10 at 256 px RGB)."""
+    return max(1, min(most, elements // math.prod(shape[1:])))
 
 
 class DiskArray:

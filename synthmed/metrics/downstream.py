@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from synthmed.data.dataset import to_model_range
+from synthmed.data.disk_array import rows_per_batch
 
 
 class SmallCNN(nn.Module):
@@ -100,7 +101,8 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
 
 @torch.no_grad()
 def predict(model: SmallCNN, images) -> np.ndarray:
-    return torch.cat([model(to_model_range(images[i : i + 256])).softmax(-1) for i in range(0, len(images), 256)]).numpy()
+    n = rows_per_batch(images.shape)
+    return torch.cat([model(to_model_range(images[i : i + n])).softmax(-1) for i in range(0, len(images), n)]).numpy()
 
 
 def score_classifier(model: SmallCNN, images, labels: torch.Tensor) -> dict[str, float]:

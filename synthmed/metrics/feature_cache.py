@@ -55,19 +55,23 @@ class FeatureCache:
         self.path, self.extractor, self.batch_size = Path(path), extractor, batch_size
         self.extractor_sha = extractor_key(extractor)
         saved = torch.load(self.path) if self.path.is_file() else {}
-        self.store: dict[str, torch.Tensor] = saved["features"] if saved.get("extractor") == self.extractor_sha else {}
+        # float32, the extractor's own precision (metrics compute in float64 from it: the same values, half the memory)
+        self.store: dict[str, torch.Tensor] = {k: v.float() for k, v in saved["features"].items()} \
+            if saved.get("extractor") == self.extractor_sha else {}
         self.computed = 0
 
     def __call__(self, images_uint8) -> torch.Tensor:
-        """[N, D] float64 features of uint8 images [N, C, H, W] (a tensor, DiskArray or Rows, read ``CHUNK``
+        """[N, D] float32 features of uint8 images [N, C, H, W] (a tensor, DiskArray or Rows, read ``CHUNK``
         rows at a time); new images are embedded once."""
         keys = []
         for chunk in as_rows(images_uint8).batches(CHUNK):
             chunk_keys = pixel_keys(chunk)
             missing = [i for i, k in enumerate(chunk_keys) if k not in self.store]
             if missing:
-                feats = extract_features(self.extractor, chunk[missing], self.batch_size)
-                self.store.update({chunk_keys[i]: f for i, f in zip(missing, feats)})
+                # one float32 block per chunk, its rows the cache's entries: no small tensor between the
+                # extractor's large activations (the heap would fragment and RSS creep with the set size)
+                feats = extract_features(self.extractor, chunk[missing], self.batch_size).float()
+                self.store.update(zip([chunk_keys[i] for i in missing], feats))
                 self.computed += len(missing)
             keys += chunk_keys
         return torch.stack([self.store[k] for k in keys]) if keys else torch.zeros(0)

@@ -16,6 +16,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from synthmed.config import require_at_least_one, require_non_negative
 from synthmed.data.dataset import to_model_range
+from synthmed.data.disk_array import rows_per_batch
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
@@ -152,8 +153,7 @@ ENCODE_ELEMENTS = 2**21  # input elements per encoding batch: 64 images at 64 px
 
 def encode_batch_size(shape) -> int:
     """Images per no-grad encoding batch: activations, not the image count, bound the memory."""
-    per_image = math.prod(shape[1:])
-    return max(1, min(64, ENCODE_ELEMENTS // per_image))
+    return rows_per_batch(shape, ENCODE_ELEMENTS, 64)
 
 
 def model_batches(images, batch_size: int, rows=None):

@@ -239,9 +239,9 @@ def augment_pairs(
     each original is replaced by its paraphrases with probability ``p_replace``.
     """
     rng = random.Random(seed)
-    rows = []
-    for row in pairs.to_dict("records"):
-        alts = paraphrases.get(row["text"], [])
+    take, texts, sources = [], [], []  # positions of the rows repeated, their captions: no dict per pair
+    for i, text in enumerate(pairs["text"].tolist()):
+        alts = paraphrases.get(text, [])
         if strategy == "add":
             keep_original, use_alts = True, True
         elif strategy == "replace_all":
@@ -249,8 +249,8 @@ def augment_pairs(
         else:  # replace_some
             replaced = bool(alts) and rng.random() < p_replace
             keep_original, use_alts = not replaced, replaced
-        if keep_original:
-            rows.append({**row, "caption_source": "original"})
-        if use_alts:
-            rows.extend({**row, "text": alt, "caption_source": source} for alt in alts)
-    return pd.DataFrame(rows)
+        picked = ([text] if keep_original else []) + (alts if use_alts else [])
+        take += [i] * len(picked)
+        texts += picked
+        sources += ["original"] * keep_original + [source] * (len(picked) - keep_original)
+    return pairs.iloc[take].assign(text=texts, caption_source=sources).reset_index(drop=True)

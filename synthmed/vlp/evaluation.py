@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from synthmed.data.dataset import to_model_range
+from synthmed.data.disk_array import rows_per_batch
 from synthmed.metrics.augmentation import regime_name, stratified_subset
 from synthmed.provenance import derive_seed
 from synthmed.vlp.corpus import ScoringSet
@@ -17,9 +18,9 @@ from synthmed.vlp.model import DualEncoder
 
 
 @torch.no_grad()
-def image_features(model: DualEncoder, images: torch.Tensor, projected: bool, batch_size: int = 256) -> torch.Tensor:
+def image_features(model: DualEncoder, images, projected: bool) -> torch.Tensor:
     """Backbone features (for probing, as in ConVIRT) or normalised joint-space embeddings."""
-    out = []
+    out, batch_size = [], rows_per_batch(images.shape)
     for i in range(0, len(images), batch_size):
         x = to_model_range(images[i : i + batch_size])
         out.append(model.embed_images(x) if projected else model.image(x))
