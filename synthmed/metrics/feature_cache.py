@@ -18,6 +18,7 @@ from torch import nn
 from synthmed.data.disk_array import as_rows
 from synthmed.io import atomic_path, sha256_bytes
 from synthmed.metrics.fidelity import extract_features
+from synthmed.runtime import release_free_memory
 
 CHUNK = 512  # images read (and hashed) at a time: a multiple of the extraction batch, so batches are as before
 
@@ -72,6 +73,7 @@ class FeatureCache:
                 # extractor's large activations (the heap would fragment and RSS creep with the set size)
                 feats = extract_features(self.extractor, chunk[missing], self.batch_size).float()
                 self.store.update(zip([chunk_keys[i] for i in missing], feats))
+                release_free_memory()
                 self.computed += len(missing)
             keys += chunk_keys
         return torch.stack([self.store[k] for k in keys]) if keys else torch.zeros(0)
