@@ -83,7 +83,7 @@ def run(work: Path, stage: str) -> dict:
 def stand_in_synthetic(work: Path) -> None:
     """evaluate at full-plan size: the ingested images as if generated (every split's captions)."""
     synth = work / "data/generate/dataset"
-    shutil.rmtree(synth)
+    shutil.rmtree(synth, ignore_errors=True)  # generate's output, when it ran
     shutil.copytree(work / "data/ingest/dataset", synth)
 
 
