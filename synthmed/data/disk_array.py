@@ -74,12 +74,6 @@ class DiskArray:
             data = os.pread(f.fileno(), count * self.row_bytes, start * self.row_bytes)
         return torch.from_numpy(np.frombuffer(bytearray(data), dtype=self.dtype).reshape(count, *self.shape[1:]))
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """The rows in order, ``batch_size`` at a time."""
-        for start in range(0, len(self), batch_size):
-            yield self[start:start + batch_size]
-
-
 class DiskArrayWriter:
     """Rows appended a batch at a time to a file written beside ``path`` and renamed on a clean exit (a killed
     writer leaves nothing); its shape and dtype go to ``path``.json. ``array`` is the result."""

@@ -75,15 +75,14 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
     model = SmallCNN(images.shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    y = labels
     select = val is not None and cfg.val_every > 0 and len(val[1]) > 0
     best, best_state = None, None
     for step in range(1, cfg.steps + 1):
         model.train()
-        idx = torch.randint(len(y), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
+        idx = torch.randint(len(labels), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
         x = to_model_range(images[idx])
         batch = _augment(x, g) if cfg.augment else x
-        loss = F.cross_entropy(model(batch), y[idx])
+        loss = F.cross_entropy(model(batch), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

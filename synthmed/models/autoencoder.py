@@ -148,12 +148,9 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     return log
 
 
-ENCODE_ELEMENTS = 2**21  # input elements per encoding batch: 64 images at 64 px, 10 at 256 px RGB
-
-
 def encode_batch_size(shape) -> int:
     """Images per no-grad encoding batch: activations, not the image count, bound the memory."""
-    return rows_per_batch(shape, ENCODE_ELEMENTS, 64)
+    return rows_per_batch(shape, most=64)  # 64 images at 64 px, 10 at 256 px RGB
 
 
 def model_batches(images, batch_size: int, rows=None):

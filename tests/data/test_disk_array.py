@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synthmed.data.dataset import split_stack, to_model_range
-from synthmed.data.disk_array import DiskArray, open_disk_array, write_disk_array
+from synthmed.data.disk_array import DiskArray, Rows, open_disk_array, write_disk_array
 from synthmed.data.imagefolder import load_images
 from synthmed.errors import PipelineError
 from synthmed.models.autoencoder import (encode_batch_size, encode_posterior, posterior_sample_rows, reconstruct,
@@ -36,7 +36,7 @@ def test_rows_written_in_batches_read_back_by_any_index(tmp_path):
     assert torch.equal(a[torch.tensor([[1], [6]])], torch.from_numpy(data[[1, 6]]))
     mask = np.array([True, False, False, True, False, False, True])
     assert torch.equal(a[mask], torch.from_numpy(data[mask]))
-    assert torch.equal(torch.cat(list(a.batches(4))), torch.from_numpy(data))
+    assert torch.equal(torch.cat(list(Rows(a).batches(4))), torch.from_numpy(data))
     with pytest.raises(IndexError, match="row 7 of a 7-row array"):
         a[[7]]
     assert open_disk_array(tmp_path / "x.f32").shape == a.shape
@@ -133,7 +133,7 @@ def test_a_file_changed_after_ingest_is_an_error_naming_it_and_its_row(tmp_path,
 
 
 def test_rows_select_and_join_lazily_and_read_only_what_is_indexed(tmp_path):
-    from synthmed.data.disk_array import Rows, as_rows
+    from synthmed.data.disk_array import as_rows
 
     data = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)
     disk = write_disk_array(tmp_path / "x.f32", [data[:4], data[4:]], "float32")
