@@ -174,7 +174,7 @@ def main() -> None:
     problems.write(f"{OUT}/problems.csv")
     n = 8 if p.dims == 3 else 16  # a volume's tile is its three central planes
     preview = samples[:: max(1, len(samples) // n)][:n]
-    save_png(image_grid([s.pixels for s in preview], [s.captions[0] for s in preview], ncol=n // 2 if p.dims == 3 else 8),
+    save_png(image_grid([s.array() for s in preview], [s.captions[0] for s in preview], ncol=n // 2 if p.dims == 3 else 8),
              f"{OUT}/samples.png")
     write_text(f"{OUT}/card.md", dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
                                               params=as_dict(p), stats=stats, images=images, pairs=pairs,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
-import pandas as pd
-
 from synthmed.config import as_dict, load_params, require_inputs, run_stage
-from synthmed.data.imagefolder import read_metadata
+from synthmed.data.imagefolder import metadata_chunks
 from synthmed.errors import PipelineError
 from synthmed.io import atomic_path, write_metrics
 from synthmed import store
@@ -80,22 +79,31 @@ def report_declined(declined: dict[str, str], total: int) -> None:
 def main() -> None:
     p, seed = load_params("paraphrase", ParaphraseParams)
     require_inputs("paraphrase", DATASET)
-    pairs = read_metadata(DATASET)
     paraphraser = make_paraphraser(p, seed)
     print(f"paraphrase: backend={paraphraser.name}"
           + (f" model={p.openai.model} at {p.openai.base_url or 'OpenAI'}" if paraphraser.name == "llm" else ""))
-    eligible = pairs["split"].isin(p.splits)
-    unique = sorted(set(pairs.loc[eligible, "text"]) - {""})  # an image without a caption has nothing to rephrase
+    # the caption table is read in chunks, so memory grows with the distinct captions, not with the pairs
+    before, eligible = set(), set()
+    for chunk in metadata_chunks(DATASET):
+        before.update(chunk["text"])
+        eligible.update(chunk.loc[chunk["split"].isin(p.splits), "text"])
+    unique = sorted(eligible - {""})  # an image without a caption has nothing to rephrase
     paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
     declined = getattr(paraphraser, "declined", {})
     report_declined(declined, len(unique))
-    augmented = augment_pairs(pairs[eligible], paraphrases, paraphraser.name, p.strategy, p.p_replace, seed)
-    out = pd.concat([augmented, pairs[~eligible].assign(caption_source="original")], ignore_index=True)
-    if out.empty:
-        raise PipelineError(f"{DATASET}/metadata.csv: no pairs left after paraphrasing; check paraphrase.splits")
+    rng, after, n_pairs = random.Random(seed), set(), 0
     columns = ["file_name", "text", "caption_source", "split", "label", "group"]
     with atomic_path(f"{OUT}/pairs.csv") as tmp:
-        out[columns].to_csv(tmp, index=False)
+        for augmented in (True, False):  # the paraphrased splits' rows first, then the others' as they are
+            for chunk in metadata_chunks(DATASET):
+                rows = chunk[chunk["split"].isin(p.splits) == augmented]
+                out = (augment_pairs(rows, paraphrases, paraphraser.name, p.strategy, p.p_replace, rng)
+                       if augmented else rows.assign(caption_source="original"))
+                out[columns].to_csv(tmp, index=False, mode="a", header=not tmp.exists())
+                n_pairs += len(out)
+                after.update(out["text"])
+        if n_pairs == 0:
+            raise PipelineError(f"{DATASET}/metadata.csv: no pairs left after paraphrasing; check paraphrase.splits")
     used = backend_used(paraphraser)
     # the backend that ran beside the one asked for: they differ under paraphrase.openai.fallback: rule
     write_provenance(f"{OUT}/provenance.json", stage="paraphrase", params={**as_dict(p), "backend_used": used},
@@ -104,10 +112,10 @@ def main() -> None:
     n_para = sum(len(v) for v in paraphrases.values())
     reasons = ("empty", "malformed", "refusal", "identical", "duplicate", "length", "salient")
     write_metrics("paraphrase", {
-        "unique_captions_before": int(pairs["text"].nunique()),
-        "unique_captions_after": int(out["text"].nunique()),
+        "unique_captions_before": len(before),
+        "unique_captions_after": len(after),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
-        "pairs": len(out),
+        "pairs": n_pairs,
         "llm": int(paraphraser.name == "llm"),  # the backend that ran (1: LLM); its name is in provenance.json
         "rule_declined": len(declined),
         "requests": stats.requests,
@@ -115,7 +123,7 @@ def main() -> None:
         "tokens": stats.prompt_tokens + stats.completion_tokens,
         **{f"rejected_{r}": stats.rejected.get(r, 0) for r in reasons},
     }, headline=["unique_captions_after"])
-    print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {len(out)} pairs; "
+    print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {n_pairs} pairs; "
           f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")
 
 

@@ -22,7 +22,7 @@ def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame
     by_label = (images.assign(label=images["label"].replace("", "(none)"))
                 .pivot_table(index="label", columns="split", values="id", aggfunc="count", fill_value=0)
                 .reset_index())
-    lengths = pairs["caption"].str.split().str.len()
+    lengths = pairs["caption"].str.count(r"\S+")  # no list of words per caption
     examples = pairs.drop_duplicates("caption").head(5)["caption"].tolist()
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(problems.items())) or "none"
     return f"""# Dataset card

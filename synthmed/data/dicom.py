@@ -44,6 +44,7 @@ from pydicom.pixels import apply_modality_lut
 from synthmed.data.decode import map_ordered, processes
 from synthmed.data.problems import Problem, Problems
 from synthmed.data.sample import Sample
+from synthmed.data.spill import PixelSpill
 from synthmed.data.transforms import prepare, to_uint8
 from synthmed.errors import PipelineError
 from synthmed.io import sha256_bytes
@@ -140,6 +141,7 @@ def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str
     jobs = [(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels, n == 1)
             for path in paths]
     samples: list[Sample] = []
+    spill = PixelSpill()
     with contextlib.closing(map_ordered(_read_job, jobs, n, desc="dicom")) as results:
         for (path, rel, *_), got in zip(jobs, results):
             for item in got.problems:  # raises at the first one under on_error: fail
@@ -150,7 +152,7 @@ def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str
                 got.data = _read_again(path, rel, got.stamp)
             group = pseudonyms.placeholder(got.unit, got.data)
             for s in got.samples:
-                s.group = group
+                s.group, s.pixels = group, spill.put(s.pixels)
             samples += got.samples
     pseudonyms.apply(samples)
     return samples

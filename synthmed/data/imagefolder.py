@@ -10,6 +10,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,10 @@ from PIL import Image
 from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files
 from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
+from synthmed.data.spill import PixelSpill
 from synthmed.errors import PipelineError
 from synthmed.io import MANIFEST, atomic_path, sha256_bytes
+from synthmed.progress import progress
 
 METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"
@@ -70,9 +73,10 @@ def read_csv_rows(path: Path, delimiter: str = ",", columns: dict[str, str] | No
         raise PipelineError(f"{path}: {str(exc).strip()}; quote captions that contain {delimiter!r}") from None
     df = df.rename(columns=columns)
     extra = [c for c in OPTIONAL if c in df.columns]
-    return [
-        Row(i + 2, rec["file_name"], [rec.get("text", "")], {c: rec[c] for c in extra if rec[c] != ""})
-        for i, rec in enumerate(df.to_dict("records"))
+    texts = df["text"].tolist() if "text" in df.columns else [""] * len(df)
+    return [  # column by column: a dict per row would double the peak of a large table
+        Row(i + 2, name, [text], {c: v for c, v in zip(extra, values) if v != ""})
+        for i, (name, text, *values) in enumerate(zip(df["file_name"].tolist(), texts, *(df[c].tolist() for c in extra)))
     ]
 
 
@@ -102,14 +106,22 @@ def read_jsonl_rows(path: Path, problems: Problems) -> list[Row]:
 
 def read_metadata(folder: str | Path) -> pd.DataFrame:
     """The metadata.csv of a dataset this pipeline wrote (one row per image–caption pair)."""
+    return next(metadata_chunks(folder, rows=None))
+
+
+def metadata_chunks(folder: str | Path, rows: int | None = 50_000) -> Iterator[pd.DataFrame]:
+    """read_metadata ``rows`` rows at a time (None: all at once), for a stage whose memory must not grow with
+    the number of captions."""
     path = Path(folder) / METADATA
     if not path.is_file():
         raise PipelineError(f"{path}: not found; an ImageFolder needs a metadata.csv with columns file_name,text")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; the header must include file_name,text")
-    return df
+    frames = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=rows)
+    for df in [frames] if rows is None else frames:
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing:
+            raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                "the header must include file_name,text")
+        yield df
 
 
 def _normalise(name: str) -> str:
@@ -152,9 +164,9 @@ def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions
         by_image.setdefault(name, []).append(Row(row.line, name, texts, row.meta))
 
     names = list(by_image)
-    decoded = decode_files([root / n for n in names], opts, workers)
+    spill = PixelSpill()
     samples, used = [], set()
-    for name, result in zip(names, decoded):
+    for name, result in zip(names, decode_files([root / n for n in names], opts, workers)):
         rows_of = by_image[name]
         if result.pixels is None:
             line = rows_of[0].line
@@ -167,7 +179,7 @@ def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions
         used.add(out)
         m = rows_of[0].meta
         samples.append(Sample(
-            file_name=out, pixels=result.pixels, captions=[t for r in rows_of for t in r.texts],
+            file_name=out, pixels=spill.put(result.pixels), captions=[t for r in rows_of for t in r.texts],
             group=m.get("group") or (name if default_group == "image" else ""),
             label=m.get("label", ""), split=m.get("split", ""), source=str(root / name),
             source_sha256=result.source_sha256,
@@ -237,20 +249,21 @@ def shard_file_names(samples: list[Sample]) -> None:
 def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame:
     """Atomically write samples as PNGs (volumes, ``file_name`` ending in .npy: NumPy files) plus
     metadata.csv (one row per image-caption pair); a ``file_name`` may name a subfolder (shard_file_names)."""
-    rows = []
     with atomic_path(folder, is_dir=True) as tmp:
         for sub in sorted({PurePosixPath(s.file_name).parent for s in samples} - {PurePosixPath(".")}):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
-        for s in samples:
+        digests = []
+        for s in progress(samples, desc="write"):
             path = tmp / s.file_name
-            save_pixels(s.pixels, path)
-            digest = sha256_bytes(path.read_bytes())
-            for caption in s.captions:
-                rows.append(
-                    {"file_name": s.file_name, "text": caption, "label": s.label, "group": s.group,
-                     "split": s.split, "sha256": digest, **s.extra}
-                )
-        df = pd.DataFrame(rows)
+            save_pixels(s.array(), path)
+            digests.append(sha256_bytes(path.read_bytes()))
+        # one row per caption, column by column (a dict per row would double the peak of a large table)
+        image = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
+        per_image = {"label": [s.label for s in samples], "group": [s.group for s in samples],
+                     "split": [s.split for s in samples], "sha256": digests}
+        df = pd.DataFrame({"file_name": np.asarray([s.file_name for s in samples], dtype=object)[image],
+                           "text": [c for s in samples for c in s.captions],
+                           **{k: np.asarray(v, dtype=object)[image] for k, v in per_image.items()}})
         df.to_csv(tmp / METADATA, index=False)
     return df
 

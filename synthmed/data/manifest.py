@@ -25,7 +25,7 @@ def build_manifest(samples: list[Sample]) -> pd.DataFrame:
             "id": [s.file_name for s in samples],
             "source": [s.source for s in samples],
             "source_sha256": [s.source_sha256 for s in samples],
-            "pixel_sha256": [sha256_bytes(s.pixels.tobytes()) for s in samples],
+            "pixel_sha256": [sha256_bytes(s.array().tobytes()) for s in samples],
             **({"depth": [s.pixels.shape[0] if _is_volume(s) else 1 for s in samples]} if volumes else {}),
             "height": [h for h, _ in hw],
             "width": [w for _, w in hw],

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from synthmed.data.spill import Spilled
 
 
 @dataclass
 class Sample:
     file_name: str  # name inside the output ImageFolder, e.g. "axial_z+012.png"
-    pixels: np.ndarray  # uint8, (H, W) or (H, W, 3), already at the target resolution
+    pixels: np.ndarray | Spilled  # uint8, (H, W) or (H, W, 3), already at the target resolution
     captions: list[str]
     group: str  # leakage unit: splits never cut a group
     label: str = ""
     split: str = ""  # empty: assigned by the splitter
     source: str = ""  # where it came from (path or generator description)
     source_sha256: str = ""
-    extra: dict = field(default_factory=dict)
+
+    def array(self) -> np.ndarray:
+        """The pixels, read back from disk where the reader spilled them."""
+        return self.pixels.read() if isinstance(self.pixels, Spilled) else self.pixels

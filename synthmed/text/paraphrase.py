@@ -230,15 +230,15 @@ def make_offline_paraphraser(backend: str, seed: int, vocabulary: frozenset[str]
 
 def augment_pairs(
     pairs: pd.DataFrame, paraphrases: dict[str, list[str]], source: str, strategy: str,
-    p_replace: float, seed: int,
+    p_replace: float, rng: random.Random,
 ) -> pd.DataFrame:
     """Apply a strategy to (image, caption) rows; every row gets a caption_source.
 
     add: originals plus paraphrases; replace_all: paraphrases only (the original
     is kept where none exists, so no image loses its caption); replace_some:
-    each original is replaced by its paraphrases with probability ``p_replace``.
+    each original is replaced by its paraphrases with probability ``p_replace``, drawn from ``rng`` (one
+    generator across the chunks of a table: the same draws as the whole table at once).
     """
-    rng = random.Random(seed)
     take, texts, sources = [], [], []  # positions of the rows repeated, their captions: no dict per pair
     for i, text in enumerate(pairs["text"].tolist()):
         alts = paraphrases.get(text, [])

@@ -73,15 +73,15 @@ def file_id(rel: str) -> str:
 
 def image(sample) -> np.ndarray:
     """The 32x40 image area of a 40 px padded sample."""
-    return sample.pixels[PAD : PAD + 32]
+    return sample.array()[PAD : PAD + 32]
 
 
 def test_shape_dtype_names_and_hashes(tmp_path):
     path = write_dcm(tmp_path / "Doe_Jane" / "scan1.dcm")
     (grey,), _ = read(tmp_path, resolution=16)
     (rgb,), _ = read(tmp_path, resolution=16, channels=3)
-    assert grey.pixels.shape == (16, 16) and grey.pixels.dtype == np.uint8
-    assert rgb.pixels.shape == (16, 16, 3) and (rgb.pixels == grey.pixels[..., None]).all()
+    assert grey.array().shape == (16, 16) and grey.array().dtype == np.uint8
+    assert rgb.array().shape == (16, 16, 3) and (rgb.array() == grey.array()[..., None]).all()
     assert grey.file_name == file_id("Doe_Jane/scan1.dcm") + ".png"
     assert grey.source == "dicom:" + file_id("Doe_Jane/scan1.dcm").removeprefix("dicom_")
     assert grey.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -92,9 +92,9 @@ def test_rescale_and_explicit_window(tmp_path):
     (s,), _ = read(tmp_path, window="1000,4000")  # [-1000, 3000] HU
     hu = RAW.astype(float) * SLOPE + INTERCEPT
     expected = np.clip(np.rint((hu + 1000.0) / 4000.0 * 255.0), 0, 255)
-    assert s.pixels[PAD + 10, 20] == 159  # 1500 HU: 2500 / 4000 * 255 = 159.4
+    assert s.array()[PAD + 10, 20] == 159  # 1500 HU: 2500 / 4000 * 255 = 159.4
     assert np.array_equal(image(s), expected.astype(np.uint8))
-    assert (s.pixels[:PAD] == 0).all() and (s.pixels[PAD + 32 :] == 0).all()  # padding stays black
+    assert (s.array()[:PAD] == 0).all() and (s.array()[PAD + 32 :] == 0).all()  # padding stays black
 
 
 def test_monochrome1_is_inverted(tmp_path):
@@ -109,10 +109,10 @@ def test_auto_uses_the_files_window_else_percentiles(tmp_path):
     write_dcm(tmp_path / "win" / "a.dcm", WindowCenter=[1000, 40], WindowWidth=[4000, 400])
     write_dcm(tmp_path / "nowin" / "a.dcm")
     auto, explicit, pct = (read(tmp_path / "win", window=w)[0][0] for w in ("auto", "1000,4000", "percentile"))
-    assert np.array_equal(auto.pixels, explicit.pixels)
-    assert not np.array_equal(auto.pixels, pct.pixels)
+    assert np.array_equal(auto.array(), explicit.array())
+    assert not np.array_equal(auto.array(), pct.array())
     no_window = read(tmp_path / "nowin", window="auto")[0][0]
-    assert np.array_equal(no_window.pixels, pct.pixels)
+    assert np.array_equal(no_window.array(), pct.array())
     assert image(pct).min() == 0 and image(pct).max() == 255  # 0.5-99.5 percentiles span the range
 
 
@@ -177,7 +177,7 @@ def test_no_identifier_reaches_samples_messages_warnings_or_logs(tmp_path, caplo
     assert len(samples) == 4 and len(problems.items) == len(bad)
     assert [p.reason for p in problems.items] == ["burned_in_annotation", "corrupt_image", "corrupt_image",
                                                   "not_dicom", "unsupported_image", "no_pixel_data"]
-    text = repr([(s.captions, s.file_name, s.group, s.label, s.split, s.source, s.source_sha256, s.extra)
+    text = repr([(s.captions, s.file_name, s.group, s.label, s.split, s.source, s.source_sha256)
                  for s in samples]) + repr([vars(p) for p in problems.items]) + repr(messages)
     text += repr([str(w.message) for w in caught]) + caplog.text
     leaked = [i for i in IDENTIFIERS if i.lower() in text.lower()]
@@ -313,7 +313,7 @@ def test_pydicom_sample_files(tmp_path):
         shutil.copy(path, tmp_path / name)
     samples, _ = read(tmp_path, window="auto", resolution=32)
     assert [s.captions for s in samples] == [[f"{m} image of the unknown body part"] for m in ("CT", "MR")]
-    assert all(s.pixels.shape == (32, 32) and s.pixels.std() > 10 for s in samples)
+    assert all(s.array().shape == (32, 32) and s.array().std() > 10 for s in samples)
     text = repr([(s.captions, s.file_name, s.group, s.source) for s in samples]).lower()
     assert not any(i in text for i in ("compressedsamples", "1ct1", "4mr1", "jfk", "toshiba", "ct_small", "mr_small"))
 
@@ -381,10 +381,10 @@ def test_parallel_read_equals_serial(tmp_path, monkeypatch, capfd, key):
     (serial, serial_problems), (parallel, parallel_problems) = runs
     assert len(serial) == 9 and len({s.group for s in serial}) == 5 and len(serial_problems.items) == 5
     assert [vars(p) for p in parallel_problems.items] == [vars(p) for p in serial_problems.items]
-    fields = [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256, s.extra) for s in serial]
-    assert [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256, s.extra)
+    fields = [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256) for s in serial]
+    assert [(s.file_name, s.captions, s.group, s.label, s.split, s.source, s.source_sha256)
             for s in parallel] == fields
-    assert all(a.pixels.dtype == b.pixels.dtype and np.array_equal(a.pixels, b.pixels)
+    assert all(a.array().dtype == b.array().dtype and np.array_equal(a.array(), b.array())
                for a, b in zip(serial, parallel))
     with pytest.raises(PipelineError) as serial_error:  # under fail, the first bad file in path order stops both
         read(tmp_path / "ds", window="auto", workers=1)

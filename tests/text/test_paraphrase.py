@@ -1,3 +1,4 @@
+import random
 import re
 
 import pandas as pd
@@ -111,12 +112,12 @@ PARA = {"cap a": ["a1", "a2"], "cap b": []}
 
 
 def test_strategies_add_and_replace():
-    add = augment_pairs(PAIRS, PARA, "rule", "add", 0.5, seed=0)
+    add = augment_pairs(PAIRS, PARA, "rule", "add", 0.5, random.Random(0))
     assert add["text"].tolist() == ["cap a", "a1", "a2", "cap b"]
     assert add["caption_source"].tolist() == ["original", "rule", "rule", "original"]
-    rep = augment_pairs(PAIRS, PARA, "rule", "replace_all", 0.5, seed=0)
+    rep = augment_pairs(PAIRS, PARA, "rule", "replace_all", 0.5, random.Random(0))
     assert rep["text"].tolist() == ["a1", "a2", "cap b"]  # b keeps its original: it has no paraphrase
-    never = augment_pairs(PAIRS, PARA, "rule", "replace_some", 0.0, seed=0)
+    never = augment_pairs(PAIRS, PARA, "rule", "replace_some", 0.0, random.Random(0))
     assert never["text"].tolist() == ["cap a", "cap b"]
 
 
