@@ -126,7 +126,7 @@ def repro_stage(stage: str, repo: str) -> None:
                        repo, stage)
             run_dvc(["commit", "--force", stage], repo, stage)
             return
-    run_dvc(["repro", stage], repo, stage)
+    run_dvc(["repro", "--pull", stage], repo, stage)
 
 
 def check_overrides(repo: str, overrides: list[str]) -> list[str]:
@@ -150,8 +150,9 @@ def check_overrides(repo: str, overrides: list[str]) -> list[str]:
 
 @task(task_run_name="dvc exp run {name}")
 def experiment_run(repo: str, name: str, overrides: list[str], targets: list[str]) -> None:
-    """The DAG (or ``targets``) as one DVC experiment: it lands in `dvc exp show` under ``name``."""
-    args = ["exp", "run", *(["-n", name] if name else [])]
+    """The DAG (or ``targets``) as one DVC experiment: it lands in `dvc exp show` under ``name``. Data the
+    clone lacks (a dataset added with `dvc add`) is pulled from the DVC remote first."""
+    args = ["exp", "run", "--pull", *(["-n", name] if name else [])]
     for item in overrides:
         args += ["-S", item]
     run_dvc(args + targets, repo, f"exp {name or '(unnamed)'}")
@@ -176,13 +177,22 @@ def publish_report(repo: str) -> None:
 def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), params: list[str] | None = None,
              experiment: str = "", push: bool = False) -> None:
     """Bring ``stages`` up to date, one task each (`dvc repro`); with ``params`` overrides (``key=value``) or
-    an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own. With
-    ``push``, `dvc push` the results to the default DVC remote (where a workstation pulls them)."""
+    an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own.
+
+    With ``push`` the results go where a workstation gets them: an experiment to the git remote `origin`
+    (`dvc exp push`, its data to the default DVC remote; `dvc exp pull origin <name>` brings it back), named
+    ``<experiment>-<UTC date and time>`` so that every night is a row of its own; a plain run's outputs to the
+    DVC remote (`dvc push`). Both remotes are checked before anything runs."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     overrides = check_overrides(repo, params or [])
-    if overrides or experiment:
+    is_experiment = bool(overrides or experiment)
+    if push:
+        check_remotes(repo, git=is_experiment)
+        if experiment:
+            experiment = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if is_experiment:
         experiment_run(repo, experiment, overrides, [] if set(stages) == set(STAGES) else list(stages))
     else:
         for stage in stages:
@@ -190,12 +200,31 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), param
     if "report" in stages:
         publish_report(repo)
     if push:
-        push_results(repo)
+        push_results(repo, experiment if is_experiment else None)
 
 
-@task(task_run_name="dvc push")
-def push_results(repo: str) -> None:
-    run_dvc(["push"], repo, "dvc push")
+def check_remotes(repo: str, git: bool) -> None:
+    """push: true needs a DVC remote (and, for an experiment, the git remote `origin`): say so before hours of
+    training rather than after."""
+    dvc = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=repo, env=_stage_env(),
+                         capture_output=True, text=True)
+    if dvc.returncode != 0 or not dvc.stdout.strip():
+        raise ValueError(f"push: {repo} has no default DVC remote; add one (`dvc remote add -d storage <url>`) and "
+                         "commit .dvc/config, or run with push: false")
+    if git and subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True).returncode:
+        raise ValueError(f"push: {repo} has no git remote `origin` to push the experiment to; the deployment's "
+                         "pull step sets it (a clone of SYNTHMED_REPOSITORY), or `git remote add origin <url>`")
+
+
+@task(task_run_name="push the results")
+def push_results(repo: str, experiment: str | None) -> None:
+    """An experiment: its git ref to `origin` and its data to the DVC remote; otherwise the outputs only.
+    An unnamed experiment (overrides alone) is pushed with every experiment of this commit: in the worker's
+    fresh clone, the one just run."""
+    if experiment is None:
+        run_dvc(["push"], repo, "dvc push")
+    else:
+        run_dvc(["exp", "push", "origin", *([experiment] if experiment else ["--rev", "HEAD"])], repo, "dvc exp push")
 
 
 @flow(name="synthmed-sweep", log_prints=True)

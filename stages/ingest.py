@@ -83,9 +83,24 @@ def load_demo(p: IngestParams, seed: int) -> tuple[list[Sample], int]:
     return demo_samples(resolution=p.resolution, split_fractions=p.split_fractions, seed=seed, **as_dict(p.demo))
 
 
+def check_dataset_path(p: IngestParams) -> None:
+    """A missing or empty dataset, in one line saying how this checkout gets it: a fresh clone (a Prefect
+    worker's), a queued or temporary experiment start without what the user put under data/raw/."""
+    path = Path(p.path)
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        return
+    state = "is empty" if path.exists() else "does not exist"
+    if Path(f"{path}.dvc").is_file():
+        fix = f"it is tracked by DVC: `dvc pull {path}.dvc` (a worker needs the DVC remote configured)"
+    else:
+        fix = (f"put your {p.source} dataset there and track it, `dvc add {path}` then `dvc push` to a DVC remote, "
+               "so that clones, queued experiments and workers get it, or point ingest.path at a location every "
+               "machine can read")
+    raise PipelineError(f"params.yaml: ingest.path={p.path!r} {state} in this checkout; {fix}")
+
+
 def load_samples(p: IngestParams, problems: Problems) -> list[Sample]:
-    if not Path(p.path).exists():
-        raise PipelineError(f"params.yaml: ingest.path={p.path!r} does not exist; point it to your {p.source} dataset")
+    check_dataset_path(p)
     if p.source == "nifti":
         from synthmed.data.nifti import read_nifti
 
@@ -113,8 +128,7 @@ def load_volumes(p: IngestParams, seed: int, problems: Problems) -> tuple[list[S
         spacing = p.demo3d.extent_mm / p.resolution
         return samples, dropped, [f"Cubes of {p.demo3d.extent_mm:g} mm from the MNI152 2009 T1 template, "
                                   f"{spacing:g} mm voxels, RAS voxel order"]
-    if not Path(p.path).exists():
-        raise PipelineError(f"params.yaml: ingest.path={p.path!r} does not exist; point it to your {p.source} dataset")
+    check_dataset_path(p)
     from synthmed.data.volumes import read_volumes
 
     samples, spacing = read_volumes(p.path, p.volume, resolution=p.resolution, crop=p.crop, problems=problems)

@@ -11,9 +11,11 @@ import argparse
 import dataclasses
 import difflib
 import errno
+import os
 import re
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -24,6 +26,7 @@ from synthmed.errors import PipelineError
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
+CPU_THREADS = 2  # cpu.threads: auto on a CPU-only host; the committed results' count, so they reproduce
 
 
 def _read_yaml(path: Path) -> dict:
@@ -46,6 +49,15 @@ _EXPONENT_ONLY = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first form that fits
+        for form in typing.get_args(tp):
+            try:
+                return _check_type(value, form, where)
+            except PipelineError:
+                pass
+        forms = [" or ".join(map(repr, typing.get_args(f))) if typing.get_origin(f) is Literal else f"an {f.__name__}"
+                 for f in typing.get_args(tp)]
+        raise PipelineError(f"{where} = {value!r} is not supported; use {' or '.join(forms)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
@@ -154,10 +166,19 @@ class CPUParams:
     """Top-level `cpu:` of params.yaml, shared by every stage like `seed`."""
 
     mode: Literal["strict", "native"]  # strict: the same bytes on any x86-64 CPU; native: this CPU's fastest kernels
-    threads: int  # intra-op threads; reductions are split by it, so strict runs must agree on it
+    # intra-op threads; reductions are split by it, so strict runs must agree on it. auto: every core this
+    # process may use on a CUDA host (the CPU only feeds the GPU there), CPU_THREADS on a CPU-only one
+    threads: int | Literal["auto"]
 
     def __post_init__(self):
-        require_at_least_one(self, "threads")
+        if self.threads != "auto":
+            require_at_least_one(self, "threads")
+
+    def thread_count(self) -> int:
+        if self.threads != "auto":
+            return self.threads
+        torch = sys.modules.get("torch")  # a stage without tensors never loads it, and the count is moot there
+        return len(os.sched_getaffinity(0)) if torch is not None and torch.cuda.is_available() else CPU_THREADS
 
 
 def apply_cpu_params(path: str | Path = PARAMS_FILE, *, pin: bool = True) -> CPUParams:
@@ -169,13 +190,14 @@ def apply_cpu_params(path: str | Path = PARAMS_FILE, *, pin: bool = True) -> CPU
     p = _build(CPUParams, _read_yaml(Path(path)).get("cpu"), "cpu", Path(path))
     if not pin:
         return p
+    threads = p.thread_count()
     if p.mode == "native":
-        reproducibility.pin_cpu(p.threads, strict=False)
+        reproducibility.pin_cpu(threads, strict=False)
         return p
     try:
-        reproducibility.pin_cpu(p.threads)
+        reproducibility.pin_cpu(threads)
     except reproducibility.StrictCPUError:
-        reproducibility.reexec(p.threads)  # never returns
+        reproducibility.reexec(threads)  # never returns
     return p
 
 

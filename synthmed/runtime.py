@@ -22,6 +22,10 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def make_accelerator(mixed_precision: str = "auto"):
     """An `accelerate.Accelerator`: one process here, several under `accelerate launch`.
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
+from synthmed.runtime import device_of, pick_device
 
 
 class SmallCNN(nn.Module):
@@ -59,10 +60,11 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     pad = max(1, h // 16)
     padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
-    dy, dx = torch.randint(2 * pad + 1, (2, n), generator=g)
+    dy, dx = torch.randint(2 * pad + 1, (2, n), generator=g).tolist()
     shifted = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    scale = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
-    offset = 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    # drawn on the CPU (``g`` is a CPU generator: the same draws on any device), then moved
+    scale = (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)).to(x.device)
+    offset = (0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)).to(x.device)
     return ((shifted + 1) * scale - 1 + offset).clamp(-1, 1)
 
 
@@ -72,7 +74,8 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
     ``val``: real (uint8 images, labels) that pick the kept weights."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallCNN(images.shape[1], n_classes)
+    device = pick_device()
+    model = SmallCNN(images.shape[1], n_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     select = val is not None and cfg.val_every > 0 and len(val[1]) > 0
@@ -80,9 +83,9 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
     for step in range(1, cfg.steps + 1):
         model.train()
         idx = torch.randint(len(labels), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
-        x = to_model_range(images[idx])
+        x = to_model_range(images[idx].to(device))
         batch = _augment(x, g) if cfg.augment else x
-        loss = F.cross_entropy(model(batch), labels[idx])
+        loss = F.cross_entropy(model(batch), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -100,8 +103,9 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
 
 @torch.no_grad()
 def predict(model: SmallCNN, images) -> np.ndarray:
-    n = rows_per_batch(images.shape)
-    return torch.cat([model(to_model_range(images[i : i + n])).softmax(-1) for i in range(0, len(images), n)]).numpy()
+    n, device = rows_per_batch(images.shape), device_of(model)
+    return torch.cat([model(to_model_range(images[i : i + n].to(device))).softmax(-1).cpu()
+                      for i in range(0, len(images), n)]).numpy()
 
 
 def score_classifier(model: SmallCNN, images, labels: torch.Tensor) -> dict[str, float]:

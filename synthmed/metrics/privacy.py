@@ -14,34 +14,38 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from synthmed.runtime import pick_device
+
 
 CHUNK = 512  # rows per side of one distance block: memory is O(CHUNK^2 + CHUNK x dims), whatever the set sizes
 
 
-def nearest(query, reference, chunk: int = CHUNK,
-            exclude: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(query, reference, chunk: int = CHUNK, exclude: np.ndarray | None = None,
+            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance to, and index of, each query row's nearest reference row; ``exclude`` [n_query, k]
     lists reference rows that do not count for each query row (-1 = none). Both sides are anything sliceable
     into row tensors (a tensor, a `PixelSpace`), read ``chunk`` rows at a time: float32 blocks of
     |q|^2 + |r|^2 - 2 q.r on rows centred on the reference's mean (which keeps the cancellation small) pick
-    the neighbour, whose distance is then computed directly."""
-    centre = row_mean(reference, chunk)
+    the neighbour, whose distance is then computed directly. The blocks are computed on ``device`` (default:
+    the accelerator when there is one); the results come back to the CPU."""
+    device = device or pick_device()
+    centre = row_mean(reference, chunk).to(device)
     best_d = torch.full((len(query),), float("inf"))
     best_i = torch.zeros(len(query), dtype=torch.long)
     for j in range(0, len(reference), chunk):
-        r = rows_of(reference, j, chunk) - centre
+        r = rows_of(reference, j, chunk).to(device) - centre
         r2 = r.pow(2).sum(1)
         for i in range(0, len(query), chunk):
-            q = rows_of(query, i, chunk) - centre
+            q = rows_of(query, i, chunk).to(device) - centre
             d2 = (q.pow(2).sum(1, keepdim=True) + r2 - 2 * q @ r.T).clamp_min_(0)
             if exclude is not None:
                 e = exclude[i : i + chunk] - j
                 hit_rows, hit_cols = np.nonzero((e >= 0) & (e < len(r)) & (exclude[i : i + chunk] >= 0))
                 d2[hit_rows, e[hit_rows, hit_cols]] = float("inf")
-            m = d2.min(dim=1)
-            better = m.values < best_d[i : i + chunk]
-            best_d[i : i + chunk][better] = m.values[better]
-            best_i[i : i + chunk][better] = m.indices[better] + j
+            values, indices = (t.cpu() for t in d2.min(dim=1))
+            better = values < best_d[i : i + chunk]
+            best_d[i : i + chunk][better] = values[better]
+            best_i[i : i + chunk][better] = indices[better] + j
     for i in range(0, len(query), chunk):  # the winners' distances exactly (the expansion rounds a copy's 0 up)
         q, r = rows_of(query, i, chunk), reference[best_i[i : i + chunk]].flatten(1).float()
         best_d[i : i + chunk] = (q - r).norm(dim=1)

@@ -13,6 +13,7 @@ from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
 from synthmed.metrics.augmentation import regime_name, stratified_subset
 from synthmed.provenance import derive_seed
+from synthmed.runtime import device_of
 from synthmed.vlp.corpus import ScoringSet
 from synthmed.vlp.model import DualEncoder
 
@@ -20,11 +21,15 @@ from synthmed.vlp.model import DualEncoder
 @torch.no_grad()
 def image_features(model: DualEncoder, images, projected: bool) -> torch.Tensor:
     """Backbone features (for probing, as in ConVIRT) or normalised joint-space embeddings."""
-    out, batch_size = [], rows_per_batch(images.shape)
+    out, batch_size, device = [], rows_per_batch(images.shape), device_of(model)
     for i in range(0, len(images), batch_size):
-        x = to_model_range(images[i : i + batch_size])
-        out.append(model.embed_images(x) if projected else model.image(x))
+        x = to_model_range(images[i : i + batch_size].to(device))
+        out.append((model.embed_images(x) if projected else model.image(x)).cpu())
     return torch.cat(out)
+
+
+def _embed_texts(model: DualEncoder, pooled: torch.Tensor) -> torch.Tensor:
+    return model.embed_texts(pooled.to(device_of(model))).cpu()
 
 
 def _auc(y: np.ndarray, probs: np.ndarray, classes: np.ndarray) -> float:
@@ -120,11 +125,11 @@ def evaluate_model(model: DualEncoder, tower, data: ScoringSet, probe_fractions:
     img_emb = image_features(model, data.test.images, projected=True)
     with torch.no_grad():
         if data.zs_labels:
-            class_emb = model.embed_texts(tower.pooled([templates[c] for c in data.zs_labels]))
+            class_emb = _embed_texts(model, tower.pooled([templates[c] for c in data.zs_labels]))
             zs_code = {data.classes.index(c): i for i, c in enumerate(data.zs_labels)}
             mask = np.isin(data.test_y, list(zs_code))
             zs_y = np.array([zs_code[y] for y in data.test_y[mask]])
             out.update({f"zeroshot_{k}": v for k, v in zero_shot(img_emb[mask], class_emb, zs_y).items()})
-        cap_emb = model.embed_texts(tower.pooled(data.candidates))
+        cap_emb = _embed_texts(model, tower.pooled(data.candidates))
     out.update(retrieval_recall(img_emb, cap_emb, data.positives))
     return out

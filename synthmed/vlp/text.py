@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from synthmed.runtime import device_of
 from synthmed.text.encoder import TextEncoder
 
 
@@ -45,8 +46,8 @@ class TextTower(nn.Module):
 
     @torch.no_grad()
     def pooled(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Pooled features of many captions. A frozen tower encodes each distinct caption once per process:
-        every arm and seed of a study reads the same captions."""
+        """Pooled features of many captions, on the CPU. A frozen tower encodes each distinct caption once per
+        process: every arm and seed of a study reads the same captions."""
         if self.trainable_layers:
             return self._encode(texts, batch_size)
         new = list(dict.fromkeys(t for t in texts if t not in self._frozen))
@@ -56,9 +57,9 @@ class TextTower(nn.Module):
     def _encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
         was = self.model.training
         self.model.eval()
-        out = []
+        out, device = [], device_of(self.model)
         for i in range(0, len(texts), batch_size):
             tok = self.tokenize(texts[i : i + batch_size])
-            out.append(self(tok["input_ids"], tok["attention_mask"]).float())
+            out.append(self(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float().cpu())
         self.model.train(was)
         return torch.cat(out) if out else torch.zeros(0, self.out_features)

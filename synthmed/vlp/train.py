@@ -14,6 +14,7 @@ import torch
 
 from synthmed.data.dataset import to_model_range
 from synthmed.progress import progress
+from synthmed.runtime import pick_device
 from synthmed.vlp.model import DualEncoder, info_nce
 from synthmed.vlp.text import TextTower
 
@@ -48,17 +49,19 @@ def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: V
     if tuned:
         tower = copy.deepcopy(tower)
     torch.manual_seed(seed)
-    model = DualEncoder(images.shape[1], tower.out_features, cfg.width, cfg.depth, cfg.embed_dim)
+    device = pick_device()
+    model = DualEncoder(images.shape[1], tower.out_features, cfg.width, cfg.depth, cfg.embed_dim).to(device)
+    tower.to(device)
     g = torch.Generator().manual_seed(seed)
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     caption_ids = torch.tensor([row[c] for c in captions])
     image_ids = torch.arange(len(captions)) if image_of is None else torch.as_tensor(image_of, dtype=torch.long)
     if tuned:
-        tokens = tower.tokenize(unique)
+        tokens = {k: v.to(device) for k, v in tower.tokenize(unique).items()}
         tower.model.train()
     else:
-        cached = tower.pooled(unique)
+        cached = tower.pooled(unique).to(device)
     params = list(model.parameters()) + [p for p in tower.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     log = []
@@ -68,7 +71,7 @@ def pretrain(images: torch.Tensor, captions: list[str], tower: TextTower, cfg: V
         keep = distinct_pairs(caption_ids[pair], image_ids[pair])
         cap, img = caption_ids[pair][keep], image_ids[pair][keep]
         feats = tower(tokens["input_ids"][cap], tokens["attention_mask"][cap]) if tuned else cached[cap]
-        loss = info_nce(model.embed_images(to_model_range(images[img])), model.embed_texts(feats),
+        loss = info_nce(model.embed_images(to_model_range(images[img].to(device))), model.embed_texts(feats),
                         model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()

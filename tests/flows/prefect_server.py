@@ -117,3 +117,18 @@ def wait_for_scheduled_run(client: httpx.Client, deployment: str, timeout: float
         done = next((r for r in scheduled if r["state_type"] == "COMPLETED"), None)
         if done:
             return done
+
+
+def wait_for_flow_run(client: httpx.Client, run_id: str, timeout: float, alive, logs) -> dict:
+    """Flow run ``run_id`` once it completes; fails when it fails or crashes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive()
+        assert time.monotonic() < deadline, f"flow run {run_id} did not complete in {timeout} s{logs()}"
+        time.sleep(2)
+        resp = client.get(f"/flow_runs/{run_id}")
+        resp.raise_for_status()
+        run = resp.json()
+        assert run["state_type"] not in ("FAILED", "CRASHED"), f"the run ended {run['state_name']}{logs()}"
+        if run["state_type"] == "COMPLETED":
+            return run
