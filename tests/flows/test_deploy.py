@@ -95,14 +95,14 @@ def test_nightly_on_a_worker_comes_back_to_the_workstation(tmp_path: Path, prefe
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
     run(["git", "clone", "-q", "-b", "main", str(REPO_ROOT), str(ws)], tmp_path, env)
     dvc = [sys.executable, "-m", "dvc"]
-    make_dataset(ws / "data/raw", 24, 32, 1, 2)  # the user's own data, where the README says to put it
+    make_dataset(ws / "data/raw/mine", 24, 32, 1, 2)  # the user's own data, where the README says to put it
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["ingest"].update(source="imagefolder", path="data/raw", resolution=32, min_images=10)
+    params["ingest"].update(source="imagefolder", path="data/raw/mine", resolution=32, min_images=10)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run([*dvc, "remote", "add", "-d", "storage", str(storage)], ws, env)
-    run([*dvc, "add", "-q", "data/raw"], ws, env)
+    run([*dvc, "add", "-q", "data/raw/mine"], ws, env)
     run([*dvc, "push", "-q"], ws, env)
-    run(["git", "add", "params.yaml", ".dvc/config", "data/raw.dvc"], ws, env)
+    run(["git", "add", "params.yaml", ".dvc/config", "data/raw/mine.dvc"], ws, env)
     run(["git", "commit", "-q", "-m", "my dataset, a DVC remote"], ws, env)
     run(["git", "remote", "set-url", "origin", str(origin)], ws, env)
     run(["git", "push", "-q", "origin", "main"], ws, env)
