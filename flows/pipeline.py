@@ -126,7 +126,7 @@ def repro_stage(stage: str, repo: str) -> None:
                        repo, stage)
             run_dvc(["commit", "--force", stage], repo, stage)
             return
-    run_dvc(["repro", "--pull", stage], repo, stage)
+    run_dvc(["repro", stage], repo, stage)
 
 
 def check_overrides(repo: str, overrides: list[str]) -> list[str]:
@@ -150,9 +150,8 @@ def check_overrides(repo: str, overrides: list[str]) -> list[str]:
 
 @task(task_run_name="dvc exp run {name}")
 def experiment_run(repo: str, name: str, overrides: list[str], targets: list[str]) -> None:
-    """The DAG (or ``targets``) as one DVC experiment: it lands in `dvc exp show` under ``name``. Data the
-    clone lacks (a dataset added with `dvc add`) is pulled from the DVC remote first."""
-    args = ["exp", "run", "--pull", *(["-n", name] if name else [])]
+    """The DAG (or ``targets``) as one DVC experiment: it lands in `dvc exp show` under ``name``."""
+    args = ["exp", "run", *(["-n", name] if name else [])]
     for item in overrides:
         args += ["-S", item]
     run_dvc(args + targets, repo, f"exp {name or '(unnamed)'}")
@@ -192,6 +191,7 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), param
         check_remotes(repo, git=is_experiment)
         if experiment:
             experiment = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    pull_datasets(repo)
     if is_experiment:
         experiment_run(repo, experiment, overrides, [] if set(stages) == set(STAGES) else list(stages))
     else:
@@ -201,6 +201,17 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), param
         publish_report(repo)
     if push:
         push_results(repo, experiment if is_experiment else None)
+
+
+@task(task_run_name="dvc pull the datasets")
+def pull_datasets(repo: str) -> None:
+    """Datasets tracked with `dvc add` (their .dvc files are in git), fetched from the DVC remote where this
+    checkout lacks them: a worker's fresh clone has the pointers, not the data. (`dvc repro --pull` does not
+    fetch a .dvc file's output that a stage depends on.)"""
+    listed = subprocess.run(["git", "ls-files", "--", "*.dvc"], cwd=repo, capture_output=True, text=True).stdout
+    pointers = [f for f in listed.split() if not (Path(repo) / f).with_suffix("").exists()]
+    if pointers:
+        run_dvc(["pull", *pointers], repo, "dvc pull")
 
 
 def check_remotes(repo: str, git: bool) -> None:
