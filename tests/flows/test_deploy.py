@@ -141,6 +141,7 @@ def test_nightly_on_a_worker_comes_back_to_the_workstation(tmp_path: Path, prefe
     assert metrics["metrics/ingest.json"]["data"]["images"] == 24
     assert metrics["metrics/paraphrase.json"]["data"]["unique_captions_after"] > 0
     # its outputs came with it: the night's dataset, checked out from the DVC remote
-    run([*dvc, "exp", "apply", names[0]], ws, env)
-    run([*dvc, "checkout", "-q"], ws, env)
+    run([*dvc, "exp", "branch", names[0], "night"], ws, env)
+    run(["git", "checkout", "-q", "night"], ws, env)
+    run([*dvc, "checkout", "-q", "ingest"], ws, env)
     assert len(list((ws / "data/ingest/dataset").glob("*.png"))) == 24
