@@ -11,10 +11,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# On a GPU host: `make venv CUDA=1` adds the pins of the CUDA build's runtime (requirements-cuda.lock).
+CUDA ?=
+
+$(STAMP): requirements.lock pyproject.toml $(if $(CUDA),requirements-cuda.lock)
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock $(if $(CUDA),-r requirements-cuda.lock)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

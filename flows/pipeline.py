@@ -100,32 +100,10 @@ def run_dvc(args: list[str], repo: str, label: str) -> None:
     run_logged([sys.executable, "-m", "dvc", *args], repo, label)
 
 
-def gpu_count() -> int:
-    """GPUs of this worker (nvidia-smi), without importing torch into the flow."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.splitlines())
-
-
-MULTI_GPU_STAGES = ("train_ldm", "train_lora")  # they run under `accelerate launch`, data-parallel
-
-
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, repo: str) -> None:
-    """Bring one stage up to date. On a worker with several GPUs a stale training stage trains on all of
-    them (`accelerate launch`), and DVC then records what it wrote (`dvc commit`)."""
-    gpus = gpu_count() if stage in MULTI_GPU_STAGES else 0
-    if gpus > 1:
-        status = subprocess.run([sys.executable, "-m", "dvc", "status", stage], cwd=repo, env=_stage_env(),
-                                capture_output=True, text=True).stdout
-        if f"{stage}:" in status:
-            launcher = str(Path(sys.executable).parent / "accelerate")
-            run_logged([launcher, "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", f"stages.{stage}"],
-                       repo, stage)
-            run_dvc(["commit", "--force", stage], repo, stage)
-            return
+    """Bring one stage up to date. A training stage on a worker with several GPUs trains on all of them by
+    itself (synthmed.runtime.launch_ranks)."""
     run_dvc(["repro", stage], repo, stage)
 
 

@@ -19,7 +19,7 @@ from synthmed.io import atomic_path, write_metrics
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
 from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
-from synthmed.runtime import pick_device
+from synthmed.runtime import make_accelerator
 from synthmed.viz import image_grid, save_png, to_array
 
 DATASET = "data/ingest/dataset"
@@ -67,17 +67,23 @@ def main() -> None:
     p, seed = load_params("train_vae", TrainVAEParams)
     require_inputs("train_vae", DATASET)
     g = seed_everything(seed)
+    accelerator = make_accelerator("no")  # one process, or one of several (SYNTHMED_PROCESSES, several GPUs)
     _, train = split_stack(DATASET, ["train"])  # uint8 on disk: batches are read and scaled as training goes
     _, val = split_stack(DATASET, ["val"])
-    vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(pick_device())
+    vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(accelerator.device)
     log = []
     fingerprint = run_fingerprint("train_vae", params=as_dict(p), seed=seed, inputs=[DATASET])
     if not (p.pretrained and p.pretrained_mode == "validate"):
         checkpoints = store.run_dir("train_vae", fingerprint) / "checkpoints"  # a killed run resumes from here
         try:
-            log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint)
+            log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint,
+                                    accelerator=accelerator)
+        except ValueError as exc:  # batch_size not divisible by the processes
+            raise PipelineError(f"params.yaml: train_vae: {exc}") from None
         except FloatingPointError as exc:
             raise PipelineError(f"{exc}; the last good checkpoint is in {checkpoints}") from None
+    if not accelerator.is_main_process:  # the main process alone measures and writes
+        return
     sample = posterior_sample_rows(len(train), POSTERIOR_SAMPLE, seed)
     mean, std = encode_posterior(vae, train, rows=sample)
     vae.register_to_config(scaling_factor=latent_scaling_factor(mean, std, g))
@@ -107,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(run_stage(main, data_parallel=True))

@@ -217,12 +217,16 @@ def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml
     return "\n".join(lines)
 
 
-def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage: str | None = None) -> int:
+def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage: str | None = None,
+              data_parallel: bool = False) -> int:
     """Run a stage's main() and return its exit code; a PipelineError (or a disk the user must fix)
     becomes one line on stderr and exit code 2. Stages end with `sys.exit(run_stage(main))`.
 
     ``argv`` None: the command line, and the process's CPU settings come from params.yaml (`cpu:`).
     ``argv`` given: a run inside another process (tests, notebooks), whose CPU settings stay as they are.
+    ``data_parallel`` (the training stages): from the command line, with several GPUs visible or
+    ``SYNTHMED_PROCESSES`` > 1, the stage restarts itself as that many processes (synthmed.runtime.launch_ranks),
+    so `dvc repro`, `dvc exp run`, the queue and the flow all train data-parallel.
     `--help` describes the stage and exits without touching anything. The wall time goes to
     logs/timings/<stage>.json, outside every DVC output, so that cached artifacts stay identical
     across reruns.
@@ -242,11 +246,24 @@ def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage:
         return exc.code if isinstance(exc.code, int) else 2
     start = time.perf_counter()
     try:
+        if data_parallel and argv is None:
+            from synthmed import runtime
+
+            n = 1 if runtime.is_rank() else runtime.data_parallel_processes()
+            if n > 1:
+                return runtime.launch_ranks(stage, n)
         apply_cpu_params(pin=argv is None)
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if "CUDA error" not in str(exc) and "NCCL" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        print(f"error: the GPU failed mid-run ({first}); check it with nvidia-smi, then rerun `dvc repro {stage}` "
+              "(a training stage resumes from its last checkpoint)", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.errno not in _USER_FIXABLE_OS_ERRORS:
             raise
@@ -255,6 +272,8 @@ def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage:
               f"`dvc repro {stage}` (a killed or failed run resumes where it stopped)", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one reports
+        return 0
     print(f"{stage}: finished in {seconds:.1f} s")
     from synthmed.io import write_json
 

@@ -1,11 +1,20 @@
-"""Device choice: CUDA when present, CPU otherwise; the accelerate set-up of the trainers; giving freed host
-memory back."""
+"""Device choice: CUDA when present, CPU otherwise; the accelerate set-up of the trainers and the processes a
+training stage runs as; giving freed host memory back."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import torch
+
+from synthmed.errors import PipelineError
+
+PROCESSES_ENV = "SYNTHMED_PROCESSES"
 
 
 def release_free_memory() -> None:
@@ -40,3 +49,51 @@ def make_accelerator(mixed_precision: str = "auto"):
     elif mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+
+
+def data_parallel_processes() -> int:
+    """How many processes a training stage runs as: ``SYNTHMED_PROCESSES`` when set (on the CPU too: gloo), else
+    one per visible CUDA device, else one."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    raw = os.environ.get(PROCESSES_ENV, "").strip()
+    if not raw:
+        return max(gpus, 1)
+    if not raw.isdigit() or int(raw) < 1:
+        raise PipelineError(f"{PROCESSES_ENV}={raw!r}: give the number of training processes (1 or more), or unset it")
+    if gpus and int(raw) > gpus:
+        raise PipelineError(f"{PROCESSES_ENV}={raw} but {gpus} GPU(s) are visible; set it to at most {gpus}, or unset "
+                            "it for one process per GPU")
+    return int(raw)
+
+
+def is_rank() -> bool:
+    """This process is one of several started by `launch_ranks` (or torchrun / accelerate launch)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_ranks(stage: str, n: int) -> int:
+    """Run ``python -m stages.<stage>`` as ``n`` data-parallel processes on this machine (the torch.distributed
+    environment torchrun would set; accelerate picks it up: NCCL on GPUs, gloo on the CPU) and wait for them.
+    When one fails the others are stopped (they would wait for it forever); its exit code is returned, so a
+    bad-params exit 2 stays one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"{stage}: data-parallel over {n} processes ({'GPUs' if torch.cuda.is_available() else 'CPU, gloo'})",
+          flush=True)
+    procs = [subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], env={
+        **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(n)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((c for c in codes if c not in (None, 0)), None)
+            if failed is not None or all(c == 0 for c in codes):
+                return failed or 0
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()

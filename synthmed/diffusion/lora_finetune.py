@@ -200,7 +200,9 @@ def finetune(p, seed: int, at: Layout) -> None:
     sets = training_sets(p, at)
     inputs = [at.pairs, at.dataset] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
     fingerprint = run_fingerprint(STAGE, params=as_dict(p), seed=seed, inputs=inputs)
-    base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter, store.run_dir(STAGE, fingerprint) / "encoded")
+    with accelerator.main_process_first():  # the main process encodes into the run's cache, the others read it
+        base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter,
+                                       store.run_dir(STAGE, fingerprint) / "encoded")
     images, val_rows = sets[2], sets[3]
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     n_base = sum(x.numel() for part in parts for x in part.model.parameters())
@@ -212,14 +214,16 @@ def finetune(p, seed: int, at: Layout) -> None:
                "train_pairs": len(sets[0]), "resolution": int(base.resolution)}
     for part in parts:
         log, ema = fit(p, part, g, accelerator, fingerprint, sampler, grid_prompts, at.out)
-        if not accelerator.is_main_process:
-            return
+        if not accelerator.is_main_process:  # every process trains every part; the main one reports
+            continue
         if ema is not None:
             ema.copy_to(trained_parameters(part.denoiser))
         last_val = next(r for r in reversed(log) if "val_loss_ema" in r)
         suffix = "" if part.name == "unet" else f"_{part.name}"
         metrics.update({f"{k}{suffix}": v for k, v in {**train_loss_metrics(log), "val_loss_ema": last_val["val_loss_ema"],
                                                           "val_loss_raw": last_val["val_loss_raw"]}.items()})
+    if not accelerator.is_main_process:
+        return
     data_sha = input_hashes([at.dataset])[at.dataset]
     with atomic_path(at.adapter, is_dir=True) as tmp:
         for part in parts:

@@ -21,6 +21,7 @@ from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_ch
 from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.progress import progress
+from synthmed.runtime import make_accelerator
 
 
 def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
@@ -102,16 +103,44 @@ def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> to
     return loss
 
 
+class _Reconstruction(torch.nn.Module):
+    """One training forward of a VAE as a module's forward, which is what DistributedDataParallel wraps:
+    (reconstruction, posterior parameters) of this process's ``share`` of a global batch of ``n`` images,
+    whose posterior noise is drawn for the whole batch from ``generator`` (every process draws the same);
+    ``posterior(parameters)`` gives the distribution back (the VAE's own class: 2-D or volume)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae, self.posterior = vae, None
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator, n: int, share: slice
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        self.posterior = type(posterior)
+        noise = torch.randn((n, *posterior.mean.shape[1:]), generator=generator)[share].to(x.device)
+        return self.vae.decode(posterior.mean + posterior.std * noise).sample, posterior.parameters
+
+
 def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generator,
-                      checkpoint_dir: str | Path | None = None, fingerprint: str = "") -> list[dict]:
+                      checkpoint_dir: str | Path | None = None, fingerprint: str = "", accelerator=None) -> list[dict]:
     """Train on images in [-1, 1] (or uint8: a tensor or a DiskArray, converted a batch at a time) with
     reconstruction (+ SSIM) + KL; return the loss log.
 
-    Checkpoints and resume work as in the LDM trainer (synthmed.diffusion.checkpoint).
+    Checkpoints and resume work as in the LDM trainer (synthmed.diffusion.checkpoint). Under several processes
+    (``accelerator``, see synthmed.runtime.launch_ranks) every process draws the same global batch and noise
+    from ``generator``, trains on its slice, and the averaged gradients are those of the whole batch; the main
+    process alone writes checkpoints.
     """
+    acc = accelerator or make_accelerator("no")  # autocast below: bf16 where the device runs it natively
+    rank, world = acc.process_index, acc.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     device = next(vae.parameters()).device
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    step_module = _Reconstruction(vae)
+    model, opt = acc.prepare(step_module, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.mixed_precision))
     stateful = {"vae": vae, "optimizer": opt, "lr_scheduler": lr_sched}
     log: list[dict] = []
@@ -121,29 +150,33 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
         start, log = restore(state, generator, **stateful)
         print(f"train_vae: resuming from step {start} ({checkpoint_dir})")
     vae.train()
-    bar = progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps, unit="step")
+    bar = progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps, unit="step",
+                   disable=not acc.is_main_process)
     for step in bar:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)[mine]
         x = as_model_range(images[idx]).to(device)
         with autocast:
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-            recon = vae.decode(z).sample
+            recon, moments = model(x, generator, cfg.batch_size, mine)
         rec = _recon_loss(recon.float(), x, cfg)
-        kl = posterior.kl().mean()
+        kl = step_module.posterior(moments).kl().mean()
         loss = rec + cfg.kl_weight * kl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"VAE loss became {loss.item()} at step {step}; lower train_vae.lr")
+        parts = torch.stack([loss, rec, kl]).detach()
+        if world > 1:  # the whole batch's figures (equal slices: the mean of the processes')
+            parts = acc.reduce(parts, "mean")
+        if not torch.isfinite(parts[0]):  # the same on every process, so all of them stop
+            raise FloatingPointError(f"VAE loss became {parts[0].item()} at step {step}; lower train_vae.lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        acc.backward(loss)
         opt.step()
         lr_sched.step()
-        log.append({"step": step, "loss": loss.item(), "recon": rec.item(), "kl": kl.item()})
+        log.append({"step": step, **dict(zip(("loss", "recon", "kl"), parts.tolist()))})
         bar.set_postfix(loss=log[-1]["loss"], refresh=False)
         done = step + 1
         if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
-                            cfg.keep_checkpoints)
+            if acc.is_main_process:
+                save_checkpoint(checkpoint_dir, done, capture(done, fingerprint, log, generator, **stateful),
+                                cfg.keep_checkpoints)
+            acc.wait_for_everyone()
     vae.eval()
     return log
 

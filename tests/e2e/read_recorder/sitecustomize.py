@@ -1,7 +1,8 @@
 """Imported by every Python process started with this folder on PYTHONPATH (tests/e2e/test_scale.py): records
 the most rows one read of a DiskArray gave and the most images one `load_images` call decoded into memory, and
-at exit appends them, with the stage's name, as a JSON line to $SYNTHMED_READ_LOG. Nothing is imported or
-patched until the process itself imports those modules (DVC's own process never does)."""
+at exit appends them, with the stage's name, as a JSON line to $SYNTHMED_READ_LOG; with $SYNTHMED_READ_ROWS,
+also every row list read from a DiskArray, in order, with the process's RANK (tests/e2e/test_data_parallel.py).
+Nothing is imported or patched until the process itself imports those modules (DVC's own process never does)."""
 
 import atexit
 import importlib.abc
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 most = {"reads": 0, "disk_rows": 0, "loaded_images": 0}
+rows_read: list = []
 
 
 def _disk_array(module) -> None:
@@ -20,6 +22,10 @@ def _disk_array(module) -> None:
         out = read(self, index)
         most["reads"] += 1
         most["disk_rows"] = max(most["disk_rows"], len(out) if out.ndim == len(self.shape) else 1)
+        if os.environ.get("SYNTHMED_READ_ROWS") and out.ndim == len(self.shape):  # (an int index reads a list)
+            rows = list(range(*index.indices(len(self)))) if isinstance(index, slice) else (
+                index.tolist() if hasattr(index, "tolist") else list(index))
+            rows_read.append([Path(self.path).name, rows])
         return out
 
     module.DiskArray.__getitem__ = counted
@@ -51,11 +57,14 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def _write() -> None:
-    if most["reads"] or most["loaded_images"]:
+    if (most["reads"] or most["loaded_images"]) and os.environ.get("SYNTHMED_READ_LOG"):
         with open(os.environ["SYNTHMED_READ_LOG"], "a") as f:
             f.write(json.dumps({"stage": Path(sys.argv[0]).stem, **most}) + "\n")
+    if rows_read and os.environ.get("SYNTHMED_READ_ROWS"):
+        with open(os.environ["SYNTHMED_READ_ROWS"], "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "reads": rows_read}) + "\n")
 
 
-if os.environ.get("SYNTHMED_READ_LOG"):
+if os.environ.get("SYNTHMED_READ_LOG") or os.environ.get("SYNTHMED_READ_ROWS"):
     sys.meta_path.insert(0, _Finder())
     atexit.register(_write)

@@ -1,0 +1,93 @@
+"""Data-parallel training on the CPU, as a GPU worker with several GPUs runs it: a training stage started with
+SYNTHMED_PROCESSES=2 restarts itself as two gloo processes (synthmed.runtime.launch_ranks). Against one process
+at the same global batch: the same weights within float tolerance (the gradients are all-reduced sums in
+another order), each step's batch split between the ranks, one writer, and a killed 2-process run that resumes
+to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+RECORDER = REPO_ROOT / "tests/e2e/read_recorder"
+WEIGHTS = {"train_vae": "data/train_vae/vae/diffusion_pytorch_model.safetensors",
+           "train_ldm": "data/train_ldm/model/unet/diffusion_pytorch_model.safetensors"}
+
+
+def start(repo: Path, stage: str, processes: int, rows: Path) -> subprocess.Popen:
+    env = {**os.environ, "SYNTHMED_PROCESSES": str(processes), "PYTHONPATH": str(RECORDER),
+           "SYNTHMED_READ_ROWS": str(rows)}
+    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def train(repo: Path, stage: str, processes: int, rows: Path) -> tuple[dict, str]:
+    proc = start(repo, stage, processes, rows)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return load_file(repo / WEIGHTS[stage]), out
+
+
+def reads(rows: Path) -> dict[int, list]:
+    """rank -> the (file, rows) it read from DiskArrays, in order."""
+    return {entry["rank"]: entry["reads"] for entry in map(json.loads, rows.read_text().splitlines())}
+
+
+def assert_close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-8)).item() for k in a)
+    assert worst < rtol, f"largest relative difference {worst:.2e}"
+
+
+@pytest.mark.parametrize("stage", ["train_vae", "train_ldm"])
+def test_two_processes_train_as_one(copy_of, tmp_path: Path, stage: str):
+    repo = copy_of()
+    shutil.rmtree(repo / ".synthmed/runs", ignore_errors=True)  # nothing to resume: both runs train from step 0
+    one, _ = train(repo, stage, 1, tmp_path / "one.jsonl")
+    (repo / "metrics" / f"{stage}.json").unlink()
+    two, log = train(repo, stage, 2, tmp_path / "two.jsonl")
+    assert "data-parallel over 2 processes (CPU, gloo)" in log and log.count(f"{stage}: finished") == 1, log
+    assert_close(two, one, rtol=1e-3)
+    assert (repo / "metrics" / f"{stage}.json").is_file()  # written once, by rank 0
+    single, ranks = reads(tmp_path / "one.jsonl")[0], reads(tmp_path / "two.jsonl")
+    assert sorted(ranks) == [0, 1]
+    pixels = {rank: [rows for name, rows in r if name.endswith(".u8")] for rank, r in ranks.items()}
+    if stage == "train_vae":  # each step's global batch, split in two halves: rank 0 the first, rank 1 the second
+        train_file = single[0][0]  # the first read is the first step's
+        single = [rows for name, rows in single if name == train_file]
+        steps = len(pixels[1])
+        assert steps >= 30 and all(len(r) == len(s) // 2 for r, s in zip(pixels[1], single))
+        assert [a + b for a, b in zip(pixels[0][:steps], pixels[1])] == single[:steps]
+    else:  # the images are encoded once, by rank 0, into the run's latent cache that rank 1 then reads
+        assert pixels[0] and not pixels[1]
+        assert any(name == "mean.f32" for name, _ in ranks[1])
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(copy_of, tmp_path: Path):
+    repo = copy_of()
+    shutil.rmtree(repo / ".synthmed/runs", ignore_errors=True)
+    whole, _ = train(repo, "train_vae", 2, tmp_path / "whole.jsonl")
+    proc = start(repo, "train_vae", 2, tmp_path / "killed.jsonl")
+    checkpoints = repo / ".synthmed/runs/train_vae"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("*/checkpoints/step*")):  # the first checkpoint (step 10 of 30)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    proc.wait()
+    resumed, log = train(repo, "train_vae", 2, tmp_path / "resumed.jsonl")
+    assert "resuming from step" in log, log
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
