@@ -75,3 +75,20 @@ def test_missing_params_file(tmp_path):
 def test_missing_upstream_artifact_names_file_and_command(tmp_path):
     with pytest.raises(PipelineError, match=r"data/x.csv: missing upstream artifact; run `dvc repro s`"):
         require_inputs("s", "data/x.csv")
+
+
+@pytest.mark.parametrize("threads, expected", [("auto", 2), (3, 3)])
+def test_cpu_threads_auto_is_the_committed_count_without_a_gpu(tmp_path, threads, expected):
+    from synthmed.config import CPU_THREADS, _build
+    from synthmed.config import CPUParams
+
+    p = _build(CPUParams, {"mode": "native", "threads": threads}, "cpu", tmp_path / "params.yaml")
+    assert p.thread_count() == (CPU_THREADS if threads == "auto" else expected)  # this machine has no GPU
+
+
+@pytest.mark.parametrize("threads", ["many", 0, True])
+def test_cpu_threads_must_be_a_count_or_auto(tmp_path, threads):
+    from synthmed.config import CPUParams, _build
+
+    with pytest.raises(PipelineError, match="cpu.threads"):
+        _build(CPUParams, {"mode": "native", "threads": threads}, "cpu", tmp_path / "params.yaml")

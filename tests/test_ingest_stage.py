@@ -128,3 +128,16 @@ def test_demo_ingest_guards_the_split_and_reports_the_drop(tmp_path):
     metrics = json.loads((tmp_path / "metrics/all/ingest.json").read_text())
     assert metrics["guard_dropped"] > 0
     assert f"Guard: {metrics['guard_dropped']} train slices dropped" in (tmp_path / "data/ingest/card.md").read_text()
+
+
+def test_a_dataset_missing_from_a_checkout_says_how_to_get_it(tmp_path):
+    """A clone (a worker's, a queued experiment's) lacks what the user put under data/raw/: one line, nothing
+    written; a dataset tracked with `dvc add` is pulled, an untracked one is added first."""
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds")
+    assert proc.returncode == 2 and "does not exist in this checkout" in proc.stderr
+    assert "`dvc add data/raw/ds`" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "data/raw/ds").mkdir(parents=True)
+    (tmp_path / "data/raw/ds.dvc").write_text("outs:\n- path: ds\n")
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds")
+    assert proc.returncode == 2 and "is empty in this checkout" in proc.stderr and "`dvc pull data/raw/ds.dvc`" in proc.stderr
+    assert not (tmp_path / "data/ingest").exists()

@@ -72,10 +72,11 @@ def _decode_star(args: tuple[str, DecodeOptions]) -> Decoded:
     return decode_file(*args)
 
 
-def decode_files(paths: list[str | Path], opts: DecodeOptions, workers: int = 0) -> list[Decoded]:
-    """decode_file over many paths, order kept; workers=0 means one per core."""
+def decode_files(paths: list[str | Path], opts: DecodeOptions, workers: int = 0) -> Iterator[Decoded]:
+    """decode_file over many paths, order kept, as they come (a caller that parks each one elsewhere holds one
+    image, not the dataset); workers=0 means one per core."""
     jobs = [(str(p), opts) for p in paths]
-    return list(map_ordered(_decode_star, jobs, processes(len(jobs), workers), desc="decode"))
+    return map_ordered(_decode_star, jobs, processes(len(jobs), workers), desc="decode")
 
 
 def processes(n_files: int, workers: int) -> int:

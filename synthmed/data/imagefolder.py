@@ -6,6 +6,7 @@ decodes every image once (in parallel) and merges the captions of an image.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -166,24 +167,26 @@ def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions
     names = list(by_image)
     spill = PixelSpill()
     samples, used = [], set()
-    for name, result in zip(names, decode_files([root / n for n in names], opts, workers)):
-        rows_of = by_image[name]
-        if result.pixels is None:
-            line = rows_of[0].line
-            problems.report(result.reason, f"{where(meta, line)}: image '{name}': {result.detail}; "
-                            f"fix or replace {root / name}, or drop its rows", file=meta, row=line)
-            continue
-        out = PurePosixPath(name).with_suffix(".png").as_posix().replace("/", "__")
-        if out in used:  # a.jpg and a.png would both become a.png
-            out = f"{PurePosixPath(out).stem}_{result.source_sha256[:8]}.png"
-        used.add(out)
-        m = rows_of[0].meta
-        samples.append(Sample(
-            file_name=out, pixels=spill.put(result.pixels), captions=[t for r in rows_of for t in r.texts],
-            group=m.get("group") or (name if default_group == "image" else ""),
-            label=m.get("label", ""), split=m.get("split", ""), source=str(root / name),
-            source_sha256=result.source_sha256,
-        ))
+    # closed on the first problem under on_error: fail, which cancels the decoding not yet started
+    with contextlib.closing(decode_files([root / n for n in names], opts, workers)) as decoded:
+        for name, result in zip(names, decoded):
+            rows_of = by_image[name]
+            if result.pixels is None:
+                line = rows_of[0].line
+                problems.report(result.reason, f"{where(meta, line)}: image '{name}': {result.detail}; "
+                                f"fix or replace {root / name}, or drop its rows", file=meta, row=line)
+                continue
+            out = PurePosixPath(name).with_suffix(".png").as_posix().replace("/", "__")
+            if out in used:  # a.jpg and a.png would both become a.png
+                out = f"{PurePosixPath(out).stem}_{result.source_sha256[:8]}.png"
+            used.add(out)
+            m = rows_of[0].meta
+            samples.append(Sample(
+                file_name=out, pixels=spill.put(result.pixels), captions=[t for r in rows_of for t in r.texts],
+                group=m.get("group") or (name if default_group == "image" else ""),
+                label=m.get("label", ""), split=m.get("split", ""), source=str(root / name),
+                source_sha256=result.source_sha256,
+            ))
     return samples
 
 

@@ -138,7 +138,7 @@ def test_imageclef_comma_file_is_reported_as_wrong_delimiter(tmp_path):
 def test_parallel_decode_matches_serial(tmp_path):
     root = write_imagefolder(tmp_path / "ds", [(f"{i}.png", "c") for i in range(70)])
     paths = [root / f"{i}.png" for i in range(70)]
-    serial, parallel = decode_files(paths, OPTS, workers=1), decode_files(paths, OPTS, workers=2)
+    serial, parallel = list(decode_files(paths, OPTS, workers=1)), list(decode_files(paths, OPTS, workers=2))
     assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(serial, parallel))
 
 
