@@ -92,6 +92,8 @@ def check_dataset_path(p: IngestParams) -> None:
     state = "is empty" if path.exists() else "does not exist"
     if Path(f"{path}.dvc").is_file():
         fix = f"it is tracked by DVC: `dvc pull {path}.dvc` (a worker needs the DVC remote configured)"
+    elif not path.resolve().is_relative_to(Path.cwd().resolve()):
+        fix = "it lies outside the repository: mount it at that path on this machine, or point ingest.path at it"
     else:
         fix = (f"put your {p.source} dataset there and track it, `dvc add {path}` then `dvc push` to a DVC remote, "
                "so that clones, queued experiments and workers get it, or point ingest.path at a location every "

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from synthmed.runtime import pick_device
 
 
-CHUNK = 512  # rows per side of one distance block: memory is O(CHUNK^2 + CHUNK x dims), whatever the set sizes
+CHUNK = 512  # query rows of one distance block
+REFERENCE_BYTES = 2**28  # float32 reference rows held at once (at least CHUNK): each query chunk is read once per
+# such block, so the slow side of a pixel-space search (reading and pooling images) is read a few times, not once
+# per 512 reference rows; memory is O(REFERENCE_BYTES + CHUNK x rows), whatever the set sizes
 
 
 def nearest(query, reference, chunk: int = CHUNK, exclude: np.ndarray | None = None,
@@ -26,14 +29,16 @@ def nearest(query, reference, chunk: int = CHUNK, exclude: np.ndarray | None = N
     lists reference rows that do not count for each query row (-1 = none). Both sides are anything sliceable
     into row tensors (a tensor, a `PixelSpace`), read ``chunk`` rows at a time: float32 blocks of
     |q|^2 + |r|^2 - 2 q.r on rows centred on the reference's mean (which keeps the cancellation small) pick
-    the neighbour, whose distance is then computed directly. The blocks are computed on ``device`` (default:
+    the neighbour, whose distance is then computed directly. Reference rows are taken REFERENCE_BYTES at a time
+    (``chunk`` rows at the least). The blocks are computed on ``device`` (default:
     the accelerator when there is one); the results come back to the CPU."""
     device = device or pick_device()
     centre = row_mean(reference, chunk).to(device)
     best_d = torch.full((len(query),), float("inf"))
     best_i = torch.zeros(len(query), dtype=torch.long)
-    for j in range(0, len(reference), chunk):
-        r = rows_of(reference, j, chunk).to(device) - centre
+    block = max(chunk, REFERENCE_BYTES // (4 * centre.numel()))
+    for j in range(0, len(reference), block):
+        r = rows_of(reference, j, block).to(device) - centre  # (not in place: the rows may be the caller's)
         r2 = r.pow(2).sum(1)
         for i in range(0, len(query), chunk):
             q = rows_of(query, i, chunk).to(device) - centre
@@ -53,7 +58,17 @@ def nearest(query, reference, chunk: int = CHUNK, exclude: np.ndarray | None = N
 
 
 def rows_of(x, start: int, n: int) -> torch.Tensor:
-    return x[start : start + n].flatten(1).float()
+    """Rows start .. start + n of ``x`` as float32 [n, dims], read CHUNK rows at a time (a `PixelSpace` row is
+    larger before it is pooled)."""
+    n = min(n, len(x) - start)
+    if n <= CHUNK:
+        return x[start : start + n].flatten(1).float()
+    first = x[start : start + CHUNK].flatten(1).float()
+    out = first.new_empty((n, first.shape[1]))
+    out[:CHUNK] = first
+    for k in range(CHUNK, n, CHUNK):
+        out[k : k + CHUNK] = x[start + k : start + min(k + CHUNK, n)].flatten(1)
+    return out
 
 
 def row_mean(x, chunk: int) -> torch.Tensor:
@@ -76,10 +91,14 @@ class PixelSpace:
         return len(self.images)
 
     def __getitem__(self, index) -> torch.Tensor:
-        x = self.images[index].float() / 255.0
-        if self.side < x.shape[-1]:
-            x = F.adaptive_avg_pool3d(x, self.side) if x.ndim == 5 else F.adaptive_avg_pool2d(x, self.side)
-        return x.flatten(1)
+        images, side = self.images[index], self.side
+        rows = []
+        for piece in images.split(max(1, 2**23 // max(images[0].numel(), 1))):  # float copies of 8 M pixels at most
+            x = piece.float().div_(255.0)
+            if side < x.shape[-1]:
+                x = F.adaptive_avg_pool3d(x, side) if x.ndim == 5 else F.adaptive_avg_pool2d(x, side)
+            rows.append(x.flatten(1))
+        return torch.cat(rows) if rows else images.flatten(1).float()
 
     @property
     def side(self) -> int:

@@ -3,6 +3,7 @@ import torch
 
 import pandas as pd
 
+from synthmed.metrics import privacy
 from synthmed.metrics.privacy import PixelSpace, audit, closest_pairs, gate, memorization_table, nearest
 
 
@@ -21,7 +22,9 @@ def test_a_copied_training_image_is_flagged_and_fresh_samples_mostly_are_not():
     assert table["flagged"].iloc[:-1].mean() < 0.2  # samples like the real test set: ~1 % expected
 
 
-def test_nearest_neighbour_in_chunks_matches_brute_force():
+@pytest.mark.parametrize("reference_bytes", [1, privacy.REFERENCE_BYTES])  # blocks of 16 rows | all 30 at once
+def test_nearest_neighbour_in_chunks_matches_brute_force(monkeypatch, reference_bytes):
+    monkeypatch.setattr(privacy, "REFERENCE_BYTES", reference_bytes)
     g = torch.Generator().manual_seed(1)
     q, r = torch.randn(70, 5, generator=g), torch.randn(30, 5, generator=g)
     d, i = nearest(q, r, chunk=16)
@@ -45,6 +48,16 @@ def test_the_search_holds_a_block_at_a_time_and_far_from_the_origin_stays_exact(
     d, i = nearest(sliced, r, chunk=8)
     assert i[:2].tolist() == [3, 41] and d[:2].tolist() == [0.0, 0.0]
     assert all(len(q[k]) <= 8 for k in seen)  # never more than a chunk of the query at once
+
+
+def test_a_reference_block_larger_than_a_chunk_is_read_a_chunk_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    r, q = torch.randn(1100, 3, generator=g), torch.randn(5, 3, generator=g)
+    seen = []
+    sliced = type("Rows", (), {"__len__": lambda self: len(r), "__getitem__": lambda self, k: seen.append(k) or r[k]})()
+    d, i = nearest(q, sliced)  # one block of all 1,100 reference rows, read in pieces of CHUNK
+    assert torch.equal(i, torch.cdist(q, r).argmin(1))
+    assert max(len(r[k]) for k in seen) == privacy.CHUNK
 
 
 def test_pixel_space_is_area_averaged_down_to_its_resolution():
