@@ -351,15 +351,16 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
             with acc.no_sync(model) if k < cfg.grad_accum_steps - 1 else nullcontext():
                 loss = diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=cfg.min_snr_gamma,
                                       use_prev=None if use_prev is None else use_prev[mine], forward=model).mean()
-                finite = torch.isfinite(loss.detach())
-                if acc.num_processes > 1:  # stop every process together, not one while the others wait
-                    finite = acc.reduce(finite.float(), "min") > 0
+                logged = loss.detach()
+                if acc.num_processes > 1:  # the whole micro-batch's loss (equal shares: the processes' mean)
+                    logged = acc.reduce(logged, "mean")
+                finite = torch.isfinite(logged)  # the same on every process: they stop together
                 if not finite:
                     where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
                     raise NonFiniteLoss(f"loss became {loss.item()} at step {step}{where}; lower train_ldm.lr "
                                         "or raise warmup_steps")
                 acc.backward(loss / cfg.grad_accum_steps)
-            total += loss.item() / cfg.grad_accum_steps
+            total += logged.item() / cfg.grad_accum_steps
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

@@ -15,8 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
@@ -46,21 +49,35 @@ def reads(rows: Path) -> dict[int, list]:
     return {entry["rank"]: entry["reads"] for entry in map(json.loads, rows.read_text().splitlines())}
 
 
-def assert_close(a: dict, b: dict, rtol: float) -> None:
+def relative_difference(a: dict, b: dict) -> float:
+    """|a - b| / |b| over all weights (Adam turns rounding-level gradient differences on near-zero coordinates
+    into whole steps, so single coordinates can differ by a learning rate; the model as a whole may not)."""
     assert a.keys() == b.keys()
-    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-8)).item() for k in a)
-    assert worst < rtol, f"largest relative difference {worst:.2e}"
+    diff = sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5
+    return (diff / sum(b[k].double().pow(2).sum() for k in b) ** 0.5).item()
 
 
 @pytest.mark.parametrize("stage", ["train_vae", "train_ldm"])
 def test_two_processes_train_as_one(copy_of, tmp_path: Path, stage: str):
     repo = copy_of()
     shutil.rmtree(repo / ".synthmed/runs", ignore_errors=True)  # nothing to resume: both runs train from step 0
+    if stage == "train_ldm":  # dropout masks come from each process's own RNG, not the shared generator
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["train_ldm"]["dropout"] = 0.0
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     one, _ = train(repo, stage, 1, tmp_path / "one.jsonl")
+    losses_one = pd.read_csv(repo / f"data/{stage}/loss.csv")["loss"]
     (repo / "metrics" / f"{stage}.json").unlink()
     two, log = train(repo, stage, 2, tmp_path / "two.jsonl")
     assert "data-parallel over 2 processes (CPU, gloo)" in log and log.count(f"{stage}: finished") == 1, log
-    assert_close(two, one, rtol=1e-3)
+    losses_two = pd.read_csv(repo / f"data/{stage}/loss.csv")["loss"]
+    # the first step: the same weights on the same global batch, its loss the mean of the two halves'
+    assert losses_two[0] == pytest.approx(losses_one[0], rel=1e-5)
+    assert np.allclose(losses_two, losses_one, rtol=0.02)  # then the runs drift apart by rounding only
+    difference = relative_difference(two, one)
+    print(f"{stage}: weights differ by {difference:.2e} (relative L2); losses by at most "
+          f"{(losses_two / losses_one - 1).abs().max():.2e} (relative)")
+    assert difference < 0.01
     assert (repo / "metrics" / f"{stage}.json").is_file()  # written once, by rank 0
     single, ranks = reads(tmp_path / "one.jsonl")[0], reads(tmp_path / "two.jsonl")
     assert sorted(ranks) == [0, 1]
