@@ -24,6 +24,7 @@ class DiagonalGaussian:
     """The posterior N(mean, std^2) per latent voxel; KL to N(0, 1) summed over all but the batch axis."""
 
     def __init__(self, moments: torch.Tensor):
+        self.parameters = moments  # diffusers' name: DiagonalGaussian(d.parameters) rebuilds d
         self.mean, logvar = moments.chunk(2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
