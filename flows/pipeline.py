@@ -152,9 +152,11 @@ def publish_report(repo: str) -> None:
 
 @flow(name="synthmed-pipeline", log_prints=True)
 def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), params: list[str] | None = None,
-             experiment: str = "", push: bool = False) -> None:
+             experiment: str = "", push: bool = False, profile: str = "") -> None:
     """Bring ``stages`` up to date, one task each (`dvc repro`); with ``params`` overrides (``key=value``) or
     an ``experiment`` name, as one `dvc exp run` instead, so that the run is an experiment of its own.
+    ``profile``: a params overlay in the repository (e.g. profiles/gpu-256.yaml), applied as overrides before
+    ``params``.
 
     With ``push`` the results go where a workstation gets them: an experiment to the git remote `origin`
     (`dvc exp push`, its data to the default DVC remote; `dvc exp pull origin <name>` brings it back), named
@@ -163,7 +165,10 @@ def pipeline(repo: str = str(REPO_ROOT), stages: list[str] = list(STAGES), param
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    overrides = check_overrides(repo, params or [])
+    from synthmed.profiles import overrides as profile_overrides
+
+    extra = profile_overrides(Path(repo) / profile, Path(repo) / "params.yaml") if profile else []
+    overrides = check_overrides(repo, extra + list(params or []))
     is_experiment = bool(overrides or experiment)
     if push:
         check_remotes(repo, git=is_experiment)
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-S", "--set-param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                         help="params.yaml override; the run becomes a DVC experiment (repeatable)")
     parser.add_argument("--experiment", default="", help="run as the DVC experiment of this name")
+    parser.add_argument("--profile", default="", help="a params overlay, e.g. profiles/gpu-256.yaml (-S overrides win)")
     parser.add_argument("--serve", action="store_true", help="serve as a deployment on this (GPU) machine")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--cron", default=None, help="with --serve: schedule, e.g. '0 2 * * *'")
@@ -289,9 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         # pause_on_shutdown=False: a restarted service keeps its schedule instead of finding it paused.
         pipeline.serve(name="synthmed-pipeline", cron=args.cron, interval=args.interval,
                        parameters={"repo": args.repo, "stages": args.stages, "params": args.params,
-                                   "experiment": args.experiment}, pause_on_shutdown=False)
+                                   "experiment": args.experiment, "profile": args.profile}, pause_on_shutdown=False)
     else:
-        pipeline(repo=args.repo, stages=args.stages, params=args.params, experiment=args.experiment)
+        pipeline(repo=args.repo, stages=args.stages, params=args.params, experiment=args.experiment,
+                 profile=args.profile)
 
 
 if __name__ == "__main__":
