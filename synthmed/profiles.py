@@ -1,5 +1,6 @@
-"""Params profiles: overlays of params.yaml (only the keys that differ, nested by section) turned into
-`key=value` overrides, for `dvc exp run -S` and the flow's `params` (its `profile:` parameter).
+"""Params profiles: overlays of params.yaml (only the keys that differ, nested by section), merged onto it
+(`merged`: the test suite's tiny profile) or turned into `key=value` overrides (`overrides`: for
+`dvc exp run -S` and the flow's `profile:` parameter).
 
     dvc exp run $(python -m synthmed.profiles profiles/gpu-256.yaml)
 """
@@ -15,23 +16,28 @@ import yaml
 from synthmed.errors import PipelineError
 
 
-def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:
-    """``section.key=value`` for every leaf of the profile; a key params.yaml lacks is an error (it would add a
-    key that no stage reads)."""
-    base = yaml.safe_load(Path(params).read_text())
-    out: list[str] = []
-
-    def walk(node: dict, known: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if not isinstance(known, dict) or key not in known:
-                raise PipelineError(f"{profile}: '{prefix}{key}' is not a key of {params}; fix the profile")
-            if isinstance(value, dict):
-                walk(value, known[key], f"{prefix}{key}.")
-            else:
-                out.append(f"{prefix}{key}={_text(value)}")
-
-    walk(yaml.safe_load(Path(profile).read_text()) or {}, base, "")
+def merged(base: dict, overlay: dict, source: str = "the profile", where: str = "") -> dict:
+    """``base`` with ``overlay``'s values put in, section by section; a key ``base`` lacks is an error (it would
+    add a key that no stage reads)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if not isinstance(base, dict) or key not in base:
+            raise PipelineError(f"{source}: '{where}{key}' is not a key of params.yaml; fix the profile")
+        out[key] = merged(base[key], value, source, f"{where}{key}.") if isinstance(value, dict) else value
     return out
+
+
+def leaves(overlay: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(``section.key``, value) of every leaf of an overlay."""
+    return [item for key, value in overlay.items()
+            for item in (leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])]
+
+
+def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:
+    """``section.key=value`` for every leaf of the profile, checked against params.yaml."""
+    overlay = yaml.safe_load(Path(profile).read_text()) or {}
+    merged(yaml.safe_load(Path(params).read_text()), overlay, str(profile))
+    return [f"{key}={_text(value)}" for key, value in leaves(overlay)]
 
 
 def _text(value) -> str:

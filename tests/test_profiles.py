@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from synthmed.errors import PipelineError
-from synthmed.profiles import overrides
+from synthmed.profiles import merged, overrides
 from tests.conftest import REPO_ROOT
 
 PROFILE = REPO_ROOT / "profiles/gpu-256.yaml"
@@ -39,6 +39,7 @@ def test_the_gpu_profile_is_a_valid_overlay_of_params_yaml(tmp_path):
                        ("generate", GenerateParams)]:
         load_params(stage, cls, tmp_path / "params.yaml")
     assert params["cpu"]["threads"] == "auto" and params["train_ldm"]["attention_levels"] == [1, 2, 3]
+    assert params == merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(PROFILE.read_text()))
 
 
 def test_a_profile_key_params_yaml_lacks_is_one_line(tmp_path):

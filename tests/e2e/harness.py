@@ -11,24 +11,16 @@ from pathlib import Path
 import yaml
 
 from flows.pipeline import STAGES  # the flow's order, checked against dvc.yaml's below
+from synthmed.profiles import merged
 from tests.conftest import REPO_ROOT
 
 TINY_OVERLAY = REPO_ROOT / "tests/e2e/params_tiny.yaml"
 
 
-def merged(base: dict, overlay: dict, where: str = "") -> dict:
-    """``base`` with ``overlay``'s values put in, section by section; a key params.yaml lacks is an error."""
-    out = dict(base)
-    for key, value in overlay.items():
-        if key not in base:
-            raise KeyError(f"{TINY_OVERLAY.name}: '{where}{key}' is not a key of params.yaml")
-        out[key] = merged(base[key], value, f"{where}{key}.") if isinstance(value, dict) else value
-    return out
-
-
 def tiny_params() -> dict:
     """The tiny profile: params.yaml with the keys of tests/e2e/params_tiny.yaml replaced."""
-    return merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(TINY_OVERLAY.read_text()))
+    return merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(TINY_OVERLAY.read_text()),
+                  TINY_OVERLAY.name)
 
 
 def sh(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -42,6 +42,17 @@ def start_worker(env: dict, tmp_path: Path, pool: str) -> tuple[subprocess.Popen
     return worker, log
 
 
+def watch(worker: subprocess.Popen, server_log: Path, worker_log: Path):
+    """(alive, logs) for the waits: a check that the worker still runs, and the server's and worker's logs."""
+    def logs() -> str:
+        return f"\n--- server log ---\n{tail(server_log)}\n--- worker log ---\n{tail(worker_log)}"
+
+    def alive() -> None:
+        assert worker.poll() is None, f"the worker exited ({worker.returncode}){logs()}"
+
+    return alive, logs
+
+
 @needs_main
 def test_prefect_yaml_deploys_to_a_process_pool_and_its_schedule_runs_on_a_worker(tmp_path: Path, prefect_api):
     client, env, server_log = prefect_api
@@ -57,13 +68,8 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_its_schedule_runs_on_a_worke
     assert deployment[0]["pull_steps"][0]["prefect.deployments.steps.git_clone"]["repository"] == str(REPO_ROOT)
 
     worker, worker_log = start_worker(env, tmp_path, "gpu")
+    alive, logs = watch(worker, server_log, worker_log)
     try:
-        def alive():
-            assert worker.poll() is None, f"the worker exited ({worker.returncode}){logs()}"
-
-        def logs():
-            return f"\n--- server log ---\n{tail(server_log)}\n--- worker log ---\n{tail(worker_log)}"
-
         done = wait_for_scheduled_run(client, "nightly-gpu", 300, alive, logs)
         assert done["parameters"]["stages"] == ["ingest"]
         assert (repo / "ran.txt").exists(), "the DVC stage did not run"
@@ -120,13 +126,8 @@ def test_nightly_on_a_worker_comes_back_to_the_workstation(tmp_path: Path, prefe
     assert len(deployment) == 1 and deployment[0]["parameters"]["stages"] == ["ingest", "paraphrase"]
     run_id = client.post(f"/deployments/{deployment[0]['id']}/create_flow_run", json={}).json()["id"]
     worker, worker_log = start_worker(env, tmp_path, "gpu-nightly")
+    alive, logs = watch(worker, server_log, worker_log)
     try:
-        def alive():
-            assert worker.poll() is None, f"the worker exited ({worker.returncode}){logs()}"
-
-        def logs():
-            return f"\n--- server log ---\n{tail(server_log)}\n--- worker log ---\n{tail(worker_log)}"
-
         done = wait_for_flow_run(client, run_id, 600, alive, logs)
         assert done["parameters"]["push"] is True
     finally:
