@@ -172,20 +172,20 @@ def main() -> None:
     encoded = run / "encoded"
     augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast, generator=g,
                    latent_patch=p.latent_patch, cache=encoded / "train")
-    with accelerator.main_process_first():  # the main process encodes into the run's cache, the others read it
-        if p.condition == "image":
-            encoder = ImageEncoder(p.image_encoder, p.image_tokens, device)
-            pairs = rows.assign(caption_source="image")  # one (image, its own embedding) pair per image
-            data = build_image_pairs(vae, encoder, images, **augment)
-            val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch, cache=encoded / "val")
-            dims = dict(cross_attention_dim=p.block_out_channels[-1], encoder_hid_dim=encoder.dim)
-        else:
-            require_captions(pairs, rows)
-            encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
-            data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
-            val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
-                                          latent_patch=p.latent_patch, cache=encoded / "val")
-            dims = dict(cross_attention_dim=encoder.hidden_size)
+    # data-parallel: each process encodes its share of the images and captions into the run's cache
+    if p.condition == "image":
+        encoder = ImageEncoder(p.image_encoder, p.image_tokens, device)
+        pairs = rows.assign(caption_source="image")  # one (image, its own embedding) pair per image
+        data = build_image_pairs(vae, encoder, images, **augment)
+        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch, cache=encoded / "val")
+        dims = dict(cross_attention_dim=p.block_out_channels[-1], encoder_hid_dim=encoder.dim)
+    else:
+        require_captions(pairs, rows)
+        encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
+        data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
+        val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
+                                      latent_patch=p.latent_patch, cache=encoded / "val")
+        dims = dict(cross_attention_dim=encoder.hidden_size)
     try:
         unet = build_unet(sample_size=data.latent_mean.shape[-1], in_channels=data.latent_mean.shape[1],
                           block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,

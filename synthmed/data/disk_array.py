@@ -13,7 +13,7 @@ import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -113,6 +113,42 @@ def write_disk_array(path: str | Path, batches: Iterable, dtype: str) -> DiskArr
         for batch in batches:
             w.append(batch)
     return w.array
+
+
+def write_in_shares(paths: dict[str, Path], n: int, produce: Callable[[int, int], Iterable[tuple]]) -> list[DiskArray]:
+    """DiskArrays of rows 0..n-1 at ``paths`` (path -> dtype), one per element of the tuples that
+    ``produce(start, stop)`` yields for rows start..stop-1. In a data-parallel run (torch.distributed) each
+    process produces a contiguous share into its own part files, and the main process joins the parts: no
+    process encodes, or holds, another's rows."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+
+    def write(where: list[Path], batches: Iterable[tuple]) -> list[DiskArray]:
+        with ExitStack() as stack:
+            writers = [stack.enter_context(DiskArrayWriter(w, dtype)) for w, dtype in zip(where, paths.values())]
+            for batch in batches:
+                for w, rows in zip(writers, batch):
+                    w.append(rows)
+        return [w.array for w in writers]
+
+    if world == 1:
+        return write(list(paths), produce(0, n))
+    part = [path.with_name(f"{path.name}.part{rank}") for path in paths]
+    write(part, produce(n * rank // world, n * (rank + 1) // world))
+    dist.barrier()
+    if rank == 0:
+        shares = [[open_disk_array(path.with_name(f"{path.name}.part{r}")) for path in paths] for r in range(world)]
+        step = rows_per_batch(max((a.shape for a in shares[0]), key=math.prod), elements=2**24, most=2**16)
+        write(list(paths), (tuple(a[i:i + step] for a in arrays) for arrays in shares
+                            for i in range(0, len(arrays[0]), step)))
+        for arrays in shares:
+            for a in arrays:
+                a.path.unlink()
+                meta_path(a.path).unlink()
+    dist.barrier()
+    return [open_disk_array(path) for path in paths]
 
 
 def meta_path(path: Path) -> Path:

@@ -200,9 +200,8 @@ def finetune(p, seed: int, at: Layout) -> None:
     sets = training_sets(p, at)
     inputs = [at.pairs, at.dataset] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
     fingerprint = run_fingerprint(STAGE, params=as_dict(p), seed=seed, inputs=inputs)
-    with accelerator.main_process_first():  # the main process encodes into the run's cache, the others read it
-        base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter,
-                                       store.run_dir(STAGE, fingerprint) / "encoded")
+    # data-parallel: each process encodes its share into the run's cache (Kandinsky's pairs: all, in memory)
+    base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter, store.run_dir(STAGE, fingerprint) / "encoded")
     images, val_rows = sets[2], sets[3]
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     n_base = sum(x.numel() for part in parts for x in part.model.parameters())

@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 
 from synthmed.diffusion.config import LDMTrainConfig  # noqa: F401 (the loop's knobs; re-exported)
 from synthmed.data.dataset import to_model_range
-from synthmed.data.disk_array import DiskArrayWriter, open_disk_array
+from synthmed.data.disk_array import open_disk_array, write_in_shares
 from synthmed.errors import PipelineError
 from synthmed.diffusion.checkpoint import TrainedState, capture, load_latest, restore, save_checkpoint
 from synthmed.diffusion.loss import diffusion_loss
@@ -104,22 +104,20 @@ def encode_latents(vae: AutoencoderKL, images, augment_copies: int = 0, brightne
         x = to_model_range(images[rows])
         return x if to_vae_input is None else to_vae_input(x)
 
-    size = encode_batch_size(vae_input(slice(0, 1)).shape)
-
-    def posteriors():
-        for i in progress(range(0, n, size), desc="encode latents", unit="batch"):
-            x = vae_input(slice(i, i + size))
-            views = [x] + [apply_brightness_contrast(x, b[i : i + size], c[i : i + size]) for b, c in draws]
-            yield (pack_latents(t, latent_patch) for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1), size))
+    def posteriors(start: int, stop: int):
+        size = encode_batch_size(vae_input(slice(start, start + 1)).shape) if stop > start else 1
+        for i in progress(range(start, stop, size), desc="encode latents", unit="batch"):
+            rows = slice(i, min(i + size, stop))
+            x = vae_input(rows)
+            views = [x] + [apply_brightness_contrast(x, b[rows], c[rows]) for b, c in draws]
+            yield tuple(pack_latents(t, latent_patch)
+                        for t in encode_posterior(vae, torch.stack(views, dim=1).flatten(0, 1), size))
 
     if cache is None:
-        means, stds = zip(*posteriors())
+        means, stds = zip(*posteriors(0, n))
         return torch.cat(means), torch.cat(stds), variants
-    with DiskArrayWriter(cache / "mean.f32", "float32") as m, DiskArrayWriter(cache / "std.f32", "float32") as sd:
-        for mean, std in posteriors():
-            m.append(mean)
-            sd.append(std)
-    return m.array, sd.array, variants
+    mean, std = write_in_shares({cache / "mean.f32": "float32", cache / "std.f32": "float32"}, n, posteriors)
+    return mean, std, variants
 
 
 def build_latent_pairs(vae: AutoencoderKL, encoder: TextEncoder, pairs: pd.DataFrame, images,
@@ -150,13 +148,10 @@ def encode_captions(encoder: TextEncoder, captions: list[str], cache: Path | Non
     if cache is None:
         return encoder.encode(captions)
     states, masks = open_disk_array(cache / "text.f32"), open_disk_array(cache / "text_mask.i64")
-    if states is not None and masks is not None and len(states) == len(captions):
-        return states, masks[:]
-    with DiskArrayWriter(cache / "text.f32", "float32") as states, DiskArrayWriter(cache / "text_mask.i64", "int64") as masks:
-        for emb, mask in encoder.encode_batches(captions):
-            states.append(emb)
-            masks.append(mask)
-    return states.array, masks.array[:]
+    if states is None or masks is None or len(states) != len(captions):
+        states, masks = write_in_shares({cache / "text.f32": "float32", cache / "text_mask.i64": "int64"},
+                                        len(captions), lambda i, j: encoder.encode_batches(captions[i:j]))
+    return states, masks[:]
 
 
 def build_image_pairs(vae: AutoencoderKL, encoder: ImageEncoder, images, augment_copies: int = 0,
@@ -166,12 +161,20 @@ def build_image_pairs(vae: AutoencoderKL, encoder: ImageEncoder, images, augment
     encoder, embedded once (as the latents are). Row 0 is the null condition, all zeros, that condition
     dropout trains in place of an embedding (the UNet's projection turns it into its bias alone), so
     classifier-free guidance works. Augmented copies keep the embedding of the original image. The global
-    tokens (one or two per image) stay in memory; the latents go to ``cache`` as in `build_latent_pairs`."""
+    tokens (one or two per image) are held in memory; with ``cache`` they and the latents are encoded there, as in
+    `build_latent_pairs`."""
     mean, std, variants = encode_latents(vae, images, augment_copies, brightness, contrast, generator, latent_patch,
                                          cache=cache)
-    emb = encoder.encode(images)
-    emb = torch.cat([torch.zeros_like(emb[:1]), emb])
     n = len(images)
+    if cache is None:
+        emb = encoder.encode(images)
+    else:
+        emb = open_disk_array(cache / "image.f32")
+        if emb is None or len(emb) != n:
+            emb, = write_in_shares({cache / "image.f32": "float32"}, n, lambda i, j: (
+                (encoder.encode(images[k:min(k + 64, j)]),) for k in range(i, j, 64)))
+        emb = emb[:]
+    emb = torch.cat([torch.zeros_like(emb[:1]), emb])
     return LatentPairs(
         latent_mean=mean, latent_std=std, scaling_factor=float(vae.config.scaling_factor),
         image_index=torch.arange(n), caption_index=torch.arange(n) + 1,

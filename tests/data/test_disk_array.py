@@ -3,13 +3,15 @@ memory, and it never reads more rows at once than a batch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from synthmed.data.dataset import split_stack, to_model_range
-from synthmed.data.disk_array import DiskArray, Rows, open_disk_array, write_disk_array
+from synthmed.data.disk_array import DiskArray, Rows, open_disk_array, write_disk_array, write_in_shares
 from synthmed.data.imagefolder import load_images
 from synthmed.errors import PipelineError
 from synthmed.models.autoencoder import (encode_batch_size, encode_posterior, posterior_sample_rows, reconstruct,
@@ -52,6 +54,41 @@ def test_a_killed_writer_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_disk_array(tmp_path / "x.u8", rows(), "uint8")
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_shares(rank: int, world: int, folder: str, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for n in (5, 1):  # uneven shares; with one row, rank 0's share is empty
+        produced, out = [], Path(folder) / str(n)
+
+        def produce(start, stop):
+            produced.append((start, stop))
+            for i in range(start, stop, 2):  # row i holds i, and -i in the second array
+                rows = torch.arange(i, min(i + 2, stop))
+                yield rows.float()[:, None].expand(-1, 3), -rows
+
+        a, b = write_in_shares({out / "a.f32": "float32", out / "b.i64": "int64"}, n, produce)
+        (Path(folder) / f"{n}-rank{rank}.txt").write_text(f"{produced} {a[:][:, 0].tolist()} {b[:].tolist()}")
+    dist.destroy_process_group()
+
+
+def test_shares_written_by_each_process_join_into_one_array(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for n in (5, 1):
+        (tmp_path / str(n)).mkdir()
+    torch.multiprocessing.spawn(_write_shares, args=(2, str(tmp_path), port), nprocs=2)
+    for n in (5, 1):
+        for rank, share in enumerate([(0, n // 2), (n // 2, n)]):  # contiguous shares, each produced by its process
+            assert (tmp_path / f"{n}-rank{rank}.txt").read_text() == (
+                f"[{share}] {[float(i) for i in range(n)]} {[-i for i in range(n)]}")
+        assert sorted(x.name for x in (tmp_path / str(n)).iterdir()) == ["a.f32", "a.f32.json", "b.i64",
+                                                                        "b.i64.json"]  # the parts are gone
 
 
 def test_a_split_is_decoded_once_into_the_store_and_reads_as_the_pngs(tmp_path, monkeypatch):

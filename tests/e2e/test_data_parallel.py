@@ -2,7 +2,7 @@
 SYNTHMED_PROCESSES=2 restarts itself as two gloo processes (synthmed.runtime.launch_ranks). Against one process
 at the same global batch: the same weights within float tolerance (the gradients are all-reduced sums in
 another order), each step's batch split between the ranks, one writer, and a killed 2-process run that resumes
-to the uninterrupted result."""
+to the uninterrupted result; the latent and caption caches are encoded a share per process."""
 
 from __future__ import annotations
 
@@ -88,9 +88,12 @@ def test_two_processes_train_as_one(copy_of, tmp_path: Path, stage: str):
         steps = len(pixels[1])
         assert steps >= 30 and all(len(r) == len(s) // 2 for r, s in zip(pixels[1], single))
         assert [a + b for a, b in zip(pixels[0][:steps], pixels[1])] == single[:steps]
-    else:  # the images are encoded once, by rank 0, into the run's latent cache that rank 1 then reads
-        assert pixels[0] and not pixels[1]
+    else:  # each process encodes its own share of the images into the run's latent cache, then reads the whole
+        shares = [{(name, row) for name, rows in ranks[r] if name.endswith(".u8") for row in rows} for r in (0, 1)]
+        assert shares[0] and shares[1] and not shares[0] & shares[1]
+        assert shares[0] | shares[1] == {(name, row) for name, rows in single if name.endswith(".u8") for row in rows}
         assert any(name == "mean.f32" for name, _ in ranks[1])
+        assert not list((repo / ".synthmed/runs/train_ldm").rglob("*.part*"))  # the shares, joined and removed
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_weights(copy_of, tmp_path: Path):
