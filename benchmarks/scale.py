@@ -6,9 +6,12 @@ a few steps so that only the data path is measured, and records each stage's wal
 child's own, from wait4). `generate` renders a fixed 64-prompt plan (its memory does not depend on N);
 `evaluate` and `evaluate_vlp` then score a stand-in synthetic set as large as the real one (a copy of the
 ingested images), as a real run's full plan would give them. The last lines give, per stage, the log-log
-slope of time and of memory between the two largest N (1 = linear).
+slope of time and of memory between the two largest N (1 = linear). With ``--profile`` the stages build that
+profile's models (training still cut to a few steps); on a GPU host each stage's peak GPU memory is recorded
+too (benchmarks/gpu_peak; benchmarks/gpu_check.sh).
 
     .venv/bin/python benchmarks/scale.py [--sizes 500 2000 8000] [--resolution 64] [--channels 1] [--captions 10]
+        [--profile profiles/gpu-256.yaml]
     .venv/bin/python benchmarks/scale.py --memorization 20000 1400   # the search alone, on random rows
 """
 
@@ -69,15 +72,21 @@ def params_for(data: Path, resolution: int, channels: int, base: dict | None = N
 
 
 def run(work: Path, stage: str) -> dict:
+    """The stage's wall time and peak RSS; on a GPU host also its peak GPU memory (benchmarks/gpu_peak)."""
     t0 = time.perf_counter()
+    peak = work / f"{stage}.gpu.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'benchmarks/gpu_peak'}", "SYNTHMED_GPU_PEAK": str(peak)}
     with open(work / f"{stage}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=work, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+                                stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{stage} failed:\n{(work / f'{stage}.log').read_text()[-3000:]}")
-    return {"s": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}  # ru_maxrss is in KiB
+    out = {"s": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}  # ru_maxrss is in KiB
+    if peak.is_file():  # one line per process that used CUDA (one per rank when data-parallel)
+        out["peak_gpu_gb"] = max(json.loads(line)["peak_allocated_gb"] for line in peak.read_text().splitlines())
+    return out
 
 
 def stand_in_synthetic(work: Path) -> None:
@@ -93,7 +102,12 @@ def measure(n: int, args, root: Path) -> dict:
     (work / "plan.txt").write_text("\n".join(f"a lesion in the {'upper' if k % 2 else 'lower'} half, plan {k}"
                                              for k in range(64)) + "\n")
     shutil.copytree(REPO / "prompts", work / "prompts")
-    (work / "params.yaml").write_text(yaml.safe_dump(params_for(work / "raw", args.resolution, args.channels)))
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    if args.profile:  # e.g. profiles/gpu-256.yaml: its models and batches, training still cut to a few steps
+        from synthmed.profiles import merged, read_overlay
+
+        base = merged(base, read_overlay(args.profile), args.profile)
+    (work / "params.yaml").write_text(yaml.safe_dump(params_for(work / "raw", args.resolution, args.channels, base)))
     out = {}
     for stage in args.stages:
         if stage == "evaluate":
@@ -140,6 +154,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1, choices=[1, 3])
     ap.add_argument("--captions", type=int, default=10)
     ap.add_argument("--stages", nargs="+", default=STAGES)
+    ap.add_argument("--profile", default="", help="a params overlay to start from, e.g. profiles/gpu-256.yaml")
     ap.add_argument("--memorization", type=int, nargs=2, metavar=("N_SYNTH", "N_TRAIN"),
                     help="time only the memorization search at these sizes (e.g. 20000 1400)")
     args = ap.parse_args()

@@ -3,6 +3,8 @@
 `dvc exp run -S` and the flow's `profile:` parameter).
 
     dvc exp run $(python -m synthmed.profiles profiles/gpu-256.yaml)
+
+A profile may start from another (``extends: gpu-256.yaml``) and change only what differs.
 """
 
 from __future__ import annotations
@@ -33,9 +35,22 @@ def leaves(overlay: dict, prefix: str = "") -> list[tuple[str, object]]:
             for item in (leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])]
 
 
+def read_overlay(profile: str | Path) -> dict:
+    """A profile's overlay; ``extends: other.yaml`` (beside it) takes that profile's keys first, its own win."""
+    profile = Path(profile)
+    overlay = yaml.safe_load(profile.read_text()) or {}
+    parent = overlay.pop("extends", None)
+    return _deep_merge(read_overlay(profile.parent / parent), overlay) if parent else overlay
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    return {**base, **{k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in overlay.items()}}
+
+
 def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:
     """``section.key=value`` for every leaf of the profile, checked against params.yaml."""
-    overlay = yaml.safe_load(Path(profile).read_text()) or {}
+    overlay = read_overlay(profile)
     merged(yaml.safe_load(Path(params).read_text()), overlay, str(profile))
     return [f"{key}={_text(value)}" for key, value in leaves(overlay)]
 

@@ -9,22 +9,24 @@ import pytest
 import yaml
 
 from synthmed.errors import PipelineError
-from synthmed.profiles import merged, overrides
+from synthmed.profiles import merged, overrides, read_overlay
 from tests.conftest import REPO_ROOT
 
 PROFILE = REPO_ROOT / "profiles/gpu-256.yaml"
 
 
-def test_the_gpu_profile_is_a_valid_overlay_of_params_yaml(tmp_path):
-    """Applied as -S overrides it gives a params.yaml that every stage of its sections accepts."""
+@pytest.mark.parametrize("profile", ["gpu-256.yaml", "lora-sd15-256.yaml"])
+def test_the_gpu_profiles_are_valid_overlays_of_params_yaml(tmp_path, profile):
+    """Applied as -S overrides each gives a params.yaml that every stage of its sections accepts."""
     from flows.pipeline import check_overrides
     from synthmed.config import load_params
     from stages.generate import GenerateParams
     from stages.ingest import IngestParams
     from stages.train_ldm import TrainLDMParams
+    from stages.train_lora import TrainLoraParams
     from stages.train_vae import TrainVAEParams
 
-    items = overrides(PROFILE, REPO_ROOT / "params.yaml")
+    items = overrides(REPO_ROOT / "profiles" / profile, REPO_ROOT / "params.yaml")
     assert check_overrides(str(REPO_ROOT), items) == items
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for item in items:
@@ -36,10 +38,19 @@ def test_the_gpu_profile_is_a_valid_overlay_of_params_yaml(tmp_path):
         node[leaf] = yaml.safe_load(value)  # as DVC's -S reads it
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for stage, cls in [("ingest", IngestParams), ("train_vae", TrainVAEParams), ("train_ldm", TrainLDMParams),
-                       ("generate", GenerateParams)]:
+                       ("train_lora", TrainLoraParams), ("generate", GenerateParams)]:
         load_params(stage, cls, tmp_path / "params.yaml")
     assert params["cpu"]["threads"] == "auto" and params["train_ldm"]["attention_levels"] == [1, 2, 3]
-    assert params == merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), yaml.safe_load(PROFILE.read_text()))
+    assert params == merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()),
+                            read_overlay(REPO_ROOT / "profiles" / profile))
+
+
+def test_a_profile_extends_another_and_its_own_keys_win(tmp_path):
+    (tmp_path / "a.yaml").write_text("train_ldm:\n  steps: 5\n  lr: 0.1\ngenerate:\n  batch_size: 4\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\ntrain_ldm:\n  lr: 0.2\n")
+    assert read_overlay(tmp_path / "b.yaml") == {"train_ldm": {"steps": 5, "lr": 0.2}, "generate": {"batch_size": 4}}
+    lora = read_overlay(REPO_ROOT / "profiles/lora-sd15-256.yaml")
+    assert lora["train_lora"]["rank"] == 16 and lora["train_ldm"] == read_overlay(PROFILE)["train_ldm"]
 
 
 def test_a_profile_key_params_yaml_lacks_is_one_line(tmp_path):
