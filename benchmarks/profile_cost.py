@@ -49,7 +49,7 @@ def build(model: str, p: dict, device):
     import torch
 
     from synthmed.diffusion.loss import diffusion_loss
-    from synthmed.diffusion.train import make_noise_scheduler
+    from synthmed.diffusion.schedulers import make_noise_scheduler
 
     cuda = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)

@@ -32,9 +32,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from synthmed.stage import stage_names
+
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate",
-          "evaluate_vlp", "report"]
+STAGES = stage_names(REPO / "dvc.yaml")
 CUT = {"steps": 3, "checkpoint_every": 0}
 
 

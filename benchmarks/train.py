@@ -35,7 +35,10 @@ sys.path.insert(0, str(REPO))
 
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from synthmed.diffusion.train import LatentPairs, LDMTrainConfig, make_noise_scheduler, train_ldm  # noqa: E402
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.latents import LatentPairs
+from synthmed.diffusion.loop import train_ldm
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.autoencoder import VAETrainConfig, build_autoencoder, train_autoencoder  # noqa: E402
 from synthmed.metrics.downstream import SmallCNN  # noqa: E402
 from synthmed.models.unet import build_unet  # noqa: E402

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts", "generate", "evaluate", "evaluate_vlp",
-          "report")
+from synthmed.stage import stage_names
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = tuple(stage_names(REPO_ROOT / "dvc.yaml"))  # dvc.yaml's order
 INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot help
 
 

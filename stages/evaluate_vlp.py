@@ -17,11 +17,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from synthmed.config import as_dict, load_params, require_at_least_one, require_fractions, require_inputs, run_stage
+from synthmed.config import require_at_least_one, require_fractions
 from synthmed.data.dataset import first_mode
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_metrics, write_text
-from synthmed.provenance import derive_seed, seed_everything, write_provenance
+from synthmed.io import write_csv, write_text
+from synthmed.provenance import derive_seed, seed_everything
+from synthmed.stage import Stage, run_stage
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.corpus import Pairs, pairs_of, scoring_set, split_pairs, split_rows
 from synthmed.vlp.evaluation import evaluate_model, retrieval_chance
@@ -29,9 +30,6 @@ from synthmed.vlp.report import headline, report, summarise
 from synthmed.vlp.text import TextTower
 from synthmed.vlp.train import VLPConfig, pretrain
 
-REAL = "data/ingest/dataset"
-SYNTH = "data/generate/dataset"
-OUT = "data/evaluate_vlp"
 
 
 @dataclass
@@ -50,41 +48,41 @@ class EvaluateVLPParams(VLPConfig):
         require_fractions(self, "probe_fractions")
 
 
-def corpora(p: EvaluateVLPParams, real: Pairs) -> dict[str, Pairs]:
+def corpora(p: EvaluateVLPParams, real: Pairs, synth_dir: str) -> dict[str, Pairs]:
     """Each arm's pairs; ``real`` is the real train split's."""
     out = {"real": real}
     if set(p.arms) - {"real"}:
-        rows = split_rows(SYNTH, p.synthetic_splits, "synthetic")
+        rows = split_rows(synth_dir, p.synthetic_splits, "synthetic")
         rows = first_mode(rows)  # an image-conditioned model's reconstructions, which their source's caption describes
-        synth = pairs_of(SYNTH, rows)
+        synth = pairs_of(synth_dir, rows)
         out.update(synth=synth, real_synth=real + synth)
     return {name: out[name] for name in p.arms}
 
 
-def main() -> None:
-    p, seed = load_params("evaluate_vlp", EvaluateVLPParams)
+def main(stage: Stage) -> None:
+    p, seed = stage.params, stage.seed
     if p.test_split in p.synthetic_splits:
         raise PipelineError("params.yaml: evaluate_vlp.synthetic_splits must not contain evaluate_vlp.test_split "
                             "(pretraining on images generated from test captions would leak the test set)")
-    require_inputs("evaluate_vlp", REAL, f"{SYNTH}/metadata.csv")
+    real_dir, synth_dir = stage.dep("ingest/dataset"), stage.dep("generate/dataset")
     seed_everything(seed)
-    real = split_pairs(REAL, ["train"], "real")
+    real = split_pairs(real_dir, ["train"], "real")
     if not any(real.captions):  # label-free data (an image-conditioned model's): no pairs to pretrain on
-        write_outputs(p, seed, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
+        write_outputs(stage, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
                       "dataset has no captions, and a dual encoder learns from (image, caption) pairs.\n")
         print("evaluate_vlp: no captions in the dataset; nothing to pretrain on")
         return
     if real.images.ndim == 5:
-        write_outputs(p, seed, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
+        write_outputs(stage, pd.DataFrame(), pd.DataFrame(), {}, "# Vision-language pretraining\n\nNot run: the "
                       "dataset holds volumes, and the dual encoder's image tower is 2-D.\n")
         print("evaluate_vlp: volumes; the dual encoder is 2-D, nothing to pretrain")
         return
-    data = scoring_set(REAL, real, p.test_split, p.zero_shot_templates)
+    data = scoring_set(real_dir, real, p.test_split, p.zero_shot_templates)
     for note in data.notes:
         print(f"evaluate_vlp: {note}")
     tower = TextTower(TextEncoder(p.text_encoder, p.text_max_length), p.text_trainable_layers)
     rows = []
-    for arm, pairs in corpora(p, real).items():
+    for arm, pairs in corpora(p, real, synth_dir).items():
         for rep in range(p.seeds):
             model_seed = derive_seed(seed, "vlp", rep) % 2**31  # the same for every arm
             model, tuned, log = pretrain(pairs.images, pairs.captions, tower, p, model_seed,
@@ -97,20 +95,21 @@ def main() -> None:
     chance = retrieval_chance(data.positives)
     flat.update({f"vlp_{k}": v for k, v in chance.items()})
     text = report(table, p.arms, p.probe_fractions, p.seeds, p.steps, p.test_split, chance, data.notes)
-    write_outputs(p, seed, runs, table, flat, text)
+    write_outputs(stage, runs, table, flat, text)
     print(text)
 
 
-def write_outputs(p: EvaluateVLPParams, seed: int, runs: pd.DataFrame, table: pd.DataFrame, flat: dict,
-                  text: str) -> None:
-    with atomic_path(f"{OUT}/runs.csv") as tmp:
-        runs.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(f"{OUT}/summary.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    write_text(f"{OUT}/report.md", text)
-    write_provenance(f"{OUT}/provenance.json", stage="evaluate_vlp", params=as_dict(p), seed=seed, inputs=[REAL, SYNTH])
-    write_metrics("evaluate_vlp", flat, headline=headline(p.arms, p.probe_fractions, flat))
+def write_outputs(stage: Stage, runs: pd.DataFrame, table: pd.DataFrame, flat: dict, text: str) -> None:
+    write_csv(stage.out_path("runs.csv"), runs)
+    write_csv(stage.out_path("summary.csv"), table)
+    write_text(stage.out_path("report.md"), text)
+    stage.write_provenance()
+    stage.write_metrics(flat, headline=headline(stage.params.arms, stage.params.probe_fractions, flat))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, EvaluateVLPParams, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

@@ -21,7 +21,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
+from synthmed.config import require_at_least_one
 from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
@@ -29,16 +29,12 @@ from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
 from synthmed.errors import PipelineError
 from synthmed import store
-from synthmed.io import sha256_tree, write_json, write_metrics
-from synthmed.provenance import derive_seed, run_fingerprint, seed_everything, write_provenance
+from synthmed.io import read_table, sha256_tree, write_json
+from synthmed.provenance import derive_seed, seed_everything
 from synthmed.runtime import pick_device
+from synthmed.stage import Stage, run_stage
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
-PLAN = "data/prompts/plan.csv"
-MODEL = "data/train_lora/model"  # train_ldm's model, or a LoRA fine-tune (train_lora.base)
-OUT = "data/generate"
-DATASET = f"{OUT}/dataset"
-REAL = "data/ingest/dataset"  # the source images of an image-conditioned model
 
 
 @dataclass
@@ -69,11 +65,11 @@ class GenerateParams:
                              "grid_images")
 
 
-def plan_for(p: GenerateParams) -> pd.DataFrame:
-    plan = pd.read_csv(PLAN, dtype=str, keep_default_na=False)
+def plan_for(p: GenerateParams, path: str) -> pd.DataFrame:
+    plan = read_table(path)
     missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
     if missing or plan.empty:
-        raise PipelineError(f"{PLAN}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
+        raise PipelineError(f"{path}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
     plan["seed"] = plan["seed"].astype("int64")  # 63-bit seeds, exact
     return plan
 
@@ -111,24 +107,25 @@ def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p: Gene
     return tiles, captions, width
 
 
-def main(shard: tuple[int, int] = (1, 1)) -> None:
-    p, seed = load_params("generate", GenerateParams)
-    require_inputs("generate", PLAN)
-    plan = plan_for(p)
-    require_inputs("generate", f"{MODEL}/model_index.json")
+def main(stage: Stage, shard: tuple[int, int] = (1, 1)) -> None:
+    p, seed = stage.params, stage.seed
+    plan_file = stage.dep("prompts/plan.csv")
+    plan = plan_for(p, plan_file)
+    model = stage.dep("train_lora/model")  # train_ldm's model, or a LoRA fine-tune (train_lora.base)
+    dataset = stage.out_path("dataset")
     seed_everything(seed)
 
-    pipe = load_generator(MODEL, pick_device())
+    pipe = load_generator(model, pick_device())
     pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
     image_conditioned = getattr(pipe, "image_conditioned", False)
     if image_conditioned:
-        plan = image_plan(plan, p.image.modes, p.image.fractions, seed, PLAN).assign(interpolation=p.image.interpolation)
-        sources = SourceEmbeddings(pipe, plan, REAL, p.image.interpolation, PLAN)
+        plan = image_plan(plan, p.image.modes, p.image.fractions, seed, plan_file).assign(
+            interpolation=p.image.interpolation)  # the source images are the real dataset's
+        sources = SourceEmbeddings(pipe, plan, stage.dep("ingest/dataset"), p.image.interpolation, plan_file)
     plan = finish_plan(plan, p)
-    plan["model_sha256"] = sha256_tree(MODEL)
-    inputs = [PLAN, MODEL] + ([REAL] if image_conditioned else [])
-    # finished shards are reused only by the same run: params, seed, plan, model and code
-    fingerprint = run_fingerprint("generate", params=as_dict(p), seed=seed, inputs=inputs)
+    plan["model_sha256"] = sha256_tree(model)
+    # finished shards are reused only by the same run: params, seed, plan, model, real images and code
+    fingerprint = stage.fingerprint()
 
     def render(rows: pd.DataFrame):
         conditions = sources(rows) if image_conditioned else rows["text"].tolist()
@@ -137,27 +134,27 @@ def main(shard: tuple[int, int] = (1, 1)) -> None:
                                                guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             yield from (to_array(img) for img in images)
 
-    shards = store.run_dir("generate", fingerprint) / "shards"  # a killed run resumes after its finished shards
+    shards = stage.run_dir(fingerprint) / "shards"  # a killed run resumes after its finished shards
     meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render, shard)
     if shard != (1, 1):  # one of N workers: the merge (a plain run) publishes
         print(f"generate: shard {shard[0]}/{shard[1]}: {stats['rendered']} images rendered into {shards}; "
               "`dvc repro generate` merges once every worker has finished")
         return
     meta = meta[["file_name", "text", *[c for c in meta.columns if c not in ("file_name", "text")]]]
-    publish_shards(shards, meta, DATASET)
+    publish_shards(shards, meta, dataset)
     if image_conditioned:
         tiles, captions, ncol = image_grid_rows(pipe, plan, sources, p, seed)
     else:  # images spread over the whole plan (all planes/labels), not just the first few
         at = torch.linspace(0, len(meta) - 1, min(p.grid_images, len(meta))).round().long().unique().tolist()
-        tiles = [load_png(f"{DATASET}/{meta['file_name'].iloc[i]}") for i in at]
+        tiles = [load_png(f"{dataset}/{meta['file_name'].iloc[i]}") for i in at]
         captions, ncol = meta["text"].iloc[at].tolist(), 8
-    save_png(image_grid(tiles, captions, ncol=ncol), f"{OUT}/grid.png")
-    write_provenance(f"{OUT}/provenance.json", stage="generate", params=as_dict(p), seed=seed, inputs=inputs)
-    write_metrics("generate", {"images": len(meta), "prompts": int(meta["prompt_index"].nunique())}, headline=["images"])
+    save_png(image_grid(tiles, captions, ncol=ncol), stage.out_path("grid.png"))
+    stage.write_provenance()
+    stage.write_metrics({"images": len(meta), "prompts": int(meta["prompt_index"].nunique())}, headline=["images"])
     write_json("logs/generate.json", {**stats, "scheduler": p.scheduler, "steps": p.num_inference_steps,
                                       "device": str(pipe.device)})  # throughput: uncached, outside DVC outputs
     store.finish_run("generate", fingerprint)
-    print(f"generate: {len(meta)} images from {meta['prompt_index'].nunique()} prompts -> {DATASET} "
+    print(f"generate: {len(meta)} images from {meta['prompt_index'].nunique()} prompts -> {dataset} "
           f"({stats['rendered']} rendered, {stats['resumed']} from finished shards, "
           f"{stats['images_per_s'] or 0:.2f} images/s)")
 
@@ -179,7 +176,7 @@ def cli(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_stage(lambda: main(shard), argv, stage="generate")
+    return run_stage(lambda stage: main(stage, shard), GenerateParams, argv, name="generate")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from synthmed.config import as_dict, load_params, require_at_least_one, require_non_negative, run_stage
+from synthmed.config import as_dict, require_at_least_one, require_non_negative
 from synthmed.data.card import dataset_card
 from synthmed.data.decode import DecodeOptions
 from synthmed.data.dicom import DicomParams, without_patient_id
@@ -20,8 +20,9 @@ from synthmed.data.sample import Sample
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.data.volumes import VolumeParams, check_volume_params
 from synthmed.errors import PipelineError
-from synthmed.io import write_text, write_metrics
-from synthmed.provenance import seed_everything, write_provenance
+from synthmed.io import write_text
+from synthmed.provenance import seed_everything
+from synthmed.stage import Stage, run_stage
 from synthmed.viz import image_grid, save_png
 
 OUT = "data/ingest"
@@ -154,8 +155,8 @@ def split_notes(p: IngestParams, samples: list[Sample], guard_dropped: int) -> t
     return [], {}
 
 
-def main() -> None:
-    p, seed = load_params("ingest", IngestParams)
+def main(stage: Stage) -> None:
+    p, seed = stage.params, stage.seed
     check_volume_params(p.dims, p.source, p.channels, p.resolution)
     seed_everything(seed)
     problems = Problems(p.on_error)
@@ -195,14 +196,17 @@ def main() -> None:
     write_text(f"{OUT}/card.md", dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
                                               params=as_dict(p), stats=stats, images=images, pairs=pairs,
                                               problems=problems.counts(), notes=notes, volumes=p.dims == 3))
-    write_provenance(f"{OUT}/provenance.json", stage="ingest", params=as_dict(p), seed=seed,
-                     inputs=[p.path] if p.source != "demo" else [])
-    write_metrics("ingest", {**stats, "rows_dropped": len(problems.items), **figures}, headline=["images"])
+    stage.write_provenance([p.path] if p.source != "demo" else [])
+    stage.write_metrics({**stats, "rows_dropped": len(problems.items), **figures}, headline=["images"])
     print(f"ingest: {stats['images']} {'volumes' if p.dims == 3 else 'images'}, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {OUT}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {OUT}/problems.csv" if problems.items else "")
           + "".join(f"\n  {note}" for note in notes))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, IngestParams, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

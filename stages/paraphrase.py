@@ -8,18 +8,15 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.imagefolder import metadata_chunks
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_metrics
+from synthmed.io import atomic_path
 from synthmed import store
-from synthmed.provenance import write_provenance
+from synthmed.stage import Stage, run_stage
 from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
 from synthmed.text.paraphrase import Paraphraser, augment_pairs, make_offline_paraphraser
 from synthmed.text.salient import load_vocabulary
 
-DATASET = "data/ingest/dataset"
-OUT = "data/paraphrase"
 
 
 
@@ -76,15 +73,15 @@ def report_declined(declined: dict[str, str], total: int) -> None:
               "one too) rephrases them")
 
 
-def main() -> None:
-    p, seed = load_params("paraphrase", ParaphraseParams)
-    require_inputs("paraphrase", DATASET)
+def main(stage: Stage) -> None:
+    p, seed = stage.params, stage.seed
+    dataset = stage.dep("ingest/dataset")
     paraphraser = make_paraphraser(p, seed)
     print(f"paraphrase: backend={paraphraser.name}"
           + (f" model={p.openai.model} at {p.openai.base_url or 'OpenAI'}" if paraphraser.name == "llm" else ""))
     # the caption table is read in chunks, so memory grows with the distinct captions, not with the pairs
     before, eligible = set(), set()
-    for chunk in metadata_chunks(DATASET):
+    for chunk in metadata_chunks(dataset):
         before.update(chunk["text"])
         eligible.update(chunk.loc[chunk["split"].isin(p.splits), "text"])
     unique = sorted(eligible - {""})  # an image without a caption has nothing to rephrase
@@ -93,9 +90,9 @@ def main() -> None:
     report_declined(declined, len(unique))
     rng, after, n_pairs = random.Random(seed), set(), 0
     columns = ["file_name", "text", "caption_source", "split", "label", "group"]
-    with atomic_path(f"{OUT}/pairs.csv") as tmp:
+    with atomic_path(stage.out_path("pairs.csv")) as tmp:
         for augmented in (True, False):  # the paraphrased splits' rows first, then the others' as they are
-            for chunk in metadata_chunks(DATASET):
+            for chunk in metadata_chunks(dataset):
                 rows = chunk[chunk["split"].isin(p.splits) == augmented]
                 out = (augment_pairs(rows, paraphrases, paraphraser.name, p.strategy, p.p_replace, rng)
                        if augmented else rows.assign(caption_source="original"))
@@ -103,15 +100,14 @@ def main() -> None:
                 n_pairs += len(out)
                 after.update(out["text"])
         if n_pairs == 0:
-            raise PipelineError(f"{DATASET}/metadata.csv: no pairs left after paraphrasing; check paraphrase.splits")
+            raise PipelineError(f"{dataset}/metadata.csv: no pairs left after paraphrasing; check paraphrase.splits")
     used = backend_used(paraphraser)
     # the backend that ran beside the one asked for: they differ under paraphrase.openai.fallback: rule
-    write_provenance(f"{OUT}/provenance.json", stage="paraphrase", params={**as_dict(p), "backend_used": used},
-                     seed=seed, inputs=[f"{DATASET}/metadata.csv", p.prompt_template, p.vocabulary])
+    stage.write_provenance(backend_used=used)
     stats = getattr(paraphraser, "stats", LLMStats())
     n_para = sum(len(v) for v in paraphrases.values())
     reasons = ("empty", "malformed", "refusal", "identical", "duplicate", "length", "salient")
-    write_metrics("paraphrase", {
+    stage.write_metrics({
         "unique_captions_before": len(before),
         "unique_captions_after": len(after),
         "paraphrases_per_caption": n_para / max(len(unique), 1),
@@ -127,5 +123,9 @@ def main() -> None:
           f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, ParaphraseParams, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

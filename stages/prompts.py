@@ -12,15 +12,10 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-import pandas as pd
-
-from synthmed.config import as_dict, load_params, require_at_least_one, require_inputs, run_stage
+from synthmed.config import require_at_least_one
 from synthmed.diffusion.prompts import PLAN_COLUMNS, expand, file_prompts, heldout_prompts, template_prompts
-from synthmed.io import atomic_path, write_metrics
-from synthmed.provenance import write_provenance
-
-METADATA = "data/ingest/dataset/metadata.csv"
-OUT = "data/prompts"
+from synthmed.io import read_table, write_csv
+from synthmed.stage import Stage, run_stage
 
 
 @dataclass
@@ -35,24 +30,26 @@ class PromptsParams:
         require_at_least_one(self, "images_per_prompt")
 
 
-def main() -> None:
-    p, seed = load_params("prompts", PromptsParams)
+def main(stage: Stage) -> None:
+    p, seed = stage.params, stage.seed
     if p.source == "heldout":
-        require_inputs("prompts", METADATA)
-        metadata = pd.read_csv(METADATA, dtype=str, keep_default_na=False)
-        prompts, inputs = heldout_prompts(metadata, p.splits, METADATA), [METADATA]
+        metadata = stage.dep("ingest/dataset/metadata.csv")
+        prompts, inputs = heldout_prompts(read_table(metadata), p.splits, metadata), [metadata]
     elif p.source == "file":
         prompts, inputs = file_prompts(p.file), [p.file]
     else:
         prompts, inputs = template_prompts(p.templates), []
     plan = expand(prompts, p.images_per_prompt, seed)
-    with atomic_path(f"{OUT}/plan.csv") as tmp:
-        plan[PLAN_COLUMNS].astype(str).to_csv(tmp, index=False)  # seeds as text: 63-bit values stay exact
-    write_provenance(f"{OUT}/provenance.json", stage="prompts", params=as_dict(p), seed=seed, inputs=inputs)
-    write_metrics("prompts", {"prompts": int(plan["prompt_index"].nunique()), "images": len(plan)}, headline=["images"])
+    write_csv(stage.out_path("plan.csv"), plan[PLAN_COLUMNS].astype(str))  # seeds as text: 63-bit values stay exact
+    stage.write_provenance(inputs)
+    stage.write_metrics({"prompts": int(plan["prompt_index"].nunique()), "images": len(plan)}, headline=["images"])
     print(f"prompts: {plan['prompt_index'].nunique()} prompts x {p.images_per_prompt} -> {len(plan)} images "
           f"({p.source})")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, PromptsParams, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from synthmed.config import require_inputs, run_stage
 from synthmed.data.dataset import first_mode, images_of
 from synthmed.data.imagefolder import read_metadata
+from synthmed.stage import Stage, run_stage
 from synthmed.report import Figure, Section, Table, curves_png, fmt, frame_table, smoothed, write_report
 from synthmed.viz import image_grid, to_array
 
-OUT = "data/report"
 REAL, SYNTH = "data/ingest/dataset", "data/generate/dataset"
 FIDELITY = [("fd_effnet", "Fréchet distance (EfficientNet features), lower is better"),
             ("kid_effnet", "kernel distance, lower is better"),
@@ -164,16 +163,21 @@ def vlp_section() -> Section:
                    "pairs, scored on real test images; synthetic pairs help when `real_synth` beats `real`.", blocks)
 
 
-def main() -> None:
-    require_inputs("report", f"{REAL}/metadata.csv", f"{SYNTH}/metadata.csv", "metrics/all/evaluate.json")
+def main(stage: Stage) -> None:
+    for key in stage.inputs:  # every section's input, or one line naming what to run
+        stage.dep(key)
     m = metrics("evaluate")
     sections = [dataset_section(), vae_section(), diffusion_section(), samples_section(), fidelity_section(m),
                 privacy_section(m), augmentation_section(), vlp_section()]
-    subtitle = ("Every figure comes from this run's DVC outputs (`dvc exp show` has them as columns); see the "
-                "README's \"What the metrics mean\".")
-    write_report(OUT, "synthmed run report", subtitle, sections)
-    print(f"report: {len(sections)} sections -> {OUT}/report.html, {OUT}/report.md")
+    subtitle = ("Every figure comes from this run's DVC outputs (`dvc exp show` has them as columns); "
+                "docs/metrics.md says what each one means.")
+    write_report(str(stage.out), "synthmed run report", subtitle, sections)
+    print(f"report: {len(sections)} sections -> {stage.out}/report.html, {stage.out}/report.md")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, None, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(cli())

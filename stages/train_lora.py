@@ -19,18 +19,12 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.diffusion.config import LDMTrainConfig
-from synthmed.io import atomic_path, write_metrics
+from synthmed.io import atomic_path
 from synthmed.models.lora import LoraParams
-from synthmed.provenance import write_provenance
+from synthmed.stage import Stage, run_stage
 
-DATASET = "data/ingest/dataset"
-PAIRS = "data/paraphrase/pairs.csv"
-SCRATCH = "data/train_ldm/model"
-OUT = "data/train_lora"
-MODEL = f"{OUT}/model"
-ADAPTER = f"{OUT}/adapter"
+SCRATCH = "data/train_ldm/model"  # the default base (synthmed): this run's own train_ldm model
 
 
 @dataclass
@@ -82,27 +76,33 @@ class TrainLoraParams(LDMTrainConfig):  # the training-loop knobs, plus the base
                           k.prior_target_modules if part == "prior" else k.decoder_target_modules)
 
 
-def pass_through(p: TrainLoraParams, seed: int) -> None:
+def pass_through(stage: Stage) -> None:
     """base: none: generate samples train_ldm's model; the adapter folder says there is none."""
-    require_inputs("train_lora", f"{SCRATCH}/model_index.json")
-    with atomic_path(MODEL, is_dir=True) as tmp:
-        shutil.copytree(SCRATCH, tmp, dirs_exist_ok=True)
-    with atomic_path(ADAPTER, is_dir=True) as tmp:
-        (tmp / "README.md").write_text("# No LoRA adapter\n\n`train_lora.base: none`: `data/train_lora/model` is "
+    scratch, model = stage.dep("train_ldm/model"), stage.out_path("model")
+    with atomic_path(model, is_dir=True) as tmp:
+        shutil.copytree(scratch, tmp, dirs_exist_ok=True)
+    with atomic_path(stage.out_path("adapter"), is_dir=True) as tmp:
+        (tmp / "README.md").write_text(f"# No LoRA adapter\n\n`train_lora.base: none`: `{model}` is "
                                        "train_ldm's model, unchanged. Set `train_lora.base` to fine-tune one.\n")
-    write_provenance(f"{OUT}/provenance.json", stage="train_lora", params=as_dict(p), seed=seed, inputs=[SCRATCH])
-    write_metrics("train_lora", {"lora_parameters": 0}, headline=["lora_parameters"])
-    print(f"train_lora: base none: {MODEL} is {SCRATCH}")
+    with atomic_path(stage.out_path("progress"), is_dir=True) as tmp:  # a declared output: DVC wants it
+        (tmp / "README.md").write_text("No adapter was trained (`train_lora.base: none`); train_ldm's progress grids "
+                                       "are in data/train_ldm/progress.\n")
+    stage.write_provenance([scratch])
+    stage.write_metrics({"lora_parameters": 0}, headline=["lora_parameters"])
+    print(f"train_lora: base none: {model} is {scratch}")
 
 
-def main() -> None:
-    p, seed = load_params("train_lora", TrainLoraParams)
-    if p.base == "none":
-        return pass_through(p, seed)
-    from synthmed.diffusion.lora_finetune import Layout, finetune  # diffusers, peft: only when a base is tuned
+def main(stage: Stage) -> None:
+    if stage.params.base == "none":
+        return pass_through(stage)
+    from synthmed.diffusion.lora_finetune import finetune  # diffusers, peft: only when a base is tuned
 
-    finetune(p, seed, Layout(dataset=DATASET, pairs=PAIRS, out=OUT))
+    finetune(stage)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, TrainLoraParams, argv, data_parallel=True)
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main, data_parallel=True))
+    sys.exit(cli())

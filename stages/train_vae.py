@@ -11,19 +11,17 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
-from synthmed.config import as_dict, load_params, require_inputs, run_stage
 from synthmed.data.dataset import split_stack
 from synthmed.errors import PipelineError
 from synthmed import store
-from synthmed.io import atomic_path, write_metrics
+from synthmed.io import atomic_path, write_csv
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
-from synthmed.provenance import run_fingerprint, seed_everything, write_provenance
+from synthmed.provenance import seed_everything
 from synthmed.runtime import make_accelerator
+from synthmed.stage import Stage, run_stage
 from synthmed.viz import image_grid, save_png, to_array
 
-DATASET = "data/ingest/dataset"
-OUT = "data/train_vae"
 POSTERIOR_SAMPLE = 1000  # training images the scaling factor and the noise fraction are measured on
 
 
@@ -63,18 +61,18 @@ def load_vae(p: TrainVAEParams, channels: int, size: int, dims: int = 2) -> Auto
     return vae
 
 
-def main() -> None:
-    p, seed = load_params("train_vae", TrainVAEParams)
-    require_inputs("train_vae", DATASET)
+def main(stage: Stage) -> None:
+    p, seed = stage.params, stage.seed
+    dataset = stage.dep("ingest/dataset")
     g = seed_everything(seed)
     accelerator = make_accelerator("no")  # one process, or one of several (SYNTHMED_PROCESSES, several GPUs)
-    _, train = split_stack(DATASET, ["train"])  # uint8 on disk: batches are read and scaled as training goes
-    _, val = split_stack(DATASET, ["val"])
+    _, train = split_stack(dataset, ["train"])  # uint8 on disk: batches are read and scaled as training goes
+    _, val = split_stack(dataset, ["val"])
     vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(accelerator.device)
     log = []
-    fingerprint = run_fingerprint("train_vae", params=as_dict(p), seed=seed, inputs=[DATASET])
+    fingerprint = stage.fingerprint()
     if not (p.pretrained and p.pretrained_mode == "validate"):
-        checkpoints = store.run_dir("train_vae", fingerprint) / "checkpoints"  # a killed run resumes from here
+        checkpoints = stage.run_dir(fingerprint) / "checkpoints"  # a killed run resumes from here
         try:
             log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint,
                                     accelerator=accelerator)
@@ -91,16 +89,14 @@ def main() -> None:
     pick = torch.linspace(0, len(val) - 1, min(8, len(val))).long()
     metrics, recon = validate(vae, val, pick.tolist())
 
-    with atomic_path(f"{OUT}/vae", is_dir=True) as tmp:
+    with atomic_path(stage.out_path("vae"), is_dir=True) as tmp:
         vae.to("cpu").save_pretrained(tmp)
-    with atomic_path(f"{OUT}/loss.csv") as tmp:
-        pd.DataFrame(log, columns=["step", "loss", "recon", "kl"]).to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(stage.out_path("loss.csv"), pd.DataFrame(log, columns=["step", "loss", "recon", "kl"]))
     recon_u8 = ((recon + 1) * 127.5).round().to(torch.uint8)
-    save_png(image_grid([to_array(x) for x in [*val[pick], *recon_u8]], ncol=len(pick)), f"{OUT}/recon.png")
-    write_provenance(f"{OUT}/provenance.json", stage="train_vae", params=as_dict(p), seed=seed,
-                     inputs=[DATASET])
+    save_png(image_grid([to_array(x) for x in [*val[pick], *recon_u8]], ncol=len(pick)), stage.out_path("recon.png"))
+    stage.write_provenance()
     tail = log[-50:]
-    write_metrics("train_vae", {
+    stage.write_metrics({
         **{f"val_{k}": v for k, v in metrics.items()},
         "scaling_factor": float(vae.config.scaling_factor),
         "posterior_noise_fraction": posterior_noise_fraction(mean, std),
@@ -112,5 +108,9 @@ def main() -> None:
     print(f"train_vae: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(main, TrainVAEParams, argv, data_parallel=True)
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main, data_parallel=True))
+    sys.exit(cli())

@@ -7,18 +7,15 @@ the declared type. Unknown keys are rejected, which catches typos in sweeps.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import errno
 import os
 import re
 import sys
-import time
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -88,7 +85,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type[T], section: Any, key: str, path: Path) -> T:
     """Validate a mapping against dataclass ``cls``; nested dataclass fields recurse."""
     if not isinstance(section, dict):
-        raise PipelineError(f"{path}: section '{key}:' is missing or not a mapping; restore it from the README")
+        raise PipelineError(f"{path}: section '{key}:' is missing or not a mapping; restore it from the repository's params.yaml")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in section:
@@ -101,7 +98,7 @@ def _build(cls: type[T], section: Any, key: str, path: Path) -> T:
         if name not in section:
             if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
                 continue
-            raise PipelineError(f"{path}: key '{key}.{name}' is missing; add it (see README, 'Params')")
+            raise PipelineError(f"{path}: key '{key}.{name}' is missing; add it (see docs/params.md)")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, section[name], f"{key}.{name}", path)
@@ -141,24 +138,22 @@ def require_fractions(params: Any, name: str) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {values}")
 
 
+def load_seed(path: str | Path = PARAMS_FILE) -> int:
+    """The shared seed of params.yaml."""
+    seed = _read_yaml(Path(path)).get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise PipelineError(f"{path}: top-level 'seed' must be an integer (e.g. seed: 42)")
+    return seed
+
+
 def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tuple[T, int]:
     """Return (validated params of ``stage``, shared seed) from params.yaml."""
     path = Path(path)
-    data = _read_yaml(path)
-    seed = data.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise PipelineError(f"{path}: top-level 'seed' must be an integer (e.g. seed: 42)")
-    return _build(cls, data.get(stage), stage, path), seed
+    return _build(cls, _read_yaml(path).get(stage), stage, path), load_seed(path)
 
 
 def as_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
-
-
-# Errors of the machine that no retry fixes: one line and exit 2, like bad params.
-_USER_FIXABLE_OS_ERRORS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
-                           errno.EROFS: "make the output folder writable", errno.EACCES: "fix its permissions",
-                           errno.EPERM: "fix its permissions"}
 
 
 @dataclasses.dataclass
@@ -199,90 +194,3 @@ def apply_cpu_params(path: str | Path = PARAMS_FILE, *, pin: bool = True) -> CPU
     except reproducibility.StrictCPUError:
         reproducibility.reexec(threads)  # never returns
     return p
-
-
-def describe_stage(stage: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> str:
-    """The stage's docstring plus what it reads and writes, from its dvc.yaml entry."""
-    from synthmed.provenance import is_code, stage_entries
-
-    lines = [(doc or f"DVC stage `{stage}`.").strip(), "", f"Reads params.yaml: `seed` and the `{stage}:` section"]
-    entries = lambda key: stage_entries(stage, key, dvc_yaml) or []  # noqa: E731
-    inputs = [d for d in entries("deps") if not is_code(d)]
-    if inputs:
-        lines += ["Reads:", *(f"  {d}" for d in inputs)]
-    outputs = entries("outs") + entries("plots") + entries("metrics")
-    if outputs:
-        lines += ["Writes:", *(f"  {o}" for o in outputs)]
-    lines += ["", f"Run it through DVC (`dvc repro {stage}`) so that its outputs are recorded."]
-    return "\n".join(lines)
-
-
-def run_stage(main: Callable[[], None], argv: list[str] | None = None, *, stage: str | None = None,
-              data_parallel: bool = False) -> int:
-    """Run a stage's main() and return its exit code; a PipelineError (or a disk the user must fix)
-    becomes one line on stderr and exit code 2. Stages end with `sys.exit(run_stage(main))`.
-
-    ``argv`` None: the command line, and the process's CPU settings come from params.yaml (`cpu:`).
-    ``argv`` given: a run inside another process (tests, notebooks), whose CPU settings stay as they are.
-    ``data_parallel`` (the training stages): from the command line, with several GPUs visible or
-    ``SYNTHMED_PROCESSES`` > 1, the stage restarts itself as that many processes (synthmed.runtime.launch_ranks),
-    so `dvc repro`, `dvc exp run`, the queue and the flow all train data-parallel.
-    `--help` describes the stage and exits without touching anything. The wall time goes to
-    logs/timings/<stage>.json, outside every DVC output, so that cached artifacts stay identical
-    across reruns.
-    """
-    module = getattr(main, "__module__", "__main__")
-    if stage is None:  # `python -m stages.ingest` -> "ingest"
-        stage = module.removeprefix("stages.") if module.startswith("stages.") else Path(sys.argv[0]).stem
-    doc = getattr(sys.modules.get(module), "__doc__", None)
-    args = sys.argv[1:] if argv is None else argv
-    described = any(a in ("-h", "--help") for a in args)  # reading dvc.yaml for it costs every run 0.4 s
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
-                                     description=describe_stage(stage, doc) if described else None,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    try:
-        parser.parse_args(args)
-    except SystemExit as exc:  # --help (0) or an unknown option (2)
-        return exc.code if isinstance(exc.code, int) else 2
-    start = time.perf_counter()
-    try:
-        if data_parallel and argv is None:
-            from synthmed import runtime
-
-            n = 1 if runtime.is_rank() else runtime.data_parallel_processes()
-            if n > 1:
-                return runtime.launch_ranks(stage, n)
-        apply_cpu_params(pin=argv is None)
-        main()
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if "CUDA error" not in str(exc) and "NCCL" not in str(exc):
-            raise
-        first = str(exc).strip().splitlines()[0]
-        print(f"error: the GPU failed mid-run ({first}); check it with nvidia-smi, then rerun `dvc repro {stage}` "
-              "(a training stage resumes from its last checkpoint)", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        if exc.errno not in _USER_FIXABLE_OS_ERRORS:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; {_USER_FIXABLE_OS_ERRORS[exc.errno]} and rerun "
-              f"`dvc repro {stage}` (a killed or failed run resumes where it stopped)", file=sys.stderr)
-        return 2
-    seconds = time.perf_counter() - start
-    if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one reports
-        return 0
-    print(f"{stage}: finished in {seconds:.1f} s")
-    from synthmed.io import write_json
-
-    write_json(Path("logs/timings") / f"{stage}.json", {"stage": stage, "wall_s": round(seconds, 2)})
-    return 0
-
-
-def require_inputs(stage: str, *paths: str | Path) -> None:
-    """Stop with one line if an upstream artifact is missing."""
-    for path in paths:
-        if not Path(path).exists():
-            raise PipelineError(f"{path}: missing upstream artifact; run `dvc repro {stage}` to build it first")

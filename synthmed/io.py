@@ -99,3 +99,18 @@ def write_metrics(stage: str, metrics: dict, headline: list[str]) -> None:
     experiment table stays a screen wide)."""
     write_json(Path("metrics/all") / f"{stage}.json", metrics)
     write_json(Path("metrics") / f"{stage}.json", {k: metrics[k] for k in headline if k in metrics})
+
+
+def write_csv(path: str | Path, frame, float_format: str | None = "%.6g") -> None:
+    """A table (a pandas DataFrame) as CSV, atomically, without the index; floats to 6 significant digits (the
+    exact figures are in the metrics JSON)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format)
+
+
+def read_table(path: str | Path):
+    """A CSV as text, cell for cell: no type guessing and no NaN for empty cells (captions, file names and 63-bit
+    seeds stay as written)."""
+    import pandas as pd  # here: the stages that never read a table start faster
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)

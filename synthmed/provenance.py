@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from synthmed.io import manifest_hash, sha256_bytes, sha256_file, sha256_tree, write_json
 
@@ -57,25 +56,11 @@ def code_version() -> str:
     return h.hexdigest()
 
 
-CODE_ROOTS = ("synthmed", "stages")
-
-
-def stage_entries(stage: str, key: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str] | None:
-    """The paths under ``key`` (deps, outs, plots, metrics) of ``stage`` in dvc.yaml; None without an entry."""
-    path = Path(dvc_yaml)
-    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage) \
-        if path.is_file() else None
-    if spec is None:
-        return None
-    return [e if isinstance(e, str) else next(iter(e)) for e in spec.get(key, [])]
-
-
-def is_code(dep: str | Path) -> bool:
-    return bool(Path(dep).parts) and Path(dep).parts[0] in CODE_ROOTS
-
-
 def stage_code_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path] | None:
-    """The code deps that dvc.yaml declares for ``stage`` (None without a dvc.yaml entry)."""
+    """The code deps that the working directory's dvc.yaml (the one DVC hashes) declares for ``stage`` (None
+    without an entry)."""
+    from synthmed.stage import is_code, stage_entries
+
     deps = stage_entries(stage, "deps", dvc_yaml)
     return None if deps is None else [Path(d) for d in deps if is_code(d)]
 

@@ -36,12 +36,10 @@ class StageRun:
 
 
 def run_stage_here(workdir: Path, stage: str, *argv: str, env: dict[str, str | None] | None = None) -> StageRun:
-    """`python -m stages.<stage> [argv]` run in this process from ``workdir`` (synthmed.config.run_stage with
+    """`python -m stages.<stage> [argv]` run in this process from ``workdir`` (the stage's cli, run_stage with
     argv): its exit code and what it printed, without paying a fresh interpreter's imports. ``env``: variables
     set (None: unset) for the run only."""
     import importlib
-
-    from synthmed.config import run_stage
 
     module = importlib.import_module(f"stages.{stage}")
     out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
@@ -55,7 +53,7 @@ def run_stage_here(workdir: Path, stage: str, *argv: str, env: dict[str, str | N
     os.chdir(workdir)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = module.cli(list(argv)) if stage == "generate" else run_stage(module.main, list(argv))
+            code = module.cli(list(argv))
     finally:
         os.chdir(cwd)
         put(saved)
@@ -171,7 +169,7 @@ def toy_latent_pairs(n: int = 6, g=None):
     """``n`` random 8x8x4 latents, each paired with its own 5-token caption state (index 0: the null caption)."""
     import torch
 
-    from synthmed.diffusion.train import LatentPairs
+    from synthmed.diffusion.latents import LatentPairs
 
     g = g or torch.Generator().manual_seed(0)
     return LatentPairs(latent_mean=torch.randn(n, 4, 8, 8, generator=g), latent_std=torch.zeros(n, 4, 8, 8),

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from synthmed.config import load_params, require_inputs
+from synthmed.config import load_params
 from synthmed.errors import PipelineError
 
 
@@ -70,11 +70,6 @@ def test_bad_params_name_the_key(tmp_path, text, expected):
 def test_missing_params_file(tmp_path):
     with pytest.raises(PipelineError, match="params.yaml: not found"):
         load_params("stage", P, tmp_path / "params.yaml")
-
-
-def test_missing_upstream_artifact_names_file_and_command(tmp_path):
-    with pytest.raises(PipelineError, match=r"data/x.csv: missing upstream artifact; run `dvc repro s`"):
-        require_inputs("s", "data/x.csv")
 
 
 @pytest.mark.parametrize("threads, expected", [("auto", 2), (3, 3)])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from synthmed.diffusion.train import select_caption_sources
+from synthmed.diffusion.latents import select_caption_sources
 from synthmed.data.dataset import split_mask
 from synthmed.diffusion.prompts import file_prompts
 from synthmed.errors import PipelineError

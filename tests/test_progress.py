@@ -13,7 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from synthmed.diffusion.shards import write_shards
-from synthmed.diffusion.train import LDMTrainConfig, make_noise_scheduler, train_ldm
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.loop import train_ldm
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.errors import PipelineError
 from synthmed.models.autoencoder import train_autoencoder
 from synthmed.progress import LineProgress, progress

@@ -145,17 +145,17 @@ def test_training_params_out_of_range_stop_before_anything_is_touched(workdir, s
 
 
 def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path, monkeypatch, capsys):
-    from synthmed.config import run_stage as run
+    from synthmed.stage import run_stage as run
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
 
-    def main():  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
+    def main(stage):  # a stage whose output lands on a full disk (/dev/full: ENOSPC)
         open("/dev/full", "w").write("x" * 65536)
 
-    code = run(main, [], stage="full_disk")
+    code = run(main, None, [], name="full_disk")
     proc = StageRun(code, *capsys.readouterr())
     assert_one_line_error(proc, "No space left on device", "free disk space", "dvc repro full_disk")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.bases import open_pipeline, to_rgb_at
-from synthmed.diffusion.train import LatentPairs
+from synthmed.diffusion.latents import LatentPairs
 
 PARTS = ("prior", "decoder")
 

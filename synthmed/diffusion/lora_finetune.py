@@ -4,8 +4,7 @@ for guidance, EMA of the adapter, checkpoints and resume): `synthmed` (a SynthMe
 after the other.
 
 The merged model is made by loading the saved adapters onto a fresh copy of the base, so a written adapter
-is one that loads. The `train_lora` stage holds the params and the paths; everything here is what it runs
-when `base` is not `none`.
+is one that loads. The `train_lora` stage holds the params; everything here is what it runs when `base` is not `none`.
 """
 
 from __future__ import annotations
@@ -20,36 +19,20 @@ import torch
 from diffusers import DDPMScheduler
 
 from synthmed import store
-from synthmed.config import as_dict, require_inputs
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
-from synthmed.diffusion.train import (NonFiniteLoss, build_latent_pairs, ema_weights, select_caption_sources, train_ldm,
-                                     train_loss_metrics, trained_parameters, validation_losses)
+from synthmed.diffusion.fit import fit
+from synthmed.diffusion.latents import build_latent_pairs, select_caption_sources
+from synthmed.diffusion.loop import trained_parameters
 from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, write_metrics
+from synthmed.io import atomic_path
 from synthmed.models.lora import LoraParams, add_lora
-from synthmed.provenance import input_hashes, run_fingerprint, seed_everything, write_provenance
+from synthmed.provenance import input_hashes, seed_everything
 from synthmed.runtime import make_accelerator
-from synthmed.viz import image_grid, save_png, to_array
+from synthmed.viz import to_array
 
 STAGE = "train_lora"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the stage reads and writes."""
-    dataset: str  # ingest's image folder
-    pairs: str  # paraphrase's (image, caption) table
-    out: str  # the stage's folder: adapter/, model/, progress/, provenance.json
-
-    @property
-    def adapter(self) -> str:
-        return f"{self.out}/adapter"
-
-    @property
-    def model(self) -> str:
-        return f"{self.out}/model"
 
 
 @dataclass
@@ -99,11 +82,11 @@ LoRA fine-tune of the {p.base} pipeline `{p.base_path}`{f" (prior `{p.kandinsky.
 """
 
 
-def training_sets(p, at: Layout):
-    pairs = pd.read_csv(at.pairs, dtype=str, keep_default_na=False)
-    pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, at.pairs)
-    rows, images = split_stack(at.dataset, ["train"])  # uint8 on disk, encoded a batch at a time
-    val_rows, val_images = split_stack(at.dataset, ["val"])
+def training_sets(p, dataset: str, pairs_file: str):
+    pairs = pd.read_csv(pairs_file, dtype=str, keep_default_na=False)
+    pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, pairs_file)
+    rows, images = split_stack(dataset, ["train"])  # uint8 on disk, encoded a batch at a time
+    val_rows, val_images = split_stack(dataset, ["val"])
     return pairs, rows, images, val_rows, val_images
 
 
@@ -192,75 +175,67 @@ def add_adapters(p, parts: list[Part], half) -> int:
     return n_lora
 
 
-def finetune(p, seed: int, at: Layout) -> None:
+def finetune(stage) -> None:
     """Fine-tune, save the adapters with their model card and the merged model, write provenance and metrics."""
-    g = seed_everything(seed)
+    p, g = stage.params, seed_everything(stage.seed)
     accelerator = make_accelerator(p.mixed_precision)
-    require_inputs(STAGE, at.pairs, at.dataset)
-    sets = training_sets(p, at)
-    inputs = [at.pairs, at.dataset] + [x for x in (p.base_path, p.kandinsky.prior_path) if x and Path(x).exists()]
-    fingerprint = run_fingerprint(STAGE, params=as_dict(p), seed=seed, inputs=inputs)
+    dataset, adapter, merged = stage.dep("ingest/dataset"), stage.out_path("adapter"), stage.out_path("model")
+    sets = training_sets(p, dataset, stage.dep("paraphrase/pairs.csv"))
+    inputs = stage.inputs + [x for x in (p.base_path, p.kandinsky.prior_path)
+                             if x and Path(x).exists() and x not in stage.inputs]
+    fingerprint = stage.fingerprint(inputs)
     # data-parallel: each process encodes its share into the run's cache (Kandinsky's pairs: all, in memory)
-    base, parts, sampler = prepare(p, accelerator.device, sets, at.adapter, store.run_dir(STAGE, fingerprint) / "encoded")
+    base, parts, sampler = prepare(p, accelerator.device, sets, adapter, stage.run_dir(fingerprint) / "encoded")
     images, val_rows = sets[2], sets[3]
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
     n_base = sum(x.numel() for part in parts for x in part.model.parameters())
     n_lora = add_adapters(p, parts, half)
-    grid_prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
+    prompts = val_rows["text"].iloc[torch.linspace(0, len(val_rows) - 1, 8).long().unique()].tolist()
+    progress = stage.out_path("progress")
     if accelerator.is_main_process:
-        shutil.rmtree(f"{at.out}/progress", ignore_errors=True)
+        shutil.rmtree(progress, ignore_errors=True)
     metrics = {"lora_parameters": n_lora, "base_parameters": n_base, "train_images": len(images),
                "train_pairs": len(sets[0]), "resolution": int(base.resolution)}
+
+    def grid():
+        return [to_array(x) for _, batch in sampler.generate_batches(prompts, list(range(len(prompts))),
+                                                                     num_inference_steps=25, guidance_scale=3.0)
+                for x in batch], prompts
+
     for part in parts:
-        log, ema = fit(p, part, g, accelerator, fingerprint, sampler, grid_prompts, at.out)
-        if not accelerator.is_main_process:  # every process trains every part; the main one reports
-            continue
-        if ema is not None:
-            ema.copy_to(trained_parameters(part.denoiser))
-        last_val = next(r for r in reversed(log) if "val_loss_ema" in r)
-        suffix = "" if part.name == "unet" else f"_{part.name}"
-        metrics.update({f"{k}{suffix}": v for k, v in {**train_loss_metrics(log), "val_loss_ema": last_val["val_loss_ema"],
-                                                          "val_loss_raw": last_val["val_loss_raw"]}.items()})
-    if not accelerator.is_main_process:
-        return
-    data_sha = input_hashes([at.dataset])[at.dataset]
-    with atomic_path(at.adapter, is_dir=True) as tmp:
+        result = fit(part.denoiser, part.scheduler, part.data, part.val_data, p, g, section=STAGE,
+                     checkpoint_dir=stage.run_dir(fingerprint) / "checkpoints" / part.name,
+                     fingerprint=f"{fingerprint}-{part.name}", every=p.validate_every or p.steps, grid=grid,
+                     grid_path=lambda step, name=part.name: f"{progress}/{name}_step{step:07d}.png",
+                     accelerator=accelerator)
+        if accelerator.is_main_process:  # every process trains every part; the main one reports
+            if result.ema is not None:
+                result.ema.copy_to(trained_parameters(part.denoiser))
+            suffix = "" if part.name == "unet" else f"_{part.name}"
+            metrics.update({f"{k}{suffix}": v for k, v in result.metrics.items()})
+    if accelerator.is_main_process:
+        save(stage, p, parts, metrics, fingerprint, inputs, adapter, merged, images)
+
+
+def save(stage, p, parts: list[Part], metrics: dict, fingerprint: str, inputs: list[str], adapter: str, merged: str,
+         images) -> None:
+    """The adapters with their model card, the merged model (from the saved adapters), provenance, metrics."""
+    data_sha = input_hashes([stage.dep("ingest/dataset")])["data/ingest/dataset"]
+    with atomic_path(adapter, is_dir=True) as tmp:
         for part in parts:
-            folder = tmp / Path(part.adapter_dir).relative_to(at.adapter)
+            folder = tmp / Path(part.adapter_dir).relative_to(adapter)
             folder.mkdir(parents=True, exist_ok=True)
             save_adapter(p.base, part.model, folder, p.base_path, part.text_encoder)
-        (tmp / "README.md").write_text(model_card(p, seed, fingerprint, metrics, data_sha, [x.name for x in parts],
-                                                  at.adapter))
-    pipe, resolution = reload_merged(p, at.adapter)
-    with atomic_path(at.model, is_dir=True) as tmp:
+        (tmp / "README.md").write_text(model_card(p, stage.seed, fingerprint, metrics, data_sha,
+                                                  [x.name for x in parts], adapter))
+    pipe, resolution = reload_merged(p, adapter)
+    with atomic_path(merged, is_dir=True) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / DATA_FORMAT).write_text(json.dumps({"channels": int(images.shape[1]), "resolution": int(images.shape[-1]),
                                                    "sample_size": int(resolution)}) + "\n")
-    write_provenance(f"{at.out}/provenance.json", stage=STAGE, params=as_dict(p), seed=seed, inputs=inputs)
-    headline = ["lora_parameters"] + [k for k in metrics if k.startswith("val_loss_ema")]
-    write_metrics(STAGE, metrics, headline=headline)
+    stage.write_provenance(inputs)
+    stage.write_metrics(metrics, headline=["lora_parameters"] + [k for k in metrics if k.startswith("val_loss_ema")])
     store.finish_run(STAGE, fingerprint)
-    print(f"{STAGE}: {p.base} + rank-{p.rank} LoRA on {', '.join(x.name for x in parts)} ({n_lora:,} parameters), "
-          f"{len(sets[0])} pairs; " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss_ema"))
-          + f" -> {at.adapter}, {at.model}")
-
-
-def fit(p, part: Part, g, accelerator, fingerprint: str, sampler, grid_prompts: list[str], out: str):
-    """Train one part's adapter by train_ldm's loop, with its own checkpoints and progress grids."""
-    def on_every(step: int, model, ema) -> dict:
-        with ema_weights(model.eval(), ema):
-            grid = [to_array(x) for _, batch in sampler.generate_batches(grid_prompts, list(range(len(grid_prompts))),
-                                                                         num_inference_steps=25, guidance_scale=3.0)
-                    for x in batch]
-        model.train()
-        save_png(image_grid(grid, grid_prompts, ncol=8), f"{out}/progress/{part.name}_step{step:07d}.png")
-        return validation_losses(model, ema, part.scheduler, part.val_data, p.min_snr_gamma)
-
-    checkpoints = store.run_dir(STAGE, fingerprint) / "checkpoints" / part.name
-    try:
-        return train_ldm(part.denoiser, part.scheduler, part.data, p, g, checkpoints, f"{fingerprint}-{part.name}",
-                         every=p.validate_every or p.steps, on_every=on_every, accelerator=accelerator)
-    except ValueError as exc:
-        raise PipelineError(f"params.yaml: {STAGE}: {exc}") from None
-    except NonFiniteLoss as exc:
-        raise PipelineError(str(exc)) from None
+    print(f"{STAGE}: {p.base} + rank-{p.rank} LoRA on {', '.join(x.name for x in parts)} "
+          f"({metrics['lora_parameters']:,} parameters), {metrics['train_pairs']} pairs; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss_ema")) + f" -> {adapter}, {merged}")

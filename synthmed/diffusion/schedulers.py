@@ -1,6 +1,6 @@
-"""Samplers for generation, built from the training noise schedule's config.
+"""Noise schedules: the one a model trains with, and the samplers for generation built from its config.
 
-All of them keep the trained betas and prediction type; only the solver differs.
+All samplers keep the trained betas and prediction type; only the solver differs.
 """
 
 from __future__ import annotations
@@ -21,3 +21,13 @@ def make_sampler(name: str, config):
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
     return cls.from_config(config, **extra)
+
+
+def make_noise_scheduler(num_train_timesteps: int, prediction_type: str = "epsilon",
+                         beta_schedule: str = "scaled_linear") -> DDPMScheduler:
+    """The training noise schedule (Stable Diffusion's scaled-linear betas by default)."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+                         clip_sample=False)
+
+

@@ -56,3 +56,48 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
         norm_num_groups=norm_num_groups,
         dropout=dropout,
     )
+
+
+def downsampling(block_out_channels) -> int:
+    """Each side shrinks by this factor through a VAE or UNet with these levels: 2 ** (levels - 1)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def check_latent_grid(resolution: int, vae_levels, p, volumes: bool) -> None:
+    """The UNet of train_ldm's params ``p`` must tile the latent grid that the VAE (``vae_levels``: its
+    block_out_channels) and ``p.latent_patch`` make of ``resolution``-px images; one line naming the params to
+    change otherwise. diffusers' 2-D UNet pads odd sizes itself; the volume and invertible UNets cannot."""
+    from synthmed.errors import PipelineError
+
+    side = resolution // downsampling(vae_levels)
+    if side % p.latent_patch:
+        raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the {side}x{side} latent grid of "
+                         f"the VAE; use a divisor of {side}")
+    grid, stride = side // p.latent_patch, downsampling(p.block_out_channels)
+    if (volumes or p.backbone == "invertible") and grid % stride:
+        from synthmed.models.cond_unet import nearest_valid_sizes
+
+        factor = resolution // grid
+        valid = " or ".join(str(g * factor) for g in nearest_valid_sizes(grid, stride))
+        raise PipelineError(f"params.yaml: ingest.resolution={resolution} gives a {grid}-wide grid for the UNet (÷{factor}: the VAE's "
+                         f"downsampling x train_ldm.latent_patch), which its total stride {stride} (2 ** (levels of "
+                         f"train_ldm.block_out_channels - 1)) does not divide; nearest valid ingest.resolution: "
+                         f"{valid}, or fewer levels")
+
+
+def unet_for_training(p, latents, unet_dims: dict[str, int]):
+    """train_ldm's denoiser for its params ``p`` over latents shaped like ``latents`` [N, C, *grid]; a params
+    error in one line when the backbone cannot honour an option."""
+    from synthmed.errors import PipelineError
+
+    try:
+        unet = build_unet(sample_size=latents.shape[-1], in_channels=latents.shape[1], dims=latents.ndim - 2,
+                          block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
+                          attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups,
+                          dropout=p.dropout, self_condition=p.self_condition, attention_levels=p.attention_levels,
+                          backbone=p.backbone, invertible_attention=p.invertible_attention, **unet_dims)
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+    except ValueError as exc:  # an option the backbone cannot honour, a grid its strides do not divide
+        raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
+    return unet

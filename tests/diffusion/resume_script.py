@@ -12,8 +12,10 @@ import sys
 import pandas as pd
 import torch
 
-from synthmed.diffusion.train import (LDMTrainConfig, build_latent_pairs, make_noise_scheduler, train_ldm,
-                                      trained_parameters, validation_losses)
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.latents import build_latent_pairs
+from synthmed.diffusion.loop import train_ldm, trained_parameters, validation_losses
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.lora import LoraParams, add_lora
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder

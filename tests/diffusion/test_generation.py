@@ -16,7 +16,7 @@ from synthmed.diffusion.prompts import expand, file_prompts, template_prompts
 from synthmed.diffusion.regenerate import main as regenerate_cli, regenerate
 from synthmed.diffusion.schedulers import SAMPLERS, make_sampler
 from synthmed.diffusion.shards import write_shards
-from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.errors import PipelineError
 from synthmed.io import sha256_tree
 from tests.conftest import REPO_ROOT

@@ -10,7 +10,10 @@ from diffusers import DDIMScheduler
 
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.prompts import image_plan
-from synthmed.diffusion.train import LDMTrainConfig, build_image_pairs, make_noise_scheduler, train_ldm
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.latents import build_image_pairs
+from synthmed.diffusion.loop import train_ldm
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.errors import PipelineError
 from synthmed.models.image_encoder import ImageEncoder, mix
 from synthmed.models.unet import build_unet

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from synthmed.diffusion.loss import diffusion_loss, min_snr_weights
 from synthmed.diffusion.sample import predicted_x0
-from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.unet import build_unet
 from tests.helpers import tiny_unet
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.schedulers import make_sampler
-from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.text.encoder import TextEncoder
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_unet, tiny_vae

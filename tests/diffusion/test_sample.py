@@ -2,7 +2,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from synthmed.diffusion.sample import decode_to_uint8, sample_latents, seeded_generators
-from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from tests.helpers import tiny_unet, tiny_vae
 
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from synthmed.data.dataset import to_model_range
-from synthmed.diffusion.train import LDMTrainConfig, build_latent_pairs, draw_batch, make_noise_scheduler, train_ldm
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.latents import build_latent_pairs
+from synthmed.diffusion.loop import draw_batch, train_ldm
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.unet import build_unet
 from synthmed.text.encoder import TextEncoder
 from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs
@@ -65,7 +68,7 @@ def test_context_dropout_uses_the_empty_caption():
     images = (torch.rand(2, 1, 16, 16, generator=g) * 255).to(torch.uint8)
     pairs = pd.DataFrame({"file_name": ["a", "b"], "text": ["x", "y"]})
     data = build_latent_pairs(tiny_vae().eval(), TextEncoder(max_length=8), pairs, images, ["a", "b"])
-    from synthmed.diffusion.train import draw_batch
+    from synthmed.diffusion.loop import draw_batch
 
     cfg = LDMTrainConfig(steps=1, batch_size=2000, lr=0, weight_decay=0, context_dropout=0.25,
                          sample_posterior=True, grad_clip=0, **PLAIN)
@@ -90,7 +93,8 @@ def test_loss_decreases_on_a_fixed_batch():
 def test_non_finite_loss_stops_with_the_step():
     import pytest
 
-    from synthmed.diffusion.train import LatentPairs, NonFiniteLoss
+    from synthmed.diffusion.latents import LatentPairs
+    from synthmed.diffusion.loop import NonFiniteLoss
 
     data = LatentPairs(latent_mean=torch.full((2, 4, 8, 8), float("nan")), latent_std=torch.ones(2, 4, 8, 8),
                        scaling_factor=1.0, image_index=torch.arange(2), caption_index=torch.tensor([1, 1]),
@@ -289,7 +293,7 @@ def test_logged_loss_is_the_min_snr_weighted_mse_to_the_parameterisation_target(
 def test_validation_scores_the_ema_and_the_raw_weights_with_the_training_weighting():
     import copy
 
-    from synthmed.diffusion.train import validation_losses
+    from synthmed.diffusion.loop import validation_losses
 
     data, sched = toy_latent_pairs(), make_noise_scheduler(1000, "v_prediction")
     unet = tiny_unet()

@@ -6,9 +6,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from stages.train_ldm import save_model, summary_line
-from synthmed.diffusion.train import train_loss_metrics
+from synthmed.diffusion.loop import train_loss_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
-from synthmed.diffusion.train import LDMTrainConfig, make_noise_scheduler, train_ldm
+from synthmed.diffusion.config import LDMTrainConfig
+from synthmed.diffusion.loop import train_ldm
+from synthmed.diffusion.schedulers import make_noise_scheduler
 from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs
 
 

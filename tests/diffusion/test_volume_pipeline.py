@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from synthmed.diffusion.train import make_noise_scheduler
+from synthmed.diffusion.schedulers import make_noise_scheduler
 
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.sample import pack_latents, unpack_latents
