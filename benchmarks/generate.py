@@ -28,7 +28,7 @@ from synthmed.diffusion.pipeline import SynthMedPipeline  # noqa: E402
 from synthmed.diffusion.schedulers import SAMPLERS, make_sampler  # noqa: E402
 from synthmed.metrics.features import load_effnet_lite0  # noqa: E402
 from synthmed.metrics.fidelity import extract_features, frechet_distance  # noqa: E402
-from synthmed.runtime import pick_device  # noqa: E402
+from synthmed.core.runtime import pick_device  # noqa: E402
 
 
 def main() -> None:

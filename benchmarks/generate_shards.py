@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from synthmed.io import sha256_tree  # noqa: E402
+from synthmed.core.io import sha256_tree  # noqa: E402
 
 
 def stage(*args: str) -> subprocess.Popen:

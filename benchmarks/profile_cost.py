@@ -153,7 +153,7 @@ def one(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from memory import RSSSampler
-    from synthmed.provenance import seed_everything
+    from synthmed.core.provenance import seed_everything
 
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() if device.type == "cuda" else min(os.cpu_count(), 2))

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from synthmed.stage import stage_names
+from synthmed.core.stage import stage_names
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = stage_names(REPO / "dvc.yaml")

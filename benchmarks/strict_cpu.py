@@ -1,4 +1,4 @@
-"""Strict CPU mode (synthmed.reproducibility): which knobs change the bits, and what it costs.
+"""Strict CPU mode (synthmed.core.reproducibility): which knobs change the bits, and what it costs.
 
 Every measurement runs in its own subprocess (the knobs latch at the first kernel). Each
 worker imports torch and diffusers *before* applying its settings, so a knob that changes the
@@ -157,7 +157,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from synthmed.reproducibility import STRICT_ENV, pin_cpu
+    from synthmed.core.reproducibility import STRICT_ENV, pin_cpu
 
     record = None
     if spec.get("strict"):

@@ -42,7 +42,7 @@ from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.autoencoder import VAETrainConfig, build_autoencoder, train_autoencoder  # noqa: E402
 from synthmed.metrics.downstream import SmallCNN  # noqa: E402
 from synthmed.models.unet import build_unet  # noqa: E402
-from synthmed.runtime import pick_device  # noqa: E402
+from synthmed.core.runtime import pick_device  # noqa: E402
 from synthmed.vlp.model import DualEncoder, info_nce  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from synthmed.config import apply_cpu_params  # noqa: E402
+from synthmed.core.config import apply_cpu_params  # noqa: E402
 
 DATASET = REPO / "data/ingest/dataset"
 BASE = {"steps": 400, "lr": 2e-3, "warmup_steps": 25, "mixed_precision": "bf16", "mid_attention": False,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from synthmed.stage import stage_names
+from synthmed.core.stage import stage_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = tuple(stage_names(REPO_ROOT / "dvc.yaml"))  # dvc.yaml's order
@@ -28,7 +28,7 @@ INPUT_ERROR_EXIT = 2  # stages exit 2 on bad params or inputs: retrying cannot h
 
 
 _STAGE_EXIT = re.compile(r"exited with (\d+)")
-_PROGRESS = re.compile(r"^(\w[\w ]*): \w+ (\d+)/(\d+) \(")  # the stages' plain progress lines (synthmed.progress)
+_PROGRESS = re.compile(r"^(\w[\w ]*): \w+ (\d+)/(\d+) \(")  # the stages' plain progress lines (synthmed.core.progress)
 TAIL_LINES = 30
 
 
@@ -104,7 +104,7 @@ def run_dvc(args: list[str], repo: str, label: str) -> None:
 @task(retries=2, retry_delay_seconds=30, retry_condition_fn=_worth_retrying, task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, repo: str) -> None:
     """Bring one stage up to date. A training stage on a worker with several GPUs trains on all of them by
-    itself (synthmed.runtime.launch_ranks)."""
+    itself (synthmed.core.runtime.launch_ranks)."""
     run_dvc(["repro", stage], repo, stage)
 
 

@@ -14,19 +14,19 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from synthmed.config import require_at_least_one, require_fractions, require_non_negative
+from synthmed.core.config import require_at_least_one, require_fractions, require_non_negative
 from synthmed.data.dataset import image_rows, mode_mask, modes_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.metrics import augmentation as aug
 from synthmed.metrics.evaluation import downstream, fidelity, inception_metrics, privacy
 from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.volumes import PlaneFeatures, nearest_volume_metrics, plane_frechet
-from synthmed import store
-from synthmed.provenance import seed_everything
-from synthmed.runtime import pick_device
-from synthmed.stage import Stage, run_stage
+from synthmed.core import store
+from synthmed.core.provenance import seed_everything
+from synthmed.core.runtime import pick_device
+from synthmed.core.stage import Stage, run_stage
 
 
 @dataclass

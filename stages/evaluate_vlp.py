@@ -17,12 +17,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from synthmed.config import require_at_least_one, require_fractions
+from synthmed.core.config import require_at_least_one, require_fractions
 from synthmed.data.dataset import first_mode
-from synthmed.errors import PipelineError
-from synthmed.io import write_csv, write_text
-from synthmed.provenance import derive_seed, seed_everything
-from synthmed.stage import Stage, run_stage
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import write_csv, write_text
+from synthmed.core.provenance import derive_seed, seed_everything
+from synthmed.core.stage import Stage, run_stage
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.corpus import Pairs, pairs_of, scoring_set, split_pairs, split_rows
 from synthmed.vlp.evaluation import evaluate_model, retrieval_chance

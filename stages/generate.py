@@ -21,18 +21,18 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from synthmed.config import require_at_least_one
+from synthmed.core.config import require_at_least_one
 from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
-from synthmed.errors import PipelineError
-from synthmed import store
-from synthmed.io import read_table, sha256_tree, write_json
-from synthmed.provenance import derive_seed, seed_everything
-from synthmed.runtime import pick_device
-from synthmed.stage import Stage, run_stage
+from synthmed.core.errors import PipelineError
+from synthmed.core import store
+from synthmed.core.io import read_table, sha256_tree, write_json
+from synthmed.core.provenance import derive_seed, seed_everything
+from synthmed.core.runtime import pick_device
+from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from synthmed.config import as_dict, require_at_least_one, require_non_negative
+from synthmed.core.config import as_dict, require_at_least_one, require_non_negative
 from synthmed.data.card import dataset_card
 from synthmed.data.decode import DecodeOptions
 from synthmed.data.dicom import DicomParams, without_patient_id
@@ -19,10 +19,10 @@ from synthmed.data.problems import Problems
 from synthmed.data.sample import Sample
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.data.volumes import VolumeParams, check_volume_params
-from synthmed.errors import PipelineError
-from synthmed.io import write_text
-from synthmed.provenance import seed_everything
-from synthmed.stage import Stage, run_stage
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import write_text
+from synthmed.core.provenance import seed_everything
+from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import image_grid, save_png
 
 OUT = "data/ingest"

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from synthmed.data.imagefolder import metadata_chunks
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path
-from synthmed import store
-from synthmed.stage import Stage, run_stage
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path
+from synthmed.core import store
+from synthmed.core.stage import Stage, run_stage
 from synthmed.text.llm import LLMStats, OpenAIParams, OpenAIParaphraser, ResponseCache, Validation
 from synthmed.text.paraphrase import Paraphraser, augment_pairs, make_offline_paraphraser
 from synthmed.text.salient import load_vocabulary

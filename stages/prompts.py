@@ -12,10 +12,10 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from synthmed.config import require_at_least_one
+from synthmed.core.config import require_at_least_one
 from synthmed.diffusion.prompts import PLAN_COLUMNS, expand, file_prompts, heldout_prompts, template_prompts
-from synthmed.io import read_table, write_csv
-from synthmed.stage import Stage, run_stage
+from synthmed.core.io import read_table, write_csv
+from synthmed.core.stage import Stage, run_stage
 
 
 @dataclass

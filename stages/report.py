@@ -16,7 +16,7 @@ import pandas as pd
 
 from synthmed.data.dataset import first_mode, images_of
 from synthmed.data.imagefolder import read_metadata
-from synthmed.stage import Stage, run_stage
+from synthmed.core.stage import Stage, run_stage
 from synthmed.report import Figure, Section, Table, curves_png, fmt, frame_table, smoothed, write_report
 from synthmed.viz import image_grid, to_array
 

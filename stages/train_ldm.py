@@ -13,8 +13,8 @@ from typing import Literal
 import pandas as pd
 from diffusers import DDIMScheduler
 
-from synthmed import store
-from synthmed.config import require_at_least_one
+from synthmed.core import store
+from synthmed.core.config import require_at_least_one
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.fit import fit
@@ -22,12 +22,12 @@ from synthmed.diffusion.latents import conditioning
 from synthmed.diffusion.model_card import model_card, save_model, summary_line
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.io import write_csv
+from synthmed.core.io import write_csv
 from synthmed.models.autoencoder import load_autoencoder
 from synthmed.models.unet import check_latent_grid, unet_for_training
-from synthmed.provenance import seed_everything
-from synthmed.runtime import make_accelerator
-from synthmed.stage import Stage, run_stage
+from synthmed.core.provenance import seed_everything
+from synthmed.core.runtime import make_accelerator
+from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import to_array
 
 

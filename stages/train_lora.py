@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from synthmed.diffusion.config import LDMTrainConfig
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 from synthmed.models.lora import LoraParams
-from synthmed.stage import Stage, run_stage
+from synthmed.core.stage import Stage, run_stage
 
 SCRATCH = "data/train_ldm/model"  # the default base (synthmed): this run's own train_ldm model
 

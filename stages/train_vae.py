@@ -12,14 +12,14 @@ import torch
 from diffusers import AutoencoderKL
 
 from synthmed.data.dataset import split_stack
-from synthmed.errors import PipelineError
-from synthmed import store
-from synthmed.io import atomic_path, write_csv
+from synthmed.core.errors import PipelineError
+from synthmed.core import store
+from synthmed.core.io import atomic_path, write_csv
 from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
-from synthmed.provenance import seed_everything
-from synthmed.runtime import make_accelerator
-from synthmed.stage import Stage, run_stage
+from synthmed.core.provenance import seed_everything
+from synthmed.core.runtime import make_accelerator
+from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import image_grid, save_png, to_array
 
 POSTERIOR_SAMPLE = 1000  # training images the scaling factor and the noise fraction are measured on

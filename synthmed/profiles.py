@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 
 def merged(base: dict, overlay: dict, source: str = "the profile", where: str = "") -> dict:

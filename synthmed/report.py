@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 
 
 def is_volume(a: np.ndarray) -> bool:

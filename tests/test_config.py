@@ -3,8 +3,8 @@ from typing import Literal
 
 import pytest
 
-from synthmed.config import load_params
-from synthmed.errors import PipelineError
+from synthmed.core.config import load_params
+from synthmed.core.errors import PipelineError
 
 
 @dataclass
@@ -74,8 +74,8 @@ def test_missing_params_file(tmp_path):
 
 @pytest.mark.parametrize("threads, expected", [("auto", 2), (3, 3)])
 def test_cpu_threads_auto_is_the_committed_count_without_a_gpu(tmp_path, threads, expected):
-    from synthmed.config import CPU_THREADS, _build
-    from synthmed.config import CPUParams
+    from synthmed.core.config import CPU_THREADS, _build
+    from synthmed.core.config import CPUParams
 
     p = _build(CPUParams, {"mode": "native", "threads": threads}, "cpu", tmp_path / "params.yaml")
     assert p.thread_count() == (CPU_THREADS if threads == "auto" else expected)  # this machine has no GPU
@@ -83,7 +83,7 @@ def test_cpu_threads_auto_is_the_committed_count_without_a_gpu(tmp_path, threads
 
 @pytest.mark.parametrize("threads", ["many", 0, True])
 def test_cpu_threads_must_be_a_count_or_auto(tmp_path, threads):
-    from synthmed.config import CPUParams, _build
+    from synthmed.core.config import CPUParams, _build
 
     with pytest.raises(PipelineError, match="cpu.threads"):
         _build(CPUParams, {"mode": "native", "threads": threads}, "cpu", tmp_path / "params.yaml")

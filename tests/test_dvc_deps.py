@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthmed.provenance import stage_code_paths
+from synthmed.core.provenance import stage_code_paths
 from tests.conftest import REPO_ROOT
 
 SPEC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
@@ -31,7 +31,7 @@ def imported_modules(path: Path) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from synthmed import store`
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from synthmed.core import store`
     return {m for m in found if m.split(".")[0] in ("synthmed", "stages") and module_file(m)}
 
 

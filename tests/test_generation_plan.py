@@ -10,7 +10,7 @@ import yaml
 from synthmed.diffusion.latents import select_caption_sources
 from synthmed.data.dataset import split_mask
 from synthmed.diffusion.prompts import file_prompts
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from tests.conftest import REPO_ROOT
 from tests.helpers import run_stage_here
 

@@ -1,6 +1,6 @@
 import pytest
 
-from synthmed.io import atomic_path, sha256_tree, write_json, read_json
+from synthmed.core.io import atomic_path, sha256_tree, write_json, read_json
 
 
 def test_atomic_dir_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.profiles import merged, overrides, read_overlay
 from tests.conftest import REPO_ROOT
 
@@ -19,7 +19,7 @@ PROFILE = REPO_ROOT / "profiles/gpu-256.yaml"
 def test_the_gpu_profiles_are_valid_overlays_of_params_yaml(tmp_path, profile):
     """Applied as -S overrides each gives a params.yaml that every stage of its sections accepts."""
     from flows.pipeline import check_overrides
-    from synthmed.config import load_params
+    from synthmed.core.config import load_params
     from stages.generate import GenerateParams
     from stages.ingest import IngestParams
     from stages.train_ldm import TrainLDMParams

@@ -16,9 +16,9 @@ from synthmed.diffusion.shards import write_shards
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.loop import train_ldm
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.autoencoder import train_autoencoder
-from synthmed.progress import LineProgress, progress
+from synthmed.core.progress import LineProgress, progress
 from tests.helpers import PLAIN, tiny_unet, tiny_vae, toy_latent_pairs, vae_train_config
 
 LINE = re.compile(r"^(\w+): (\w+) (\d+)/(\d+) \(\d+\.\d%\), (?:loss ([\d.e+-]+), )?[\d.e+-]+ \w+/s, "

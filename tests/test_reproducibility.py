@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from synthmed.reproducibility import STRICT_ENV, strict_env
+from synthmed.core.reproducibility import STRICT_ENV, strict_env
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_AVX2 = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
@@ -49,7 +49,7 @@ def test_strict_env_holds_isa_and_thread_pins():
 
 
 def test_pin_cpu_rejects_zero_threads():
-    from synthmed.reproducibility import pin_cpu
+    from synthmed.core.reproducibility import pin_cpu
 
     with pytest.raises(ValueError):
         pin_cpu(0)  # raises before touching any process state
@@ -59,7 +59,7 @@ def test_pin_cpu_rejects_zero_threads():
 def test_pin_cpu_after_import_takes_effect():
     out = _run("""
         import json, torch
-        from synthmed.reproducibility import pin_cpu
+        from synthmed.core.reproducibility import pin_cpu
         print(json.dumps(pin_cpu(1)))
     """)
     record = json.loads(out.strip().splitlines()[-1])
@@ -76,7 +76,7 @@ def test_late_pin_raises_and_reexec_recovers():
     # restarts with the env set from the start, where the same order of calls works.
     out = _run("""
         import json, torch
-        from synthmed.reproducibility import StrictCPUError, pin_cpu, reexec
+        from synthmed.core.reproducibility import StrictCPUError, pin_cpu, reexec
         torch.ones(4).sum()
         print(torch.backends.cpu.get_cpu_capability(), flush=True)
         try:
@@ -94,7 +94,7 @@ def test_late_pin_raises_and_reexec_recovers():
 
 _STEP = """
     import hashlib, torch
-    from synthmed.reproducibility import pin_cpu
+    from synthmed.core.reproducibility import pin_cpu
     pin_cpu(2)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.GroupNorm(8, 32), torch.nn.SiLU(),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from synthmed import store
-from synthmed.provenance import run_fingerprint, stage_code_paths
+from synthmed.core import store
+from synthmed.core.provenance import run_fingerprint, stage_code_paths
 
 DVC_YAML = """stages:
   train:

@@ -1,4 +1,4 @@
-"""The processes a training stage runs as (synthmed.runtime): how many, and what happens when one fails."""
+"""The processes a training stage runs as (synthmed.core.runtime): how many, and what happens when one fails."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from synthmed import runtime
-from synthmed.errors import PipelineError
+from synthmed.core import runtime
+from synthmed.core.errors import PipelineError
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from synthmed.errors import PipelineError
-from synthmed.stage import Stage, producer, stage_names
+from synthmed.core.errors import PipelineError
+from synthmed.core.stage import Stage, producer, stage_names
 from tests.conftest import REPO_ROOT
 
 DVC_YAML = """stages:

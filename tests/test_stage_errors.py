@@ -145,7 +145,7 @@ def test_training_params_out_of_range_stop_before_anything_is_touched(workdir, s
 
 
 def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path, monkeypatch, capsys):
-    from synthmed.stage import run_stage as run
+    from synthmed.core.stage import run_stage as run
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")

@@ -11,7 +11,7 @@ import torch
 from synthmed.data.disk_array import DiskArray, Rows
 from synthmed.data.imagefolder import load_images, read_metadata
 from synthmed.data.pixels import pixel_stack
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 
 def to_model_range(images_uint8) -> torch.Tensor:

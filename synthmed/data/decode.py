@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from synthmed.data.transforms import prepare
-from synthmed.io import sha256_bytes
-from synthmed.progress import progress
+from synthmed.core.io import sha256_bytes
+from synthmed.core.progress import progress
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MIN_POOL_FILES = 64  # below this a pool of processes costs more than it saves

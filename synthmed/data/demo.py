@@ -17,7 +17,7 @@ import numpy as np
 from synthmed.data.sample import Sample
 from synthmed.data.splits import contiguous_splits
 from synthmed.data.transforms import prepare, to_uint8
-from synthmed.io import sha256_bytes
+from synthmed.core.io import sha256_bytes
 
 # axis of the volume, world-coordinate name, band names from low to high band coordinate.
 # The 2009 template is left-right symmetric, so sagittal slices at -x and +x are

@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from synthmed.data.sample import Sample
 from synthmed.data.splits import SPLITS, _normalised
-from synthmed.io import sha256_bytes
+from synthmed.core.io import sha256_bytes
 
 BANDS = ("inferior", "middle", "superior")
 CONTROL_POINTS = 4  # per axis, of the elastic displacement field before its cubic upsampling

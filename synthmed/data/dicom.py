@@ -46,8 +46,8 @@ from synthmed.data.problems import Problem, Problems
 from synthmed.data.sample import Sample
 from synthmed.data.spill import PixelSpill
 from synthmed.data.transforms import prepare, to_uint8
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_bytes
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_bytes
 
 FIELDS = ("modality", "body_part", "view", "laterality", "rows", "columns")
 DEFAULT_TEMPLATE = "{modality} image of the {body_part}{view}"

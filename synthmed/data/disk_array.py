@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 
 
 def rows_per_batch(shape, elements: int = 2**21, most: int = 256) -> int:

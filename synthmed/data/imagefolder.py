@@ -21,9 +21,9 @@ from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files
 from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
 from synthmed.data.spill import PixelSpill
-from synthmed.errors import PipelineError
-from synthmed.io import MANIFEST, atomic_path, sha256_bytes
-from synthmed.progress import progress
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import MANIFEST, atomic_path, sha256_bytes
+from synthmed.core.progress import progress
 
 METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from synthmed.data.sample import Sample
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path, sha256_bytes
 
 
 def _is_volume(s: Sample) -> bool:

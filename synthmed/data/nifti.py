@@ -22,8 +22,8 @@ from nibabel.spatialimages import HeaderDataError
 from synthmed.data.problems import Problems
 from synthmed.data.sample import Sample
 from synthmed.data.transforms import prepare, to_uint8
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_file
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_file
 
 PLANES = {"sagittal": (0, "x"), "coronal": (1, "y"), "axial": (2, "z")}  # RAS axis, world coordinate
 TEMPLATE_FIELDS = ("plane", "axis", "position", "volume", "regions")

@@ -15,12 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
-from synthmed import store
+from synthmed.core import store
 from synthmed.data.disk_array import DiskArray, open_disk_array, write_disk_array
 from synthmed.data.imagefolder import METADATA, decode_pixels, read_metadata
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_bytes
-from synthmed.progress import progress
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_bytes
+from synthmed.core.progress import progress
 
 CACHE = "pixels"
 CHUNK = 256  # images decoded ahead of the writer

@@ -14,8 +14,8 @@ from typing import Literal
 
 import pandas as pd
 
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path
 
 
 @dataclass

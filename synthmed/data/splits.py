@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 

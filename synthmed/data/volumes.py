@@ -34,8 +34,8 @@ from synthmed.data.nifti import _READ_ERRORS, find_volumes, volume_stem
 from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
 from synthmed.data.transforms import to_uint8
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_file
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_file
 
 MODALITIES = {"t1w": "T1-weighted ", "t2w": "T2-weighted ", "flair": "FLAIR ", "pdw": "PD-weighted ",
               "t2starw": "T2*-weighted "}

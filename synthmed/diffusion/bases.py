@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 KINDS = ("synthmed", "stable-diffusion")
 PIPELINE_CLASSES = {"synthmed": "SynthMedPipeline", "stable-diffusion": "StableDiffusionPipeline"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 
 _NAME = re.compile(r"^step(\d{8})\.pt$")
 

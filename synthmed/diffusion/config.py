@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from synthmed.config import require_at_least_one, require_non_negative, require_probability
+from synthmed.core.config import require_at_least_one, require_non_negative, require_probability
 
 
 @dataclass

@@ -17,7 +17,7 @@ from diffusers.training_utils import EMAModel
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.latents import LatentPairs
 from synthmed.diffusion.loop import NonFiniteLoss, ema_weights, train_ldm, train_loss_metrics, validation_losses
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.viz import image_grid, save_png
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from synthmed.diffusion.bases import DATA_FORMAT, _class_in, quiet_loading
 from synthmed.diffusion.sample import seeded_generators, spatial_dims, unpack_latents
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 
 FINE_TUNED = ("StableDiffusionPipeline", "KandinskyV22CombinedPipeline")  # what train_lora writes from a pretrained base

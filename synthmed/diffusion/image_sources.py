@@ -8,7 +8,7 @@ import torch
 
 from synthmed.data.dataset import image_rows
 from synthmed.data.imagefolder import read_metadata
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.image_encoder import mix
 from synthmed.viz import to_array
 

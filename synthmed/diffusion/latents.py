@@ -21,10 +21,10 @@ from diffusers import AutoencoderKL
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import open_disk_array, write_in_shares
 from synthmed.diffusion.sample import pack_latents
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.autoencoder import encode_batch_size, encode_posterior
 from synthmed.models.image_encoder import ImageEncoder
-from synthmed.progress import progress
+from synthmed.core.progress import progress
 from synthmed.text.encoder import TextEncoder
 
 

@@ -10,7 +10,7 @@ half the samples of a batch the model first predicts x0 without gradient, and th
 to its input for the real prediction.
 
 The loop runs through `accelerate`: one process on a CPU or GPU, data-parallel under several processes
-(synthmed.runtime.launch_ranks), with bf16/fp16 autocast on CUDA and gradient accumulation.
+(synthmed.core.runtime.launch_ranks), with bf16/fp16 autocast on CUDA and gradient accumulation.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.latents import LatentPairs
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned
-from synthmed.progress import progress
-from synthmed.runtime import make_accelerator
+from synthmed.core.progress import progress
+from synthmed.core.runtime import make_accelerator
 
 
 TAIL = 100  # the training loss reported is the mean of this many last steps (one step's loss is noise)

@@ -18,18 +18,18 @@ import pandas as pd
 import torch
 from diffusers import DDPMScheduler
 
-from synthmed import store
+from synthmed.core import store
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
 from synthmed.diffusion.fit import fit
 from synthmed.diffusion.latents import build_latent_pairs, select_caption_sources
 from synthmed.diffusion.loop import trained_parameters
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path
 from synthmed.models.lora import LoraParams, add_lora
-from synthmed.provenance import input_hashes, seed_everything
-from synthmed.runtime import make_accelerator
+from synthmed.core.provenance import input_hashes, seed_everything
+from synthmed.core.runtime import make_accelerator
 from synthmed.viz import to_array
 
 STAGE = "train_lora"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from diffusers.training_utils import EMAModel
 
-from synthmed.config import as_dict
+from synthmed.core.config import as_dict
 from synthmed.diffusion.loop import TAIL, trained_parameters
 from synthmed.diffusion.pipeline import SynthMedPipeline
-from synthmed.io import atomic_path
+from synthmed.core.io import atomic_path
 
 
 USAGE = {"text": """Text-to-image latent diffusion (MSDM-style) trained by the `train_ldm` stage of synthmed.

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipe
 
 from synthmed.data.disk_array import Rows
 from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, seeded_generators
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.cond_unet import ConditionalUNet
 from synthmed.models.image_encoder import ImageEncoder, n_tokens
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthmed.errors import PipelineError
-from synthmed.provenance import derive_seed
+from synthmed.core.errors import PipelineError
+from synthmed.core.provenance import derive_seed
 
 PROMPT_COLUMNS = ("text", "prompt", "Prompt", "caption")
 SPLITS = ("train", "val", "test")

@@ -19,7 +19,7 @@ import pandas as pd
 from synthmed.data.imagefolder import read_metadata
 from synthmed.diffusion.image_sources import SourceEmbeddings
 from synthmed.diffusion.schedulers import make_sampler
-from synthmed.io import sha256_tree
+from synthmed.core.io import sha256_tree
 from synthmed.diffusion.shards import save_image
 from synthmed.viz import load_png, to_array
 
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", default="data/ingest/dataset")  # an image-conditioned model's source images
     args = ap.parse_args(argv)
     if Path("params.yaml").is_file():  # the thread count and kernels of the run that made the image
-        from synthmed.config import apply_cpu_params
+        from synthmed.core.config import apply_cpu_params
 
         apply_cpu_params()
     from synthmed.diffusion.generators import load_generator
-    from synthmed.runtime import pick_device
+    from synthmed.core.runtime import pick_device
 
     row = find_row(read_metadata(args.dataset), args.file_name)
     if sha256_tree(args.model) != row["model_sha256"]:

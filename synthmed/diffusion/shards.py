@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from synthmed.data.imagefolder import METADATA, save_pixels
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path, sha256_bytes
-from synthmed.progress import progress
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path, sha256_bytes
+from synthmed.core.progress import progress
 from synthmed.viz import is_volume
 
 FINGERPRINT = "fingerprint.txt"

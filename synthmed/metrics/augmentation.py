@@ -18,8 +18,8 @@ import torch
 from synthmed.data.disk_array import Rows, as_rows
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
 from synthmed.metrics.stats import summarise_arms
-from synthmed.provenance import derive_seed
-from synthmed.progress import progress
+from synthmed.core.provenance import derive_seed
+from synthmed.core.progress import progress
 
 METRICS = ("auc", "acc", "bacc")
 RUN_COLUMNS = ["regime", "arm", "rep", "n_real", "n_synth", "n_synth_requested", *METRICS]
@@ -187,7 +187,7 @@ def plot(table: pd.DataFrame, path, metrics=("auc", "bacc"), empty_note: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from synthmed.io import atomic_path
+    from synthmed.core.io import atomic_path
 
     if table.empty:
         fig = plt.figure(figsize=(6, 1.5))

@@ -19,7 +19,7 @@ from torch import nn
 
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
-from synthmed.runtime import device_of, pick_device
+from synthmed.core.runtime import device_of, pick_device
 
 
 class SmallCNN(nn.Module):

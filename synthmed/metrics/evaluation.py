@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pandas as pd
 
-from synthmed import store
-from synthmed.config import as_dict
+from synthmed.core import store
+from synthmed.core.config import as_dict
 from synthmed.data.dataset import mode_mask, modes_of
-from synthmed.errors import PipelineError
-from synthmed.io import write_csv
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import write_csv
 from synthmed.metrics import augmentation as aug
 from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.fidelity import fidelity_with_reference, frechet_distance, per_label_prdc
 from synthmed.metrics.privacy import PixelSpace, closest_pairs, gate, memorization_table
-from synthmed.runtime import pick_device
+from synthmed.core.runtime import pick_device
 from synthmed.viz import image_grid, save_png, to_array
 
 

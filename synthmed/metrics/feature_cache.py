@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from synthmed.data.disk_array import as_rows
-from synthmed.io import atomic_path, sha256_bytes
+from synthmed.core.io import atomic_path, sha256_bytes
 from synthmed.metrics.fidelity import extract_features
-from synthmed.runtime import release_free_memory
+from synthmed.core.runtime import release_free_memory
 
 CHUNK = 512  # images read (and hashed) at a time: a multiple of the extraction batch, so batches are as before
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from synthmed.metrics.prdc import MAX_POINTS as PRDC_MAX_POINTS, PRDC_KEYS, prdc
-from synthmed.provenance import derive_seed
-from synthmed.progress import progress
+from synthmed.core.provenance import derive_seed
+from synthmed.core.progress import progress
 
 
 @torch.no_grad()

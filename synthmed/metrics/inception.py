@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 
 class BasicConv2d(nn.Module):

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from synthmed.runtime import pick_device
+from synthmed.core.runtime import pick_device
 
 
 CHUNK = 512  # query rows of one distance block

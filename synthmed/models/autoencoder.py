@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from synthmed.config import require_at_least_one, require_non_negative
+from synthmed.core.config import require_at_least_one, require_non_negative
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
 from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
 from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
-from synthmed.progress import progress
-from synthmed.runtime import make_accelerator
+from synthmed.core.progress import progress
+from synthmed.core.runtime import make_accelerator
 
 
 def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
@@ -127,7 +127,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     reconstruction (+ SSIM) + KL; return the loss log.
 
     Checkpoints and resume work as in the LDM trainer (synthmed.diffusion.checkpoint). Under several processes
-    (``accelerator``, see synthmed.runtime.launch_ranks) every process draws the same global batch and noise
+    (``accelerator``, see synthmed.core.runtime.launch_ranks) every process draws the same global batch and noise
     from ``generator``, trains on its slice, and the averaged gradients are those of the whole batch; the main
     process alone writes checkpoints.
     """

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 EFFNET = "efficientnet-lite0"
 TOKENS = ("cls", "mean", "cls+mean")

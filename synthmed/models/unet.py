@@ -67,7 +67,7 @@ def check_latent_grid(resolution: int, vae_levels, p, volumes: bool) -> None:
     """The UNet of train_ldm's params ``p`` must tile the latent grid that the VAE (``vae_levels``: its
     block_out_channels) and ``p.latent_patch`` make of ``resolution``-px images; one line naming the params to
     change otherwise. diffusers' 2-D UNet pads odd sizes itself; the volume and invertible UNets cannot."""
-    from synthmed.errors import PipelineError
+    from synthmed.core.errors import PipelineError
 
     side = resolution // downsampling(vae_levels)
     if side % p.latent_patch:
@@ -88,7 +88,7 @@ def check_latent_grid(resolution: int, vae_levels, p, volumes: bool) -> None:
 def unet_for_training(p, latents, unet_dims: dict[str, int]):
     """train_ldm's denoiser for its params ``p`` over latents shaped like ``latents`` [N, C, *grid]; a params
     error in one line when the backbone cannot honour an option."""
-    from synthmed.errors import PipelineError
+    from synthmed.core.errors import PipelineError
 
     try:
         unet = build_unet(sample_size=latents.shape[-1], in_channels=latents.shape[1], dims=latents.ndim - 2,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 

@@ -25,9 +25,9 @@ from typing import Literal
 
 import yaml
 
-from synthmed.errors import PipelineError
-from synthmed.io import atomic_path
-from synthmed.progress import progress
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import atomic_path
+from synthmed.core.progress import progress
 from synthmed.text.salient import missing_salient
 
 _sleep = time.sleep  # a seam, so tests can record waits instead of waiting

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import pandas as pd
 
-from synthmed.errors import PipelineError
-from synthmed.provenance import derive_seed
+from synthmed.core.errors import PipelineError
+from synthmed.core.provenance import derive_seed
 from synthmed.text.salient import keeps_salient
 
 # Word-level substitutions that never touch numbers, positions or colours: (pattern, choices). The

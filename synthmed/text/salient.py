@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 POSITIONS = {
     "left", "right", "upper", "lower", "anterior", "posterior", "superior", "inferior",

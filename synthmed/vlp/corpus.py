@@ -16,7 +16,7 @@ from scipy import sparse
 from synthmed.data.dataset import image_rows, split_mask
 from synthmed.data.disk_array import Rows
 from synthmed.data.imagefolder import read_metadata
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 
 @dataclass

@@ -12,8 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
 from synthmed.metrics.augmentation import regime_name, stratified_subset
-from synthmed.provenance import derive_seed
-from synthmed.runtime import device_of
+from synthmed.core.provenance import derive_seed
+from synthmed.core.runtime import device_of
 from synthmed.vlp.corpus import ScoringSet
 from synthmed.vlp.model import DualEncoder
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from synthmed.runtime import device_of
+from synthmed.core.runtime import device_of
 from synthmed.text.encoder import TextEncoder
 
 

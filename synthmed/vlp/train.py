@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from synthmed.data.dataset import to_model_range
-from synthmed.progress import progress
-from synthmed.runtime import pick_device
+from synthmed.core.progress import progress
+from synthmed.core.runtime import pick_device
 from synthmed.vlp.model import DualEncoder, info_nce
 from synthmed.vlp.text import TextTower
 

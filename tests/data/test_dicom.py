@@ -16,7 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
 
 from synthmed.data.dicom import DicomParams, read_dicom, without_patient_id
 from synthmed.data.problems import Problems
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1001"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1002"

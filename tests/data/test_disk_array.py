@@ -13,7 +13,7 @@ import torch
 from synthmed.data.dataset import split_stack, to_model_range
 from synthmed.data.disk_array import DiskArray, Rows, open_disk_array, write_disk_array, write_in_shares
 from synthmed.data.imagefolder import load_images
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.autoencoder import (encode_batch_size, encode_posterior, posterior_sample_rows, reconstruct,
                                          reconstruction_metrics, train_autoencoder, validate)
 from tests.helpers import tiny_vae, vae_train_config, write_imagefolder
@@ -147,7 +147,7 @@ def test_encoding_batches_shrink_with_the_image():
 
 
 def test_a_file_changed_after_ingest_is_an_error_naming_it_and_its_row(tmp_path, monkeypatch):
-    from synthmed.io import manifest_hash, sha256_file
+    from synthmed.core.io import manifest_hash, sha256_file
 
     monkeypatch.chdir(tmp_path)
     folder = write_imagefolder(tmp_path / "ds", [("a.png", "x"), ("b.png", "y"), ("b.png", "z")], split=["train"] * 3)

@@ -8,7 +8,7 @@ from synthmed.data.decode import DecodeOptions, decode_files
 from synthmed.data.imagefolder import read_imageclef, read_imagefolder
 from synthmed.data.manifest import build_manifest, check_pixels_not_shared
 from synthmed.data.problems import Problems
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from tests.helpers import write_imagefolder
 
 OPTS = DecodeOptions(resolution=16)
@@ -156,7 +156,7 @@ def test_a_large_dataset_is_written_in_subfolders_and_read_back(tmp_path, monkey
     from synthmed.data.imagefolder import load_images, read_metadata, shard_file_names, write_imagefolder
     from synthmed.data.pixels import pixel_stack
     from synthmed.data.sample import Sample
-    from synthmed.io import manifest_hash
+    from synthmed.core.io import manifest_hash
 
     monkeypatch.chdir(tmp_path)  # the pixel store
     monkeypatch.setattr(imagefolder, "SHARD_ABOVE", 2)

@@ -7,8 +7,8 @@ import pytest
 
 from synthmed.data.nifti import NiftiParams, read_nifti
 from synthmed.data.problems import Problems
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_file
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_file
 
 SHAPE = (20, 24, 16)
 # 2 mm voxels, RAS, with an offset: world = 2 * index + offset.

@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from synthmed.data.splits import assign_splits, check_no_leak, contiguous_splits
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 

@@ -11,8 +11,8 @@ from synthmed.data.imagefolder import load_images, write_imagefolder
 from synthmed.data.problems import Problems
 from synthmed.data.sample import Sample
 from synthmed.data.volumes import VolumeParams, read_volumes
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_file
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_file
 from tests.test_ingest_stage import run_ingest
 
 

@@ -17,8 +17,8 @@ from synthmed.diffusion.regenerate import main as regenerate_cli, regenerate
 from synthmed.diffusion.schedulers import SAMPLERS, make_sampler
 from synthmed.diffusion.shards import write_shards
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.errors import PipelineError
-from synthmed.io import sha256_tree
+from synthmed.core.errors import PipelineError
+from synthmed.core.io import sha256_tree
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_unet, tiny_vae
 

@@ -14,7 +14,7 @@ from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.latents import build_image_pairs
 from synthmed.diffusion.loop import train_ldm
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.image_encoder import ImageEncoder, mix
 from synthmed.models.unet import build_unet
 from tests.helpers import PLAIN, tiny_vae

@@ -16,7 +16,7 @@ from synthmed.diffusion.bases import ADAPTER_FILE, load_adapter, load_base
 from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.models.lora import LoraParams, add_lora
 from tests.conftest import REPO_ROOT
 from tests.helpers import StageRun, run_stage_here, tiny_unet, tiny_vae, write_imagefolder

@@ -258,7 +258,7 @@ def test_batch_that_does_not_split_into_micro_batches_is_refused():
 
 
 def test_cpu_training_runs_in_full_precision_whatever_is_asked():
-    from synthmed.runtime import make_accelerator
+    from synthmed.core.runtime import make_accelerator
 
     assert make_accelerator("bf16").mixed_precision == "no"
 

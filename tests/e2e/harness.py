@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from flows.pipeline import STAGES  # dvc.yaml's order
-from synthmed.stage import stage_entries, stage_names
+from synthmed.core.stage import stage_entries, stage_names
 from synthmed.profiles import merged
 from tests.conftest import REPO_ROOT
 

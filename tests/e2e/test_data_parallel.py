@@ -1,5 +1,5 @@
 """Data-parallel training on the CPU, as a GPU worker with several GPUs runs it: a training stage started with
-SYNTHMED_PROCESSES=2 restarts itself as two gloo processes (synthmed.runtime.launch_ranks). Against one process
+SYNTHMED_PROCESSES=2 restarts itself as two gloo processes (synthmed.core.runtime.launch_ranks). Against one process
 at the same global batch: the same weights within float tolerance (the gradients are all-reduced sums in
 another order), each step's batch split between the ranks, one writer, and a killed 2-process run that resumes
 to the uninterrupted result; the latent and caption caches are encoded a share per process."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.fidelity import frechet_distance
 from synthmed.metrics.inception import FIDInceptionV3, PoolAndLogits, inception_score, load_fid_inception

@@ -16,7 +16,7 @@ def test_minilm_token_embeddings_offline():
 def test_unloadable_encoder_says_which_and_how(monkeypatch):
     import pytest
 
-    from synthmed.errors import PipelineError
+    from synthmed.core.errors import PipelineError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match=r"text encoder 'openai/clip-vit-large-patch14' cannot be loaded.*local folder"):

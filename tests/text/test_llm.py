@@ -8,7 +8,7 @@ import time
 import pytest
 
 import synthmed.text.llm as llm
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.text.llm import OpenAIParams, OpenAIParaphraser, ResponseCache, Validation, parse_reply
 from synthmed.text.salient import load_vocabulary
 from tests.conftest import REPO_ROOT

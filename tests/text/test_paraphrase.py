@@ -4,7 +4,7 @@ import re
 import pandas as pd
 import pytest
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 from synthmed.text.paraphrase import RuleParaphraser, augment_pairs, make_offline_paraphraser
 from synthmed.text.salient import keeps_salient, load_vocabulary, missing_salient, salient_terms
 from tests.conftest import REPO_ROOT

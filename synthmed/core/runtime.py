@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 PROCESSES_ENV = "SYNTHMED_PROCESSES"
 

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import yaml
 
-from synthmed.config import PARAMS_FILE, _read_yaml, apply_cpu_params, as_dict, load_params, load_seed
-from synthmed.errors import PipelineError
+from synthmed.core.config import PARAMS_FILE, _read_yaml, apply_cpu_params, as_dict, load_params, load_seed
+from synthmed.core.errors import PipelineError
 
 DVC_YAML = "dvc.yaml"
 CODE_ROOTS = ("synthmed", "stages")
@@ -37,7 +37,7 @@ def dvc_yaml_path() -> Path:
     """The working directory's dvc.yaml (DVC runs stages from the repository root), else the one beside this code
     (a stage run from elsewhere, e.g. a test's scratch folder)."""
     here = Path(DVC_YAML)
-    return here if here.is_file() else Path(__file__).resolve().parents[1] / DVC_YAML
+    return here if here.is_file() else Path(__file__).resolve().parents[2] / DVC_YAML
 
 
 def _stages(path: Path) -> dict:
@@ -123,13 +123,13 @@ class Stage:
 
     def fingerprint(self, inputs: list[str] | None = None, **extra) -> str:
         """The run fingerprint (params, seed, input hashes, code) that resume state is keyed by."""
-        from synthmed.provenance import run_fingerprint
+        from synthmed.core.provenance import run_fingerprint
 
         return run_fingerprint(self.name, params=self.params_dict(), seed=self.seed,
                                inputs=self.inputs if inputs is None else inputs, **extra)
 
     def run_dir(self, fingerprint: str) -> Path:
-        from synthmed import store
+        from synthmed.core import store
 
         return store.run_dir(self.name, fingerprint)
 
@@ -138,13 +138,13 @@ class Stage:
 
     def write_provenance(self, inputs: list[str] | None = None, **params) -> None:
         """<out>/provenance.json: params (plus ``params``: facts decided at run time), seed, input hashes, code."""
-        from synthmed.provenance import write_provenance
+        from synthmed.core.provenance import write_provenance
 
         write_provenance(self.out_path("provenance.json"), stage=self.name, params={**self.params_dict(), **params},
                          seed=self.seed, inputs=self.inputs if inputs is None else inputs)
 
     def write_metrics(self, metrics: dict, headline: list[str]) -> None:
-        from synthmed.io import write_metrics
+        from synthmed.core.io import write_metrics
 
         write_metrics(self.name, metrics, headline)
 
@@ -186,7 +186,7 @@ def run_stage(main: Callable[[Stage], None], params_cls: type | None, argv: list
     ``argv`` None: the command line, and the process's CPU settings come from params.yaml (`cpu:`).
     ``argv`` given: a run inside another process (tests, notebooks), whose CPU settings stay as they are.
     ``data_parallel`` (the training stages): from the command line, with several GPUs visible or
-    ``SYNTHMED_PROCESSES`` > 1, the stage restarts itself as that many processes (synthmed.runtime.launch_ranks),
+    ``SYNTHMED_PROCESSES`` > 1, the stage restarts itself as that many processes (synthmed.core.runtime.launch_ranks),
     so `dvc repro`, `dvc exp run`, the queue and the flow all train data-parallel.
     `--help` describes the stage and exits without touching anything. The wall time goes to
     logs/timings/<stage>.json, outside every DVC output, so that cached artifacts stay identical across reruns.
@@ -205,7 +205,7 @@ def run_stage(main: Callable[[Stage], None], params_cls: type | None, argv: list
     start = time.perf_counter()
     try:
         if data_parallel and argv is None:
-            from synthmed import runtime
+            from synthmed.core import runtime
 
             n = 1 if runtime.is_rank() else runtime.data_parallel_processes()
             if n > 1:
@@ -233,7 +233,7 @@ def run_stage(main: Callable[[Stage], None], params_cls: type | None, argv: list
     if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one reports
         return 0
     print(f"{name}: finished in {seconds:.1f} s")
-    from synthmed.io import write_json
+    from synthmed.core.io import write_json
 
     write_json(Path("logs/timings") / f"{name}.json", {"stage": name, "wall_s": round(seconds, 2)})
     return 0

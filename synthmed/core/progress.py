@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from tqdm.auto import tqdm
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 ENV_EVERY_S = "SYNTHMED_PROGRESS_EVERY_S"
 DEFAULT_EVERY_S = 30.0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.io import manifest_hash, sha256_bytes, sha256_file, sha256_tree, write_json
+from synthmed.core.io import manifest_hash, sha256_bytes, sha256_file, sha256_tree, write_json
 
 _PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "nilearn")
 
@@ -47,7 +47,7 @@ def derive_seed(*parts: object) -> int:
 
 def code_version() -> str:
     """Hash of the synthmed and stages sources: changes exactly when the code does."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # synthmed/
     h = hashlib.sha256()
     for pkg in (root, root.parent / "stages"):
         for path in sorted(pkg.rglob("*.py")):
@@ -59,7 +59,7 @@ def code_version() -> str:
 def stage_code_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path] | None:
     """The code deps that the working directory's dvc.yaml (the one DVC hashes) declares for ``stage`` (None
     without an entry)."""
-    from synthmed.stage import is_code, stage_entries
+    from synthmed.core.stage import is_code, stage_entries
 
     deps = stage_entries(stage, "deps", dvc_yaml)
     return None if deps is None else [Path(d) for d in deps if is_code(d)]

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from synthmed.errors import PipelineError
+from synthmed.core.errors import PipelineError
 
 T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
@@ -177,10 +177,10 @@ class CPUParams:
 
 
 def apply_cpu_params(path: str | Path = PARAMS_FILE, *, pin: bool = True) -> CPUParams:
-    """Pin the thread count and, in strict mode, the CPU kernels (see synthmed/reproducibility.py)
+    """Pin the thread count and, in strict mode, the CPU kernels (see synthmed/core/reproducibility.py)
     before the stage creates any tensor; restarts the process once if a kernel was chosen already.
     ``pin=False`` only validates the section (a stage run inside another process leaves its settings)."""
-    from synthmed import reproducibility
+    from synthmed.core import reproducibility
 
     p = _build(CPUParams, _read_yaml(Path(path)).get("cpu"), "cpu", Path(path))
     if not pin:
