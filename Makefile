@@ -26,10 +26,10 @@ run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 # The 3-D demo (MNI152 sub-volumes, 32^3 voxels) as a DVC experiment beside the 2-D run, which it leaves
-# in place (--temp): about 20 min on 2 CPU cores. See README "Volumes".
+# in place (--temp): about 20 min on 2 CPU cores. See docs/volumes.md.
 run-3d: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --temp -n demo-3d -S ingest.dims=3 -S ingest.resolution=32 \
-		-S 'train_vae.block_out_channels=[16,32]' -S train_vae.batch_size=8 -S train_vae.steps=400 \
+		-S 'train_vae.model.block_out_channels=[16,32]' -S train_vae.batch_size=8 -S train_vae.steps=400 \
 		-S train_ldm.prediction_type=v_prediction -S train_ldm.sample_posterior=false
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed
 

@@ -58,10 +58,7 @@ def build(model: str, p: dict, device):
         from synthmed.models.autoencoder import VAETrainConfig, _Reconstruction, _recon_loss, build_autoencoder
 
         v = p["train_vae"]
-        vae = build_autoencoder(in_channels=channels, block_out_channels=v["block_out_channels"],
-                                layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-                                norm_num_groups=v["norm_num_groups"], sample_size=res,
-                                mid_attention=v["mid_attention"]).to(device)
+        vae = build_autoencoder(in_channels=channels, sample_size=res, **v["model"]).to(device)
         cfg = VAETrainConfig(**{k: v[k] for k in VAETrainConfig.__dataclass_fields__})
         forward, opt, g = _Reconstruction(vae), torch.optim.AdamW(vae.parameters(), lr=v["lr"]), torch.Generator()
 
@@ -79,17 +76,15 @@ def build(model: str, p: dict, device):
     if model == "unet":
         from diffusers.training_utils import EMAModel
 
-        from synthmed.models.unet import build_unet
+        from synthmed.models.unet import UNetParams, downsampling, unet_for_training
 
-        v, t = p["train_vae"], p["train_ldm"]
-        side = res // 2 ** (len(v["block_out_channels"]) - 1) // t["latent_patch"]
-        c = v["latent_channels"] * t["latent_patch"] ** 2
+        v, t = p["train_vae"]["model"], p["train_ldm"]
+        u = UNetParams(**t["unet"])
+        side = res // downsampling(v["block_out_channels"]) // u.latent_patch
+        latents = torch.empty(1, v["latent_channels"] * u.latent_patch ** 2, side, side)
         ctx_len, ctx_dim = t["text_max_length"], text_width(t["text_encoder"])
-        net = build_unet(sample_size=side, in_channels=c, block_out_channels=t["block_out_channels"],
-                         layers_per_block=t["layers_per_block"], cross_attention_dim=ctx_dim,
-                         attention_head_dim=t["attention_head_dim"], norm_num_groups=t["norm_num_groups"],
-                         dropout=t["dropout"], self_condition=t["self_condition"],
-                         attention_levels=t["attention_levels"]).to(device)
+        net = unet_for_training(u, latents, {"cross_attention_dim": ctx_dim}).to(device)
+        c = latents.shape[1]
         lr, ema_decay, sched_args = t["lr"], t["ema_decay"], (t["num_train_timesteps"], t["prediction_type"],
                                                              t["beta_schedule"])
     else:

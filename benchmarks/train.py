@@ -41,22 +41,22 @@ from synthmed.diffusion.loop import train_ldm
 from synthmed.diffusion.schedulers import make_noise_scheduler
 from synthmed.models.autoencoder import VAETrainConfig, build_autoencoder, train_autoencoder  # noqa: E402
 from synthmed.metrics.downstream import SmallCNN  # noqa: E402
-from synthmed.models.unet import build_unet  # noqa: E402
+from synthmed.models.unet import build_unet, downsampling  # noqa: E402
 from synthmed.core.runtime import pick_device  # noqa: E402
 from synthmed.vlp.model import DualEncoder, info_nce  # noqa: E402
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 # the demo's latent grid as the UNet sees it: 64 px images through the params.yaml VAE, packed
-PATCH = PARAMS["train_ldm"]["latent_patch"]
-LATENT = PARAMS["ingest"]["resolution"] // 2 ** (len(PARAMS["train_vae"]["block_out_channels"]) - 1) // PATCH
-LATENT_CHANNELS = PARAMS["train_vae"]["latent_channels"] * PATCH**2
+PATCH = PARAMS["train_ldm"]["unet"]["latent_patch"]
+LATENT = PARAMS["ingest"]["resolution"] // downsampling(PARAMS["train_vae"]["model"]["block_out_channels"]) // PATCH
+LATENT_CHANNELS = PARAMS["train_vae"]["model"]["latent_channels"] * PATCH**2
 
 
 def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False,
               heads: int | None = None, levels: list[int] | None = None):
     """The params.yaml UNet; ``heads`` overrides its attention_head_dim (diffusers' number of heads),
     ``levels`` its attention_levels."""
-    p = PARAMS["train_ldm"]
+    p = PARAMS["train_ldm"]["unet"]
     unet = build_unet(sample_size=latent, in_channels=LATENT_CHANNELS, block_out_channels=p["block_out_channels"],
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
                       attention_head_dim=heads or p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
@@ -68,11 +68,8 @@ def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: 
 
 
 def demo_vae(device="cpu"):
-    v = PARAMS["train_vae"]
-    return build_autoencoder(in_channels=1, block_out_channels=v["block_out_channels"],
-                             layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-                             norm_num_groups=v["norm_num_groups"], sample_size=PARAMS["ingest"]["resolution"],
-                             mid_attention=v["mid_attention"]).to(device)
+    return build_autoencoder(in_channels=1, sample_size=PARAMS["ingest"]["resolution"],
+                             **PARAMS["train_vae"]["model"]).to(device)
 
 
 def fake_data(n: int, latent: int, g) -> LatentPairs:
@@ -256,7 +253,7 @@ def compiled(data: LatentPairs, batch: int, steps: int) -> dict:
 
 def levers(data: LatentPairs, batch: int) -> dict:
     """Seconds per step of each variant and its speed-up over the params.yaml default (fp32, contiguous)."""
-    heads = PARAMS["train_ldm"]["attention_head_dim"]
+    heads = PARAMS["train_ldm"]["unet"]["attention_head_dim"]
     unet = interleaved({
         f"heads_{heads}_fp32": unet_step(heads, False, False, data, batch),
         **{f"heads_{h}_fp32": unet_step(h, False, False, data, batch) for h in (8, 4, 2, 1) if h != heads},

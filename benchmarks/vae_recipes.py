@@ -52,10 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     apply_cpu_params(REPO / "params.yaml")
     from synthmed.data.dataset import split_images, to_model_range
+    from synthmed.models.unet import downsampling
     from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, reconstruct,
                                              reconstruction_metrics, train_autoencoder)
 
-    defaults = yaml.safe_load((REPO / "params.yaml").read_text())["train_vae"]
+    section = yaml.safe_load((REPO / "params.yaml").read_text())["train_vae"]
+    defaults = {**section, **section.pop("model")}  # the recipes override model and loop keys alike
     train = to_model_range(split_images(DATASET, ["train"])[1])
     val = to_model_range(split_images(DATASET, ["val"])[1])
     model_keys = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "mid_attention")
@@ -70,7 +72,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         on_val = reconstruction_metrics(val, reconstruct(vae, val))
         on_train = reconstruction_metrics(train[:64], reconstruct(vae, train[:64]))
-        factor = 2 ** (len(p["block_out_channels"]) - 1)
+        factor = downsampling(p["block_out_channels"])
         print(json.dumps({"recipe": name, "latent": f"{train.shape[-1] // factor}x{train.shape[-1] // factor}"
                           f"x{p['latent_channels']}", "steps": p["steps"], "seconds": round(seconds),
                           "val_psnr": round(on_val["psnr"], 2), "val_ssim": round(on_val["ssim"], 3),

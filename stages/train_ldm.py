@@ -14,7 +14,6 @@ import pandas as pd
 from diffusers import DDIMScheduler
 
 from synthmed.core import store
-from synthmed.core.config import require_at_least_one
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.fit import fit
@@ -22,9 +21,9 @@ from synthmed.diffusion.latents import conditioning
 from synthmed.diffusion.model_card import model_card, save_model, summary_line
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.core.io import write_csv
+from synthmed.core.io import read_table, write_csv
 from synthmed.models.autoencoder import load_autoencoder
-from synthmed.models.unet import check_latent_grid, unet_for_training
+from synthmed.models.unet import UNET_KEYS, UNetParams, check_latent_grid, unet_for_training
 from synthmed.core.provenance import seed_everything
 from synthmed.core.runtime import make_accelerator
 from synthmed.core.stage import Stage, run_stage
@@ -41,16 +40,7 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     # which pair rows to train on: original, paraphrase (whatever the paraphrase stage produced), or only
     # the rows of one paraphrase backend (rule, llm)
     caption_sources: list[Literal["original", "paraphrase", "rule", "llm"]]
-    backbone: Literal["standard", "invertible"]  # invertible: coupling blocks recomputed from their outputs (IDM)
-    invertible_attention: bool  # backbone: invertible; checkerboard-split self-attention couplings (iTrans)
-    block_out_channels: list[int]
-    layers_per_block: int
-    attention_head_dim: int  # diffusers' name; it is the number of attention heads
-    attention_levels: list[int]  # resolution levels with transformer blocks (0 = full latent resolution)
-    latent_patch: int  # the UNet sees the VAE latents packed in patch x patch blocks (1 = as they are)
-    norm_num_groups: int
-    dropout: float
-    self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
+    unet: UNetParams
     num_train_timesteps: int
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
     prediction_type: Literal["epsilon", "v_prediction"]
@@ -60,27 +50,26 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
 
-    def __post_init__(self):
-        super().__post_init__()
-        require_at_least_one(self, "latent_patch")
+    MOVED = {k: f"unet.{k}" for k in UNET_KEYS}  # the flat keys before the model's were grouped
 
 
 def main(stage: Stage) -> None:
     p, g = stage.params, seed_everything(stage.seed)
     accelerator = make_accelerator(p.mixed_precision)
     dataset, pairs_file, vae_dir = (stage.dep(k) for k in ("ingest/dataset", "paraphrase/pairs.csv", "train_vae/vae"))
-    pairs = pd.read_csv(pairs_file, dtype=str, keep_default_na=False)
+    pairs = read_table(pairs_file)
     rows, images = split_stack(dataset, ["train"])  # uint8 on disk, encoded a batch at a time
     val_rows, val_images = split_stack(dataset, ["val"])
     vae = load_autoencoder(vae_dir).to(accelerator.device).eval().requires_grad_(False)
-    check_latent_grid(images.shape[-1], vae.config.block_out_channels, p, volumes=images.ndim == 5)
+    check_latent_grid(images.shape[-1], vae.config.block_out_channels, p.unet, volumes=images.ndim == 5)
     # A checkpoint is resumed only by the run that wrote it (same params, seed, inputs and code); its encoded
     # latents and conditions live beside its checkpoints. Each process encodes its share.
     fingerprint = stage.fingerprint()
     run = stage.run_dir(fingerprint)
     cond = conditioning(p, vae, accelerator.device, pairs[pairs["split"] == "train"], rows, images, val_rows,
                         val_images, g, run / "encoded", (pairs_file, f"{dataset}/metadata.csv"))
-    unet = unet_for_training(p, cond.data.latent_mean, cond.unet_dims).to(accelerator.device)
+    unet = unet_for_training(p.unet, cond.data.latent_mean, cond.unet_dims, p.gradient_checkpointing).to(
+        accelerator.device)
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
     # The pipeline wraps the UNet being trained: it samples the progress grids and is saved at the end.
     pipe = SynthMedPipeline(unet, vae, DDIMScheduler.from_config(scheduler.config), text_encoder_name=p.text_encoder,

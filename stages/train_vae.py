@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -11,11 +11,12 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
+from synthmed.core.config import as_dict
 from synthmed.data.dataset import split_stack
 from synthmed.core.errors import PipelineError
 from synthmed.core import store
 from synthmed.core.io import atomic_path, write_csv
-from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
+from synthmed.models.autoencoder import (VAEModelParams, VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
 from synthmed.core.provenance import seed_everything
 from synthmed.core.runtime import make_accelerator
@@ -29,22 +30,17 @@ POSTERIOR_SAMPLE = 1000  # training images the scaling factor and the noise frac
 class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model's
     pretrained: str  # "" = build from the params below; else a local folder or hub id of an AutoencoderKL
     pretrained_mode: Literal["finetune", "validate"]  # validate: no training, metrics + scaling factor only
-    block_out_channels: list[int]  # downsampling factor = 2 ** (len - 1)
-    layers_per_block: int
-    latent_channels: int
-    norm_num_groups: int
-    mid_attention: bool  # self-attention over the latent grid in the middle blocks
+    model: VAEModelParams
+
+    MOVED = {f.name: f"model.{f.name}" for f in fields(VAEModelParams)}  # the flat keys before they were grouped
 
 
 def load_vae(p: TrainVAEParams, channels: int, size: int, dims: int = 2) -> AutoencoderKL:
     if not p.pretrained:
         try:
-            return build_autoencoder(in_channels=channels, block_out_channels=p.block_out_channels,
-                                     layers_per_block=p.layers_per_block, latent_channels=p.latent_channels,
-                                     norm_num_groups=p.norm_num_groups, sample_size=size,
-                                     mid_attention=p.mid_attention, dims=dims)
+            return build_autoencoder(in_channels=channels, sample_size=size, dims=dims, **as_dict(p.model))
         except ValueError as exc:
-            raise PipelineError(f"params.yaml: train_vae: {exc}") from None
+            raise PipelineError(f"params.yaml: train_vae.model: {exc}") from None
     if dims != 2:
         raise PipelineError("train_vae.pretrained is 2-D only (no pretrained volume autoencoder exists offline); "
                             "set train_vae.pretrained: \"\" for a 3-D dataset")

@@ -40,7 +40,7 @@ def test_the_gpu_profiles_are_valid_overlays_of_params_yaml(tmp_path, profile):
     for stage, cls in [("ingest", IngestParams), ("train_vae", TrainVAEParams), ("train_ldm", TrainLDMParams),
                        ("train_lora", TrainLoraParams), ("generate", GenerateParams)]:
         load_params(stage, cls, tmp_path / "params.yaml")
-    assert params["cpu"]["threads"] == "auto" and params["train_ldm"]["attention_levels"] == [1, 2, 3]
+    assert params["cpu"]["threads"] == "auto" and params["train_ldm"]["unet"]["attention_levels"] == [1, 2, 3]
     assert params == merged(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()),
                             read_overlay(REPO_ROOT / "profiles" / profile))
 
@@ -62,4 +62,4 @@ def test_a_profile_key_params_yaml_lacks_is_one_line(tmp_path):
 def test_the_command_line_prints_dvc_overrides():
     out = subprocess.run([sys.executable, "-m", "synthmed.profiles", str(PROFILE)], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert "-S" in out and "train_ldm.block_out_channels=[128,256,512,512]" in out and "cpu.threads=auto" in out
+    assert "-S" in out and "train_ldm.unet.block_out_channels=[128,256,512,512]" in out and "cpu.threads=auto" in out

@@ -160,6 +160,13 @@ def test_a_full_disk_is_one_line_and_exit_2_not_a_retried_traceback(tmp_path, mo
     assert_one_line_error(proc, "No space left on device", "free disk space", "dvc repro full_disk")
 
 
+@pytest.mark.parametrize("stage, key, new", [("train_ldm", "block_out_channels", "train_ldm.unet.block_out_channels"),
+                                            ("train_vae", "latent_channels", "train_vae.model.latent_channels")])
+def test_a_model_key_from_before_the_grouping_names_its_new_place(workdir, stage, key, new):
+    set_param(workdir, stage, **{key: 4})  # what `dvc exp run -S` with the old name leaves in params.yaml
+    assert_one_line_error(run_stage(workdir, stage), f"'{stage}.{key}' is now '{new}'")
+
+
 def test_cpu_settings_are_checked_like_any_param(workdir):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["cpu"] = {"mode": "fastest", "threads": 2}
@@ -189,7 +196,8 @@ def test_a_volume_grid_the_unet_stride_does_not_divide_names_the_valid_resolutio
     (workdir / "data/paraphrase").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(workdir / "data/paraphrase/pairs.csv", index=False)
     tiny_volume_vae().save_pretrained(workdir / "data/train_vae/vae")
-    set_param(workdir, "train_ldm", latent_patch=2, block_out_channels=[32, 64, 128])
+    set_param(workdir, "train_ldm", unet={**yaml.safe_load((workdir / "params.yaml").read_text())["train_ldm"]["unet"],
+                                          "latent_patch": 2, "block_out_channels": [32, 64, 128]})
     assert_one_line_error(run_stage(workdir, "train_ldm"), "ingest.resolution=24", "6-wide grid",
                           "nearest valid ingest.resolution: 16 or 32")
     assert not (workdir / "data/train_ldm").exists()

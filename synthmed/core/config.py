@@ -88,7 +88,11 @@ def _build(cls: type[T], section: Any, key: str, path: Path) -> T:
         raise PipelineError(f"{path}: section '{key}:' is missing or not a mapping; restore it from the repository's params.yaml")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED", {})  # old key -> its new place, e.g. block_out_channels -> unet.block_out_channels
     for name in section:
+        if name in moved and name not in fields:
+            raise PipelineError(f"{path}: '{key}.{name}' is now '{key}.{moved[name]}'; move it there (and rename it "
+                                "in -S overrides and profiles)")
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

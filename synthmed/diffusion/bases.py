@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 
 from synthmed.core.errors import PipelineError
+from synthmed.models.unet import downsampling
 
 KINDS = ("synthmed", "stable-diffusion")
 PIPELINE_CLASSES = {"synthmed": "SynthMedPipeline", "stable-diffusion": "StableDiffusionPipeline"}
@@ -157,7 +158,7 @@ def load_base(kind: str, path: str, device: torch.device | str = "cpu", resoluti
                                 "fine-tunes text-conditioned ones: set train_lora.base: none")
         if type(pipe.unet).__name__ != "UNet2DConditionModel":
             raise PipelineError(f"{path}: its UNet is a {type(pipe.unet).__name__} (a volume model or "
-                                "train_ldm.backbone: invertible); train_lora adapts diffusers' 2-D UNet: set "
+                                "train_ldm.unet.backbone: invertible); train_lora adapts diffusers' 2-D UNet: set "
                                 "train_lora.base: none")
         encoder = pipe.text_encoder
     else:
@@ -166,7 +167,7 @@ def load_base(kind: str, path: str, device: torch.device | str = "cpu", resoluti
         pipe = open_pipeline(StableDiffusionPipeline, path, kind, safety_checker=None,
                              requires_safety_checker=False).to(device)
         encoder = PromptEncoder(pipe)
-    native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    native = pipe.unet.config.sample_size * downsampling(pipe.vae.config.block_out_channels)
     if kind == "synthmed":  # packed latents: the UNet's grid is the latent grid / patch
         native *= round((pipe.unet.config.out_channels // pipe.vae.config.latent_channels) ** 0.5)
         if resolution and resolution != native:

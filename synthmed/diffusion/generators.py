@@ -77,7 +77,7 @@ def load_generator(folder: str | Path, device: torch.device | str = "cpu"):
         from synthmed.diffusion.pipeline import SynthMedPipeline
 
         pipe = SynthMedPipeline.from_pretrained(folder).to(device)
-        try:  # the UNet's channels are the VAE's, or packed patches of them (train_ldm.latent_patch)
+        try:  # the UNet's channels are the VAE's, or packed patches of them (train_ldm.unet.latent_patch)
             unpack_latents(pipe.vae, torch.zeros(1, pipe.unet.config.out_channels, *[1] * spatial_dims(pipe.unet)))
         except ValueError as exc:
             raise PipelineError(f"{folder}: {exc}; retrain it (dvc repro train_ldm)") from None

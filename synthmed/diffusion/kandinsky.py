@@ -24,6 +24,7 @@ from torch import nn
 from synthmed.data.dataset import to_model_range
 from synthmed.diffusion.bases import open_pipeline, to_rgb_at
 from synthmed.diffusion.latents import LatentPairs
+from synthmed.models.unet import downsampling
 
 PARTS = ("prior", "decoder")
 
@@ -161,6 +162,6 @@ def load_kandinsky(decoder_path: str, prior_path: str, device="cpu", resolution:
     decoder = open_pipeline(KandinskyV22Pipeline, decoder_path, "kandinsky-2.2 decoder").to(device)
     prior = open_pipeline(KandinskyV22PriorPipeline, prior_path, "kandinsky-2.2 prior",
                           param="train_lora.kandinsky.prior_path").to(device)
-    factor = 2 ** (len(decoder.movq.config.block_out_channels) - 1)
+    factor = downsampling(decoder.movq.config.block_out_channels)
     native = (decoder.unet.config.sample_size or 64) * factor
     return KandinskyBase(prior, decoder, resolution or native)

@@ -219,12 +219,12 @@ def conditioning(p, vae: AutoencoderKL, device, pairs: pd.DataFrame, rows: pd.Da
                             "use condition: text for volumes")
     at = torch.linspace(0, len(val_rows) - 1, 8).long().unique()
     augment = dict(augment_copies=p.augment_copies, brightness=p.brightness, contrast=p.contrast,
-                   generator=generator, latent_patch=p.latent_patch, cache=cache / "train")
+                   generator=generator, latent_patch=p.unet.latent_patch, cache=cache / "train")
     if p.condition == "image":
         encoder = ImageEncoder(p.image_encoder, p.image_tokens, device)
         data = build_image_pairs(vae, encoder, images, **augment)
-        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.latent_patch, cache=cache / "val")
-        return Conditioning(encoder, data, val_data, dict(cross_attention_dim=p.block_out_channels[-1],
+        val_data = build_image_pairs(vae, encoder, val_images, latent_patch=p.unet.latent_patch, cache=cache / "val")
+        return Conditioning(encoder, data, val_data, dict(cross_attention_dim=p.unet.block_out_channels[-1],
                                                           encoder_hid_dim=encoder.dim),
                             val_data.text_emb[at + 1], [to_array(x) for x in val_images[at]],
                             [f"val image {i}" for i in at.tolist()] + ["its variant"] * len(at),
@@ -234,7 +234,7 @@ def conditioning(p, vae: AutoencoderKL, device, pairs: pd.DataFrame, rows: pd.Da
     encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
     data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
     val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),
-                                  latent_patch=p.latent_patch, cache=cache / "val")
+                                  latent_patch=p.unet.latent_patch, cache=cache / "val")
     captions = val_rows["text"].iloc[at].tolist()
     return Conditioning(encoder, data, val_data, dict(cross_attention_dim=encoder.hidden_size), captions, [],
                         captions, pairs)

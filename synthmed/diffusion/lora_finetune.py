@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from diffusers import DDPMScheduler
 
@@ -26,7 +25,7 @@ from synthmed.diffusion.fit import fit
 from synthmed.diffusion.latents import build_latent_pairs, select_caption_sources
 from synthmed.diffusion.loop import trained_parameters
 from synthmed.core.errors import PipelineError
-from synthmed.core.io import atomic_path
+from synthmed.core.io import atomic_path, read_table
 from synthmed.models.lora import LoraParams, add_lora
 from synthmed.core.provenance import input_hashes, seed_everything
 from synthmed.core.runtime import make_accelerator
@@ -83,7 +82,7 @@ LoRA fine-tune of the {p.base} pipeline `{p.base_path}`{f" (prior `{p.kandinsky.
 
 
 def training_sets(p, dataset: str, pairs_file: str):
-    pairs = pd.read_csv(pairs_file, dtype=str, keep_default_na=False)
+    pairs = read_table(pairs_file)
     pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, pairs_file)
     rows, images = split_stack(dataset, ["train"])  # uint8 on disk, encoded a batch at a time
     val_rows, val_images = split_stack(dataset, ["val"])

@@ -19,7 +19,7 @@ import pandas as pd
 
 from synthmed.data.imagefolder import METADATA, save_pixels
 from synthmed.core.errors import PipelineError
-from synthmed.core.io import atomic_path, sha256_bytes
+from synthmed.core.io import atomic_path, read_table, sha256_bytes
 from synthmed.core.progress import progress
 from synthmed.viz import is_volume
 
@@ -83,7 +83,7 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
     for i, start in enumerate(starts):
         shard = out / shard_name(i)
         if finished[i]:
-            done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
+            done_rows.append(read_table(shard / "shard.csv"))
             continue
         if not mine(i):
             continue
@@ -101,7 +101,7 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
             rows.astype(str).to_csv(tmp / "shard.csv", index=False)
         seconds += time.perf_counter() - tick
         rendered += len(rows)
-        done_rows.append(pd.read_csv(shard / "shard.csv", dtype=str, keep_default_na=False))
+        done_rows.append(read_table(shard / "shard.csv"))
     bar.close()
     stats = {"images": len(plan), "rendered": rendered, "resumed": resumed,
              "render_s": round(seconds, 2), "images_per_s": round(rendered / seconds, 3) if seconds else None}

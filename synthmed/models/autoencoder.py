@@ -24,6 +24,16 @@ from synthmed.core.progress import progress
 from synthmed.core.runtime import make_accelerator
 
 
+@dataclass
+class VAEModelParams:
+    """train_vae.model: the autoencoder's shape."""
+    block_out_channels: list[int]  # downsampling factor = 2 ** (len - 1)
+    layers_per_block: int
+    latent_channels: int
+    norm_num_groups: int
+    mid_attention: bool  # self-attention over the latent grid in the middle blocks
+
+
 def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers_per_block: int,
                       latent_channels: int, norm_num_groups: int, sample_size: int,
                       mid_attention: bool = True, dims: int = 2) -> AutoencoderKL | VolumeAutoencoderKL:
@@ -33,7 +43,7 @@ def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers
     if dims == 3:
         if mid_attention:
             raise ValueError("mid_attention is 2-D only (attention over a latent volume grows with the cube of its "
-                             "side); set train_vae.mid_attention: false for volumes")
+                             "side); set train_vae.model.mid_attention: false for volumes")
         return VolumeAutoencoderKL(dims=3, in_channels=in_channels, out_channels=in_channels,
                                    block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                                    latent_channels=latent_channels, norm_num_groups=norm_num_groups,

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from synthmed.models.unet import downsampling
 from synthmed.models.invertible import (AdditiveCoupling, CheckerboardAttentionCoupling, InvertibleDown,
                                         InvertibleUp, ResidualFunction, ReversibleLayer, conv_nd, group_norm,
                                         reversible_sequence)
@@ -148,7 +149,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     @property
     def total_stride(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return downsampling(self.config.block_out_channels)
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         if self.config.backbone == "invertible":

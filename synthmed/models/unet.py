@@ -3,7 +3,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Literal
+
 from diffusers import UNet2DConditionModel
+
+
+@dataclass
+class UNetParams:
+    """train_ldm.unet: the denoiser's shape."""
+    backbone: Literal["standard", "invertible"]  # invertible: coupling blocks recomputed from their outputs (IDM)
+    invertible_attention: bool  # backbone: invertible; checkerboard-split self-attention couplings (iTrans)
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention_head_dim: int  # diffusers' name; it is the number of attention heads
+    attention_levels: list[int]  # resolution levels with transformer blocks (0 = full latent resolution)
+    latent_patch: int  # the UNet sees the VAE latents packed in patch x patch blocks (1 = as they are)
+    norm_num_groups: int
+    dropout: float
+    self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
+
+    def __post_init__(self):
+        from synthmed.core.config import require_at_least_one
+
+        require_at_least_one(self, "latent_patch")
+
+
+UNET_KEYS = [f.name for f in fields(UNetParams)]
 
 
 def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[int], layers_per_block: int,
@@ -63,15 +89,15 @@ def downsampling(block_out_channels) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
-def check_latent_grid(resolution: int, vae_levels, p, volumes: bool) -> None:
-    """The UNet of train_ldm's params ``p`` must tile the latent grid that the VAE (``vae_levels``: its
+def check_latent_grid(resolution: int, vae_levels, p: UNetParams, volumes: bool) -> None:
+    """The UNet ``p`` (train_ldm.unet) must tile the latent grid that the VAE (``vae_levels``: its
     block_out_channels) and ``p.latent_patch`` make of ``resolution``-px images; one line naming the params to
     change otherwise. diffusers' 2-D UNet pads odd sizes itself; the volume and invertible UNets cannot."""
     from synthmed.core.errors import PipelineError
 
     side = resolution // downsampling(vae_levels)
     if side % p.latent_patch:
-        raise PipelineError(f"params.yaml: train_ldm.latent_patch={p.latent_patch} does not divide the {side}x{side} latent grid of "
+        raise PipelineError(f"params.yaml: train_ldm.unet.latent_patch={p.latent_patch} does not divide the {side}x{side} latent grid of "
                          f"the VAE; use a divisor of {side}")
     grid, stride = side // p.latent_patch, downsampling(p.block_out_channels)
     if (volumes or p.backbone == "invertible") and grid % stride:
@@ -80,14 +106,14 @@ def check_latent_grid(resolution: int, vae_levels, p, volumes: bool) -> None:
         factor = resolution // grid
         valid = " or ".join(str(g * factor) for g in nearest_valid_sizes(grid, stride))
         raise PipelineError(f"params.yaml: ingest.resolution={resolution} gives a {grid}-wide grid for the UNet (÷{factor}: the VAE's "
-                         f"downsampling x train_ldm.latent_patch), which its total stride {stride} (2 ** (levels of "
-                         f"train_ldm.block_out_channels - 1)) does not divide; nearest valid ingest.resolution: "
+                         f"downsampling x train_ldm.unet.latent_patch), which its total stride {stride} (2 ** (levels of "
+                         f"train_ldm.unet.block_out_channels - 1)) does not divide; nearest valid ingest.resolution: "
                          f"{valid}, or fewer levels")
 
 
-def unet_for_training(p, latents, unet_dims: dict[str, int]):
-    """train_ldm's denoiser for its params ``p`` over latents shaped like ``latents`` [N, C, *grid]; a params
-    error in one line when the backbone cannot honour an option."""
+def unet_for_training(p: UNetParams, latents, unet_dims: dict[str, int], gradient_checkpointing: bool = False):
+    """The denoiser ``p`` (train_ldm.unet) over latents shaped like ``latents`` [N, C, *grid]; a params error in
+    one line when the backbone cannot honour an option."""
     from synthmed.core.errors import PipelineError
 
     try:
@@ -96,8 +122,8 @@ def unet_for_training(p, latents, unet_dims: dict[str, int]):
                           attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups,
                           dropout=p.dropout, self_condition=p.self_condition, attention_levels=p.attention_levels,
                           backbone=p.backbone, invertible_attention=p.invertible_attention, **unet_dims)
-        if p.gradient_checkpointing:
+        if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     except ValueError as exc:  # an option the backbone cannot honour, a grid its strides do not divide
-        raise PipelineError(f"params.yaml: train_ldm: {exc}") from None
+        raise PipelineError(f"params.yaml: train_ldm.unet: {exc}") from None
     return unet

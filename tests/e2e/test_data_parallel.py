@@ -63,7 +63,7 @@ def test_two_processes_train_as_one(copy_of, tmp_path: Path, stage: str):
     shutil.rmtree(repo / ".synthmed/runs", ignore_errors=True)  # nothing to resume: both runs train from step 0
     if stage == "train_ldm":  # dropout masks come from each process's own RNG, not the shared generator
         params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["train_ldm"]["dropout"] = 0.0
+        params["train_ldm"]["unet"]["dropout"] = 0.0
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     one, _ = train(repo, stage, 1, tmp_path / "one.jsonl")
     losses_one = pd.read_csv(repo / f"data/{stage}/loss.csv")["loss"]

@@ -23,10 +23,11 @@ def volume_params() -> dict:
     params = tiny_params()
     params["ingest"].update(dims=3, resolution=16)
     params["ingest"]["demo3d"]["step_mm"] = 28  # 56 cubes, 8 of them test
-    params["train_vae"].update(block_out_channels=[8, 16], mid_attention=False, batch_size=8)
-    # the 3-D recipe of `make run-3d` (README "Volumes (3-D)")
-    params["train_ldm"].update(backbone="invertible", block_out_channels=[16, 32], batch_size=8,
-                               prediction_type="v_prediction", sample_posterior=False)
+    params["train_vae"]["model"].update(block_out_channels=[8, 16], mid_attention=False)
+    params["train_vae"]["batch_size"] = 8
+    # the 3-D recipe of `make run-3d` (docs/volumes.md)
+    params["train_ldm"]["unet"].update(backbone="invertible", block_out_channels=[16, 32])
+    params["train_ldm"].update(batch_size=8, prediction_type="v_prediction", sample_posterior=False)
     # One volume per sampler call, as regenerate makes it: 3-D convolutions are not bit-for-bit batch-invariant
     # at every thread count (one voxel level apart at one thread), so the byte check below must not rest on it.
     params["generate"]["batch_size"] = 1
