@@ -28,7 +28,6 @@ from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
 from synthmed.core.errors import PipelineError
-from synthmed.core import store
 from synthmed.core.io import read_table, sha256_tree, write_json
 from synthmed.core.provenance import derive_seed, seed_everything
 from synthmed.core.runtime import pick_device
@@ -153,7 +152,7 @@ def main(stage: Stage, shard: tuple[int, int] = (1, 1)) -> None:
     stage.write_metrics({"images": len(meta), "prompts": int(meta["prompt_index"].nunique())}, headline=["images"])
     write_json("logs/generate.json", {**stats, "scheduler": p.scheduler, "steps": p.num_inference_steps,
                                       "device": str(pipe.device)})  # throughput: uncached, outside DVC outputs
-    store.finish_run("generate", fingerprint)
+    stage.finish_run(fingerprint)
     print(f"generate: {len(meta)} images from {meta['prompt_index'].nunique()} prompts -> {dataset} "
           f"({stats['rendered']} rendered, {stats['resumed']} from finished shards, "
           f"{stats['images_per_s'] or 0:.2f} images/s)")

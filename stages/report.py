@@ -6,173 +6,21 @@
 
 from __future__ import annotations
 
-import io
-import json
-import re
 import sys
-from pathlib import Path
 
-import pandas as pd
-
-from synthmed.data.dataset import first_mode, images_of
-from synthmed.data.imagefolder import read_metadata
 from synthmed.core.stage import Stage, run_stage
-from synthmed.report import Figure, Section, Table, curves_png, fmt, frame_table, smoothed, write_report
-from synthmed.viz import image_grid, to_array
-
-REAL, SYNTH = "data/ingest/dataset", "data/generate/dataset"
-FIDELITY = [("fd_effnet", "Fréchet distance (EfficientNet features), lower is better"),
-            ("kid_effnet", "kernel distance, lower is better"),
-            ("precision", "share of synthetic images inside the real manifold"),
-            ("recall", "share of real images inside the synthetic manifold"),
-            ("density", "precision weighted by how many real neighbourhoods contain each image"),
-            ("coverage", "share of real images with a synthetic image among their nearest neighbours")]
-
-
-def metrics(stage: str) -> dict:
-    path = Path(f"metrics/all/{stage}.json")
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def png(path: str) -> bytes:
-    return Path(path).read_bytes()
-
-
-def dataset_section() -> Section:
-    card = Path("data/ingest/card.md").read_text().split("\n## ")[0]
-    bullets = [line[2:] for line in card.splitlines() if line.startswith("- ")]
-    meta = read_metadata(REAL).drop_duplicates("file_name")
-    counts = pd.crosstab(meta["label"].replace("", "(none)"), meta["split"]).reset_index()
-    return Section("Dataset", "the real images the models learn from; splits never cut a group (patient, volume), "
-                   "and only `train` is ever trained on.",
-                   [*bullets, frame_table(counts), Figure("samples", png("data/ingest/samples.png"), "real images")])
-
-
-def vae_section() -> Section:
-    m, loss = metrics("train_vae"), pd.read_csv("data/train_vae/loss.csv")
-    curve = curves_png({"training loss (mean of 50 steps)": (loss["step"].tolist(), smoothed(loss["loss"]))},
-                       "VAE training", "loss", logy=True)
-    return Section("Autoencoder", "real validation images above their reconstructions; the diffusion model works in "
-                   "this latent space, so its samples cannot be sharper than these.",
-                   [f"Validation PSNR {fmt(m.get('val_psnr'))} dB, SSIM {fmt(m.get('val_ssim'))}, "
-                    f"MAE {fmt(m.get('val_mae'))}; {fmt(m.get('parameters'))} parameters.",
-                    Figure("vae_reconstructions", png("data/train_vae/recon.png"), "real (top) and reconstructed"),
-                    Figure("vae_loss", curve, "training loss")])
-
-
-def diffusion_section() -> Section:
-    m, loss, val = metrics("train_ldm"), pd.read_csv("data/train_ldm/loss.csv"), pd.read_csv("data/train_ldm/val_loss.csv")
-    curve = curves_png({"training (mean of 50 steps)": (loss["step"].tolist(), smoothed(loss["loss"])),
-                        "validation, EMA weights": (val["step"].tolist(), val["val_loss_ema"].tolist()),
-                        "validation, raw weights": (val["step"].tolist(), val["val_loss_raw"].tolist())},
-                       "diffusion training", "min-SNR-weighted loss")
-    grids = sorted(Path("data/train_ldm/progress").glob("step*.png"))
-    blocks = [f"{fmt(m.get('parameters'))} UNet parameters, {fmt(m.get('train_images'))} training images; "
-              f"validation loss {fmt(m.get('val_loss_ema'))} (EMA).", Figure("ldm_loss", curve, "loss curves")]
-    if grids:
-        blocks.append(Figure("ldm_progress", grids[-1].read_bytes(), f"fixed conditions and seeds at {grids[-1].stem}"))
-    return Section("Diffusion training", "the training loss falls with noise around it; a validation loss that rises "
-                   "while it falls is overfitting (memorization: see the privacy section).", blocks)
-
-
-def samples_section() -> Section:
-    """A real image of each label beside synthetic ones of it (the first generation mode's)."""
-    real, synth = read_metadata(REAL).drop_duplicates("file_name"), read_metadata(SYNTH).drop_duplicates("file_name")
-    synth = first_mode(synth)
-    tiles, captions = [], []
-    for label in sorted(set(synth["label"]))[:12]:
-        mine = synth[synth["label"] == label].head(7)
-        ref = real[real["label"] == label].head(1)
-        tiles += [to_array(x) for x in images_of(REAL, ref)] + [to_array(x) for x in images_of(SYNTH, mine)]
-        captions += [f"real {label or ''}".strip()] * len(ref) + ["synthetic"] * len(mine)
-        tiles += [None] * (8 - len(ref) - len(mine))
-        captions += [""] * (8 - len(ref) - len(mine))
-    blank = next(t for t in tiles if t is not None) * 0 + 255
-    buf = io.BytesIO()
-    image_grid([blank if t is None else t for t in tiles], captions, ncol=8).save(buf, format="PNG")
-    per_label, grid = buf.getvalue(), png("data/generate/grid.png")
-    return Section("Synthetic samples", "each row: a real image of a label, then synthetic images generated for it; "
-                   "they should look like the real one without being copies of any training image.",
-                   [Figure("samples_per_label", per_label, "per label"),
-                    Figure("generate_grid", grid, "the generate stage's grid")])
-
-
-def fidelity_section(m: dict) -> Section:
-    modes = [("", "synthetic")] + ([("_interpolation", "interpolations")] if "fd_effnet_interpolation" in m else [])
-    rows = [[key, *(fmt(m.get(key + s)) for s, _ in modes), fmt(m.get(f"{key}_real_train_vs_test")), meaning]
-            for key, meaning in FIDELITY]
-    blocks: list = [f"{fmt(m.get('n_synthetic_fidelity'))} synthetic images against {fmt(m.get('n_real_test'))} "
-                    "real test images.",
-                    Table(["metric", *(name for _, name in modes), "real vs real", "meaning"], rows)]
-    if "volume_ssim" in m:  # volumes: the planes' features above, and voxel by voxel here
-        blocks += ["Volumes: the figures above use the EfficientNet features of each volume's three central planes "
-                   f"side by side (FD per plane: axial {fmt(m.get('fd_effnet_axial'))}, coronal "
-                   f"{fmt(m.get('fd_effnet_coronal'))}, sagittal {fmt(m.get('fd_effnet_sagittal'))}). Below, each "
-                   "synthetic volume against its nearest real test volume, beside real test against nearest train.",
-                   Table(["metric", "synthetic vs nearest real", "real test vs nearest train"],
-                         [[k, fmt(m.get(f"volume_{k}")), fmt(m.get(f"volume_{k}_real_test_vs_train"))]
-                          for k in ("psnr", "ssim", "mae")])]
-    return Section("Fidelity", "each synthetic figure beside the same figure for real train images against real "
-                   "test ones, the score of a generator that samples the real distribution; precision/recall "
-                   "near that twin and FD/KID near it are the goal.", blocks)
-
-
-def privacy_section(m: dict) -> Section:
-    keys = [k for k in ("mem_frac_below_p1_feature", "mem_frac_below_p1_pixel", "mem_frac_below_p5_feature",
-                        "mem_source_frac_below_p1_feature", "mem_flagged") if k in m]
-    return Section("Privacy: memorization audit", "the synthetic images closest to a training image, beside it; a "
-                   "generator that does not copy puts about 1 % of its images below the 1st percentile of real "
-                   "test images' distances to train (`mem_frac_below_p1_*`).",
-                   [Table(["figure", "value"], [[k, fmt(m[k])] for k in keys]),
-                    Figure("closest_pairs", png("data/evaluate/closest_pairs.png"), "closest synthetic–train pairs")])
-
-
-def augmentation_section() -> Section:
-    try:
-        table = pd.read_csv("data/evaluate/augmentation.csv")
-    except pd.errors.EmptyDataError:  # no labels, no classifier: evaluate says why in the figure
-        table = pd.DataFrame()
-    blocks: list = [Figure("augmentation", png("data/evaluate/augmentation.png"), "macro AUC and balanced accuracy")]
-    if not table.empty:
-        cols = [c for c in ["regime", "arm", "seeds", "n_real", "n_synth", "auc", "auc_ci95", "gain_auc",
-                            "gain_auc_p_holm"] if c in table]
-        blocks.insert(0, frame_table(table, cols))
-    return Section("Does synthetic data help a classifier?", "each arm against the real-only classifier of the same "
-                   "regime (share of real train), paired by seed; a gain counts when its Holm-corrected p < 0.05 "
-                   "(* in the plot).", blocks)
-
-
-def vlp_section() -> Section:
-    """The evaluate_vlp report's tables and lines, as they are."""
-    blocks: list = []
-    lines = Path("data/evaluate_vlp/report.md").read_text().splitlines()[1:]
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
-                i += 1
-            blocks.append(Table(rows[0], [r for r in rows[2:]]))
-            continue
-        text = re.sub(r"^#+\s*", "", lines[i]).strip()
-        if text:
-            blocks.append(text)
-        i += 1
-    return Section("Vision-language pretraining", "dual encoders pretrained on real, synthetic or both kinds of "
-                   "pairs, scored on real test images; synthetic pairs help when `real_synth` beats `real`.", blocks)
+from synthmed.report import write_report
+from synthmed.report_sections import sections
 
 
 def main(stage: Stage) -> None:
     for key in stage.inputs:  # every section's input, or one line naming what to run
         stage.dep(key)
-    m = metrics("evaluate")
-    sections = [dataset_section(), vae_section(), diffusion_section(), samples_section(), fidelity_section(m),
-                privacy_section(m), augmentation_section(), vlp_section()]
+    parts = sections(stage.dep)
     subtitle = ("Every figure comes from this run's DVC outputs (`dvc exp show` has them as columns); "
                 "docs/metrics.md says what each one means.")
-    write_report(str(stage.out), "synthmed run report", subtitle, sections)
-    print(f"report: {len(sections)} sections -> {stage.out}/report.html, {stage.out}/report.md")
+    write_report(str(stage.out), "synthmed run report", subtitle, parts)
+    print(f"report: {len(parts)} sections -> {stage.out}/report.html, {stage.out}/report.md")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from typing import Literal
 import pandas as pd
 from diffusers import DDIMScheduler
 
-from synthmed.core import store
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.fit import fit
@@ -100,7 +99,7 @@ def main(stage: Stage) -> None:
     write_csv(stage.out_path("val_loss.csv"), log.dropna(subset=["val_loss_ema"])[["step", "val_loss_ema", "val_loss_raw"]])
     stage.write_provenance()
     stage.write_metrics(metrics, headline=["val_loss_ema"])
-    store.finish_run("train_ldm", fingerprint)
+    stage.finish_run(fingerprint)
     print(summary_line(len(cond.pairs), len(rows), result.log, metrics))
 
 

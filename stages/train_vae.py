@@ -14,7 +14,6 @@ from diffusers import AutoencoderKL
 from synthmed.core.config import as_dict
 from synthmed.data.dataset import split_stack
 from synthmed.core.errors import PipelineError
-from synthmed.core import store
 from synthmed.core.io import atomic_path, write_csv
 from synthmed.models.autoencoder import (VAEModelParams, VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
@@ -100,7 +99,7 @@ def main(stage: Stage) -> None:
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else 0.0,
         "parameters": sum(x.numel() for x in vae.parameters()),
     }, headline=["val_psnr", "val_ssim"])
-    store.finish_run("train_vae", fingerprint)
+    stage.finish_run(fingerprint)
     print(f"train_vae: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
 
 

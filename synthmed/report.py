@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from synthmed.core.io import atomic_path
+from synthmed.viz import save_figure
 
 
 @dataclass
@@ -72,10 +72,7 @@ def curves_png(series: dict[str, tuple[list, list]], title: str, ylabel: str, lo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return save_figure(fig)
 
 
 def smoothed(values: pd.Series, window: int = 50) -> list[float]:

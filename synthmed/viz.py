@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -59,6 +60,22 @@ def image_grid(images: list[np.ndarray], captions: list[str] | None = None, ncol
 def save_png(image: Image.Image, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def save_figure(fig, path: str | Path | None = None) -> bytes | None:
+    """A matplotlib figure as PNG (110 dpi) at ``path``, atomically, or as bytes without one; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        if path is None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            return buf.getvalue()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        return None
+    finally:
+        plt.close(fig)
 
 
 def to_array(image) -> np.ndarray:

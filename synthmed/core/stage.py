@@ -133,6 +133,12 @@ class Stage:
 
         return store.run_dir(self.name, fingerprint)
 
+    def finish_run(self, fingerprint: str) -> None:
+        """Drop the run's resume state (checkpoints, caches of encodings) once its outputs are written."""
+        from synthmed.core import store
+
+        store.finish_run(self.name, fingerprint)
+
     def params_dict(self) -> dict:
         return as_dict(self.params) if self.params is not None else {}
 

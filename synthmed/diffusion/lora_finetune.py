@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from synthmed.core import store
 from synthmed.data.dataset import split_stack
 from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
@@ -234,7 +233,7 @@ def save(stage, p, parts: list[Part], metrics: dict, fingerprint: str, inputs: l
                                                    "sample_size": int(resolution)}) + "\n")
     stage.write_provenance(inputs)
     stage.write_metrics(metrics, headline=["lora_parameters"] + [k for k in metrics if k.startswith("val_loss_ema")])
-    store.finish_run(STAGE, fingerprint)
+    stage.finish_run(fingerprint)
     print(f"{STAGE}: {p.base} + rank-{p.rank} LoRA on {', '.join(x.name for x in parts)} "
           f"({metrics['lora_parameters']:,} parameters), {metrics['train_pairs']} pairs; "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_loss_ema")) + f" -> {adapter}, {merged}")

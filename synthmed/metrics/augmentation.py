@@ -187,14 +187,12 @@ def plot(table: pd.DataFrame, path, metrics=("auc", "bacc"), empty_note: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from synthmed.core.io import atomic_path
+    from synthmed.viz import save_figure
 
     if table.empty:
         fig = plt.figure(figsize=(6, 1.5))
         fig.text(0.5, 0.5, empty_note or "no augmentation study", ha="center", va="center", wrap=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         return
     regimes, arms = list(dict.fromkeys(table["regime"])), list(dict.fromkeys(table["arm"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
@@ -216,6 +214,4 @@ def plot(table: pd.DataFrame, path, metrics=("auc", "bacc"), empty_note: str = "
     fig.legend(handles, names, loc="upper center", ncol=len(arms), fontsize=8, frameon=False)
     fig.text(0.99, 0.01, "* gain over real, paired by seed, Holm-corrected p < 0.05", ha="right", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 0.92))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from stages.train_ldm import save_model, summary_line
+from synthmed.diffusion.model_card import save_model, summary_line
 from synthmed.diffusion.loop import train_loss_metrics
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.config import LDMTrainConfig
