@@ -23,13 +23,13 @@ import torch
 
 from synthmed.core.config import require_at_least_one
 from synthmed.diffusion.generators import load_generator
-from synthmed.diffusion.image_sources import SourceEmbeddings
-from synthmed.diffusion.prompts import IMAGE_MODES, PLAN_COLUMNS, image_plan
+from synthmed.diffusion.image_sources import SourceEmbeddings, image_grid_rows
+from synthmed.diffusion.prompts import IMAGE_MODES, finish_plan, image_plan, read_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
 from synthmed.core.errors import PipelineError
-from synthmed.core.io import read_table, sha256_tree, write_json
-from synthmed.core.provenance import derive_seed, seed_everything
+from synthmed.core.io import sha256_tree, write_json
+from synthmed.core.provenance import seed_everything
 from synthmed.core.runtime import pick_device
 from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import image_grid, load_png, save_png, to_array
@@ -64,52 +64,10 @@ class GenerateParams:
                              "grid_images")
 
 
-def plan_for(p: GenerateParams, path: str) -> pd.DataFrame:
-    plan = read_table(path)
-    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
-    if missing or plan.empty:
-        raise PipelineError(f"{path}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
-    plan["seed"] = plan["seed"].astype("int64")  # 63-bit seeds, exact
-    return plan
-
-
-def finish_plan(plan: pd.DataFrame, p: GenerateParams) -> pd.DataFrame:
-    plan = plan.assign(image_index=range(len(plan)))
-    return plan.assign(scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
-                       guidance_scale=p.guidance_scale)
-
-
-def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p: GenerateParams, seed: int):
-    """What an image-conditioned model's grid shows: sources beside variants of them, and interpolation strips
-    (source, the mixes at each r, partner); rendered for the figure, from seeds of their own."""
-    width = len(p.image.fractions) + 2
-    tiles, captions = [], []
-    picks = plan.drop_duplicates("source_file_name")
-    picks = picks.iloc[torch.linspace(0, len(picks) - 1, min(4, len(picks))).round().long().unique().tolist()]
-    kw = dict(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, batch_size=p.batch_size)
-    for k, row in enumerate(picks.itertuples()):
-        if "reconstruction" in p.image.modes:
-            rows = pd.DataFrame({"source_file_name": [row.source_file_name] * (width - 1)})
-            seeds = [derive_seed(seed, "grid", k, j) for j in range(width - 1)]
-            tiles += [sources.source(row.source_file_name), *map(to_array, pipe.generate(sources(rows), seeds, **kw))]
-            captions += [f"source {row.label}"] + ["variant"] * (width - 1)
-        if "interpolation" in p.image.modes:
-            partner = plan[(plan["mode"] == "interpolation") & (plan["source_file_name"] == row.source_file_name)]
-            if partner.empty:
-                continue
-            b = partner["partner_file_name"].iloc[0]
-            rows = pd.DataFrame({"source_file_name": row.source_file_name, "partner_file_name": b,
-                                 "mode": "interpolation", "r": p.image.fractions})
-            images = pipe.generate(sources(rows), [derive_seed(seed, "grid-mix", k)] * len(rows), **kw)
-            tiles += [sources.source(row.source_file_name), *map(to_array, images), sources.source(b)]
-            captions += ["source"] + [f"r={r:g}" for r in p.image.fractions] + ["partner"]
-    return tiles, captions, width
-
-
 def main(stage: Stage, shard: tuple[int, int] = (1, 1)) -> None:
     p, seed = stage.params, stage.seed
     plan_file = stage.dep("prompts/plan.csv")
-    plan = plan_for(p, plan_file)
+    plan = read_plan(plan_file)
     model = stage.dep("train_lora/model")  # train_ldm's model, or a LoRA fine-tune (train_lora.base)
     dataset = stage.out_path("dataset")
     seed_everything(seed)

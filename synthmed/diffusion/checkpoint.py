@@ -79,3 +79,15 @@ def restore(state: dict, generator: torch.Generator, **stateful) -> tuple[int, l
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["log"]
+
+
+def resume(folder: str | Path | None, fingerprint: str, generator: torch.Generator, name: str,
+           **stateful) -> tuple[int, list[dict]]:
+    """(first step, log so far): those of the newest checkpoint of this run in ``folder`` (its state restored
+    into ``stateful`` and the generators, and a line saying so), else (0, [])."""
+    state = load_latest(folder, fingerprint) if folder else None
+    if state is None:
+        return 0, []
+    start, log = restore(state, generator, **stateful)
+    print(f"{name}: resuming from step {start} ({folder})")
+    return start, log

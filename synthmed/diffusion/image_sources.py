@@ -9,6 +9,7 @@ import torch
 from synthmed.data.dataset import image_rows
 from synthmed.data.imagefolder import read_metadata
 from synthmed.core.errors import PipelineError
+from synthmed.core.provenance import derive_seed
 from synthmed.models.image_encoder import mix
 from synthmed.viz import to_array
 
@@ -39,3 +40,30 @@ class SourceEmbeddings:
 
     def source(self, name: str):
         return to_array(self.images[self.index[name]])
+
+
+def image_grid_rows(pipe, plan: pd.DataFrame, sources: SourceEmbeddings, p, seed: int):
+    """What an image-conditioned model's grid shows: sources beside variants of them, and interpolation strips
+    (source, the mixes at each r, partner); rendered for the figure, from seeds of their own."""
+    width = len(p.image.fractions) + 2
+    tiles, captions = [], []
+    picks = plan.drop_duplicates("source_file_name")
+    picks = picks.iloc[torch.linspace(0, len(picks) - 1, min(4, len(picks))).round().long().unique().tolist()]
+    kw = dict(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, batch_size=p.batch_size)
+    for k, row in enumerate(picks.itertuples()):
+        if "reconstruction" in p.image.modes:
+            rows = pd.DataFrame({"source_file_name": [row.source_file_name] * (width - 1)})
+            seeds = [derive_seed(seed, "grid", k, j) for j in range(width - 1)]
+            tiles += [sources.source(row.source_file_name), *map(to_array, pipe.generate(sources(rows), seeds, **kw))]
+            captions += [f"source {row.label}"] + ["variant"] * (width - 1)
+        if "interpolation" in p.image.modes:
+            partner = plan[(plan["mode"] == "interpolation") & (plan["source_file_name"] == row.source_file_name)]
+            if partner.empty:
+                continue
+            b = partner["partner_file_name"].iloc[0]
+            rows = pd.DataFrame({"source_file_name": row.source_file_name, "partner_file_name": b,
+                                 "mode": "interpolation", "r": p.image.fractions})
+            images = pipe.generate(sources(rows), [derive_seed(seed, "grid-mix", k)] * len(rows), **kw)
+            tiles += [sources.source(row.source_file_name), *map(to_array, images), sources.source(b)]
+            captions += ["source"] + [f"r={r:g}" for r in p.image.fractions] + ["partner"]
+    return tiles, captions, width

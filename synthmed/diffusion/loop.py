@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from synthmed.diffusion.checkpoint import TrainedState, capture, load_latest, restore, save_checkpoint
+from synthmed.diffusion.checkpoint import TrainedState, capture, resume, save_checkpoint
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.latents import LatentPairs
 from synthmed.diffusion.loss import diffusion_loss
@@ -152,13 +152,8 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
     device = acc.device
     ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     self_cond = is_self_conditioned(unet)
-    log: list[dict] = []
-    start = 0
     stateful = {"unet": TrainedState(unet), "optimizer": opt, "lr_scheduler": lr_sched, "ema": ema, "scaler": acc.scaler}
-    state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
-    if state is not None:
-        start, log = restore(state, generator, **stateful)
-        print(f"train_ldm: resuming from step {start} ({checkpoint_dir})")
+    start, log = resume(checkpoint_dir, fingerprint, generator, "train_ldm", **stateful)
     model.train()
     bar = progress(range(start, cfg.steps), desc="train_ldm", initial=start, total=cfg.steps, unit="step",
                    disable=not acc.is_main_process)

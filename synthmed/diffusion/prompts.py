@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from synthmed.core.errors import PipelineError
+from synthmed.core.io import read_table
 from synthmed.core.provenance import derive_seed
 
 PROMPT_COLUMNS = ("text", "prompt", "Prompt", "caption")
@@ -124,3 +125,20 @@ def image_plan(plan: pd.DataFrame, modes: list[str], fractions: list[float], see
             r=[fractions[i % len(fractions)] for i in range(len(plan))],
             seed=[derive_seed(seed, "interpolation", i, k) for i, k in zip(plan["prompt_index"], plan["sample_index"])]))
     return pd.concat(parts, ignore_index=True)
+
+
+def read_plan(path: str) -> pd.DataFrame:
+    """The plan prompts wrote, its 63-bit seeds exact; one line when the file is not one."""
+    plan = read_table(path)
+    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
+    if missing or plan.empty:
+        raise PipelineError(f"{path}: not a generation plan (missing {missing or 'rows'}); rerun `dvc repro prompts`")
+    plan["seed"] = plan["seed"].astype("int64")  # 63-bit seeds, exact
+    return plan
+
+
+def finish_plan(plan: pd.DataFrame, p) -> pd.DataFrame:
+    """Each row's image index and the sampler settings (``p``: generate's params), which the metadata records."""
+    plan = plan.assign(image_index=range(len(plan)))
+    return plan.assign(scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
+                       guidance_scale=p.guidance_scale)

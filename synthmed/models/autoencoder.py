@@ -17,7 +17,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from synthmed.core.config import require_at_least_one, require_non_negative
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
-from synthmed.diffusion.checkpoint import capture, load_latest, restore, save_checkpoint
+from synthmed.diffusion.checkpoint import capture, resume, save_checkpoint
 from synthmed.metrics.similarity import psnr, ssim
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.core.progress import progress
@@ -153,12 +153,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     model, opt = acc.prepare(step_module, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.mixed_precision))
     stateful = {"vae": vae, "optimizer": opt, "lr_scheduler": lr_sched}
-    log: list[dict] = []
-    start = 0
-    state = load_latest(checkpoint_dir, fingerprint) if checkpoint_dir else None
-    if state is not None:
-        start, log = restore(state, generator, **stateful)
-        print(f"train_vae: resuming from step {start} ({checkpoint_dir})")
+    start, log = resume(checkpoint_dir, fingerprint, generator, "train_vae", **stateful)
     vae.train()
     bar = progress(range(start, cfg.steps), desc="train_vae", initial=start, total=cfg.steps, unit="step",
                    disable=not acc.is_main_process)
