@@ -66,17 +66,9 @@ def is_code(dep: str | Path) -> bool:
     return bool(Path(dep).parts) and Path(dep).parts[0] in CODE_ROOTS
 
 
-def producer(path: str, dvc_yaml: str | Path | None = None) -> str | None:
-    """The stage whose output holds ``path``."""
-    for name in stage_names(dvc_yaml):
-        for out in (stage_entries(name, "outs", dvc_yaml) or []) + (stage_entries(name, "plots", dvc_yaml) or []):
-            if path == out or path.startswith(out.rstrip("/") + "/"):
-                return name
-    return None
-
-
 @dataclasses.dataclass
 class Stage:
+    """One stage as its code sees it (see the module's docstring); `run_stage` hands it to the stage's main."""
     name: str
     params: Any  # the stage's params dataclass (None for a stage without a section)
     seed: int
