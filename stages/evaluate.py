@@ -12,58 +12,23 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Literal
 
-from synthmed.core.config import require_at_least_one, require_fractions, require_non_negative
+from synthmed.core.config import require_at_least_one
 from synthmed.data.dataset import image_rows, mode_mask, modes_of, split_frame, split_mask
 from synthmed.data.imagefolder import read_metadata
 from synthmed.core.errors import PipelineError
 from synthmed.metrics import augmentation as aug
+from synthmed.metrics.augmentation import AugmentationParams
+from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.evaluation import downstream, fidelity, inception_metrics, privacy
 from synthmed.metrics.feature_cache import FeatureCache
+from synthmed.metrics.privacy import PrivacyParams
 from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.volumes import PlaneFeatures, nearest_volume_metrics, plane_frechet
 from synthmed.core import store
 from synthmed.core.provenance import seed_everything
 from synthmed.core.runtime import pick_device
 from synthmed.core.stage import Stage, run_stage
-
-
-@dataclass
-class PrivacyParams:
-    fail_on_violation: bool  # stop the stage when too many synthetic images are near copies
-    max_fraction_below_p1: float  # gate: share of synthetic images below the reference's 1st percentile
-    pixel_resolution: int  # pixel-space distances at this side (area-averaged down from larger images); 0 = native
-
-    def __post_init__(self):
-        require_non_negative(self, "pixel_resolution")
-
-
-@dataclass
-class ClassifierParams:
-    steps: int
-    lr: float
-    batch_size: int
-    augment: bool
-    val_every: int  # 0 = keep the last step's weights
-
-    def __post_init__(self):
-        require_at_least_one(self, "steps", "batch_size")
-        require_non_negative(self, "val_every")
-
-
-@dataclass
-class AugmentationParams:
-    fractions: list[float]  # regimes: stratified fractions of real train
-    ratios: list[float]  # real_synth arms: synthetic images per real image
-    arms: list[Literal["real_synth", "synth"]]  # beside the real-only control
-    seeds: int
-
-    def __post_init__(self):
-        require_at_least_one(self, "seeds")
-        require_fractions(self, "fractions")
-        if not all(r > 0 for r in self.ratios):
-            raise ValueError(f"augmentation.ratios must be positive, got {self.ratios}")
 
 
 @dataclass
@@ -75,7 +40,7 @@ class EvaluateParams:
     prdc_k: int
     inception_weights: str  # "" = skip; a local pt_inception-2015-12-05 state dict -> fid_inception, is_inception
     privacy: PrivacyParams
-    classifier: ClassifierParams
+    classifier: ClassifierConfig
     augmentation: AugmentationParams
 
     def __post_init__(self):

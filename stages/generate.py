@@ -24,7 +24,7 @@ import torch
 from synthmed.core.config import require_at_least_one
 from synthmed.diffusion.generators import load_generator
 from synthmed.diffusion.image_sources import SourceEmbeddings, image_grid_rows
-from synthmed.diffusion.prompts import IMAGE_MODES, finish_plan, image_plan, read_plan
+from synthmed.diffusion.prompts import ImageModesParams, finish_plan, image_plan, read_plan
 from synthmed.diffusion.schedulers import make_sampler
 from synthmed.diffusion.shards import parse_shard, publish_shards, write_shards
 from synthmed.core.errors import PipelineError
@@ -34,19 +34,6 @@ from synthmed.core.runtime import pick_device
 from synthmed.core.stage import Stage, run_stage
 from synthmed.viz import image_grid, load_png, save_png, to_array
 
-
-
-@dataclass
-class ImageModesParams:  # image-conditioned models only
-    modes: list[Literal["reconstruction", "interpolation"]]
-    fractions: list[float]  # interpolation: r, the partner's share of the embedding, in turn
-    interpolation: Literal["slerp", "lerp"]
-
-    def __post_init__(self):
-        if not self.modes or set(self.modes) - set(IMAGE_MODES):
-            raise ValueError(f"generate.image.modes must list some of {', '.join(IMAGE_MODES)}, got {self.modes}")
-        if not self.fractions or not all(0 <= r <= 1 for r in self.fractions):
-            raise ValueError(f"generate.image.fractions must be in [0, 1], got {self.fractions}")
 
 
 @dataclass

@@ -8,7 +8,9 @@ derive_seed(global seed, "generate", i, k), so any image can be regenerated alon
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -94,6 +96,20 @@ def expand(prompts: pd.DataFrame, images_per_prompt: int, seed: int) -> pd.DataF
 
 
 IMAGE_MODES = ("reconstruction", "interpolation")
+
+
+@dataclass
+class ImageModesParams:
+    """generate.image: what an image-conditioned model renders (the plan's modes)."""
+    modes: list[Literal["reconstruction", "interpolation"]]
+    fractions: list[float]  # interpolation: r, the partner's share of the embedding, in turn
+    interpolation: Literal["slerp", "lerp"]
+
+    def __post_init__(self):
+        if not self.modes or set(self.modes) - set(IMAGE_MODES):
+            raise ValueError(f"generate.image.modes must list some of {', '.join(IMAGE_MODES)}, got {self.modes}")
+        if not self.fractions or not all(0 <= r <= 1 for r in self.fractions):
+            raise ValueError(f"generate.image.fractions must be in [0, 1], got {self.fractions}")
 
 
 def image_plan(plan: pd.DataFrame, modes: list[str], fractions: list[float], seed: int, where: str) -> pd.DataFrame:

@@ -10,6 +10,7 @@ repetition, so arms are compared pairwise by seed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ import torch
 from synthmed.data.disk_array import Rows, as_rows
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
 from synthmed.metrics.stats import summarise_arms
+from synthmed.core.config import require_at_least_one, require_fractions
 from synthmed.core.provenance import derive_seed
 from synthmed.core.progress import progress
 
@@ -31,6 +33,21 @@ def regime_name(fraction: float) -> str:
 
 def ratio_name(ratio: float) -> str:
     return f"{ratio:g}x".replace(".", "p")
+
+
+@dataclass
+class AugmentationParams:
+    """evaluate.augmentation: the study's design."""
+    fractions: list[float]  # regimes: stratified fractions of real train
+    ratios: list[float]  # real_synth arms: synthetic images per real image
+    arms: list[Literal["real_synth", "synth"]]  # beside the real-only control
+    seeds: int
+
+    def __post_init__(self):
+        require_at_least_one(self, "seeds")
+        require_fractions(self, "fractions")
+        if not all(r > 0 for r in self.ratios):
+            raise ValueError(f"augmentation.ratios must be positive, got {self.ratios}")
 
 
 @dataclass

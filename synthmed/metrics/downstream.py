@@ -19,6 +19,7 @@ from torch import nn
 
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
+from synthmed.core.config import require_at_least_one, require_non_negative
 from synthmed.core.runtime import device_of, pick_device
 
 
@@ -52,6 +53,10 @@ class ClassifierConfig:
     batch_size: int
     augment: bool = True  # random shifts (up to 1/16 of the side) and brightness/contrast jitter
     val_every: int = 0  # steps between scores on real val; the best-scoring weights are kept. 0 = last step
+
+    def __post_init__(self):  # evaluate.classifier in params.yaml
+        require_at_least_one(self, "steps", "batch_size")
+        require_non_negative(self, "val_every")
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

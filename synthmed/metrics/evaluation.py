@@ -11,12 +11,10 @@ from __future__ import annotations
 import pandas as pd
 
 from synthmed.core import store
-from synthmed.core.config import as_dict
 from synthmed.data.dataset import mode_mask, modes_of
 from synthmed.core.errors import PipelineError
 from synthmed.core.io import write_csv
 from synthmed.metrics import augmentation as aug
-from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.feature_cache import FeatureCache
 from synthmed.metrics.fidelity import fidelity_with_reference, frechet_distance, per_label_prdc
 from synthmed.metrics.privacy import PixelSpace, closest_pairs, gate, memorization_table
@@ -74,7 +72,7 @@ def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> d
                                 "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
         modes = modes_of(rows["synth"])
         pools = {m: aug.subset(sets["pool"], mode_mask(rows["pool"], m)) for m in modes}
-        a, cfg = p.augmentation, ClassifierConfig(**as_dict(p.classifier))
+        a, cfg = p.augmentation, p.classifier
         study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
                               a.seeds, cfg, seed, val=sets["val"])
         metrics = dict(study.flat)

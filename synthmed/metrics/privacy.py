@@ -9,12 +9,26 @@ should put about 1 % of its images below the 1st percentile of that reference an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from synthmed.core.config import require_non_negative
 from synthmed.core.runtime import pick_device
+
+
+@dataclass
+class PrivacyParams:
+    """evaluate.privacy: the memorization audit's gate and pixel-space resolution."""
+    fail_on_violation: bool  # stop the stage when too many synthetic images are near copies
+    max_fraction_below_p1: float  # gate: share of synthetic images below the reference's 1st percentile
+    pixel_resolution: int  # pixel-space distances at this side (area-averaged down from larger images); 0 = native
+
+    def __post_init__(self):
+        require_non_negative(self, "pixel_resolution")
 
 
 CHUNK = 512  # query rows of one distance block
