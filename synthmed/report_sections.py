@@ -95,12 +95,22 @@ def samples_section(dep: Dep) -> Section:
                     Figure("generate_grid", grid, "the generate stage's grid")])
 
 
+def with_interval(m: dict, key: str) -> str:
+    """A figure with its interval in brackets, where the metrics hold one."""
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return fmt(m.get(key)) + (f" [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else "")
+
+
 def fidelity_section(dep: Dep, m: dict) -> Section:
     modes = [("", "synthetic")] + ([("_interpolation", "interpolations")] if "fd_effnet_interpolation" in m else [])
-    rows = [[key, *(fmt(m.get(key + s)) for s, _ in modes), fmt(m.get(f"{key}_real_train_vs_test")), meaning]
+    rows = [[key, *(with_interval(m, key + s) for s, _ in modes), with_interval(m, f"{key}_real_train_vs_test"), meaning]
             for key, meaning in FIDELITY]
+    fd = (f"FD rests on {fmt(m.get('fd_n'))} images in {fmt(m.get('fd_dims'))} dimensions"
+          + (": far too few for it (it needs many more images than dimensions), so it mostly measures the sample "
+             f"size; read KID and precision/recall, or FD extrapolated to infinite n ({fmt(m.get('fd_effnet_inf'))}, "
+             f"real vs real {fmt(m.get('fd_effnet_inf_real_train_vs_test'))})." if not m.get("fd_reliable") else "."))
     blocks: list = [f"{fmt(m.get('n_synthetic_fidelity'))} synthetic images against {fmt(m.get('n_real_test'))} "
-                    "real test images.",
+                    "real test images; in brackets, 95 % bootstrap intervals over images (both sets resampled). " + fd,
                     Table(["metric", *(name for _, name in modes), "real vs real", "meaning"], rows)]
     if "volume_ssim" in m:  # volumes: the planes' features above, and voxel by voxel here
         blocks += ["Volumes: the figures above use the EfficientNet features of each volume's three central planes "

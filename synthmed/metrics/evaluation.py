@@ -93,6 +93,17 @@ def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> d
     return metrics
 
 
+def warn_small_samples(figures: dict, kid_subset_size: int) -> None:
+    """One line for each figure the sample is too small for, as asked."""
+    if figures["kid_subset_size"] < kid_subset_size:
+        print(f"evaluate: KID on subsets of {figures['kid_subset_size']} images, not evaluate.kid_subset_size="
+              f"{kid_subset_size}: a subset is at most half of the {figures['fd_n']} images, or every subset is the "
+              "same set")
+    if not figures["fd_reliable"]:
+        print(f"evaluate: FD on {figures['fd_n']} images in {figures['fd_dims']} dimensions is mostly its sample-size "
+              "bias (it needs many more images than dimensions): compare KID, precision/recall or fd_effnet_inf")
+
+
 def fidelity(feat: dict, rows: dict, fid_mask, p, seed: int, out: str) -> dict:
     """FD/KID/PRDC per generation mode against the real images of the fidelity split (the real-vs-real
     reference once: it depends on the set size alone, the same for every mode of a plan); per-label PRDC to
@@ -104,12 +115,16 @@ def fidelity(feat: dict, rows: dict, fid_mask, p, seed: int, out: str) -> dict:
             continue
         try:
             figures = fidelity_with_reference(feat["test"], feat["synth"][sel], feat["train"], p.kid_subset_size,
-                                          p.kid_subsets, p.prdc_k, seed)
+                                              p.kid_subsets, p.prdc_k, seed, p.bootstrap)
         except ValueError as exc:
             raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
                                 "prompts.images_per_prompt") from None
-        metrics.update({k + suffix: v for k, v in figures.items() if not (suffix and ("real_" in k or k.startswith("kid_sub")
-                                                                                 or k == "n_real_reference"))})
+        if not suffix:
+            warn_small_samples(figures, p.kid_subset_size)
+        shared = ("n_real_reference", "fd_n", "fd_dims", "fd_reliable")  # the same for every mode
+        metrics.update({(k.replace("_ci_", f"{suffix}_ci_") if "_ci_" in k else k + suffix): v  # fd_effnet_interpolation_ci_low
+                        for k, v in figures.items()
+                        if not (suffix and ("real_" in k or k.startswith("kid_sub") or k in shared))})
         metrics[f"n_synthetic_fidelity{suffix}"] = int(sel.sum())
         per_label.append(per_label_prdc(feat["test"], rows["test"]["label"], feat["synth"][sel],
                                         rows["synth"]["label"][sel], p.prdc_k).assign(mode=mode))

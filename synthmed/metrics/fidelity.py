@@ -60,9 +60,10 @@ def _mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int,
                     seed: int) -> tuple[float, float, int]:
-    """KID mean and std over random subsets (each drawn without replacement from both sets; seeded); the
-    subset size capped at the smaller set."""
-    size = min(subset_size, len(real), len(fake))
+    """KID mean and std over random subsets (each drawn without replacement from both sets; seeded). A subset
+    is a proper one, at most half the smaller set: at the whole set every subset would be the same, and the
+    spread a fake 0."""
+    size = max(2, min(subset_size, len(real) // 2, len(fake) // 2))
     g = torch.Generator().manual_seed(seed)
     real, fake = real.double(), fake.double()
     values = torch.stack([_mmd2(real[torch.randperm(len(real), generator=g)[:size]],
@@ -70,23 +71,79 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int, su
     return float(values.mean()), float(values.std(unbiased=False)), size  # torchmetrics: the population std
 
 
+def set_figures(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, kid_subsets: int, prdc_k: int,
+                seed: int) -> dict[str, float]:
+    """FD, KID (with its subsets' spread) and PRDC of ``fake`` against ``real`` features."""
+    mean, std, size = kernel_distance(real, fake, kid_subset_size, kid_subsets, seed)
+    return {"fd_effnet": frechet_distance(real, fake), "kid_effnet": mean, "kid_effnet_std": std,
+            "kid_subset_size": size, **prdc(real, fake, prdc_k)}
+
+
+def bootstrap_interval(real: torch.Tensor, fake: torch.Tensor, figures, draws: int, seed: int,
+                       level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap over images, both sets resampled with replacement: (low, high) of each figure
+    ``figures(real, fake)`` returns. A set drawn with repeats shrinks nearest-neighbour radii, so PRDC's
+    intervals lean low; they still say how much the figure moves with the images drawn."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "bootstrap"))
+    samples: dict[str, list[float]] = {}
+    for _ in range(draws):
+        r = real[torch.randint(len(real), (len(real),), generator=g)]
+        f = fake[torch.randint(len(fake), (len(fake),), generator=g)]
+        for key, value in figures(r, f).items():
+            samples.setdefault(key, []).append(value)
+    tail = (1 - level) / 2
+    return {key: (float(np.quantile(v, tail)), float(np.quantile(v, 1 - tail))) for key, v in samples.items()}
+
+
+def frechet_extrapolated(real: torch.Tensor, fake: torch.Tensor, seed: int, fractions=(0.5, 0.625, 0.75, 0.875, 1.0),
+                         repeats: int = 5) -> float:
+    """FD at infinite sample size (Chong & Forsyth 2020, FD-infinity): FD on seeded subsets of both sets at
+    several sizes N, fitted linearly against 1/N; the intercept. FD's bias falls as 1/N, so this removes the
+    part of the figure that is the sample size's, not the generator's."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "fd_infinity"))
+    n = min(len(real), len(fake))
+    xs, ys = [], []
+    for fraction in fractions:
+        size = max(2, round(fraction * n))
+        for _ in range(1 if size == n == len(real) == len(fake) else repeats):
+            r = real[torch.randperm(len(real), generator=g)[:size]]
+            f = fake[torch.randperm(len(fake), generator=g)[:size]]
+            xs.append(1 / size)
+            ys.append(frechet_distance(r, f))
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return float(intercept)
+
+
 def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torch.Tensor, kid_subset_size: int,
-                            kid_subsets: int, prdc_k: int, seed: int) -> dict[str, float]:
-    """FD/KID/PRDC of synthetic vs real test features, each beside real train vs real test (`_real_train_vs_test`).
+                            kid_subsets: int, prdc_k: int, seed: int, bootstrap: int = 0) -> dict[str, float]:
+    """FD/KID/PRDC of synthetic vs real test features, each beside real train vs real test (`_real_train_vs_test`),
+    with FD-infinity, the sizes they rest on, and (``bootstrap`` draws) 95 % percentile intervals over images
+    (`_ci_low`, `_ci_high`).
 
     The real reference is a seeded random subset of train as large as the synthetic set: FD and PRDC
-    depend on sample size, so only equal sizes compare. Raises ValueError when a set is too small for k.
+    depend on sample size, so only equal sizes compare. FD needs far more images than feature dimensions
+    (each covariance has rank < n): `fd_reliable` is 0 when the smaller set has no more images than
+    dimensions, and FD's figures then mostly measure n. Raises ValueError when a set is too small for k.
     """
     n = min(len(synth), len(train))
     rng = np.random.default_rng(derive_seed(seed, "fidelity_reference"))
     pick = np.sort(rng.choice(len(train), n, replace=False))
-    out: dict[str, float] = {"n_real_reference": n}
+    fd_n = min(len(test), n)
+    out: dict[str, float] = {"n_real_reference": n, "fd_n": fd_n, "fd_dims": int(test.shape[1]),
+                             "fd_reliable": int(fd_n > test.shape[1])}
+
+    def figures(real, fake):
+        return set_figures(real, fake, kid_subset_size, kid_subsets, prdc_k, seed)
+
     for suffix, fake in (("", synth), ("_real_train_vs_test", train[pick])):
-        out[f"fd_effnet{suffix}"] = frechet_distance(test, fake)
-        mean, std, size = kernel_distance(test, fake, kid_subset_size, kid_subsets, seed)
-        out[f"kid_effnet{suffix}"], out[f"kid_effnet{suffix}_std"] = mean, std
-        out.setdefault("kid_subset_size", size)
-        out.update({f"{k}{suffix}": v for k, v in prdc(test, fake, prdc_k).items()})
+        point = figures(test, fake)
+        point["fd_effnet_inf"] = frechet_extrapolated(test, fake, seed)
+        out.update({f"{k}{suffix}": v for k, v in point.items()})
+        if bootstrap:
+            def interval_figures(real, fake):
+                return {k: v for k, v in figures(real, fake).items() if k not in ("kid_effnet_std", "kid_subset_size")}
+            for k, (low, high) in bootstrap_interval(test, fake, interval_figures, bootstrap, seed).items():
+                out[f"{k}{suffix}_ci_low"], out[f"{k}{suffix}_ci_high"] = low, high
     out["prdc_points"] = min(len(test), n, PRDC_MAX_POINTS)  # the smaller side PRDC saw (subsampled above it)
     return out
 

@@ -88,15 +88,18 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
         headline.update({f"{stage}.{k}": v for k, v in json.loads((dag / f"metrics/{stage}.json").read_text()).items()})
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
     assert headline.items() <= metrics.items() and len(headline) <= 20, sorted(headline)  # `dvc exp show` fits
-    assert "evaluate.aug_gain_auc_50pct_1x" in headline and "evaluate.fd_effnet_real_train_vs_test" in headline
+    assert "evaluate.aug_gain_auc_50pct_1x" in headline and "evaluate.kid_effnet_ci_high" in headline
     evaluation = json.loads((dag / "metrics/all/evaluate.json").read_text())
-    for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "kid_effnet", "precision", "recall", "density",
+    for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "fd_effnet_inf", "fd_reliable", "kid_effnet",
+                "kid_effnet_ci_low", "precision_ci_high", "recall_real_train_vs_test_ci_low", "precision", "recall", "density",
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_50pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
                 "aug_gain_auc_50pct_1x_p_holm", "adherence_chance",
                 "aug_bacc_50pct_synth", "adherence_acc", "adherence_real_test_acc"):
         assert key in evaluation
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_50pct_real"] <= 1 + 1e-9
+    assert evaluation["kid_effnet_ci_low"] <= evaluation["kid_effnet_ci_high"] and evaluation["kid_effnet_std"] > 0
+    assert evaluation["kid_subset_size"] <= evaluation["n_synthetic_fidelity"] // 2 and evaluation["fd_reliable"] == 0
     synth = (dag / "data/generate/dataset/metadata.csv").read_text().splitlines()
     header = synth[0].split(",")
     assert header[:2] == ["file_name", "text"]
@@ -187,7 +190,7 @@ def test_the_prefect_flow_runs_experiments_and_sweeps(copy_of, prefect_harness):
     rows = sweep(repo=str(repo), grid={"evaluate_vlp.steps": [5, 6]}, jobs=1)
     swept = {r["evaluate_vlp.steps"]: r for r in rows}
     assert {5, 6} <= set(swept) and all(swept[k]["state"] == "success" for k in (5, 6)), rows
-    assert all("evaluate.fd_effnet" in swept[k] and "evaluate_vlp.vlp_gain_probe_auc_50pct_real_synth" in swept[k] for k in (5, 6)), rows
+    assert all("evaluate.kid_effnet" in swept[k] and "evaluate_vlp.vlp_gain_probe_auc_50pct_real_synth" in swept[k] for k in (5, 6)), rows
     assert swept[5]["evaluate_vlp.vlp_gain_probe_auc_50pct_real_synth"] == pytest.approx(
         experiment(repo, "flow-exp")["metrics"]["metrics/evaluate_vlp.json"]["data"]["vlp_gain_probe_auc_50pct_real_synth"])
     assert "up to date" in dvc(repo, "status").stdout  # the workspace was never touched
@@ -213,7 +216,7 @@ def test_the_prefect_flow_reruns_what_a_change_touches_and_fails_in_one_line(cop
     assert lock_hashes(repo, "generate") != grid_before
     artifacts = {a.key: a for a in asyncio.run(_artifacts())}  # the report, readable in the Prefect UI
     assert "## Fidelity" in artifacts["synthmed-report"].data
-    assert any(row["metric"] == "fd_effnet" for row in json.loads(artifacts["synthmed-metrics"].data))
+    assert any(row["metric"] == "kid_effnet" for row in json.loads(artifacts["synthmed-metrics"].data))
     assert "classifier-cells-progress" in artifacts  # moved along by evaluate's progress lines
     assert "up to date" in dvc(repo, "status").stdout
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from synthmed.metrics.fidelity import frechet_distance, kernel_distance
+from synthmed.metrics.fidelity import (bootstrap_interval, fidelity_with_reference, frechet_distance,
+                                      frechet_extrapolated, kernel_distance, set_figures)
 
 
 def test_distances_are_zero_for_the_same_set_and_grow_with_shift():
@@ -13,7 +14,7 @@ def test_distances_are_zero_for_the_same_set_and_grow_with_shift():
     assert 0 < near < far and abs(far - near - 16.0) < 2.0  # mean shift of 1 in 16 dims adds 16
     k_near, _, size = kernel_distance(a, b, subset_size=500, subsets=20, seed=0)
     k_far, _, _ = kernel_distance(a, b + 1.0, subset_size=500, subsets=20, seed=0)
-    assert size == 200 and k_near < k_far
+    assert size == 100 and k_near < k_far  # a subset is at most half the set
     assert kernel_distance(a, b, 50, 10, seed=1) == kernel_distance(a, b, 50, 10, seed=1)
 
 
@@ -47,3 +48,53 @@ def test_kernel_distance_is_torchmetrics_kid_with_the_same_seed():
     torch.manual_seed(11)  # torchmetrics draws its subsets from the global generator
     mean, std = _torchmetrics(KernelInceptionDistance, real, fake, subsets=7, subset_size=20)
     assert kernel_distance(real, fake, 20, 7, seed=11)[:2] == pytest.approx((float(mean), float(std)), rel=1e-9)
+
+
+def test_kid_subsets_are_proper_subsets_whose_spread_is_real():
+    """At the demo's 46 test images a 50-image subset would be the whole set every time (std 3.6e-16)."""
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(46, 32, generator=g, dtype=torch.float64), torch.randn(46, 32, generator=g, dtype=torch.float64)
+    mean, std, size = kernel_distance(real, fake, subset_size=50, subsets=30, seed=0)
+    assert size == 23 and std > 1e-4
+
+
+def test_the_bootstrap_interval_holds_the_figure_and_narrows_with_more_images():
+    g = torch.Generator().manual_seed(2)
+    widths = []
+    for n in (40, 400):
+        real = torch.randn(n, 8, generator=g, dtype=torch.float64)
+        fake = torch.randn(n, 8, generator=g, dtype=torch.float64) + 0.5
+
+        def figures(r, f):
+            return {"kid": kernel_distance(r, f, n, 5, seed=0)[0], "fd": frechet_distance(r, f)}
+
+        ci = bootstrap_interval(real, fake, figures, draws=60, seed=1)
+        assert ci == bootstrap_interval(real, fake, figures, draws=60, seed=1)  # seeded
+        point = figures(real, fake)
+        assert all(ci[k][0] < point[k] < ci[k][1] for k in point), (ci, point)
+        widths.append(ci["fd"][1] - ci["fd"][0])
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 10x the images, about a third of the width
+
+
+def test_fd_infinity_removes_the_sample_size_bias():
+    """Two Gaussians that differ by a mean shift of 1 in 4 of 64 dimensions: FD is 4 at infinite n; at n = 120 the
+    covariance estimates add a bias that falls as 1/n, which the extrapolation takes out."""
+    g = torch.Generator().manual_seed(0)
+    shift = torch.zeros(64, dtype=torch.float64)
+    shift[:4] = 1
+    real = torch.randn(120, 64, generator=g, dtype=torch.float64)
+    fake = torch.randn(120, 64, generator=g, dtype=torch.float64) + shift
+    at_n, at_infinity = frechet_distance(real, fake), frechet_extrapolated(real, fake, seed=0)
+    assert abs(at_infinity - 4) < abs(at_n - 4) / 3, (at_n, at_infinity)
+
+
+def test_fidelity_says_what_it_rests_on():
+    g = torch.Generator().manual_seed(1)
+    test, synth, train = (torch.randn(n, 40, generator=g, dtype=torch.float64) for n in (30, 24, 60))
+    out = fidelity_with_reference(test, synth, train, kid_subset_size=50, kid_subsets=10, prdc_k=3, seed=0,
+                                  bootstrap=10)
+    assert out["fd_n"] == 24 and out["fd_dims"] == 40 and out["fd_reliable"] == 0  # fewer images than dimensions
+    assert out["kid_subset_size"] == 12 and out["n_real_reference"] == 24
+    for key in ("fd_effnet", "kid_effnet", "precision", "recall", "fd_effnet_real_train_vs_test"):
+        assert out[f"{key}_ci_low"] <= out[f"{key}_ci_high"]
+    assert set_figures(test, synth, 50, 10, 3, 0)["kid_effnet"] == out["kid_effnet"]
