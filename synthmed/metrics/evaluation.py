@@ -101,7 +101,7 @@ def warn_small_samples(figures: dict, kid_subset_size: int) -> None:
               "same set")
     if not figures["fd_reliable"]:
         print(f"evaluate: FD on {figures['fd_n']} images in {figures['fd_dims']} dimensions is mostly its sample-size "
-              "bias (it needs many more images than dimensions): compare KID, precision/recall or fd_effnet_inf")
+              "bias (it needs several images per dimension): compare KID, precision/recall or fd_effnet_inf")
 
 
 def fidelity(feat: dict, rows: dict, fid_mask, p, seed: int, out: str) -> dict:

@@ -110,8 +110,7 @@ def frechet_extrapolated(real: torch.Tensor, fake: torch.Tensor, seed: int, frac
             f = fake[torch.randperm(len(fake), generator=g)[:size]]
             xs.append(1 / size)
             ys.append(frechet_distance(r, f))
-    slope, intercept = np.polyfit(xs, ys, 1)
-    return float(intercept)
+    return float(np.polyfit(xs, ys, 1)[1])
 
 
 def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torch.Tensor, kid_subset_size: int,
@@ -122,15 +121,16 @@ def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torc
 
     The real reference is a seeded random subset of train as large as the synthetic set: FD and PRDC
     depend on sample size, so only equal sizes compare. FD needs far more images than feature dimensions
-    (each covariance has rank < n): `fd_reliable` is 0 when the smaller set has no more images than
-    dimensions, and FD's figures then mostly measure n. Raises ValueError when a set is too small for k.
+    (each covariance has rank < n): `fd_reliable` is 0 when the smaller set has fewer images than
+    five times the dimensions (FID's authors ask for 10,000 images in 2,048), and FD's figures then measure n as
+    much as the generator. Raises ValueError when a set is too small for k.
     """
     n = min(len(synth), len(train))
     rng = np.random.default_rng(derive_seed(seed, "fidelity_reference"))
     pick = np.sort(rng.choice(len(train), n, replace=False))
     fd_n = min(len(test), n)
     out: dict[str, float] = {"n_real_reference": n, "fd_n": fd_n, "fd_dims": int(test.shape[1]),
-                             "fd_reliable": int(fd_n > test.shape[1])}
+                             "fd_reliable": int(fd_n >= 5 * test.shape[1])}
 
     def figures(real, fake):
         return set_figures(real, fake, kid_subset_size, kid_subsets, prdc_k, seed)
