@@ -38,7 +38,7 @@ class EvaluateParams:
     kid_subset_size: int
     kid_subsets: int
     prdc_k: int
-    bootstrap: int  # draws of the fidelity figures' 95 % intervals over images (0 = none)
+    resamples: int  # half-samples of the images behind each fidelity figure's 95 % interval (0 = none)
     inception_weights: str  # "" = skip; a local pt_inception-2015-12-05 state dict -> fid_inception, is_inception
     privacy: PrivacyParams
     classifier: ClassifierConfig
@@ -46,7 +46,7 @@ class EvaluateParams:
 
     def __post_init__(self):
         require_at_least_one(self, "prdc_k", "kid_subset_size", "kid_subsets")
-        require_non_negative(self, "bootstrap")
+        require_non_negative(self, "resamples")
 
 
 def headline(p: EvaluateParams) -> list[str]:

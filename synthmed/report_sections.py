@@ -110,7 +110,7 @@ def fidelity_section(dep: Dep, m: dict) -> Section:
              f"size; read KID and precision/recall, or FD extrapolated to infinite n ({fmt(m.get('fd_effnet_inf'))}, "
              f"real vs real {fmt(m.get('fd_effnet_inf_real_train_vs_test'))})." if not m.get("fd_reliable") else "."))
     blocks: list = [f"{fmt(m.get('n_synthetic_fidelity'))} synthetic images against {fmt(m.get('n_real_test'))} "
-                    "real test images; in brackets, 95 % bootstrap intervals over images (both sets resampled). " + fd,
+                    "real test images; in brackets, 95 % intervals from redrawing half of each image set `evaluate.resamples` times. " + fd,
                     Table(["metric", *(name for _, name in modes), "real vs real", "meaning"], rows)]
     if "volume_ssim" in m:  # volumes: the planes' features above, and voxel by voxel here
         blocks += ["Volumes: the figures above use the EfficientNet features of each volume's three central planes "

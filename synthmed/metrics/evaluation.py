@@ -115,7 +115,7 @@ def fidelity(feat: dict, rows: dict, fid_mask, p, seed: int, out: str) -> dict:
             continue
         try:
             figures = fidelity_with_reference(feat["test"], feat["synth"][sel], feat["train"], p.kid_subset_size,
-                                              p.kid_subsets, p.prdc_k, seed, p.bootstrap)
+                                              p.kid_subsets, p.prdc_k, seed, p.resamples)
         except ValueError as exc:
             raise PipelineError(f"params.yaml: evaluate: {exc}; lower evaluate.prdc_k or raise "
                                 "prompts.images_per_prompt") from None

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from synthmed.metrics.fidelity import (bootstrap_interval, fidelity_with_reference, frechet_distance,
-                                      frechet_extrapolated, kernel_distance, set_figures)
+from synthmed.metrics.fidelity import (fidelity_with_reference, frechet_distance, frechet_extrapolated,
+                                      kernel_distance, resampled_interval, set_figures)
 
 
 def test_distances_are_zero_for_the_same_set_and_grow_with_shift():
@@ -58,7 +58,7 @@ def test_kid_subsets_are_proper_subsets_whose_spread_is_real():
     assert size == 23 and std > 1e-4
 
 
-def test_the_bootstrap_interval_holds_the_figure_and_narrows_with_more_images():
+def test_the_resampled_interval_holds_the_figure_and_narrows_with_more_images():
     g = torch.Generator().manual_seed(2)
     widths = []
     for n in (40, 400):
@@ -68,8 +68,8 @@ def test_the_bootstrap_interval_holds_the_figure_and_narrows_with_more_images():
         def figures(r, f):
             return {"kid": kernel_distance(r, f, n, 5, seed=0)[0], "fd": frechet_distance(r, f)}
 
-        ci = bootstrap_interval(real, fake, figures, draws=60, seed=1)
-        assert ci == bootstrap_interval(real, fake, figures, draws=60, seed=1)  # seeded
+        ci = resampled_interval(real, fake, figures, draws=60, seed=1)
+        assert ci == resampled_interval(real, fake, figures, draws=60, seed=1)  # seeded
         point = figures(real, fake)
         assert all(ci[k][0] < point[k] < ci[k][1] for k in point), (ci, point)
         widths.append(ci["fd"][1] - ci["fd"][0])
@@ -92,7 +92,7 @@ def test_fidelity_says_what_it_rests_on():
     g = torch.Generator().manual_seed(1)
     test, synth, train = (torch.randn(n, 40, generator=g, dtype=torch.float64) for n in (30, 24, 60))
     out = fidelity_with_reference(test, synth, train, kid_subset_size=50, kid_subsets=10, prdc_k=3, seed=0,
-                                  bootstrap=10)
+                                  resamples=10)
     assert out["fd_n"] == 24 and out["fd_dims"] == 40 and out["fd_reliable"] == 0  # fewer images than dimensions
     assert out["kid_subset_size"] == 12 and out["n_real_reference"] == 24
     for key in ("fd_effnet", "kid_effnet", "precision", "recall", "fd_effnet_real_train_vs_test"):
