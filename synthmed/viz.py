@@ -57,9 +57,20 @@ def image_grid(images: list[np.ndarray], captions: list[str] | None = None, ncol
     return canvas
 
 
-def save_png(image: Image.Image, path: str | Path) -> None:
+def save_pixels(pixels: np.ndarray, path: Path) -> None:
+    """The one image writer: uint8 pixels losslessly, by ``path``'s suffix: a volume (D, H, W) as .npy, an image
+    as PNG. Dataset files go through it inside an atomic folder, figures through save_png."""
+    if path.suffix == ".npy":
+        # np.save's bytes are a function of dtype, shape and values: same voxels, same hash
+        np.save(path, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
+    else:
+        Image.fromarray(pixels).save(path, format="PNG", optimize=False)
+
+
+def save_png(image, path: str | Path) -> None:
+    """A picture (a PIL image or uint8 pixels) as PNG at ``path``, atomically."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        save_pixels(np.asarray(image), tmp)
 
 
 def save_figure(fig, path: str | Path | None = None) -> bytes | None:

@@ -24,6 +24,7 @@ from synthmed.data.spill import PixelSpill
 from synthmed.core.errors import PipelineError
 from synthmed.core.io import MANIFEST, atomic_path, sha256_bytes
 from synthmed.core.progress import progress
+from synthmed.viz import save_pixels
 
 METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"
@@ -228,15 +229,6 @@ def read_imageclef(folder: str | Path, opts: DecodeOptions, problems: Problems, 
             row.file_name = next((name + ext for ext in (".jpg", ".jpeg", ".png") if (images / (name + ext)).is_file()),
                                  name + ".jpg")
     return rows_to_samples(images, rows, meta, opts, problems, workers)
-
-
-def save_pixels(pixels: np.ndarray, path: Path) -> None:
-    """Write uint8 pixels losslessly, by ``path``'s suffix: a volume (D, H, W) as .npy, an image as PNG."""
-    if path.suffix == ".npy":
-        # np.save's bytes are a function of dtype, shape and values: same voxels, same hash
-        np.save(path, np.ascontiguousarray(pixels, dtype=np.uint8), allow_pickle=False)
-    else:
-        Image.fromarray(pixels).save(path, format="PNG", optimize=False)
 
 
 def shard_file_names(samples: list[Sample]) -> None:

@@ -17,11 +17,11 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from synthmed.data.imagefolder import METADATA, save_pixels
+from synthmed.data.imagefolder import METADATA
 from synthmed.core.errors import PipelineError
 from synthmed.core.io import atomic_path, read_table, sha256_bytes
 from synthmed.core.progress import progress
-from synthmed.viz import is_volume
+from synthmed.viz import is_volume, save_pixels
 
 FINGERPRINT = "fingerprint.txt"
 
