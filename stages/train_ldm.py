@@ -13,14 +13,13 @@ from typing import Literal
 import pandas as pd
 from diffusers import DDIMScheduler
 
-from synthmed.data.dataset import split_stack
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.fit import fit
-from synthmed.diffusion.latents import conditioning
+from synthmed.diffusion.latents import conditioning, training_rows
 from synthmed.diffusion.model_card import model_card, save_model, summary_line
 from synthmed.diffusion.pipeline import SynthMedPipeline
 from synthmed.diffusion.schedulers import make_noise_scheduler
-from synthmed.core.io import read_table, write_csv
+from synthmed.core.io import write_csv
 from synthmed.models.autoencoder import load_autoencoder
 from synthmed.models.unet import UNET_KEYS, UNetParams, check_latent_grid, unet_for_training
 from synthmed.core.provenance import seed_everything
@@ -56,17 +55,15 @@ def main(stage: Stage) -> None:
     p, g = stage.params, seed_everything(stage.seed)
     accelerator = make_accelerator(p.mixed_precision)
     dataset, pairs_file, vae_dir = (stage.dep(k) for k in ("ingest/dataset", "paraphrase/pairs.csv", "train_vae/vae"))
-    pairs = read_table(pairs_file)
-    rows, images = split_stack(dataset, ["train"])  # uint8 on disk, encoded a batch at a time
-    val_rows, val_images = split_stack(dataset, ["val"])
+    pairs, rows, images, val_rows, val_images = training_rows(dataset, pairs_file, p.caption_sources)
     vae = load_autoencoder(vae_dir).to(accelerator.device).eval().requires_grad_(False)
     check_latent_grid(images.shape[-1], vae.config.block_out_channels, p.unet, volumes=images.ndim == 5)
     # A checkpoint is resumed only by the run that wrote it (same params, seed, inputs and code); its encoded
     # latents and conditions live beside its checkpoints. Each process encodes its share.
     fingerprint = stage.fingerprint()
     run = stage.run_dir(fingerprint)
-    cond = conditioning(p, vae, accelerator.device, pairs[pairs["split"] == "train"], rows, images, val_rows,
-                        val_images, g, run / "encoded", (pairs_file, f"{dataset}/metadata.csv"))
+    cond = conditioning(p, vae, accelerator.device, pairs, rows, images, val_rows, val_images, g, run / "encoded",
+                        f"{dataset}/metadata.csv")
     unet = unet_for_training(p.unet, cond.data.latent_mean, cond.unet_dims, p.gradient_checkpointing).to(
         accelerator.device)
     scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)

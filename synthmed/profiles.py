@@ -18,14 +18,17 @@ import yaml
 from synthmed.core.errors import PipelineError
 
 
-def merged(base: dict, overlay: dict, source: str = "the profile", where: str = "") -> dict:
+def merged(base: dict, overlay: dict, source: str = "the profile", where: str = "", strict: bool = True) -> dict:
     """``base`` with ``overlay``'s values put in, section by section; a key ``base`` lacks is an error (it would
-    add a key that no stage reads)."""
+    add a key that no stage reads), or with ``strict`` off (one profile over another) added as it is."""
     out = dict(base)
     for key, value in overlay.items():
-        if not isinstance(base, dict) or key not in base:
+        if strict and (key not in base or (isinstance(value, dict) and not isinstance(base[key], dict))):
             raise PipelineError(f"{source}: '{where}{key}' is not a key of params.yaml; fix the profile")
-        out[key] = merged(base[key], value, source, f"{where}{key}.") if isinstance(value, dict) else value
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = merged(base[key], value, source, f"{where}{key}.", strict)
+        else:
+            out[key] = value
     return out
 
 
@@ -40,12 +43,7 @@ def read_overlay(profile: str | Path) -> dict:
     profile = Path(profile)
     overlay = yaml.safe_load(profile.read_text()) or {}
     parent = overlay.pop("extends", None)
-    return _deep_merge(read_overlay(profile.parent / parent), overlay) if parent else overlay
-
-
-def _deep_merge(base: dict, overlay: dict) -> dict:
-    return {**base, **{k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in overlay.items()}}
+    return merged(read_overlay(profile.parent / parent), overlay, strict=False) if parent else overlay
 
 
 def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:

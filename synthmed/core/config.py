@@ -142,9 +142,9 @@ def require_fractions(params: Any, name: str) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {values}")
 
 
-def load_seed(path: str | Path = PARAMS_FILE) -> int:
-    """The shared seed of params.yaml."""
-    seed = _read_yaml(Path(path)).get("seed")
+def seed_of(data: dict, path: str | Path) -> int:
+    """The shared seed of params.yaml's contents ``data``."""
+    seed = data.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise PipelineError(f"{path}: top-level 'seed' must be an integer (e.g. seed: 42)")
     return seed
@@ -153,7 +153,8 @@ def load_seed(path: str | Path = PARAMS_FILE) -> int:
 def load_params(stage: str, cls: type[T], path: str | Path = PARAMS_FILE) -> tuple[T, int]:
     """Return (validated params of ``stage``, shared seed) from params.yaml."""
     path = Path(path)
-    return _build(cls, _read_yaml(path).get(stage), stage, path), load_seed(path)
+    data = _read_yaml(path)
+    return _build(cls, data.get(stage), stage, path), seed_of(data, path)
 
 
 def as_dict(params: Any) -> dict:

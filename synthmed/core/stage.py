@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
-from synthmed.core.config import PARAMS_FILE, _read_yaml, apply_cpu_params, as_dict, load_params, load_seed
+from synthmed.core.config import PARAMS_FILE, _build, _read_yaml, apply_cpu_params, as_dict, seed_of
 from synthmed.core.errors import PipelineError
 
 DVC_YAML = "dvc.yaml"
@@ -78,11 +78,10 @@ class Stage:
     @classmethod
     def load(cls, name: str, params_cls: type | None, path: str | Path = PARAMS_FILE) -> "Stage":
         """The stage ``name`` of dvc.yaml with its params validated against ``params_cls``."""
-        if params_cls is None:
-            params, seed = None, load_seed(path)
-        else:
-            params, seed = load_params(name, params_cls, path)
-        everything = _read_yaml(Path(path))
+        path = Path(path)
+        everything = _read_yaml(path)  # read once: the section, the seed and the templated deps come from it
+        params = None if params_cls is None else _build(params_cls, everything.get(name), name, path)
+        seed = seed_of(everything, path)
 
         def filled(entry: str) -> str:
             return _TEMPLATE.sub(lambda m: str(_lookup(everything, m.group(1))), entry)

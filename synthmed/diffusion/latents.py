@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
-from synthmed.data.dataset import to_model_range
+from synthmed.core.io import read_table
+from synthmed.data.dataset import split_stack, to_model_range
 from synthmed.data.disk_array import open_disk_array, write_in_shares
 from synthmed.diffusion.sample import pack_latents
 from synthmed.core.errors import PipelineError
@@ -178,6 +179,16 @@ def select_caption_sources(pairs: pd.DataFrame, sources: list[str], where: str) 
     return pairs[pairs["caption_source"].isin(wanted)]
 
 
+def training_rows(dataset: str, pairs_file: str, caption_sources: list[str]):
+    """(train pairs of the chosen caption sources, train rows, train images, val rows, val images); the images
+    uint8 on disk, encoded a batch at a time."""
+    pairs = read_table(pairs_file)
+    pairs = select_caption_sources(pairs[pairs["split"] == "train"], caption_sources, pairs_file)
+    rows, images = split_stack(dataset, ["train"])
+    val_rows, val_images = split_stack(dataset, ["val"])
+    return pairs, rows, images, val_rows, val_images
+
+
 def require_captions(pairs: pd.DataFrame, images: pd.DataFrame, where: str) -> None:
     """Text conditioning needs a caption for every training image; an image collection without them
     (label-free data) trains with `condition: image`. ``where``: the captions' file, for the message."""
@@ -208,9 +219,9 @@ class Conditioning:
 
 def conditioning(p, vae: AutoencoderKL, device, pairs: pd.DataFrame, rows: pd.DataFrame, images,
                  val_rows: pd.DataFrame, val_images, generator: torch.Generator, cache: Path,
-                 files: tuple[str, str]) -> Conditioning:
+                 captions_file: str) -> Conditioning:
     """train_ldm's training set for ``p.condition`` (text: the captions of ``pairs``; image: each image's own
-    embedding), encoded into ``cache``; ``files``: the pairs' and the captions' files, named in errors. The grid shows 8 val conditions spread over the split, the same at
+    embedding), encoded into ``cache``; ``captions_file`` is named when an image has no caption. The grid shows 8 val conditions spread over the split, the same at
     every check."""
     from synthmed.viz import to_array
 
@@ -229,8 +240,7 @@ def conditioning(p, vae: AutoencoderKL, device, pairs: pd.DataFrame, rows: pd.Da
                             val_data.text_emb[at + 1], [to_array(x) for x in val_images[at]],
                             [f"val image {i}" for i in at.tolist()] + ["its variant"] * len(at),
                             rows.assign(caption_source="image"))  # one (image, its own embedding) pair per image
-    pairs = select_caption_sources(pairs, p.caption_sources, files[0])
-    require_captions(pairs, rows, files[1])
+    require_captions(pairs, rows, captions_file)
     encoder = TextEncoder(p.text_encoder, p.text_max_length, device)
     data = build_latent_pairs(vae, encoder, pairs, images, rows["file_name"].tolist(), **augment)
     val_data = build_latent_pairs(vae, encoder, val_rows, val_images, val_rows["file_name"].tolist(),

@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from synthmed.data.dataset import split_stack
 from synthmed.diffusion.bases import DATA_FORMAT, TextTunedUNet, load_adapter, load_base, save_adapter
 from synthmed.diffusion.generators import DiffusersGenerator
 from synthmed.diffusion.fit import fit
-from synthmed.diffusion.latents import build_latent_pairs, select_caption_sources
+from synthmed.diffusion.latents import build_latent_pairs, training_rows
 from synthmed.diffusion.loop import trained_parameters
 from synthmed.core.errors import PipelineError
-from synthmed.core.io import atomic_path, read_table
+from synthmed.core.io import atomic_path
 from synthmed.models.lora import LoraParams, add_lora
 from synthmed.core.provenance import input_hashes, seed_everything
 from synthmed.core.runtime import make_accelerator
@@ -78,14 +77,6 @@ LoRA fine-tune of the {p.base} pipeline `{p.base_path}`{f" (prior `{p.kandinsky.
 
 `../model/` holds the same pipeline with the adapter merged into its weights.
 """
-
-
-def training_sets(p, dataset: str, pairs_file: str):
-    pairs = read_table(pairs_file)
-    pairs = select_caption_sources(pairs[pairs["split"] == "train"], p.caption_sources, pairs_file)
-    rows, images = split_stack(dataset, ["train"])  # uint8 on disk, encoded a batch at a time
-    val_rows, val_images = split_stack(dataset, ["val"])
-    return pairs, rows, images, val_rows, val_images
 
 
 def prepare(p, device, sets, adapter: str, encoded: Path) -> tuple[object, list[Part], object]:
@@ -178,7 +169,7 @@ def finetune(stage) -> None:
     p, g = stage.params, seed_everything(stage.seed)
     accelerator = make_accelerator(p.mixed_precision)
     dataset, adapter, merged = stage.dep("ingest/dataset"), stage.out_path("adapter"), stage.out_path("model")
-    sets = training_sets(p, dataset, stage.dep("paraphrase/pairs.csv"))
+    sets = training_rows(dataset, stage.dep("paraphrase/pairs.csv"), p.caption_sources)
     inputs = stage.inputs + [x for x in (p.base_path, p.kandinsky.prior_path)
                              if x and Path(x).exists() and x not in stage.inputs]
     fingerprint = stage.fingerprint(inputs)
@@ -218,7 +209,8 @@ def finetune(stage) -> None:
 def save(stage, p, parts: list[Part], metrics: dict, fingerprint: str, inputs: list[str], adapter: str, merged: str,
          images) -> None:
     """The adapters with their model card, the merged model (from the saved adapters), provenance, metrics."""
-    data_sha = input_hashes([stage.dep("ingest/dataset")])["data/ingest/dataset"]
+    dataset = stage.dep("ingest/dataset")
+    data_sha = input_hashes([dataset])[dataset]
     with atomic_path(adapter, is_dir=True) as tmp:
         for part in parts:
             folder = tmp / Path(part.adapter_dir).relative_to(adapter)

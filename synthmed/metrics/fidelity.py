@@ -79,9 +79,10 @@ def set_figures(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, ki
             "kid_subset_size": size, **prdc(real, fake, prdc_k)}
 
 
-def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, draws: int, seed: int, least: int = 2,
-                       level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """A ``level`` interval for each figure ``figures(real, fake)`` returns, from resampling the images: half of
+def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, point: dict[str, float], draws: int,
+                       seed: int, least: int = 2, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """A ``level`` interval for each figure ``figures(real, fake)`` returns (``point``: its value on the full
+    sets), from resampling the images: half of
     each set drawn without replacement, ``draws`` times (seeded), the figures' spread around their mean scaled
     by sqrt(1/2) to the full sets' size, and turned around the full sets' figure (subsampling, Politis &
     Romano 1994). The plain bootstrap (draws with replacement) repeats images, which moves FD, KID and the
@@ -95,7 +96,6 @@ def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, draws: i
         f = fake[torch.randperm(len(fake), generator=g)[:sizes[1]]]
         for key, value in figures(r, f).items():
             samples.setdefault(key, []).append(value)
-    point = figures(real, fake)
     scale = (min(sizes[0] / len(real), sizes[1] / len(fake))) ** 0.5
     tail = (1 - level) / 2
     out = {}
@@ -146,17 +146,16 @@ def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torc
     out: dict[str, float] = {"n_real_reference": n, "fd_n": fd_n, "fd_dims": int(test.shape[1]),
                              "fd_reliable": int(fd_n >= 5 * test.shape[1])}
 
-    def figures(real, fake):
-        return set_figures(real, fake, kid_subset_size, kid_subsets, prdc_k, seed)
+    def figures(real, fake):  # those with an interval (the subsets' spread and size have none)
+        return {k: v for k, v in set_figures(real, fake, kid_subset_size, kid_subsets, prdc_k, seed).items()
+                if k not in ("kid_effnet_std", "kid_subset_size")}
 
     for suffix, fake in (("", synth), ("_real_train_vs_test", train[pick])):
-        point = figures(test, fake)
-        point["fd_effnet_inf"] = frechet_extrapolated(test, fake, seed)
+        point = set_figures(test, fake, kid_subset_size, kid_subsets, prdc_k, seed)
         out.update({f"{k}{suffix}": v for k, v in point.items()})
+        out[f"fd_effnet_inf{suffix}"] = frechet_extrapolated(test, fake, seed)
         if resamples:
-            def interval_figures(real, fake):
-                return {k: v for k, v in figures(real, fake).items() if k not in ("kid_effnet_std", "kid_subset_size")}
-            for k, (low, high) in resampled_interval(test, fake, interval_figures, resamples, seed, prdc_k + 1).items():
+            for k, (low, high) in resampled_interval(test, fake, figures, point, resamples, seed, prdc_k + 1).items():
                 floor, ceiling = RANGES.get(k, (-np.inf, np.inf))  # a share's interval stays a share
                 out[f"{k}{suffix}_ci_low"], out[f"{k}{suffix}_ci_high"] = max(low, floor), min(high, ceiling)
     out["prdc_points"] = min(len(test), n, PRDC_MAX_POINTS)  # the smaller side PRDC saw (subsampled above it)

@@ -8,6 +8,8 @@ from typing import Literal
 
 from diffusers import UNet2DConditionModel
 
+from synthmed.core.errors import PipelineError
+
 
 @dataclass
 class UNetParams:
@@ -93,8 +95,6 @@ def check_latent_grid(resolution: int, vae_levels, p: UNetParams, volumes: bool)
     """The UNet ``p`` (train_ldm.unet) must tile the latent grid that the VAE (``vae_levels``: its
     block_out_channels) and ``p.latent_patch`` make of ``resolution``-px images; one line naming the params to
     change otherwise. diffusers' 2-D UNet pads odd sizes itself; the volume and invertible UNets cannot."""
-    from synthmed.core.errors import PipelineError
-
     side = resolution // downsampling(vae_levels)
     if side % p.latent_patch:
         raise PipelineError(f"params.yaml: train_ldm.unet.latent_patch={p.latent_patch} does not divide the {side}x{side} latent grid of "
@@ -114,8 +114,6 @@ def check_latent_grid(resolution: int, vae_levels, p: UNetParams, volumes: bool)
 def unet_for_training(p: UNetParams, latents, unet_dims: dict[str, int], gradient_checkpointing: bool = False):
     """The denoiser ``p`` (train_ldm.unet) over latents shaped like ``latents`` [N, C, *grid]; a params error in
     one line when the backbone cannot honour an option."""
-    from synthmed.core.errors import PipelineError
-
     try:
         unet = build_unet(sample_size=latents.shape[-1], in_channels=latents.shape[1], dims=latents.ndim - 2,
                           block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,

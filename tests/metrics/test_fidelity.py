@@ -68,9 +68,9 @@ def test_the_resampled_interval_holds_the_figure_and_narrows_with_more_images():
         def figures(r, f):
             return {"kid": kernel_distance(r, f, n, 5, seed=0)[0], "fd": frechet_distance(r, f)}
 
-        ci = resampled_interval(real, fake, figures, draws=60, seed=1)
-        assert ci == resampled_interval(real, fake, figures, draws=60, seed=1)  # seeded
         point = figures(real, fake)
+        ci = resampled_interval(real, fake, figures, point, draws=60, seed=1)
+        assert ci == resampled_interval(real, fake, figures, point, draws=60, seed=1)  # seeded
         assert all(ci[k][0] < point[k] < ci[k][1] for k in point), (ci, point)
         widths.append(ci["fd"][1] - ci["fd"][0])
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 10x the images, about a third of the width
