@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
-from diffusers import DDIMScheduler
-
 from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.fit import fit
 from synthmed.diffusion.latents import conditioning, training_rows
 from synthmed.diffusion.model_card import model_card, save_model, summary_line
 from synthmed.diffusion.pipeline import SynthMedPipeline
-from synthmed.diffusion.schedulers import make_noise_scheduler
+from synthmed.diffusion.schedulers import default_sampler, make_noise_scheduler
 from synthmed.core.io import write_csv
 from synthmed.models.autoencoder import load_autoencoder
 from synthmed.models.unet import UNET_KEYS, UNetParams, check_latent_grid, unet_for_training
@@ -41,7 +39,9 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     unet: UNetParams
     num_train_timesteps: int
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
-    prediction_type: Literal["epsilon", "v_prediction"]
+    prediction_type: Literal["epsilon", "v_prediction", "flow"]  # flow: rectified flow (flow matching)
+    zero_terminal_snr: bool  # v_prediction: betas rescaled so that the last timestep is pure noise
+    flow_shift: float  # flow: noise levels s -> shift s / (1 + (shift - 1) s); 1 = uniform
     gradient_checkpointing: bool  # recompute activations in backward: ~3x less activation memory, slower
     validate_every: int  # steps between validation loss + fixed-prompt sample grids (0 = only at the end)
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
@@ -49,6 +49,14 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     contrast: float  # max relative contrast change
 
     MOVED = {k: f"unet.{k}" for k in UNET_KEYS}  # the flat keys before the model's were grouped
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("train_ldm.zero_terminal_snr needs prediction_type: v_prediction (at zero SNR an epsilon "
+                             "model has nothing to predict from)")
+        if self.flow_shift <= 0:
+            raise ValueError(f"train_ldm.flow_shift must be > 0, got {self.flow_shift}")
 
 
 def main(stage: Stage) -> None:
@@ -66,9 +74,10 @@ def main(stage: Stage) -> None:
                         f"{dataset}/metadata.csv")
     unet = unet_for_training(p.unet, cond.data.latent_mean, cond.unet_dims, p.gradient_checkpointing).to(
         accelerator.device)
-    scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule)
+    scheduler = make_noise_scheduler(p.num_train_timesteps, p.prediction_type, p.beta_schedule, p.zero_terminal_snr,
+                                     p.flow_shift)
     # The pipeline wraps the UNet being trained: it samples the progress grids and is saved at the end.
-    pipe = SynthMedPipeline(unet, vae, DDIMScheduler.from_config(scheduler.config), text_encoder_name=p.text_encoder,
+    pipe = SynthMedPipeline(unet, vae, default_sampler(scheduler), text_encoder_name=p.text_encoder,
                             text_max_length=p.text_max_length, condition=p.condition,
                             image_encoder_name=p.image_encoder, image_tokens=p.image_tokens)
     (pipe.use_image_encoder if p.condition == "image" else pipe.use_text_encoder)(cond.encoder)

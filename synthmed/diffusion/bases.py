@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from synthmed.core.errors import PipelineError
+from synthmed.diffusion.schedulers import training_scheduler
 from synthmed.models.unet import downsampling
 
 KINDS = ("synthmed", "stable-diffusion")
@@ -80,9 +81,9 @@ class Base:
     def vae(self):
         return self.pipe.vae
 
-    def noise_scheduler(self) -> DDPMScheduler:
+    def noise_scheduler(self):
         """The training noise schedule of the base: its own betas and prediction type."""
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
+        return training_scheduler(self.pipe.scheduler)
 
     def to_vae_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] of the dataset -> the VAE's channels and the base's resolution."""

@@ -29,6 +29,7 @@ from synthmed.diffusion.config import LDMTrainConfig
 from synthmed.diffusion.latents import LatentPairs
 from synthmed.diffusion.loss import diffusion_loss
 from synthmed.diffusion.sample import is_self_conditioned
+from synthmed.diffusion.schedulers import training_timesteps
 from synthmed.core.progress import progress
 from synthmed.core.runtime import make_accelerator
 
@@ -79,7 +80,7 @@ def validation_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: 
         cap = data.caption_index[i : i + batch_size]
         z0 = data.latent_mean[img] * data.scaling_factor
         noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(scheduler.config.num_train_timesteps, (len(z0),), generator=g)
+        t = training_timesteps(scheduler, len(z0), g)
         cond = data.cond(cap, device)
         total += diffusion_loss(unet, scheduler, z0, noise, t, cond, min_snr_gamma=min_snr_gamma).sum().item()
         count += len(z0)
@@ -162,7 +163,7 @@ def train_ldm(unet: UNet2DConditionModel, scheduler: DDPMScheduler, data: Latent
         for k in range(cfg.grad_accum_steps):
             z0, cap = draw_batch(data, cfg, generator, micro)
             noise = torch.randn(z0.shape, generator=generator)
-            t = torch.randint(scheduler.config.num_train_timesteps, (micro,), generator=generator)
+            t = training_timesteps(scheduler, micro, generator)
             use_prev = torch.rand(micro, generator=generator) < 0.5 if self_cond else None
             mine = slice(rank * micro // world, (rank + 1) * micro // world)  # this process's share
             z0, cap, noise, t = z0[mine], cap[mine], noise[mine], t[mine]

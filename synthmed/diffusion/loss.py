@@ -1,8 +1,8 @@
 """The denoising loss, one definition for training and validation.
 
 Per sample: MSE between the UNet's prediction and the target of the schedule's parameterisation
-(the noise for epsilon, the velocity for v-prediction), times the min-SNR-gamma weight of its
-timestep (Hang et al. 2023). A self-conditioned UNet (twice the latent channels in) first estimates
+(the noise for epsilon, the velocity for v-prediction, noise - x0 for rectified flow), times the
+min-SNR-gamma weight of its timestep (Hang et al. 2023; rectified flow trains unweighted, as SD 3). A self-conditioned UNet (twice the latent channels in) first estimates
 the clean latent without gradient for the samples in ``use_prev`` and gets that estimate as extra
 input; the others get zeros, as at the first sampling step.
 """
@@ -17,13 +17,14 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 
 from synthmed.diffusion.sample import is_self_conditioned, predicted_x0
+from synthmed.diffusion.schedulers import flow_sigma, is_flow
 
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction (whose MSE is
     already SNR + 1 times the x0 error), min(SNR, gamma) for x0 ("sample") prediction; all ones when
-    gamma is 0 (plain MSE)."""
-    if gamma <= 0:
+    gamma is 0 (plain MSE) or the model is a rectified flow."""
+    if gamma <= 0 or is_flow(scheduler):
         return torch.ones(len(t))
     snr = compute_snr(scheduler, t)
     floor = {"v_prediction": snr + 1, "sample": torch.ones_like(snr)}.get(scheduler.config.prediction_type, snr)
@@ -32,6 +33,8 @@ def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> 
 
 def diffusion_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict for the schedule's prediction type."""
+    if is_flow(scheduler):
+        return noise - z0
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -40,6 +43,14 @@ def diffusion_target(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Te
     if kind == "sample":  # the clean input itself (Kandinsky's prior predicts the image embedding)
         return z0
     raise ValueError(f"prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
+
+
+def add_noise(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z0 noised to timesteps t: the DDPM marginal, or a flow model's straight line (1 - s) z0 + s noise."""
+    if not is_flow(scheduler):
+        return scheduler.add_noise(z0, noise, t)
+    s = flow_sigma(scheduler, t).to(z0.dtype).view(-1, *[1] * (z0.ndim - 1))
+    return (1 - s) * z0 + s * noise
 
 
 def unet_input(unet: UNet2DConditionModel, noisy: torch.Tensor, x0_prev: torch.Tensor | None) -> torch.Tensor:
@@ -75,7 +86,7 @@ def diffusion_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z0: tor
     """
     forward = forward or unet
     device = next(unet.parameters()).device
-    noisy = scheduler.add_noise(z0, noise, t).to(device)
+    noisy = add_noise(scheduler, z0, noise, t).to(device)
     target = diffusion_target(scheduler, z0, noise, t).to(device)
     x0_prev = (self_condition_estimate(forward, unet, scheduler, noisy, t, cond, use_prev)
                if is_self_conditioned(unet) else None)

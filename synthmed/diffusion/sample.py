@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from synthmed.diffusion.schedulers import flow_sigma, is_flow
+
 
 def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
     """[N, C, H, W] VAE latents -> [N, C * patch**2, H / patch, W / patch]: each patch x patch block of
@@ -51,12 +53,15 @@ def is_self_conditioned(unet: UNet2DConditionModel) -> bool:
 
 
 def predicted_x0(scheduler, x_t: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
-    """The clean-latent estimate implied by an epsilon or v prediction at timestep(s) t.
+    """The clean-latent estimate implied by an epsilon, v or flow prediction at timestep(s) t.
 
     Clamped because at high noise an epsilon model's x0 estimate amplifies its error
     ~1/sqrt(alpha_bar) times; the latents are scaled to unit variance, so +-4 loses nothing.
     """
     t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
+    if is_flow(scheduler):  # x_t = (1 - s) x0 + s noise, pred = noise - x0
+        s = flow_sigma(scheduler, t).to(x_t.device, x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+        return (x_t - s * pred).clamp(-4, 4)
     lo = t.floor().long().clamp(0, len(scheduler.alphas_cumprod) - 1)
     hi = (lo + 1).clamp(max=len(scheduler.alphas_cumprod) - 1)
     frac = t - lo  # Euler's timesteps are fractional: interpolate between the integer ones
@@ -93,13 +98,14 @@ def sample_latents(unet: UNet2DConditionModel, scheduler, cond_emb: torch.Tensor
     n = len(generators)
     latents = torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in generators])
     scheduler.set_timesteps(num_inference_steps)  # first: init_noise_sigma depends on it (Euler)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow samplers start at unit noise
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     emb = torch.cat([uncond_emb.expand(n, -1, -1), cond_emb]).to(device)
     mask = torch.cat([uncond_mask.expand(n, -1), cond_mask]).to(device)
     x0_prev = torch.zeros_like(latents)  # self-conditioning: the previous step's clean estimate
     for t in (progress or iter)(scheduler.timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        model_in = scale(torch.cat([latents, latents]), t)
         if self_cond:
             model_in = torch.cat([model_in, torch.cat([x0_prev, x0_prev])], dim=1)
         pred_u, pred_c = unet(model_in, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample.chunk(2)

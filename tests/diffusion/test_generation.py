@@ -71,6 +71,28 @@ def test_every_sampler_regenerates_an_image_alone_from_its_seed(tmp_path, sample
     assert np.abs(alone.astype(int) - batch[2, 0]).max() <= (1 if sampler == "ddpm" else 0)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp"])
+def test_a_flow_model_samples_with_its_own_solvers_and_refuses_the_others(tmp_path, sampler):
+    from synthmed.diffusion.schedulers import default_sampler, is_flow
+
+    pipe = SynthMedPipeline(tiny_unet(), tiny_vae().eval(), default_sampler(make_noise_scheduler(1000, "flow",
+                                                                                                flow_shift=2.0)),
+                            text_max_length=8)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = SynthMedPipeline.from_pretrained(tmp_path / "model")
+    assert is_flow(loaded.scheduler)
+    loaded.scheduler = make_sampler(sampler, loaded.scheduler.config)
+    assert is_flow(loaded.scheduler)
+    batch = loaded.generate(PROMPTS[:2], [1, 2], num_inference_steps=4, batch_size=2)
+    assert batch.shape[0] == 2 and batch.std() > 0
+    row = pd.Series({"text": PROMPTS[1], "seed": "2", "scheduler": sampler, "num_inference_steps": "4",
+                     "guidance_scale": "3.0"})
+    assert np.array_equal(regenerate(loaded, row), batch[1, 0])
+    with pytest.raises(ValueError, match="cannot sample a rectified-flow model"):
+        make_sampler("ddim", loaded.scheduler.config)
+
+
 @pytest.mark.slow
 def test_killed_generation_resumes_after_its_finished_shards(tmp_path):
     script = [sys.executable, "-m", "tests.diffusion.shard_script"]

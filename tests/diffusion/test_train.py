@@ -165,6 +165,50 @@ def test_predicted_x0_inverts_the_forward_process_for_both_parameterisations():
         x_t = sched.add_noise(x0, noise, t)
         pred = noise if kind == "epsilon" else sched.get_velocity(x0, noise, t)
         assert torch.allclose(predicted_x0(sched, x_t, pred, t), x0.clamp(-4, 4), atol=1e-4)
+    flow, s = make_noise_scheduler(1000, "flow"), torch.tensor([0.01, 0.5, 0.9]).view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise  # the straight line from the image to the noise; its velocity noise - x0
+    assert torch.allclose(predicted_x0(flow, x_t, noise - x0, s.flatten() * 1000), x0.clamp(-4, 4), atol=1e-5)
+
+
+def test_flow_training_noises_on_the_straight_line_and_scores_the_velocity_unweighted():
+    """Rectified flow: the UNet gets x_t = (1 - s) x0 + s noise with timestep input s * 1000, s the shifted
+    uniform draw, and the loss is the plain MSE to noise - x0 (min-SNR does not apply)."""
+    shift = 3.0
+    unet, sched = tiny_unet(), make_noise_scheduler(1000, "flow", flow_shift=shift)
+    seen = []
+    unet.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0].clone(), args[1].clone(),
+                                                                         out.sample.detach())), with_kwargs=True)
+    data = toy_latent_pairs()
+    cfg = LDMTrainConfig(steps=1, batch_size=16, lr=0.0, weight_decay=0.0, context_dropout=0.0,
+                         sample_posterior=False, grad_clip=0.0, **{**PLAIN, "min_snr_gamma": 5.0})
+    g = torch.Generator().manual_seed(0)
+    log, _ = train_ldm(unet, sched, data, cfg, g)
+    # replay the loop's draws: the batch, then the noise, then the timesteps
+    replay = torch.Generator().manual_seed(0)
+    x0, _ = draw_batch(data, cfg, replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    u = (torch.randint(1000, (16,), generator=replay).double() + 1) / 1000
+    s = shift * u / (1 + (shift - 1) * u)
+    (x_t, t, pred), = seen
+    assert torch.allclose(t.double(), s * 1000, atol=1e-3)
+    s = s.float().view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - s) * x0 + s * noise, atol=1e-5)
+    assert abs(log[0]["loss"] - float(((pred - (noise - x0)) ** 2).mean())) < 1e-5
+
+
+def test_zero_terminal_snr_trains_the_pure_noise_timestep_and_its_samplers_start_there():
+    from stages.train_ldm import TrainLDMParams
+    from synthmed.diffusion.schedulers import make_sampler
+
+    sched = make_noise_scheduler(1000, "v_prediction", zero_terminal_snr=True)
+    assert float(sched.alphas_cumprod[-1]) < 1e-6 < float(make_noise_scheduler(1000).alphas_cumprod[-1])
+    for name in ("ddim", "dpmpp", "euler"):
+        sampler = make_sampler(name, sched.config)
+        sampler.set_timesteps(10)
+        assert int(sampler.timesteps[0]) == 999, name
+    with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
+        make_noise_scheduler(1000, "epsilon", zero_terminal_snr=True)
+    assert "zero_terminal_snr" in TrainLDMParams.__dataclass_fields__
 
 
 def test_self_conditioning_feeds_the_first_pass_estimate_on_half_the_samples():
