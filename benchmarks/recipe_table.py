@@ -1,0 +1,101 @@
+"""The recipe search's table: one row per finished DVC experiment, from its own committed metrics and logs.
+
+For each experiment name: the overrides against its base commit's params.yaml, each stage's wall time (its
+"finished in" line in `dvc queue logs`), and the fidelity, adherence and augmentation figures of
+metrics/all/evaluate.json with their 95 % intervals. Prints a Markdown table (or JSON with --json).
+
+    .venv/bin/python benchmarks/recipe_table.py lr1e3 flow vzsnr [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+
+import yaml
+
+FIGURES = ["kid_effnet", "precision", "recall", "fd_effnet_inf"]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
+
+
+def exp_ref(name: str) -> str:
+    refs = [line.split()[-1] for line in git("for-each-ref", "refs/exps").splitlines()
+            if line.endswith(f"/{name}") and "/celery/" not in line]
+    if not refs:
+        sys.exit(f"error: no finished experiment named {name!r} (dvc exp list -A)")
+    return refs[-1]
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def overrides(ref: str) -> dict:
+    mine = flat(yaml.safe_load(git("show", f"{ref}:params.yaml")))
+    base = flat(yaml.safe_load(git("show", f"{ref}~1:params.yaml")))
+    return {k: v for k, v in mine.items() if base.get(k) != v}
+
+
+def stage_seconds(name: str) -> dict[str, float]:
+    log = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+): finished in ([\d.]+) s", log, re.M)}
+
+
+def row(name: str) -> dict:
+    ref = exp_ref(name)
+    ev = json.loads(git("show", f"{ref}:metrics/all/evaluate.json"))
+    ldm = json.loads(git("show", f"{ref}:metrics/all/train_ldm.json"))
+    out = {"name": name, "overrides": overrides(ref), "seconds": stage_seconds(name),
+           "val_loss_ema": ldm.get("val_loss_ema")}
+    for k in FIGURES:
+        out[k] = [ev.get(k), ev.get(f"{k}_ci_low"), ev.get(f"{k}_ci_high")]
+    out["adherence"] = [ev.get("adherence_acc"), ev.get("adherence_real_test_acc")]
+    out["gains"] = {k: v for k, v in ev.items() if k.startswith("aug_gain_") and "synth" not in k}
+    return out
+
+
+def cell(v) -> str:
+    if v is None or v[0] is None:
+        return "—"
+    if v[1] is None:
+        return f"{v[0]:.3g}"
+    return f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["name", "overrides", "train_ldm s", "kid_effnet [95 % CI]", "precision", "recall", "fd_effnet_inf",
+            "adherence (ceiling)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        o = " ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "—"
+        a = r["adherence"]
+        lines.append("| " + " | ".join([r["name"], o, f"{r['seconds'].get('train_ldm', float('nan')):.0f}",
+                                        *(cell(r[k]) for k in FIGURES),
+                                        "—" if a[0] is None else f"{a[0]:.3f} ({a[1]:.3f})"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="+")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = [row(n) for n in args.names]
+    print(json.dumps(rows, indent=1) if args.json else markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
