@@ -24,6 +24,7 @@ from synthmed.core.provenance import derive_seed
 from synthmed.core.progress import progress
 
 METRICS = ("auc", "acc", "bacc")
+ADHERENCE_COLUMNS = ["rep", "prompt_label", "predicted_label"]
 RUN_COLUMNS = ["regime", "arm", "rep", "n_real", "n_synth", "n_synth_requested", *METRICS]
 
 
@@ -168,22 +169,27 @@ def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classe
 
 
 def prompt_adherence(study: Study, real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig,
-                     seed: int, val: tuple | None = None) -> dict[str, float]:
+                     seed: int, val: tuple | None = None) -> tuple[dict[str, float], pd.DataFrame]:
     """Share of labelled synthetic images that classifiers trained on all real train images assign to their
-    prompt's label, beside those classifiers' accuracy on real test (the ceiling); mean over repetitions."""
+    prompt's label, beside those classifiers' accuracy on real test (the ceiling); mean over repetitions. And
+    which labels they are taken for: one row per (repetition, synthetic image) with its prompt's label and the
+    predicted one (class indices), the confusion table that says which levels a generator mixes up."""
     (real_x, real_y), (synth_x, synth_y), (test_x, test_y) = (_labelled(*s) for s in (real, synth, test))
     val = _labelled(*val) if val is not None else None
     if not len(synth_x):
-        return {}
+        return {}, pd.DataFrame(columns=ADHERENCE_COLUMNS)
     full = {c.rep: c.model for c in study.cells if c.regime == regime_name(1.0) and c.arm == "real"}
     reps = sorted({c.rep for c in study.cells})
-    hits, real_acc = [], []
+    hits, real_acc, rows = [], [], []
     for rep in reps:
         model = full.get(rep) or train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep), val)
-        hits.append(float((predict(model, synth_x).argmax(1) == synth_y.numpy()).mean()))
+        pred = predict(model, synth_x).argmax(1)
+        hits.append(float((pred == synth_y.numpy()).mean()))
         real_acc.append(score_classifier(model, test_x, test_y)["acc"])
-    return {"adherence_acc": float(np.mean(hits)), "adherence_real_test_acc": float(np.mean(real_acc)),
-            "adherence_chance": float(np.bincount(synth_y.numpy(), minlength=n_classes).max() / len(synth_y))}
+        rows.append(pd.DataFrame({"rep": rep, "prompt_label": synth_y.numpy(), "predicted_label": pred}))
+    return ({"adherence_acc": float(np.mean(hits)), "adherence_real_test_acc": float(np.mean(real_acc)),
+             "adherence_chance": float(np.bincount(synth_y.numpy(), minlength=n_classes).max() / len(synth_y))},
+            pd.concat(rows, ignore_index=True))
 
 
 def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:

@@ -59,8 +59,8 @@ def privacy(feat: dict, images: dict, rows: dict, p, out: str) -> tuple[dict, st
 
 
 def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> dict:
-    """The augmentation study (one set of synthetic arms per generation mode) and prompt adherence, its tables
-    and figure in ``out`` (``p``: the evaluate params; ``real``: the real dataset, named in errors); for
+    """The augmentation study (one set of synthetic arms per generation mode) and prompt adherence (with the
+    label each synthetic image is taken for: adherence.csv), their tables and figure in ``out`` (``p``: the evaluate params; ``real``: the real dataset, named in errors); for
     unlabelled data or volumes, empty tables and a figure that says why (DVC declares them as outputs, and
     every input kind runs the whole DAG)."""
     classes = sorted(set(rows["train"]["label"]) - {""})
@@ -75,19 +75,25 @@ def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> d
         a, cfg = p.augmentation, p.classifier
         study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
                               a.seeds, cfg, seed, val=sets["val"])
-        metrics = dict(study.flat)
+        metrics, confusions = dict(study.flat), []
         for mode, suffix in modes.items():
             synth = aug.subset(sets["synth"], mode_mask(rows["synth"], mode))
-            adherence = aug.prompt_adherence(study, sets["train"], synth, sets["test"], len(classes), cfg, seed,
-                                             val=sets["val"])
+            adherence, confusion = aug.prompt_adherence(study, sets["train"], synth, sets["test"], len(classes), cfg,
+                                                        seed, val=sets["val"])
             metrics.update({k + suffix: v for k, v in adherence.items()})
+            confusions.append(confusion.assign(mode=mode) if len(modes) > 1 else confusion)
+        confusion = pd.concat(confusions, ignore_index=True)
+        for col in ("prompt_label", "predicted_label"):
+            confusion[col] = [classes[i] for i in confusion[col]]
         runs, table, note = study.runs, study.table, ""
     else:  # e.g. ImageCLEF prompts carry no label: there is no classification task to score
         note = ("no downstream classifier: the classifier is 2-D and these are volumes" if volumes else
                 f"no downstream classifier: {len(classes)} label(s) in the train split (it needs 2 or more)")
         print(f"evaluate: {note}")
         runs, table, metrics = pd.DataFrame(columns=aug.RUN_COLUMNS), pd.DataFrame(), {}
+        confusion = pd.DataFrame(columns=aug.ADHERENCE_COLUMNS)
     write_csv(f"{out}/augmentation_runs.csv", runs)
+    write_csv(f"{out}/adherence.csv", confusion)
     write_csv(f"{out}/augmentation.csv", table)
     aug.plot(table, f"{out}/augmentation.png", empty_note=note)
     return metrics

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -100,6 +101,10 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_50pct_real"] <= 1 + 1e-9
     assert evaluation["kid_effnet_ci_low"] <= evaluation["kid_effnet_ci_high"] and evaluation["kid_effnet_std"] > 0
     assert evaluation["kid_subset_size"] <= evaluation["n_synthetic_fidelity"] // 2 and evaluation["fd_reliable"] == 0
+    confusion = pd.read_csv(dag / "data/evaluate/adherence.csv")  # the labels synthetic images are taken for
+    hits = (confusion["prompt_label"] == confusion["predicted_label"]).mean()
+    assert abs(hits - evaluation["adherence_acc"]) < 1e-9 and set(confusion["prompt_label"]) <= set(
+        pd.read_csv(dag / "data/ingest/dataset/metadata.csv")["label"])
     synth = (dag / "data/generate/dataset/metadata.csv").read_text().splitlines()
     header = synth[0].split(",")
     assert header[:2] == ["file_name", "text"]

@@ -53,6 +53,7 @@ def test_unlabelled_imageclef_data_runs_the_whole_dag(tmp_path: Path):
     assert evaluation["fd_effnet"] > 0 and "precision" in evaluation
     assert not [k for k in evaluation if k.startswith(("aug_", "adherence_"))]
     assert pd.read_csv(repo / "data/evaluate/augmentation_runs.csv").empty
+    assert pd.read_csv(repo / "data/evaluate/adherence.csv").empty
     vlp = json.loads((repo / "metrics/all/evaluate_vlp.json").read_text())
     test_captions = pd.read_csv(repo / "data/ingest/dataset/metadata.csv").query("split == 'test'")["text"].nunique()
     assert vlp["vlp_i2t_candidates"] == test_captions > 2  # every caption, not just the generic first one

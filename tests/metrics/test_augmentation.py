@@ -91,8 +91,12 @@ def test_study_without_labelled_synthetic_images_runs_the_real_arm_and_adherence
     real, test, synth = make(20), make(20), make(10)
     study = run_study(real, make(10, labelled=False), test, 2, [1.0], [1.0], ["real_synth", "synth"], 2, cfg, 0)
     assert set(study.runs["arm"]) == {"real"} and study.flat["n_synthetic_pool"] == 0
-    adherence = prompt_adherence(study, real, synth, test, 2, cfg, 0)
+    adherence, confusion = prompt_adherence(study, real, synth, test, 2, cfg, 0)
     assert adherence["adherence_acc"] > 0.9 and adherence["adherence_real_test_acc"] > 0.9
     assert adherence["adherence_chance"] == pytest.approx(0.5)
+    # one row per repetition and synthetic image; its hits are the adherence figure
+    assert len(confusion) == 2 * 10 and confusion["prompt_label"].tolist()[:10] == synth[1].tolist()
+    hits = (confusion["prompt_label"] == confusion["predicted_label"]).mean()
+    assert hits == pytest.approx(adherence["adherence_acc"])
     plot(pd.DataFrame(), tmp_path / "empty.png", empty_note="no labels")  # unlabelled data still gets its figure
     assert (tmp_path / "empty.png").stat().st_size > 0
