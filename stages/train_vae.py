@@ -17,6 +17,7 @@ from synthmed.core.errors import PipelineError
 from synthmed.core.io import atomic_path, write_csv
 from synthmed.models.autoencoder import (VAEModelParams, VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, posterior_sample_rows, train_autoencoder, validate)
+from synthmed.models.pixel_space import PIXELS, PixelSpace
 from synthmed.core.provenance import seed_everything
 from synthmed.core.runtime import make_accelerator
 from synthmed.core.stage import Stage, run_stage
@@ -27,7 +28,7 @@ POSTERIOR_SAMPLE = 1000  # training images the scaling factor and the noise frac
 
 @dataclass(kw_only=True)
 class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model's
-    pretrained: str  # "" = build from the params below; else a local folder or hub id of an AutoencoderKL
+    pretrained: str  # "" = build from the params below; pixels = none (pixel-space diffusion); else a local folder or hub id of an AutoencoderKL
     pretrained_mode: Literal["finetune", "validate"]  # validate: no training, metrics + scaling factor only
     model: VAEModelParams
 
@@ -35,6 +36,8 @@ class TrainVAEParams(VAETrainConfig):  # the training-loop knobs, plus the model
 
 
 def load_vae(p: TrainVAEParams, channels: int, size: int, dims: int = 2) -> AutoencoderKL:
+    if p.pretrained == PIXELS:
+        return PixelSpace(dims=dims, in_channels=channels, sample_size=size)
     if not p.pretrained:
         try:
             return build_autoencoder(in_channels=channels, sample_size=size, dims=dims, **as_dict(p.model))
@@ -66,7 +69,7 @@ def main(stage: Stage) -> None:
     vae = load_vae(p, train.shape[1], train.shape[-1], dims=train.ndim - 2).to(accelerator.device)
     log = []
     fingerprint = stage.fingerprint()
-    if not (p.pretrained and p.pretrained_mode == "validate"):
+    if not (p.pretrained == PIXELS or p.pretrained and p.pretrained_mode == "validate"):
         checkpoints = stage.run_dir(fingerprint) / "checkpoints"  # a killed run resumes from here
         try:
             log = train_autoencoder(vae, train, p, g, checkpoint_dir=checkpoints, fingerprint=fingerprint,

@@ -19,6 +19,7 @@ from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
 from synthmed.diffusion.checkpoint import capture, resume, save_checkpoint
 from synthmed.metrics.similarity import psnr, ssim
+from synthmed.models.pixel_space import PixelSpace
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.core.progress import progress
 from synthmed.core.runtime import make_accelerator
@@ -63,9 +64,10 @@ def build_autoencoder(*, in_channels: int, block_out_channels: list[int], layers
 
 
 def load_autoencoder(folder: str | Path, **kwargs) -> AutoencoderKL | VolumeAutoencoderKL:
-    """A saved autoencoder of either kind (its config.json names its class)."""
+    """A saved autoencoder of any kind (its config.json names its class)."""
     name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
-    return (VolumeAutoencoderKL if name == VolumeAutoencoderKL.__name__ else AutoencoderKL).from_pretrained(folder, **kwargs)
+    cls = {c.__name__: c for c in (VolumeAutoencoderKL, PixelSpace)}.get(name, AutoencoderKL)
+    return cls.from_pretrained(folder, **kwargs)
 
 
 def use_bf16(device: torch.device, mixed_precision: str) -> bool:
