@@ -22,6 +22,7 @@ from synthmed.metrics.augmentation import AugmentationParams
 from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.evaluation import downstream, fidelity, inception_metrics, privacy
 from synthmed.metrics.feature_cache import FeatureCache
+from synthmed.metrics.grid_artifacts import grid_artifacts
 from synthmed.metrics.privacy import PrivacyParams
 from synthmed.metrics.features import load_effnet_lite0
 from synthmed.metrics.volumes import PlaneFeatures, nearest_volume_metrics, plane_frechet
@@ -57,7 +58,7 @@ def headline(p: EvaluateParams) -> list[str]:
     # FD is left out: at a few dozen test images in 1,280 dimensions it measures n more than the generator (see
     # docs/metrics.md); KID is unbiased at any n (its interval beside it; every figure's is in metrics/all).
     plain = ["kid_effnet", "kid_effnet_ci_low", "kid_effnet_ci_high", "kid_effnet_real_train_vs_test", "precision",
-             "recall", "n_synthetic_fidelity", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}",
+             "recall", "n_synthetic_fidelity", "grid_excess_db", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}",
              f"aug_gain_auc_{cell}_p_holm"]
     mode = "_interpolation"
     return plain + ["volume_ssim", "volume_ssim_real_test_vs_train", "mem_source_frac_below_p1_feature"] + [
@@ -99,6 +100,7 @@ def main(stage: Stage) -> None:
     cache.save()
     metrics = {"n_real_train": len(rows["train"]), "n_real_test": len(rows["test"]), "n_synthetic": len(rows["synth"]),
                **fidelity(feat, rows, fid_mask, p, seed, out)}
+    metrics.update(grid_artifacts(images["synth"], images["test"], p.resamples, seed))  # checkerboard, measured
     if volumes:
         metrics.update(plane_frechet(feat["test"], feat["synth"][fid_mask]))
         metrics.update(nearest_volume_metrics(images["synth"].subset(fid_mask), images["train"], images["test"]))

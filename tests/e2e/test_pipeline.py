@@ -96,7 +96,8 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_50pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
                 "aug_gain_auc_50pct_1x_p_holm", "adherence_chance",
-                "aug_bacc_50pct_synth", "adherence_acc", "adherence_real_test_acc"):
+                "aug_bacc_50pct_synth", "adherence_acc", "adherence_real_test_acc", "grid_excess_db",
+                "grid_excess_db_real_ci_high"):
         assert key in evaluation
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_50pct_real"] <= 1 + 1e-9
     assert evaluation["kid_effnet_ci_low"] <= evaluation["kid_effnet_ci_high"] and evaluation["kid_effnet_std"] > 0
