@@ -17,7 +17,8 @@ import sys
 
 import yaml
 
-FIGURES = ["kid_effnet", "precision", "recall", "fd_effnet_inf"]
+FIGURES = ["kid_effnet", "precision", "recall", "fd_effnet_inf", "grid_excess_db"]
+CACHE = ".dvc/cache/files/md5"
 
 
 def git(*args: str) -> str:
@@ -43,14 +44,32 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def overrides(ref: str) -> dict:
+    """The params that differ from the base commit's (keys the base lacks: where they differ from today's
+    params.yaml, i.e. where they are not the default they were added with)."""
     mine = flat(yaml.safe_load(git("show", f"{ref}:params.yaml")))
     base = flat(yaml.safe_load(git("show", f"{ref}~1:params.yaml")))
-    return {k: v for k, v in mine.items() if base.get(k) != v}
+    now = flat(yaml.safe_load(open("params.yaml")))
+    return {k: v for k, v in mine.items() if base.get(k, now.get(k)) != v}
 
 
 def stage_seconds(name: str) -> dict[str, float]:
     log = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
     return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+): finished in ([\d.]+) s", log, re.M)}
+
+
+def cached_images(ref: str, out: str = "data/generate/dataset"):
+    """uint8 images [N, C, H, W] of an experiment's output folder, read from the DVC cache."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    lock = yaml.safe_load(git("show", f"{ref}:dvc.lock"))
+    md5 = next(o["md5"] for st in lock["stages"].values() for o in st.get("outs", []) if o["path"] == out)
+    listing = json.load(open(f"{CACHE}/{md5[:2]}/{md5[2:]}"))
+    arrays = [np.asarray(Image.open(f"{CACHE}/{e['md5'][:2]}/{e['md5'][2:]}"))
+              for e in sorted(listing, key=lambda e: e["relpath"]) if e["relpath"].endswith(".png")]
+    x = torch.from_numpy(np.stack(arrays))
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def row(name: str) -> dict:
@@ -59,6 +78,11 @@ def row(name: str) -> dict:
     ldm = json.loads(git("show", f"{ref}:metrics/all/train_ldm.json"))
     out = {"name": name, "overrides": overrides(ref), "seconds": stage_seconds(name),
            "val_loss_ema": ldm.get("val_loss_ema")}
+    if "grid_excess_db" not in ev:  # scored before the figure existed: measured here on its images
+        from synthmed.metrics.grid_artifacts import grid_excess_db, grid_ratios
+
+        value, low, high = grid_excess_db(grid_ratios(cached_images(ref)), 200, 0)
+        ev.update(grid_excess_db=value, grid_excess_db_ci_low=low, grid_excess_db_ci_high=high)
     for k in FIGURES:
         out[k] = [ev.get(k), ev.get(f"{k}_ci_low"), ev.get(f"{k}_ci_high")]
     out["adherence"] = [ev.get("adherence_acc"), ev.get("adherence_real_test_acc")]
@@ -76,7 +100,7 @@ def cell(v) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ["name", "overrides", "train_ldm s", "kid_effnet [95 % CI]", "precision", "recall", "fd_effnet_inf",
-            "adherence (ceiling)"]
+            "grid dB", "adherence (ceiling)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         o = " ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "—"
