@@ -60,7 +60,11 @@ def main(stage: Stage, shard: tuple[int, int] = (1, 1)) -> None:
     seed_everything(seed)
 
     pipe = load_generator(model, pick_device())
-    pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
+    try:
+        pipe.scheduler = make_sampler(p.scheduler, pipe.scheduler.config)
+    except ValueError as exc:  # e.g. ddim for a rectified-flow model
+        raise PipelineError(f"params.yaml: generate.scheduler: {exc} ({model} was trained with "
+                            f"{type(pipe.scheduler).__name__})") from None
     image_conditioned = getattr(pipe, "image_conditioned", False)
     if image_conditioned:
         plan = image_plan(plan, p.image.modes, p.image.fractions, seed, plan_file).assign(

@@ -95,6 +95,22 @@ def test_generate_needs_the_plan_before_loading_any_model(workdir):
     assert_one_line_error(run_stage(workdir, "generate"), "data/prompts/plan.csv", "dvc repro generate")
 
 
+def test_a_sampler_the_model_cannot_use_is_one_line_and_nothing_written(workdir):
+    from synthmed.diffusion.pipeline import SynthMedPipeline
+    from synthmed.diffusion.schedulers import default_sampler, make_noise_scheduler
+    from tests.helpers import tiny_unet, tiny_vae
+
+    (workdir / "data/prompts").mkdir(parents=True)
+    (workdir / "data/prompts/plan.csv").write_text("prompt_index,sample_index,text,label,split,source_file_name,seed\n"
+                                                    "0,0,an axial slice,a,test,x.png,7\n")
+    flow = default_sampler(make_noise_scheduler(1000, "flow"))
+    SynthMedPipeline(tiny_unet(), tiny_vae(), flow, text_max_length=8).save_pretrained(workdir / "data/train_lora/model")
+    set_param(workdir, "generate", scheduler="ddim")
+    assert_one_line_error(run_stage(workdir, "generate"), "generate.scheduler", "cannot sample a rectified-flow model",
+                          "euler, dpmpp")
+    assert not (workdir / "data/generate").exists()
+
+
 @pytest.mark.parametrize("stage, key, value, fragment", [
     ("evaluate", "augment_splits", ["val", "test"], "augment_splits must not contain evaluate.fidelity_split"),
     ("evaluate_vlp", "synthetic_splits", ["test"], "synthetic_splits must not contain evaluate_vlp.test_split"),
