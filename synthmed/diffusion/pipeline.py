@@ -31,6 +31,7 @@ from synthmed.diffusion.sample import decode, decode_to_uint8, sample_latents, s
 from synthmed.core.errors import PipelineError
 from synthmed.models.cond_unet import ConditionalUNet
 from synthmed.models.image_encoder import ImageEncoder, n_tokens
+from synthmed.models.pixel_space import PixelSpace  # imported: diffusers loads only classes already imported
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.text.encoder import TextEncoder
 
@@ -46,7 +47,7 @@ def _as_list(value: str | list[str], name: str) -> list[str]:
 
 
 class SynthMedPipeline(DiffusionPipeline):
-    def __init__(self, unet: UNet2DConditionModel | ConditionalUNet, vae: AutoencoderKL | VolumeAutoencoderKL,
+    def __init__(self, unet: UNet2DConditionModel | ConditionalUNet, vae: AutoencoderKL | VolumeAutoencoderKL | PixelSpace,
                  scheduler: DDIMScheduler,
                  text_encoder_name: str = "all-MiniLM-L6-v2", text_max_length: int = 48,
                  condition: str = "text", image_encoder_name: str = "", image_tokens: str = "mean"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from synthmed.diffusion.pipeline import SynthMedPipeline
@@ -9,6 +12,7 @@ from synthmed.diffusion.sample import pack_latents
 from synthmed.diffusion.schedulers import default_sampler, make_noise_scheduler
 from synthmed.models.autoencoder import encode_posterior, load_autoencoder, validate
 from synthmed.models.pixel_space import PixelSpace
+from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_unet
 
 
@@ -35,6 +39,12 @@ def test_a_pixel_space_pipeline_samples_packed_pixels_and_reloads(tmp_path):
     images = pipe.generate(["a slice", "another slice"], [1, 2], num_inference_steps=3)
     assert images.shape == (2, 1, 16, 16) and images.dtype.name == "uint8"
     pipe.save_pretrained(tmp_path / "model")
+    # a fresh interpreter that imports only the pipeline (as the generate stage does) loads it
+    load = ("import sys; from synthmed.diffusion.pipeline import SynthMedPipeline as P; "
+            "print(type(P.from_pretrained(sys.argv[1]).vae).__name__)")
+    proc = subprocess.run([sys.executable, "-c", load, str(tmp_path / "model")], capture_output=True, text=True,
+                          cwd=REPO_ROOT)
+    assert proc.stdout.strip() == "PixelSpace", proc.stderr[-2000:]
     again = SynthMedPipeline.from_pretrained(tmp_path / "model")
     assert isinstance(again.vae, PixelSpace)
     assert (again.generate(["another slice"], [2], num_inference_steps=3) == images[1:]).all()
