@@ -2,9 +2,10 @@
 
 Per sample: MSE between the UNet's prediction and the target of the schedule's parameterisation
 (the noise for epsilon, the velocity for v-prediction, noise - x0 for rectified flow), times the
-min-SNR-gamma weight of its timestep (Hang et al. 2023; rectified flow trains unweighted, as SD 3). A self-conditioned UNet (twice the latent channels in) first estimates
-the clean latent without gradient for the samples in ``use_prev`` and gets that estimate as extra
-input; the others get zeros, as at the first sampling step.
+min-SNR-gamma weight of its timestep (Hang et al. 2023; rectified flow trains unweighted, as SD 3).
+A self-conditioned UNet (twice the latent channels in) first estimates the clean latent without
+gradient for the samples in ``use_prev`` and gets that estimate as extra input; the others get
+zeros, as at the first sampling step.
 """
 
 from __future__ import annotations
