@@ -5,7 +5,6 @@ interpreter's imports); one test per contract runs the real command in a subproc
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
