@@ -68,9 +68,8 @@ def make_noise_scheduler(num_train_timesteps: int, prediction_type: str = "epsil
 
 def training_scheduler(sampler):
     """The training schedule behind a saved model's sampler (for fine-tuning it)."""
-    if is_flow(sampler):
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=sampler.config.num_train_timesteps,
-                                               shift=sampler.config.get("shift", sampler.config.get("flow_shift", 1.0)))
+    if is_flow(sampler):  # a flow model's Euler sampler is its training schedule too
+        return make_sampler("euler", sampler.config)
     return DDPMScheduler.from_config(sampler.config)
 
 
