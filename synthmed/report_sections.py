@@ -1,5 +1,6 @@
 """The run report's sections, each from the stage outputs it reads: the dataset, the autoencoder, diffusion
-training, samples per label, fidelity, the memorization audit, the augmentation study and the VLP study.
+training, samples per label, fidelity, the memorization audit, the augmentation study, the VLP study and the
+zero-shot segmentation.
 Every file is asked for through ``dep`` (the report stage's `Stage.dep`: a dvc.yaml dependency, present)."""
 
 from __future__ import annotations
@@ -171,7 +172,26 @@ def vlp_section(dep: Dep) -> Section:
                    "pairs, scored on real test images; synthetic pairs help when `real_synth` beats `real`.", blocks)
 
 
+def segmentation_section(dep: Dep) -> Section:
+    m = metrics(dep, "segment")
+    methods = [("seg", "attention (the model)"), ("seg_otsu", "Otsu (intensities)"), ("seg_kmeans", "k-means (intensities)")]
+    keys = sorted({k[len("seg_"):-len("_ci_low")] for k in m if k.startswith("seg_dice_") and k.endswith("_ci_low")})
+    blocks: list = []
+    if keys:
+        blocks.append(f"Dice on {fmt(m.get('n_images'))} real images, mean over images with a bootstrap 95 % interval; "
+                      "`dice_mean` averages the classes but the background, `dice_foreground` is everything but the "
+                      "background (the demo's brain mask).")
+        blocks.append(Table(["Dice", *(name for _, name in methods)],
+                            [[k, *(with_interval(m, f"{prefix}_{k}") for prefix, _ in methods)] for k in keys]
+                            + [["segments per image", *(fmt(m.get(f"{prefix}_segments_mean")) for prefix, _ in methods)]]))
+    blocks.append(Figure("segmentation", png(dep("segment/overlays.png")), "image, mask, attention segments, matched classes"))
+    return Section("Zero-shot segmentation", "segments merged from the UNet's self-attention on real images, matched "
+                   "one-to-one to the mask classes (Hungarian), beside two baselines that need no model; the model "
+                   "has learned anatomy where its segments come near or beat them.", blocks)
+
+
 def sections(dep: Dep) -> list[Section]:
     m = metrics(dep, "evaluate")
     return [dataset_section(dep), vae_section(dep), diffusion_section(dep), samples_section(dep),
-            fidelity_section(dep, m), privacy_section(dep, m), augmentation_section(dep), vlp_section(dep)]
+            fidelity_section(dep, m), privacy_section(dep, m), augmentation_section(dep), vlp_section(dep),
+            segmentation_section(dep)]

@@ -128,7 +128,7 @@ def test_counts_that_must_be_positive_are_checked_when_params_load(workdir):
 
 
 @pytest.mark.parametrize("stage", ["ingest", "paraphrase", "train_vae", "train_ldm", "train_lora", "prompts",
-                                   "generate", "evaluate", "evaluate_vlp"])
+                                   "generate", "evaluate", "segment", "evaluate_vlp"])
 def test_help_describes_the_stage_and_touches_nothing(workdir, stage):
     shutil.copy(REPO_ROOT / "dvc.yaml", workdir / "dvc.yaml")
     proc = run_stage(workdir, stage, "--help")

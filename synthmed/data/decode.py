@@ -12,7 +12,7 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from synthmed.data.transforms import prepare
+from synthmed.data.transforms import prepare, prepare_mask
 from synthmed.core.io import sha256_bytes
 from synthmed.core.progress import progress
 
@@ -66,6 +66,30 @@ def decode_file(path: str | Path, opts: DecodeOptions) -> Decoded:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return Decoded(None, reason="corrupt_image", detail=f"cannot decode ({exc})")
     return Decoded(prepare(pixels, opts.resolution, opts.crop), sha256_bytes(data))
+
+
+def decode_mask(path: str | Path, image: str | Path, opts: DecodeOptions) -> Decoded:
+    """A label map (one channel of class indices, its image's size) squared and resized as its image is,
+    by nearest neighbour; never raises."""
+    path = Path(path)
+    try:
+        with Image.open(image) as im:
+            size = im.size
+        with Image.open(path) as m:
+            if m.size != size:
+                return Decoded(None, reason="mask_size", detail=f"{m.size[0]}x{m.size[1]} pixels, its image "
+                               f"{size[0]}x{size[1]}; a mask must have its image's size")
+            if m.mode not in ("1", "L", "P", "I", "I;16"):
+                return Decoded(None, reason="mask_mode", detail=f"mode {m.mode}; a mask is one channel of class "
+                               "indices (a greyscale or palette PNG)")
+            labels = np.asarray(m).astype(np.int64)
+    except FileNotFoundError:
+        return Decoded(None, reason="missing_mask", detail="file not found")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return Decoded(None, reason="corrupt_mask", detail=f"cannot decode ({exc})")
+    if labels.min() < 0 or labels.max() > 255:
+        return Decoded(None, reason="mask_classes", detail=f"class indices {labels.min()}..{labels.max()}; use 0..255")
+    return Decoded(prepare_mask(labels.astype(np.uint8), opts.resolution, opts.crop), sha256_bytes(path.read_bytes()))
 
 
 def _decode_star(args: tuple[str, DecodeOptions]) -> Decoded:

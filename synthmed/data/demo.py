@@ -3,7 +3,8 @@
 nilearn ships the template and its grey/white-matter probability maps, so the
 demo needs no download. Each slice gets a caption from its plane, position in
 mm and tissue composition, a label (plane x position band), a group (its
-position: a sagittal slice and its mirror image share one) and a split. The demo
+position: a sagittal slice and its mirror image share one) and a split. Each slice
+carries its tissue mask (TISSUES, from the same maps) for the zero-shot segmentation scores. The demo
 splits itself: every slice comes from one volume, so the split is contiguous runs
 per band with a guard gap to train (see ``splits.contiguous_splits``).
 """
@@ -17,6 +18,8 @@ import numpy as np
 from synthmed.data.sample import Sample
 from synthmed.data.splits import contiguous_splits
 from synthmed.data.transforms import prepare, to_uint8
+
+TISSUES = ("background", "csf", "grey_matter", "white_matter")  # the demo's mask classes, by index
 from synthmed.core.io import sha256_bytes
 
 # axis of the volume, world-coordinate name, band names from low to high band coordinate.
@@ -44,6 +47,15 @@ def _load_volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.
 def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
     """All slices along ``axis``, each with superior (or anterior) at the top of the image."""
     return np.ascontiguousarray(np.rot90(np.moveaxis(volume, axis, 0), axes=(1, 2)))
+
+
+def tissue_labels(brain: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """uint8 (0..255) brain mask and grey/white-matter probabilities, resampled as the image -> TISSUES indices:
+    outside the brain mask background, inside it the likeliest of CSF (what grey and white matter leave), grey
+    and white matter."""
+    g, w = gm / 255.0, wm / 255.0
+    tissue = 1 + np.stack([np.clip(1 - g - w, 0, 1), g, w]).argmax(0)
+    return np.where(brain >= 128, tissue, 0).astype(np.uint8)
 
 
 def _band(position: float, edges: tuple[float, float], names: tuple[str, str, str]) -> str:
@@ -96,6 +108,7 @@ def demo_samples(
                 f"{100 * gm_frac:.0f}% grey matter, {100 * wm_frac:.0f}% white matter"
             )
             pixels = prepare(to_uint8(t1_s[index][box], 0.0, high), resolution)
+            tissue = tissue_labels(*(prepare(to_uint8(v[index][box], 0.0, 1.0), resolution) for v in (brain_s, gm_s, wm_s)))
             raw = t1_s[index].astype(np.float32).tobytes()
             samples.append(
                 Sample(
@@ -107,6 +120,7 @@ def demo_samples(
                     split=split,
                     source=f"nilearn:MNI152_2009_T1[{plane}={index}]",
                     source_sha256=sha256_bytes(raw),
+                    mask=tissue,
                 )
             )
     return samples, dropped

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files
+from synthmed.data.decode import IMAGE_EXTENSIONS, DecodeOptions, decode_files, decode_mask
 from synthmed.data.problems import Problems, where
 from synthmed.data.sample import Sample
 from synthmed.data.spill import PixelSpill
@@ -29,8 +29,9 @@ from synthmed.viz import save_pixels
 METADATA = MANIFEST  # the ImageFolder convention's manifest
 METADATA_JSONL = "metadata.jsonl"
 REQUIRED = ("file_name", "text")
+MASKS = "masks"  # the label maps' subfolder of a written dataset
 SHARD_ABOVE = 10_000  # images; a larger dataset is written in subfolders (see shard_file_names)
-OPTIONAL = ("label", "group", "split")
+OPTIONAL = ("label", "group", "split", "masks")  # masks: a label map per image (segment scores against it)
 _OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 
 
@@ -182,11 +183,20 @@ def rows_to_samples(root: Path, rows: list[Row], meta: Path, opts: DecodeOptions
                 out = f"{PurePosixPath(out).stem}_{result.source_sha256[:8]}.png"
             used.add(out)
             m = rows_of[0].meta
+            mask = None
+            if m.get("masks"):
+                got = decode_mask(root / _normalise(m["masks"]), root / name, opts)
+                if got.pixels is None:
+                    line = rows_of[0].line
+                    problems.report(got.reason, f"{where(meta, line)}: mask '{m['masks']}' of '{name}': {got.detail}; "
+                                    "fix the mask or the masks column, or drop the row", file=meta, row=line)
+                    continue
+                mask = spill.put(got.pixels)
             samples.append(Sample(
                 file_name=out, pixels=spill.put(result.pixels), captions=[t for r in rows_of for t in r.texts],
                 group=m.get("group") or (name if default_group == "image" else ""),
                 label=m.get("label", ""), split=m.get("split", ""), source=str(root / name),
-                source_sha256=result.source_sha256,
+                source_sha256=result.source_sha256, mask=mask,
             ))
     return samples
 
@@ -247,15 +257,19 @@ def write_imagefolder(folder: str | Path, samples: list[Sample]) -> pd.DataFrame
     with atomic_path(folder, is_dir=True) as tmp:
         for sub in sorted({PurePosixPath(s.file_name).parent for s in samples} - {PurePosixPath(".")}):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
-        digests = []
-        for s in progress(samples, desc="write"):
+        digests, masks = [], [f"{MASKS}/{s.file_name}" if s.mask is not None else "" for s in samples]
+        for s, mask in progress(list(zip(samples, masks)), desc="write"):
             path = tmp / s.file_name
             save_pixels(s.array(), path)
             digests.append(sha256_bytes(path.read_bytes()))
+            if mask:
+                (tmp / mask).parent.mkdir(parents=True, exist_ok=True)
+                save_pixels(s.mask_array(), tmp / mask)
         # one row per caption, column by column (a dict per row would double the peak of a large table)
         image = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
         per_image = {"label": [s.label for s in samples], "group": [s.group for s in samples],
-                     "split": [s.split for s in samples], "sha256": digests}
+                     "split": [s.split for s in samples], "sha256": digests,
+                     **({"masks": masks} if any(masks) else {})}  # the column only where there are masks
         df = pd.DataFrame({"file_name": np.asarray([s.file_name for s in samples], dtype=object)[image],
                            "text": [c for s in samples for c in s.captions],
                            **{k: np.asarray(v, dtype=object)[image] for k, v in per_image.items()}})

@@ -19,7 +19,11 @@ class Sample:
     split: str = ""  # empty: assigned by the splitter
     source: str = ""  # where it came from (path or generator description)
     source_sha256: str = ""
+    mask: np.ndarray | Spilled | None = None  # uint8 class indices, the pixels' shape (masks column; the demo's tissues)
 
     def array(self) -> np.ndarray:
         """The pixels, read back from disk where the reader spilled them."""
         return self.pixels.read() if isinstance(self.pixels, Spilled) else self.pixels
+
+    def mask_array(self) -> np.ndarray | None:
+        return self.mask.read() if isinstance(self.mask, Spilled) else self.mask

@@ -37,3 +37,12 @@ def resize(array: np.ndarray, size: int) -> np.ndarray:
 
 def prepare(array: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return resize(square(array, mode), size)
+
+
+def prepare_mask(labels: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """A label map (uint8 class indices) through the same square and resize as its image, by nearest
+    neighbour: classes are never blended."""
+    sq = square(np.asarray(labels, dtype=np.uint8), mode)
+    if sq.shape[0] == size:
+        return sq
+    return np.asarray(Image.fromarray(sq).resize((size, size), Image.Resampling.NEAREST))

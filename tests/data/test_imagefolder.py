@@ -190,3 +190,40 @@ def test_a_large_dataset_is_written_in_subfolders_and_read_back(tmp_path, monkey
     write_imagefolder(tmp_path / "vols", volumes)
     loaded = load_images(tmp_path / "vols", read_metadata(tmp_path / "vols")["file_name"].unique().tolist())
     assert np.array_equal(loaded[:, 0], np.stack([s.array() for s in volumes]))
+
+
+def test_masks_are_resized_as_their_images_by_nearest_neighbour_and_written_beside_them(tmp_path, monkeypatch):
+    from synthmed.data.imagefolder import read_metadata, write_imagefolder as write
+
+    root = write_imagefolder(tmp_path / "ds", [("a.png", "one"), ("b.png", "two")], size=32,
+                             masks=["m/a.png", "m/b.png"])
+    (root / "m").mkdir()
+    labels = np.zeros((32, 32), np.uint8)
+    labels[8:24, 8:24], labels[12:20, 12:20] = 1, 2
+    Image.fromarray(labels).save(root / "m/a.png")
+    Image.fromarray(labels[:, ::-1].copy()).save(root / "m/b.png")
+    samples, _ = read(root)
+    mask = samples[0].mask_array()
+    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 1, 2}  # no blended class in between
+    assert np.array_equal(mask, labels[::2, ::2])
+    monkeypatch.chdir(tmp_path)
+    meta = write(tmp_path / "out", samples)
+    assert meta["masks"].tolist() == ["masks/a.png", "masks/b.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out/masks/a.png")), mask)
+    assert "masks" in read_metadata(tmp_path / "out").columns
+    assert "masks" not in write(tmp_path / "plain", read(write_imagefolder(tmp_path / "p", [("c.png", "x")]))[0]).columns
+
+
+@pytest.mark.parametrize("mask, fragment", [
+    (np.zeros((16, 32), np.uint8), "32x16 pixels, its image 32x32; a mask must have its image's size"),
+    (np.zeros((32, 32, 3), np.uint8), "mode RGB; a mask is one channel of class indices"),
+])
+def test_a_mask_that_cannot_belong_to_its_image_names_the_row_and_stops(tmp_path, mask, fragment):
+    root = write_imagefolder(tmp_path / "ds", [("a.png", "one")], size=32, masks=["a_mask.png"])
+    Image.fromarray(mask).save(root / "a_mask.png")
+    with pytest.raises(PipelineError) as exc:
+        read(root)
+    message = str(exc.value)
+    assert "metadata.csv, row 2" in message and "a_mask.png" in message and fragment in message and "\n" not in message
+    samples, problems = read(root, on_error="skip")
+    assert samples == [] and problems.items
