@@ -51,9 +51,20 @@ def self_attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
 
     part = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+    if not hasattr(unet, "attn_processors"):  # synthmed's ConditionalUNet: cross-attention only
+        return {}
     return {name: m for name, m in unet.named_modules()
             if isinstance(m, Attention) and not m.is_cross_attention and name.endswith("attn1")
             and any(name.startswith(part[b]) for b in blocks)}
+
+
+def missing(unet, blocks) -> str:
+    """Why ``unet`` has no self-attention in ``blocks``, in one line."""
+    kind = type(unet).__name__
+    where = (" (synthmed's volume and invertible UNet has cross-attention only)" if kind == "ConditionalUNet"
+             else f"; its attention levels are {list(getattr(unet.config, 'attention_levels', None) or [])}")
+    return (f"{kind} has no self-attention in its {'/'.join(blocks)} blocks{where}: zero-shot segmentation "
+            "needs a 2-D standard backbone with attention there (train_ldm.unet.attention_levels)")
 
 
 @contextlib.contextmanager
@@ -62,14 +73,9 @@ def record_self_attention(unet, blocks=BLOCKS) -> Iterator[list[torch.Tensor]]:
     bad = sorted(set(blocks) - set(BLOCKS))
     if bad:
         raise ValueError(f"blocks {bad}: use some of {', '.join(BLOCKS)}")
-    layers = self_attention_layers(unet, blocks) if hasattr(unet, "attn_processors") else {}
+    layers = self_attention_layers(unet, blocks)
     if not layers:
-        kind = type(unet).__name__
-        raise SelfAttentionMissing(
-            f"{kind} has no self-attention in its {'/'.join(blocks)} blocks"
-            + (" (synthmed's volume and invertible UNet has cross-attention only)" if kind == "ConditionalUNet"
-               else "; its attention levels are " + str(list(getattr(unet.config, "attention_levels", []) or [])))
-            + ": zero-shot segmentation needs a 2-D standard backbone with attention (train_ldm.unet.attention_levels)")
+        raise SelfAttentionMissing(missing(unet, blocks))
     sink: list[torch.Tensor] = []
     saved = {name: m.processor for name, m in layers.items()}
     for m in layers.values():
@@ -115,8 +121,8 @@ def resolution_of(maps: list[torch.Tensor], dims: int) -> int:
     return max(grid_side(m.shape[-1], dims) for m in maps)
 
 
-__all__ = ["BLOCKS", "RecordingProcessor", "SelfAttentionMissing", "aggregate", "grid_side",
-           "record_self_attention", "resolution_of", "self_attention_layers"]
+__all__ = ["BLOCKS", "RecordingProcessor", "SelfAttentionMissing", "aggregate", "grid_side", "image_attention",
+           "missing", "record_self_attention", "resolution_of", "self_attention_layers"]
 
 
 @torch.no_grad()

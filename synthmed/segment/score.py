@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 UNMATCHED = -1
@@ -115,5 +116,31 @@ def bootstrap_ci(values, draws: int, seed: int) -> tuple[float, float, float]:
     return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def score_image(segments: np.ndarray, truth: np.ndarray, classes: list[str]) -> tuple[dict, np.ndarray]:
+    """One image's segments against its mask: (segments, Dice per class, their mean over all but the background,
+    foreground Dice) and the matched class map."""
+    matched = match_segments(segments, truth, len(classes))
+    per_class = dice(matched, truth, len(classes))
+    tissue = per_class[1:][np.isfinite(per_class[1:])]
+    return ({"segments": int(segments.max()) + 1, **{f"dice_{c}": d for c, d in zip(classes, per_class)},
+             "dice_mean": float(tissue.mean()) if len(tissue) else np.nan,
+             "dice_foreground": foreground_dice(matched, truth)}, matched)
+
+
+def summarise(table: pd.DataFrame, classes: list[str], resamples: int, seed: int) -> dict[str, float]:
+    """Per method (the attention's figures as seg_*, a baseline's as seg_<method>_*): segments per image and each
+    Dice as the mean over images with its bootstrap interval; a Dice no image has (a class in no mask and no
+    prediction) is left out."""
+    metrics = {}
+    for method, sub in table.groupby("method", sort=False):
+        prefix = "seg" if method == "attention" else f"seg_{method}"
+        metrics[f"{prefix}_segments_mean"] = float(sub["segments"].mean())
+        for col in ["dice_mean", *[f"dice_{c}" for c in classes[1:]], "dice_foreground"]:
+            mean, low, high = bootstrap_ci(sub[col], resamples, seed + len(metrics))
+            if np.isfinite(mean):
+                metrics.update({f"{prefix}_{col}": mean, f"{prefix}_{col}_ci_low": low, f"{prefix}_{col}_ci_high": high})
+    return metrics
+
+
 __all__ = ["UNMATCHED", "bootstrap_ci", "dice", "foreground_dice", "kmeans_segments", "match_segments",
-           "otsu_segments", "otsu_thresholds", "overlap"]
+           "otsu_segments", "otsu_thresholds", "overlap", "score_image", "summarise"]

@@ -87,3 +87,6 @@ def test_image_conditioning_runs_the_whole_dag_on_images_without_captions(tmp_pa
     assert (own["source_distance_pixel"] > 0).all()
     assert "no captions" in (repo / "data/evaluate_vlp/report.md").read_text()
     assert json.loads((repo / "metrics/all/evaluate_vlp.json").read_text()) == {}
+    segment = json.loads((repo / "metrics/all/segment.json").read_text())  # conditioned on each image's embedding
+    assert segment["seg_segments_mean"] >= 1 and "seg_dice_mean" not in segment  # no masks: maps only
+    assert len(list((repo / "data/segment/maps").iterdir())) == segment["n_images"]

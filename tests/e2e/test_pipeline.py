@@ -75,7 +75,7 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
     report = (dag / "data/report/report.html").read_text()
     check_self_contained(report)  # every figure inlined, no script: it opens offline
     for title in ("Dataset", "Autoencoder", "Diffusion training", "Synthetic samples", "Fidelity", "Privacy",
-                  "classifier", "Vision-language"):
+                  "classifier", "Vision-language", "Zero-shot segmentation"):
         assert title in report
     if CHROMIUM:
         seen = visit((dag / "data/report/report.html").as_uri())
@@ -113,6 +113,13 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
         assert column in header
     assert evaluation["n_synthetic"] == len(synth) - 1
     assert not list((dag / ".synthmed/runs").glob("*/*")), "resume state outlived a finished run"
+    segment = json.loads((dag / "metrics/all/segment.json").read_text())  # the demo's tissue masks
+    for prefix in ("seg", "seg_otsu", "seg_kmeans"):
+        assert 0 <= segment[f"{prefix}_dice_mean_ci_low"] <= segment[f"{prefix}_dice_mean"] <= segment[
+            f"{prefix}_dice_mean_ci_high"] <= 1 and 0 <= segment[f"{prefix}_dice_foreground"] <= 1
+    assert segment["seg_otsu_dice_foreground"] > 0.9  # the brain against a black background
+    per_image = pd.read_csv(dag / "data/segment/per_image.csv")
+    assert len(per_image) == 3 * segment["n_images"] and {"dice_grey_matter", "dice_csf"} <= set(per_image.columns)
 
 
 def test_nothing_reruns_and_a_forced_rerun_gives_the_same_bytes(copy_of):

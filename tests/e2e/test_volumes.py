@@ -60,6 +60,8 @@ def test_volumes_run_the_whole_dag_with_the_invertible_backbone(tmp_path: Path):
     assert not [k for k in evaluation if k.startswith(("aug_", "adherence_"))]  # the classifier is 2-D
     assert "Not run: the dataset holds volumes" in (repo / "data/evaluate_vlp/report.md").read_text()
     assert "nearest real test volume" in (repo / "data/report/report.md").read_text()
+    segment = json.loads((repo / "metrics/all/segment.json").read_text())  # cross-attention only: a note, no maps
+    assert list(segment) == ["n_images"] and not list((repo / "data/segment/maps").iterdir())
 
     name = synth["file_name"].iloc[1]
     again = subprocess.run([sys.executable, "-m", "synthmed.diffusion.regenerate", name, "--out",
