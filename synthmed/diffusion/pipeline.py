@@ -89,7 +89,7 @@ class SynthMedPipeline(DiffusionPipeline):
         global tokens [N, T, D]: the condition."""
         return self.image_encoder.encode(images if isinstance(images, Rows) else torch.as_tensor(images), batch_size)
 
-    def _condition(self, conditions, negatives: list[str] | None = None):
+    def encode_conditions(self, conditions, negatives: list[str] | None = None):
         """(emb, mask, uncond_emb, uncond_mask) of prompts, or of image embeddings [N, T, D] for an
         image-conditioned model, whose null condition is the all-zero embedding it was trained with."""
         if self.image_conditioned:
@@ -116,7 +116,7 @@ class SynthMedPipeline(DiffusionPipeline):
     def _sample(self, conditions, generators: list[torch.Generator], num_inference_steps: int,
                 guidance_scale: float, negative_prompts: list[str] | None = None, progress=None) -> torch.Tensor:
         """The one sampling path of both interfaces: scaled latents, one per condition and generator."""
-        emb, mask, uncond_emb, uncond_mask = self._condition(conditions, negative_prompts)
+        emb, mask, uncond_emb, uncond_mask = self.encode_conditions(conditions, negative_prompts)
         return sample_latents(self.unet, self.scheduler, emb, mask, uncond_emb, uncond_mask, generators,
                               num_inference_steps, guidance_scale, progress)
 

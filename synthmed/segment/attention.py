@@ -136,6 +136,7 @@ def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, block
     from synthmed.diffusion.sample import pack_latents
     from synthmed.diffusion.schedulers import training_scheduler
     from synthmed.models.autoencoder import encode_posterior
+    from synthmed.models.image_encoder import n_tokens
 
     unet, vae, device = pipe.unet, pipe.vae, pipe.device
     dims = images.ndim - 2
@@ -147,13 +148,11 @@ def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, block
     noisy = add_noise(training_scheduler(pipe.scheduler), z0, noise, t)
     n = len(images)
     if conditions is None:  # the null condition: the empty caption, or the all-zero image embedding
-        from synthmed.models.image_encoder import n_tokens
-
-        emb, mask, _, _ = pipe._condition(
+        emb, mask, _, _ = pipe.encode_conditions(
             torch.zeros(n, n_tokens(pipe.config.image_tokens), unet.config.encoder_hid_dim)
             if pipe.image_conditioned else [""] * n)
     else:
-        emb, mask, _, _ = pipe._condition(conditions)
+        emb, mask, _, _ = pipe.encode_conditions(conditions)
     with record_self_attention(unet, blocks) as maps:
         unet(unet_input(unet, noisy.to(device), None), t.to(device), encoder_hidden_states=emb.to(device),
              encoder_attention_mask=mask.to(device))
