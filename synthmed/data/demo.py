@@ -4,7 +4,8 @@ nilearn ships the template and its grey/white-matter probability maps, so the
 demo needs no download. Each slice gets a caption from its plane, position in
 mm and tissue composition, a label (plane x position band), a group (its
 position: a sagittal slice and its mirror image share one) and a split. Each slice
-carries its tissue mask (TISSUES, from the same maps) for the zero-shot segmentation scores. The demo
+carries its tissue mask (0 background, 1 CSF, 2 grey, 3 white matter: segment.classes) for the zero-shot
+segmentation scores. The demo
 splits itself: every slice comes from one volume, so the split is contiguous runs
 per band with a guard gap to train (see ``splits.contiguous_splits``).
 """
@@ -18,8 +19,6 @@ import numpy as np
 from synthmed.data.sample import Sample
 from synthmed.data.splits import contiguous_splits
 from synthmed.data.transforms import prepare, to_uint8
-
-TISSUES = ("background", "csf", "grey_matter", "white_matter")  # the demo's mask classes, by index
 from synthmed.core.io import sha256_bytes
 
 # axis of the volume, world-coordinate name, band names from low to high band coordinate.
@@ -50,9 +49,9 @@ def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
 
 
 def tissue_labels(brain: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """uint8 (0..255) brain mask and grey/white-matter probabilities, resampled as the image -> TISSUES indices:
-    outside the brain mask background, inside it the likeliest of CSF (what grey and white matter leave), grey
-    and white matter."""
+    """uint8 (0..255) brain mask and grey/white-matter probabilities, resampled as the image -> class indices:
+    outside the brain mask background (0), inside it the likeliest of CSF (1; what grey and white matter leave),
+    grey (2) and white matter (3)."""
     g, w = gm / 255.0, wm / 255.0
     tissue = 1 + np.stack([np.clip(1 - g - w, 0, 1), g, w]).argmax(0)
     return np.where(brain >= 128, tissue, 0).astype(np.uint8)

@@ -91,3 +91,12 @@ def test_without_guard_neighbours_straddle_the_split():
     # makes the privacy audit's test-to-train reference distance tiny.
     samples, _ = build(step=2, guard=0.0, resolution=8)
     assert set(train_gaps(samples).values()) == {2.0}
+
+
+def test_every_slice_carries_a_tissue_mask_that_lines_up_with_its_t1_contrast(samples):
+    masks = np.stack([s.mask for s in samples])
+    images = np.stack([s.pixels for s in samples]).astype(float)
+    assert masks.shape == images.shape and set(np.unique(masks)) == {0, 1, 2, 3}
+    mean = [images[masks == c].mean() for c in range(4)]  # T1: background < CSF < grey < white matter
+    assert mean[0] < mean[1] < mean[2] < mean[3]
+    assert all((s.mask > 0).mean() > 0.05 for s in samples)  # every slice shows brain
