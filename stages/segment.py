@@ -43,7 +43,7 @@ class SegmentParams:
     merge_iterations: int
     anchors_per_side: int
     blocks: list[str]  # which parts of the UNet give self-attention maps: down, mid, up
-    condition: Literal["caption", "null"]  # the image's own caption (image embedding) or the null condition
+    condition: Literal["caption", "unconditional"]  # the image's own caption (image embedding), or the null condition
     classes: list[str]  # mask class names by index; index 0 is the background
     batch_size: int
     resamples: int  # bootstrap draws over images behind each Dice interval

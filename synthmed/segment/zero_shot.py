@@ -67,7 +67,7 @@ def label_maps(pipe, images, rows: pd.DataFrame, p, seed: int) -> Iterator[np.nd
     for i in range(0, len(rows), p.batch_size):
         batch = rows.iloc[i : i + p.batch_size]
         x = torch.as_tensor(images[i : i + len(batch)])
-        if p.condition == "null":
+        if p.condition == "unconditional":
             cond = None
         else:
             cond = pipe.embed_images(x) if pipe.image_conditioned else batch["text"].tolist()

@@ -90,3 +90,10 @@ def test_a_unet_with_cross_attention_only_gets_a_note_and_the_dag_runs_on(workdi
     assert "invertible-backbone UNet has cross-attention only" in proc.stdout
     assert json.loads((workdir / "metrics/all/segment.json").read_text()) == {"n_images": 5}
     assert not list((workdir / "data/segment/maps").iterdir())
+
+
+def test_the_null_condition_segments_too(workdir):
+    set_param(workdir, "segment", condition="unconditional", figure_images=0)
+    proc = run_stage(workdir, "segment")
+    assert proc.returncode == 0, proc.stderr
+    assert len(pd.read_csv(workdir / "data/segment/per_image.csv")) == 15
