@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 from collections import deque
@@ -235,7 +236,7 @@ def sweep(repo: str = str(REPO_ROOT), grid: dict[str, list] | None = None, jobs:
     for key, values in grid.items():
         args += ["-S", f"{key}={','.join(str(v) for v in values)}"]
     run_dvc(args, repo, "queue")
-    run_dvc(["queue", "start", "-j", str(jobs)], repo, "queue")
+    start_queue(repo, jobs)
     wait_for_queue(repo)
     rows = experiment_rows(repo, list(grid))
     create_table_artifact(table=rows, key="synthmed-sweep", description=f"sweep over {', '.join(grid)}")
@@ -243,6 +244,18 @@ def sweep(repo: str = str(REPO_ROOT), grid: dict[str, list] | None = None, jobs:
     if failed:
         raise RuntimeError(f"sweep: {len(failed)} experiment(s) failed: {', '.join(failed)}; `dvc queue logs <name>`")
     return rows
+
+
+def start_queue(repo: str, jobs: int) -> None:
+    """`dvc queue start -j jobs`. Its workers are daemons that inherit its output: read through a pipe, the call
+    would last as long as the last worker does (an idle one can linger), so the output goes to a file, read only
+    when the start fails; wait_for_queue follows the experiments."""
+    with tempfile.TemporaryFile(mode="w+") as out:
+        code = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
+                              env=_stage_env(), stdout=out, stderr=subprocess.STDOUT).returncode
+        if code:
+            out.seek(0)
+            raise RuntimeError(f"dvc queue start failed ({code}): {out.read().strip()}")
 
 
 def wait_for_queue(repo: str, poll_s: float = 5.0) -> None:

@@ -109,7 +109,8 @@ def main(stage: Stage) -> None:
                    figure["segments"], np.stack(figure["masks"]) if masked and figure["masks"] else None,
                    figure["matched"] or None, rows["file_name"].iloc[sorted(shown)].tolist(), p.classes, note)
     stage.write_provenance()
-    stage.write_metrics(metrics, headline=["seg_dice_mean", "seg_otsu_dice_mean", "seg_kmeans_dice_mean"]
+    per_class = [f"seg_dice_{c}" for c in p.classes[1:] if f"seg_dice_{c}" in metrics]
+    stage.write_metrics(metrics, headline=["seg_dice_mean", *per_class, "seg_otsu_dice_mean", "seg_kmeans_dice_mean"]
                         if masked and len(table) else ["n_images"])
     print("segment: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if "_ci_" not in k))
 

@@ -62,7 +62,8 @@ def test_segment_scores_attention_and_baselines_against_the_masks(workdir):
     assert np.asarray(Image.open(workdir / "data/segment/maps/0.png")).shape == (16, 16)
     assert Image.open(workdir / "data/segment/overlays.png").size[0] > 300
     headline = json.loads((workdir / "metrics/segment.json").read_text())
-    assert set(headline) == {"seg_dice_mean", "seg_otsu_dice_mean", "seg_kmeans_dice_mean"}
+    assert set(headline) == {"seg_dice_mean", "seg_dice_csf", "seg_dice_grey_matter", "seg_dice_white_matter",
+                             "seg_otsu_dice_mean", "seg_kmeans_dice_mean"}
 
 
 def test_a_mask_class_without_a_name_stops_in_one_line_and_writes_nothing(workdir):
