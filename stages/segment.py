@@ -77,11 +77,10 @@ def main(stage: Stage) -> None:
     table, figure = [], {"images": [], "segments": [], "masks": [], "matched": {}}
     with atomic_path(stage.out_path("maps"), is_dir=True) as tmp:  # segment ids, one PNG per image
         maps = label_maps(pipe, images, rows, p, seed) if not note else iter(())
-        for i, seg in enumerate(progress(maps, total=len(rows) if not note else 0, desc="segment")):
+        for i, (image, seg) in enumerate(progress(maps, total=len(rows) if not note else 0, desc="segment")):
             name = rows["file_name"].iloc[i]
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             save_pixels(seg.astype(np.uint8), tmp / name)
-            image = np.asarray(images[i])
             methods = {"attention": seg}
             if masked:
                 truth = read_masks(folder, rows.iloc[i : i + 1], p.classes, image.shape[1:])[0]

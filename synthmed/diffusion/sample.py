@@ -27,13 +27,20 @@ def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, c * patch**3, d // patch, h // patch, w // patch)
 
 
-def unpack_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_latents; the patch size follows from the VAE's latent channels."""
-    packed, c, dims = latents.shape[1], vae.config.latent_channels, latents.ndim - 2
+def latent_patch(vae: AutoencoderKL, packed: int, dims: int) -> int:
+    """The patch size that packs the VAE's latent channels into ``packed`` UNet channels (pack_latents)."""
+    c = vae.config.latent_channels
     patch = round((packed // c) ** (1 / dims))
     if patch**dims * c != packed:
         raise ValueError(f"{packed} latent channels cannot be unpacked for a VAE with {c}: the UNet and the VAE "
                          "do not belong together")
+    return patch
+
+
+def unpack_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_latents; the patch size follows from the VAE's latent channels."""
+    c, dims = vae.config.latent_channels, latents.ndim - 2
+    patch = latent_patch(vae, latents.shape[1], dims)
     if patch == 1:
         return latents
     if dims == 2:

@@ -51,8 +51,6 @@ def self_attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
 
     part = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
-    if not hasattr(unet, "attn_processors"):  # synthmed's ConditionalUNet: cross-attention only
-        return {}
     return {name: m for name, m in unet.named_modules()
             if isinstance(m, Attention) and not m.is_cross_attention and name.endswith("attn1")
             and any(name.startswith(part[b]) for b in blocks)}
@@ -61,8 +59,9 @@ def self_attention_layers(unet, blocks=BLOCKS) -> dict[str, torch.nn.Module]:
 def missing(unet, blocks) -> str:
     """Why ``unet`` has no self-attention in ``blocks``, in one line."""
     kind = type(unet).__name__
-    where = (" (synthmed's volume and invertible UNet has cross-attention only)" if kind == "ConditionalUNet"
-             else f"; its attention levels are {list(getattr(unet.config, 'attention_levels', None) or [])}")
+    where = (" (synthmed's volume and invertible UNet has cross-attention only)" if kind == "ConditionalUNet" else
+             "; its attention levels are "
+             f"{[i for i, b in enumerate(getattr(unet.config, 'down_block_types', ())) if 'Attn' in b]} and the middle")
     return (f"{kind} has no self-attention in its {'/'.join(blocks)} blocks{where}: zero-shot segmentation "
             "needs a 2-D standard backbone with attention there (train_ldm.unet.attention_levels)")
 
@@ -121,9 +120,6 @@ def resolution_of(maps: list[torch.Tensor], dims: int) -> int:
     return max(grid_side(m.shape[-1], dims) for m in maps)
 
 
-__all__ = ["BLOCKS", "RecordingProcessor", "SelfAttentionMissing", "aggregate", "grid_side", "image_attention",
-           "missing", "record_self_attention", "resolution_of", "self_attention_layers"]
-
 
 @torch.no_grad()
 def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, blocks, generators: list[torch.Generator]
@@ -133,7 +129,7 @@ def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, block
     image-conditioned model; None: the null condition) -> (aggregated self-attention [B, N, N], grid side)."""
     from synthmed.data.dataset import to_model_range
     from synthmed.diffusion.loss import add_noise, unet_input
-    from synthmed.diffusion.sample import pack_latents
+    from synthmed.diffusion.sample import latent_patch, pack_latents
     from synthmed.diffusion.schedulers import training_scheduler
     from synthmed.models.autoencoder import encode_posterior
     from synthmed.models.image_encoder import n_tokens
@@ -141,8 +137,7 @@ def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, block
     unet, vae, device = pipe.unet, pipe.vae, pipe.device
     dims = images.ndim - 2
     mean, _ = encode_posterior(vae, to_model_range(images))
-    patch = round((unet.config.out_channels // vae.config.latent_channels) ** (1 / dims))
-    z0 = pack_latents(mean, patch) * vae.config.scaling_factor
+    z0 = pack_latents(mean, latent_patch(vae, unet.config.out_channels, dims)) * vae.config.scaling_factor
     noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators])
     t = torch.full((len(z0),), int(timestep))
     noisy = add_noise(training_scheduler(pipe.scheduler), z0, noise, t)
@@ -158,3 +153,7 @@ def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, block
              encoder_attention_mask=mask.to(device))
     side = resolution_of(maps, dims)
     return aggregate([m.cpu() for m in maps], side, dims), side
+
+
+__all__ = ["BLOCKS", "RecordingProcessor", "SelfAttentionMissing", "aggregate", "grid_side", "image_attention",
+           "missing", "record_self_attention", "resolution_of", "self_attention_layers"]

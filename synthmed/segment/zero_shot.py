@@ -12,6 +12,7 @@ import torch
 from synthmed.core.errors import PipelineError
 from synthmed.core.provenance import derive_seed
 from synthmed.data.imagefolder import load_images
+from synthmed.diffusion.generators import DiffusersGenerator
 from synthmed.segment.attention import image_attention, missing, self_attention_layers
 from synthmed.segment.merge import segment_attention
 
@@ -19,7 +20,7 @@ from synthmed.segment.merge import segment_attention
 def no_maps_reason(pipe, volumes: bool) -> str:
     """Why this model has no self-attention maps at all ("" when it has): the stage then writes a note and the
     rest of the DAG runs on (volumes, the invertible backbone, a fine-tuned pretrained pipeline)."""
-    if not hasattr(pipe, "image_conditioned"):
+    if isinstance(pipe, DiffusersGenerator):
         return "a fine-tuned pretrained pipeline (train_lora.base): zero-shot segmentation runs on synthmed's own models"
     if not self_attention_layers(pipe.unet):
         return (f"this {'volume' if volumes else 'invertible-backbone'} UNet has cross-attention only: no "
@@ -61,9 +62,10 @@ def read_masks(folder: str, rows: pd.DataFrame, classes: list[str], shape: tuple
     return masks
 
 
-def label_maps(pipe, images, rows: pd.DataFrame, p, seed: int) -> Iterator[np.ndarray]:
-    """The label map [H, W] of every row's image (uint8 ``images``, a Rows), ``p.batch_size`` UNet calls at a time;
-    each image's noise from a seed of its own, so a map does not depend on its batch."""
+def label_maps(pipe, images, rows: pd.DataFrame, p, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 image [C, H, W], its label map [H, W]) of every row (``images``: a Rows, read a batch at a time),
+    ``p.batch_size`` UNet calls at a time; each image's noise from a seed of its own, so a map does not depend
+    on its batch."""
     for i in range(0, len(rows), p.batch_size):
         batch = rows.iloc[i : i + p.batch_size]
         x = torch.as_tensor(images[i : i + len(batch)])
@@ -73,6 +75,6 @@ def label_maps(pipe, images, rows: pd.DataFrame, p, seed: int) -> Iterator[np.nd
             cond = pipe.embed_images(x) if pipe.image_conditioned else batch["text"].tolist()
         gens = [torch.Generator().manual_seed(derive_seed(seed, "segment", f)) for f in batch["file_name"]]
         attn, side = image_attention(pipe, x, cond, p.timestep, p.blocks, gens)
-        for a in attn:
-            yield segment_attention(a, (side, side), tuple(x.shape[2:]), p.merge_threshold, p.merge_iterations,
-                                    p.anchors_per_side).numpy()
+        for image, a in zip(x.numpy(), attn):
+            yield image, segment_attention(a, (side, side), tuple(x.shape[2:]), p.merge_threshold,
+                                           p.merge_iterations, p.anchors_per_side).numpy()
