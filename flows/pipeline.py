@@ -258,12 +258,20 @@ def start_queue(repo: str, jobs: int) -> None:
             raise RuntimeError(f"dvc queue start failed ({code}): {out.read().strip()}")
 
 
+def queue_status(repo: str, tries: int = 5) -> str:
+    """`dvc queue status`'s table. DVC reads each running executor's info file while the executor may be rewriting
+    it (treeverse/dvc#8014: "unexpected error - Expecting value"), so a failed read is tried again."""
+    for attempt in range(tries):
+        proc = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=repo, env=_stage_env(),
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout
+        time.sleep(1 + attempt)
+    raise RuntimeError(f"dvc queue status failed {tries} times ({proc.returncode}): {proc.stderr.strip()}")
+
+
 def wait_for_queue(repo: str, poll_s: float = 5.0) -> None:
-    while True:
-        out = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=repo, env=_stage_env(),
-                             capture_output=True, text=True).stdout
-        if not re.search(r"\b(Queued|Running)\b", out):
-            return
+    while re.search(r"\b(Queued|Running)\b", queue_status(repo)):
         time.sleep(poll_s)
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.pipeline import start_queue
+from flows.pipeline import queue_status, start_queue
 from tests.browser import CHROMIUM, visit
 from tests.e2e.harness import STAGES, assert_declared_outputs, dvc, sh
 from tests.helpers import run_stage_here
@@ -49,7 +49,7 @@ def wait_for_queue(repo: Path, name: str, timeout: float = 600) -> str:
     """Wait until the queued experiment ``name`` has finished; return its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status").stdout
+        status = queue_status(str(repo))
         line = next((row for row in status.splitlines() if name in row), "")
         if "Success" in line or "Failed" in line:
             log = dvc(repo, "queue", "logs", name).stdout
