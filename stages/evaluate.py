@@ -18,7 +18,7 @@ from synthmed.data.dataset import image_rows, mode_mask, modes_of, split_frame, 
 from synthmed.data.imagefolder import read_metadata
 from synthmed.core.errors import PipelineError
 from synthmed.metrics import augmentation as aug
-from synthmed.metrics.augmentation import AugmentationParams
+from synthmed.metrics.augmentation import AdherenceParams, AugmentationParams
 from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.evaluation import downstream, fidelity, inception_metrics, privacy
 from synthmed.metrics.feature_cache import FeatureCache
@@ -44,6 +44,7 @@ class EvaluateParams:
     privacy: PrivacyParams
     classifier: ClassifierConfig
     augmentation: AugmentationParams
+    adherence: AdherenceParams
 
     def __post_init__(self):
         require_at_least_one(self, "prdc_k", "kid_subset_size", "kid_subsets")
@@ -58,7 +59,8 @@ def headline(p: EvaluateParams) -> list[str]:
     # FD is left out: at a few dozen test images in 1,280 dimensions it measures n more than the generator (see
     # docs/metrics.md); KID is unbiased at any n (its interval beside it; every figure's is in metrics/all).
     plain = ["kid_effnet", "kid_effnet_ci_low", "kid_effnet_ci_high", "kid_effnet_real_train_vs_test", "precision",
-             "recall", "n_synthetic_fidelity", "grid_excess_db", "mem_frac_below_p1_feature", "adherence_acc", f"aug_gain_auc_{cell}",
+             "recall", "n_synthetic_fidelity", "grid_excess_db", "mem_frac_below_p1_feature", "adherence_acc",
+             "adherence_acc_ci_low", "adherence_acc_ci_high", "adherence_real_test_acc", f"aug_gain_auc_{cell}",
              f"aug_gain_auc_{cell}_p_holm"]
     mode = "_interpolation"
     return plain + ["volume_ssim", "volume_ssim_real_test_vs_train", "mem_source_frac_below_p1_feature"] + [

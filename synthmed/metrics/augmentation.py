@@ -18,8 +18,8 @@ import torch
 
 from synthmed.data.disk_array import Rows, as_rows
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
-from synthmed.metrics.stats import summarise_arms
-from synthmed.core.config import require_at_least_one, require_fractions
+from synthmed.metrics.stats import bootstrap_ci, summarise_arms
+from synthmed.core.config import require_at_least_one, require_fractions, require_non_negative
 from synthmed.core.provenance import derive_seed
 from synthmed.core.progress import progress
 
@@ -52,6 +52,23 @@ class AugmentationParams:
 
 
 @dataclass
+class AdherenceParams:
+    """evaluate.adherence: the judge of prompt adherence, classifiers trained on all real train images by the
+    classifier's rule with more steps and blur (a judge that reads texture takes any blurred image for one
+    class, whatever its anatomy: docs/metrics.md)."""
+    steps: int
+    blur_sigma: float  # augmentation blur, sigma uniform in [0, blur_sigma] pixels
+    seeds: int  # judges (classifier seeds); adherence is their mean
+
+    def __post_init__(self):
+        require_at_least_one(self, "steps", "seeds")
+        require_non_negative(self, "blur_sigma")
+
+
+BLUR_CHECK_SIGMA = 1.0  # the judge's accuracy on real test images blurred this much (pixels) says it reads anatomy
+
+
+@dataclass
 class Cell:
     regime: str
     arm: str
@@ -61,7 +78,6 @@ class Cell:
     synth_idx: np.ndarray
     synth_requested: int = 0
     scores: dict = field(default_factory=dict)
-    model: object = None  # the trained classifier, once run
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -111,8 +127,7 @@ def run_cells(cells: list[Cell], real_x, real_y, synth_x, synth_y, test_x, test_
     for cell in progress(cells, desc="classifier cells"):
         x = as_rows(real_x).subset(cell.real_idx) + as_rows(synth_x).subset(cell.synth_idx)  # read by batch
         y = torch.cat([real_y[cell.real_idx], synth_y[cell.synth_idx]])
-        cell.model = train_classifier(x, y, n_classes, cfg, cell.clf_seed, val)
-        cell.scores = score_classifier(cell.model, test_x, test_y)
+        cell.scores = score_classifier(train_classifier(x, y, n_classes, cfg, cell.clf_seed, val), test_x, test_y)
         rows.append({"regime": cell.regime, "arm": cell.arm, "rep": cell.rep, "n_real": len(cell.real_idx),
                      "n_synth": len(cell.synth_idx), "n_synth_requested": cell.synth_requested, **cell.scores})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
@@ -168,26 +183,30 @@ def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classe
     return Study(runs, table, {**flat, "n_synthetic_pool": 0, **sizes}, cells)
 
 
-def prompt_adherence(study: Study, real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig,
-                     seed: int, val: tuple | None = None) -> tuple[dict[str, float], pd.DataFrame]:
-    """Share of labelled synthetic images that classifiers trained on all real train images assign to their
-    prompt's label, beside those classifiers' accuracy on real test (the ceiling); mean over repetitions. And
-    which labels they are taken for: one row per (repetition, synthetic image) with its prompt's label and the
-    predicted one (class indices), the confusion table that says which levels a generator mixes up."""
+def prompt_adherence(real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig, seeds: int,
+                     seed: int, resamples: int, val: tuple | None = None) -> tuple[dict[str, float], pd.DataFrame]:
+    """Share of labelled synthetic images that the judges (``seeds`` classifiers trained on all real train images
+    by ``cfg``) assign to their prompt's label, with a bootstrap 95 % interval over the synthetic images; beside
+    the judges' accuracy on real test (the ceiling) and on real test blurred by BLUR_CHECK_SIGMA (a judge that
+    fails there reads texture, not anatomy). And which labels they are taken for: one row per (judge, synthetic
+    image) with its prompt's label and the predicted one (class indices), the confusion table that says which
+    levels a generator mixes up."""
     (real_x, real_y), (synth_x, synth_y), (test_x, test_y) = (_labelled(*s) for s in (real, synth, test))
     val = _labelled(*val) if val is not None else None
     if not len(synth_x):
         return {}, pd.DataFrame(columns=ADHERENCE_COLUMNS)
-    full = {c.rep: c.model for c in study.cells if c.regime == regime_name(1.0) and c.arm == "real"}
-    reps = sorted({c.rep for c in study.cells})
-    hits, real_acc, rows = [], [], []
-    for rep in reps:
-        model = full.get(rep) or train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep), val)
+    hits, real_acc, blurred_acc, rows = [], [], [], []
+    for rep in progress(range(seeds), desc="adherence judges"):
+        model = train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep), val)
         pred = predict(model, synth_x).argmax(1)
-        hits.append(float((pred == synth_y.numpy()).mean()))
+        hits.append(pred == synth_y.numpy())
         real_acc.append(score_classifier(model, test_x, test_y)["acc"])
+        blurred_acc.append(score_classifier(model, test_x, test_y, blur_sigma=BLUR_CHECK_SIGMA)["acc"])
         rows.append(pd.DataFrame({"rep": rep, "prompt_label": synth_y.numpy(), "predicted_label": pred}))
-    return ({"adherence_acc": float(np.mean(hits)), "adherence_real_test_acc": float(np.mean(real_acc)),
+    mean, low, high = bootstrap_ci(np.mean(hits, axis=0), resamples, derive_seed(seed, "adherence") % 2**31)
+    return ({"adherence_acc": mean, "adherence_acc_ci_low": low, "adherence_acc_ci_high": high,
+             "adherence_real_test_acc": float(np.mean(real_acc)),
+             "adherence_real_test_blurred_acc": float(np.mean(blurred_acc)),
              "adherence_chance": float(np.bincount(synth_y.numpy(), minlength=n_classes).max() / len(synth_y))},
             pd.concat(rows, ignore_index=True))
 

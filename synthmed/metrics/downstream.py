@@ -1,7 +1,7 @@
 """The downstream classifier: a small CNN, the same training rule for every training set, scored on real test.
 
 The rule: up to ``steps`` minibatch steps (drawn with replacement, so 3 images or 3,000 get the same
-budget) with random shifts and intensity jitter, cosine learning rate, and, when real validation images
+budget) with random shifts, blur and intensity jitter, cosine learning rate, and, when real validation images
 are given, the weights of the step that scored best on them (early stopping by selection).
 """
 
@@ -51,26 +51,41 @@ class ClassifierConfig:
     steps: int  # the same budget for every training set size, so arms compare data, not compute
     lr: float
     batch_size: int
-    augment: bool = True  # random shifts (up to 1/16 of the side) and brightness/contrast jitter
+    augment: bool = True  # random shifts (up to 1/16 of the side), brightness/contrast jitter and blur
+    blur_sigma: float = 0.0  # augment: Gaussian blur of each image, sigma uniform in [0, blur_sigma] pixels
     val_every: int = 0  # steps between scores on real val; the best-scoring weights are kept. 0 = last step
 
     def __post_init__(self):  # evaluate.classifier in params.yaml
         require_at_least_one(self, "steps", "batch_size")
-        require_non_negative(self, "val_every")
+        require_non_negative(self, "val_every", "blur_sigma")
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to size/16 pixels (background fill) and jitter its brightness and contrast.
-    No flips: left/right and plane orientation can carry the label."""
+def _augment(x: torch.Tensor, g: torch.Generator, blur_sigma: float = 0.0) -> torch.Tensor:
+    """Shift each image by up to size/16 pixels (background fill), blur it (sigma uniform in [0, blur_sigma]) and
+    jitter its brightness and contrast. No flips: left/right and plane orientation can carry the label."""
     n, _, h, w = x.shape
     pad = max(1, h // 16)
     padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
     dy, dx = torch.randint(2 * pad + 1, (2, n), generator=g).tolist()
     shifted = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if blur_sigma > 0:
+        shifted = _blur(shifted, (torch.rand(n, generator=g) * blur_sigma).to(x.device))
     # drawn on the CPU (``g`` is a CPU generator: the same draws on any device), then moved
     scale = (1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)).to(x.device)
     offset = (0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)).to(x.device)
     return ((shifted + 1) * scale - 1 + offset).clamp(-1, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each image [n, c, h, w] with its own sigma (pixels; 0 leaves it as it is)."""
+    n, c, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    d = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (d / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per (image, channel)
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return F.conv2d(y, k[:, None, None, :], groups=n * c).reshape(n, c, h, w)
 
 
 def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: ClassifierConfig,
@@ -89,7 +104,7 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
         model.train()
         idx = torch.randint(len(labels), (max(2, cfg.batch_size),), generator=g)  # BatchNorm needs two samples
         x = to_model_range(images[idx].to(device))
-        batch = _augment(x, g) if cfg.augment else x
+        batch = _augment(x, g, cfg.blur_sigma) if cfg.augment else x
         loss = F.cross_entropy(model(batch), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,15 +122,21 @@ def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: Classifi
 
 
 @torch.no_grad()
-def predict(model: SmallCNN, images) -> np.ndarray:
+def predict(model: SmallCNN, images, blur_sigma: float = 0.0) -> np.ndarray:
+    """Class probabilities; ``blur_sigma``: of the images blurred that much (pixels) first."""
     n, device = rows_per_batch(images.shape), device_of(model)
-    return torch.cat([model(to_model_range(images[i : i + n].to(device))).softmax(-1).cpu()
-                      for i in range(0, len(images), n)]).numpy()
+    probs = []
+    for i in range(0, len(images), n):
+        x = to_model_range(images[i : i + n].to(device))
+        if blur_sigma > 0:
+            x = _blur(x, torch.full((len(x),), blur_sigma, device=device))
+        probs.append(model(x).softmax(-1).cpu())
+    return torch.cat(probs).numpy()
 
 
-def score_classifier(model: SmallCNN, images, labels: torch.Tensor) -> dict[str, float]:
+def score_classifier(model: SmallCNN, images, labels: torch.Tensor, blur_sigma: float = 0.0) -> dict[str, float]:
     """Accuracy, balanced accuracy and macro one-vs-rest AUC over the classes present in the labels."""
-    probs, y = predict(model, images), labels.numpy()
+    probs, y = predict(model, images, blur_sigma), labels.numpy()
     pred = probs.argmax(1)
     aucs = [roc_auc_score(y == c, probs[:, c]) for c in np.unique(y) if 0 < (y == c).sum() < len(y)]
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]  # balanced accuracy over present classes

@@ -8,6 +8,8 @@ and figures into the stage's folder.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
 from synthmed.core import store
@@ -76,10 +78,11 @@ def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> d
         study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
                               a.seeds, cfg, seed, val=sets["val"])
         metrics, confusions = dict(study.flat), []
+        judge = replace(cfg, steps=p.adherence.steps, augment=True, blur_sigma=p.adherence.blur_sigma)
         for mode, suffix in modes.items():
             synth = aug.subset(sets["synth"], mode_mask(rows["synth"], mode))
-            adherence, confusion = aug.prompt_adherence(study, sets["train"], synth, sets["test"], len(classes), cfg,
-                                                        seed, val=sets["val"])
+            adherence, confusion = aug.prompt_adherence(sets["train"], synth, sets["test"], len(classes), judge,
+                                                        p.adherence.seeds, seed, p.resamples, val=sets["val"])
             metrics.update({k + suffix: v for k, v in adherence.items()})
             confusions.append(confusion.assign(mode=mode) if len(modes) > 1 else confusion)
         confusion = pd.concat(confusions, ignore_index=True)

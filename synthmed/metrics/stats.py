@@ -1,5 +1,5 @@
-"""Uncertainty for results over a few seeds: t-based 95 % intervals, paired t-tests, and Holm's
-correction for the many arms x regimes tested at once."""
+"""Uncertainty: t-based 95 % intervals over a few seeds, paired t-tests, Holm's correction for the many arms x
+regimes tested at once, and bootstrap intervals over images."""
 
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ def mean_ci(values) -> tuple[float, float]:
     if len(v) < 2:
         return float(v.mean()), 0.0
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def bootstrap_ci(values, draws: int, seed: int) -> tuple[float, float, float]:
+    """Mean of the finite values and the 2.5/97.5 percentiles of its bootstrap over them (images)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan"), float("nan")
+    if len(v) < 2 or draws <= 0:
+        return float(v.mean()), float(v.mean()), float(v.mean())
+    means = np.random.default_rng(seed).choice(v, size=(draws, len(v)), replace=True).mean(1)
+    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paired_p(treated, control) -> float:

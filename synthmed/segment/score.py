@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from synthmed.metrics.stats import bootstrap_ci
+
 UNMATCHED = -1
 
 
@@ -104,18 +106,6 @@ def kmeans_segments(image: np.ndarray, classes: int, seed: int, inits: int = 4, 
     return order[nearest].reshape(image.shape)
 
 
-def bootstrap_ci(values, draws: int, seed: int) -> tuple[float, float, float]:
-    """Mean of the finite values and the 2.5/97.5 percentiles of its bootstrap over them (images)."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return float("nan"), float("nan"), float("nan")
-    if len(v) < 2 or draws <= 0:
-        return float(v.mean()), float(v.mean()), float(v.mean())
-    means = np.random.default_rng(seed).choice(v, size=(draws, len(v)), replace=True).mean(1)
-    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def score_image(segments: np.ndarray, truth: np.ndarray, classes: list[str]) -> tuple[dict, np.ndarray]:
     """One image's segments against its mask: (segments, Dice per class, their mean over all but the background,
     foreground Dice) and the matched class map."""
@@ -142,5 +132,5 @@ def summarise(table: pd.DataFrame, classes: list[str], resamples: int, seed: int
     return metrics
 
 
-__all__ = ["UNMATCHED", "bootstrap_ci", "dice", "foreground_dice", "kmeans_segments", "match_segments",
+__all__ = ["UNMATCHED", "dice", "foreground_dice", "kmeans_segments", "match_segments",
            "otsu_segments", "otsu_thresholds", "overlap", "score_image", "summarise"]

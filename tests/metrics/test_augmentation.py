@@ -91,12 +91,34 @@ def test_study_without_labelled_synthetic_images_runs_the_real_arm_and_adherence
     real, test, synth = make(20), make(20), make(10)
     study = run_study(real, make(10, labelled=False), test, 2, [1.0], [1.0], ["real_synth", "synth"], 2, cfg, 0)
     assert set(study.runs["arm"]) == {"real"} and study.flat["n_synthetic_pool"] == 0
-    adherence, confusion = prompt_adherence(study, real, synth, test, 2, cfg, 0)
+    adherence, confusion = prompt_adherence(real, synth, test, 2, cfg, 2, 0, resamples=200)
     assert adherence["adherence_acc"] > 0.9 and adherence["adherence_real_test_acc"] > 0.9
+    assert adherence["adherence_acc_ci_low"] <= adherence["adherence_acc"] <= adherence["adherence_acc_ci_high"]
     assert adherence["adherence_chance"] == pytest.approx(0.5)
-    # one row per repetition and synthetic image; its hits are the adherence figure
+    # one row per judge and synthetic image; its hits are the adherence figure
     assert len(confusion) == 2 * 10 and confusion["prompt_label"].tolist()[:10] == synth[1].tolist()
     hits = (confusion["prompt_label"] == confusion["predicted_label"]).mean()
     assert hits == pytest.approx(adherence["adherence_acc"])
     plot(pd.DataFrame(), tmp_path / "empty.png", empty_note="no labels")  # unlabelled data still gets its figure
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_a_judge_trained_with_blur_still_reads_blurred_images():
+    # the label is the side of a bright bar (left or right): a layout, as a slice's level is. Fine noise texture
+    # differs by class too, a shortcut that blur erases; the judge trained with blur must read the layout
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 2
+        x = torch.full((n, 1, 24, 24), 40.0)
+        for i in range(n):
+            col = 4 + int(torch.randint(4, (1,), generator=g)) + 12 * int(y[i])
+            x[i, :, 4:20, col : col + 4] = 200
+        texture = torch.rand(n, 1, 24, 24, generator=g) * 60 * y.view(-1, 1, 1, 1)
+        return (x + texture).clamp(0, 255).to(torch.uint8), y
+    real, test = make(40), make(40)
+    base = dict(steps=120, lr=0.01, batch_size=16)
+    plain = prompt_adherence(real, test, test, 2, ClassifierConfig(**base), 1, 0, resamples=0)[0]
+    judge = prompt_adherence(real, test, test, 2, ClassifierConfig(**base, blur_sigma=2.0), 1, 0, resamples=0)[0]
+    assert judge["adherence_real_test_acc"] > 0.9 and judge["adherence_real_test_blurred_acc"] > 0.9
+    assert plain["adherence_real_test_blurred_acc"] < judge["adherence_real_test_blurred_acc"] - 0.2  # texture-bound

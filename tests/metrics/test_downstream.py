@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from synthmed.metrics.downstream import ClassifierConfig, predict, score_classifier, train_classifier
@@ -61,6 +62,21 @@ def test_augmentation_shifts_and_jitters_within_range_and_is_seeded():
     a = _augment(x, torch.Generator().manual_seed(3))
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
     assert torch.equal(a, _augment(x, torch.Generator().manual_seed(3)))
+
+
+def test_blur_is_a_gaussian_of_each_images_own_sigma():
+    from synthmed.metrics.downstream import _blur
+
+    x = torch.zeros(3, 1, 33, 33)
+    x[:, :, 16, 16] = 1.0
+    out = _blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(out[0], x[0])  # sigma 0: as it was
+    for i, sigma in ((1, 1.0), (2, 2.0)):
+        psf = out[i, 0]
+        assert psf.sum().item() == pytest.approx(1.0, abs=1e-5)  # mass kept
+        d = torch.arange(33.0) - 16
+        var = (psf.sum(0) * d**2).sum().item()  # the impulse response's variance along a row is sigma^2
+        assert var == pytest.approx(sigma**2, rel=0.02)
 
 
 def test_a_classifier_on_disk_trains_as_in_memory_and_reads_one_batch_a_step(tmp_path):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import synthmed.segment.merge as merge
 from synthmed.segment.merge import segment_attention, symmetric_kl
-from synthmed.segment.score import (UNMATCHED, bootstrap_ci, dice, foreground_dice, kmeans_segments,
+from synthmed.metrics.stats import bootstrap_ci
+from synthmed.segment.score import (UNMATCHED, dice, foreground_dice, kmeans_segments,
                                     match_segments, otsu_segments)
 
 
