@@ -183,21 +183,26 @@ def run_study(real: tuple, pool: tuple | dict[str, tuple], test: tuple, n_classe
     return Study(runs, table, {**flat, "n_synthetic_pool": 0, **sizes}, cells)
 
 
-def prompt_adherence(real: tuple, synth: tuple, test: tuple, n_classes: int, cfg: ClassifierConfig, seeds: int,
-                     seed: int, resamples: int, val: tuple | None = None) -> tuple[dict[str, float], pd.DataFrame]:
-    """Share of labelled synthetic images that the judges (``seeds`` classifiers trained on all real train images
-    by ``cfg``) assign to their prompt's label, with a bootstrap 95 % interval over the synthetic images; beside
-    the judges' accuracy on real test (the ceiling) and on real test blurred by BLUR_CHECK_SIGMA (a judge that
-    fails there reads texture, not anatomy). And which labels they are taken for: one row per (judge, synthetic
-    image) with its prompt's label and the predicted one (class indices), the confusion table that says which
-    levels a generator mixes up."""
-    (real_x, real_y), (synth_x, synth_y), (test_x, test_y) = (_labelled(*s) for s in (real, synth, test))
-    val = _labelled(*val) if val is not None else None
+def train_judges(real: tuple, n_classes: int, cfg: ClassifierConfig, seeds: int, seed: int,
+                 val: tuple | None = None) -> list:
+    """The adherence judges: ``seeds`` classifiers trained on all labelled real train images by ``cfg``."""
+    (x, y), val = _labelled(*real), (_labelled(*val) if val is not None else None)
+    return [train_classifier(x, y, n_classes, cfg, classifier_seed(seed, rep), val)
+            for rep in progress(range(seeds), desc="adherence judges")]
+
+
+def prompt_adherence(judges: list, synth: tuple, test: tuple, n_classes: int, seed: int,
+                     resamples: int) -> tuple[dict[str, float], pd.DataFrame]:
+    """Share of labelled synthetic images that the judges assign to their prompt's label (their mean), with a
+    bootstrap 95 % interval over the synthetic images; beside the judges' accuracy on real test (the ceiling)
+    and on real test blurred by BLUR_CHECK_SIGMA (a judge that fails there reads texture, not anatomy). And
+    which labels they are taken for: one row per (judge, synthetic image) with its prompt's label and the
+    predicted one (class indices), the confusion table that says which levels a generator mixes up."""
+    (synth_x, synth_y), (test_x, test_y) = _labelled(*synth), _labelled(*test)
     if not len(synth_x):
         return {}, pd.DataFrame(columns=ADHERENCE_COLUMNS)
     hits, real_acc, blurred_acc, rows = [], [], [], []
-    for rep in progress(range(seeds), desc="adherence judges"):
-        model = train_classifier(real_x, real_y, n_classes, cfg, classifier_seed(seed, rep), val)
+    for rep, model in enumerate(judges):
         pred = predict(model, synth_x).argmax(1)
         hits.append(pred == synth_y.numpy())
         real_acc.append(score_classifier(model, test_x, test_y)["acc"])

@@ -79,10 +79,11 @@ def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> d
                               a.seeds, cfg, seed, val=sets["val"])
         metrics, confusions = dict(study.flat), []
         judge = replace(cfg, steps=p.adherence.steps, augment=True, blur_sigma=p.adherence.blur_sigma)
+        judges = (aug.train_judges(sets["train"], len(classes), judge, p.adherence.seeds, seed, val=sets["val"])
+                  if (sets["synth"][1] >= 0).any() else [])
         for mode, suffix in modes.items():
             synth = aug.subset(sets["synth"], mode_mask(rows["synth"], mode))
-            adherence, confusion = aug.prompt_adherence(sets["train"], synth, sets["test"], len(classes), judge,
-                                                        p.adherence.seeds, seed, p.resamples, val=sets["val"])
+            adherence, confusion = aug.prompt_adherence(judges, synth, sets["test"], len(classes), seed, p.resamples)
             metrics.update({k + suffix: v for k, v in adherence.items()})
             confusions.append(confusion.assign(mode=mode) if len(modes) > 1 else confusion)
         confusion = pd.concat(confusions, ignore_index=True)

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from synthmed.metrics.augmentation import plan_cells, plot, prompt_adherence, run_cells, run_study, summarise
+from synthmed.metrics.augmentation import (plan_cells, plot, prompt_adherence, run_cells, run_study, summarise,
+                                          train_judges)
 from synthmed.metrics.downstream import ClassifierConfig
 from synthmed.metrics.stats import holm
 
@@ -91,7 +92,7 @@ def test_study_without_labelled_synthetic_images_runs_the_real_arm_and_adherence
     real, test, synth = make(20), make(20), make(10)
     study = run_study(real, make(10, labelled=False), test, 2, [1.0], [1.0], ["real_synth", "synth"], 2, cfg, 0)
     assert set(study.runs["arm"]) == {"real"} and study.flat["n_synthetic_pool"] == 0
-    adherence, confusion = prompt_adherence(real, synth, test, 2, cfg, 2, 0, resamples=200)
+    adherence, confusion = prompt_adherence(train_judges(real, 2, cfg, 2, 0), synth, test, 2, 0, resamples=200)
     assert adherence["adherence_acc"] > 0.9 and adherence["adherence_real_test_acc"] > 0.9
     assert adherence["adherence_acc_ci_low"] <= adherence["adherence_acc"] <= adherence["adherence_acc_ci_high"]
     assert adherence["adherence_chance"] == pytest.approx(0.5)
@@ -118,7 +119,7 @@ def test_a_judge_trained_with_blur_still_reads_blurred_images():
         return (x + texture).clamp(0, 255).to(torch.uint8), y
     real, test = make(40), make(40)
     base = dict(steps=120, lr=0.01, batch_size=16)
-    plain = prompt_adherence(real, test, test, 2, ClassifierConfig(**base), 1, 0, resamples=0)[0]
-    judge = prompt_adherence(real, test, test, 2, ClassifierConfig(**base, blur_sigma=2.0), 1, 0, resamples=0)[0]
+    plain, judge = (prompt_adherence(train_judges(real, 2, ClassifierConfig(**base, blur_sigma=blur), 1, 0), test,
+                                     test, 2, 0, resamples=0)[0] for blur in (0.0, 2.0))
     assert judge["adherence_real_test_acc"] > 0.9 and judge["adherence_real_test_blurred_acc"] > 0.9
     assert plain["adherence_real_test_blurred_acc"] < judge["adherence_real_test_blurred_acc"] - 0.2  # texture-bound
