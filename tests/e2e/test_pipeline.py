@@ -97,7 +97,8 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
                 "coverage", "f1_pr", "precision_real_train_vs_test", "mem_frac_below_p1_feature",
                 "mem_frac_below_p5_pixel", "aug_auc_50pct_real", "aug_gain_auc_50pct_1x", "aug_gain_auc_50pct_1x_p",
                 "aug_gain_auc_50pct_1x_p_holm", "adherence_chance",
-                "aug_bacc_50pct_synth", "adherence_acc", "adherence_real_test_acc", "grid_excess_db",
+                "aug_bacc_50pct_synth", "adherence_acc", "adherence_real_test_acc", "adherence_real_test_blurred_acc",
+                "grid_excess_db",
                 "grid_excess_db_real_ci_high"):
         assert key in evaluation
     assert evaluation["fd_effnet"] > 0 and -1e-9 <= evaluation["aug_acc_50pct_real"] <= 1 + 1e-9
@@ -105,6 +106,7 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
     assert evaluation["kid_subset_size"] <= evaluation["n_synthetic_fidelity"] // 2 and evaluation["fd_reliable"] == 0
     confusion = pd.read_csv(dag / "data/evaluate/adherence.csv")  # the labels synthetic images are taken for
     hits = (confusion["prompt_label"] == confusion["predicted_label"]).mean()
+    assert evaluation["adherence_acc_ci_low"] <= evaluation["adherence_acc"] <= evaluation["adherence_acc_ci_high"]
     assert abs(hits - evaluation["adherence_acc"]) < 1e-9 and set(confusion["prompt_label"]) <= set(
         pd.read_csv(dag / "data/ingest/dataset/metadata.csv")["label"])
     synth = (dag / "data/generate/dataset/metadata.csv").read_text().splitlines()
