@@ -85,7 +85,8 @@ def row(name: str) -> dict:
         ev.update(grid_excess_db=value, grid_excess_db_ci_low=low, grid_excess_db_ci_high=high)
     for k in FIGURES:
         out[k] = [ev.get(k), ev.get(f"{k}_ci_low"), ev.get(f"{k}_ci_high")]
-    out["adherence"] = [ev.get("adherence_acc"), ev.get("adherence_real_test_acc")]
+    out["adherence"] = [ev.get(k) for k in ("adherence_acc", "adherence_acc_ci_low", "adherence_acc_ci_high",
+                                             "adherence_real_test_acc")]
     out["gains"] = {k: v for k, v in ev.items() if k.startswith("aug_gain_") and "synth" not in k}
     return out
 
@@ -104,10 +105,10 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         o = " ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "—"
-        a = r["adherence"]
-        lines.append("| " + " | ".join([r["name"], o, f"{r['seconds'].get('train_ldm', float('nan')):.0f}",
+        a, seconds = r["adherence"], r["seconds"].get("train_ldm")
+        lines.append("| " + " | ".join([r["name"], o, "(cached)" if seconds is None else f"{seconds:.0f}",
                                         *(cell(r[k]) for k in FIGURES),
-                                        "—" if a[0] is None else f"{a[0]:.3f} ({a[1]:.3f})"]) + " |")
+                                        "—" if a[0] is None else f"{cell(a[:3])} ({a[3]:.3f})"]) + " |")
     return "\n".join(lines)
 
 
