@@ -13,8 +13,10 @@
   channels_last for the UNet and the VAE step, attention only below the full latent resolution, fused
   AdamW + foreach EMA for the LDM update, and the layouts of the evaluation models (classifier, VLP).
 - `--compile`: torch.compile of the UNet in the training loop, its compile time and steady-state speed-up.
+- `--shapes`: UNet shapes around the default (narrower, wider, deeper, more attention): parameters and seconds per
+  self-conditioned training step, as ratios to the default, so that a recipe search can give each the same minutes.
 
-    .venv/bin/python benchmarks/train.py [--steps 30] [--levers]
+    .venv/bin/python benchmarks/train.py [--steps 30] [--levers | --shapes | --compile]
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ LATENT_CHANNELS = PARAMS["train_vae"]["model"]["latent_channels"] * PATCH**2
 
 
 def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: bool = False,
-              heads: int | None = None, levels: list[int] | None = None):
+              heads: int | None = None, levels: list[int] | None = None, **shape):
     """The params.yaml UNet; ``heads`` overrides its attention_head_dim (diffusers' number of heads),
-    ``levels`` its attention_levels."""
-    p = PARAMS["train_ldm"]["unet"]
+    ``levels`` its attention_levels, ``shape`` any other train_ldm.unet key (block_out_channels, ...)."""
+    p = {**PARAMS["train_ldm"]["unet"], **shape}
     unet = build_unet(sample_size=latent, in_channels=LATENT_CHANNELS, block_out_channels=p["block_out_channels"],
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
                       attention_head_dim=heads or p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
@@ -251,6 +253,34 @@ def compiled(data: LatentPairs, batch: int, steps: int) -> dict:
     return out
 
 
+SHAPES = {"default": {}, "narrow [32, 32, 64]": {"block_out_channels": [32, 32, 64]},
+          "wide [64, 128, 128]": {"block_out_channels": [64, 128, 128]}, "layers_per_block 2": {"layers_per_block": 2},
+          "attention_levels [1, 2]": {"attention_levels": [1, 2]}}
+
+
+def shapes(data: LatentPairs, batch: int) -> dict:
+    """UNet shapes around the default: parameters and seconds per training step (self-conditioned input, as the
+    demo trains), so that a recipe search can give each the default's minutes (its steps = default steps / ratio)."""
+    def step(shape: dict):
+        torch.manual_seed(0)
+        unet = demo_unet(LATENT, "cpu", self_condition=True, **shape)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        z, t = data.latent_mean[:batch], torch.randint(1000, (batch,))
+        emb, mask = data.text_emb[1 : batch + 1], data.text_mask[1 : batch + 1]
+
+        def run():
+            out = unet(torch.cat([z, z], 1), t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+            loss = F.mse_loss(out, z)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return sum(q.numel() for q in unet.parameters()), run
+    built = {name: step(shape) for name, shape in SHAPES.items()}
+    times = interleaved({name: run for name, (_, run) in built.items()})
+    return {name: {"params_m": round(built[name][0] / 1e6, 2), "s": round(v, 4),
+                   "time_ratio": round(v / times["default"], 2)} for name, v in times.items()}
+
+
 def levers(data: LatentPairs, batch: int) -> dict:
     """Seconds per step of each variant and its speed-up over the params.yaml default (fp32, contiguous)."""
     heads = PARAMS["train_ldm"]["unet"]["attention_head_dim"]
@@ -280,6 +310,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--levers", action="store_true", help="only the speed levers, as ratios (CPU)")
     ap.add_argument("--compile", action="store_true", help="only torch.compile of the UNet (minutes of compiling)")
+    ap.add_argument("--shapes", action="store_true", help="only UNet shapes: parameters and time per step")
     args = ap.parse_args()
     device = pick_device()
     g = torch.Generator().manual_seed(0)
@@ -288,6 +319,10 @@ def main() -> None:
     if args.compile:
         print(json.dumps({"benchmark": "train_compile", "device": device.type, "threads": torch.get_num_threads(),
                           "ldm_batch": batch, **compiled(data, batch, args.steps)}, indent=2))
+        return
+    if args.shapes:
+        print(json.dumps({"benchmark": "train_shapes", "device": device.type, "threads": torch.get_num_threads(),
+                          "ldm_batch": batch, "unet_step": shapes(data, batch)}, indent=2))
         return
     if args.levers:
         print(json.dumps({"benchmark": "train_levers", "device": device.type, "threads": torch.get_num_threads(),
