@@ -139,19 +139,22 @@ def interleaved(steps: dict, rounds: int = 3, per_round: int = 4) -> dict[str, f
     return {name: min(t) for name, t in times.items()}
 
 
-def unet_step(heads: int, bf16: bool, channels_last: bool, data: LatentPairs, batch: int,
-              levels: list[int] | None = None):
+def unet_step(heads: int | None, bf16: bool, channels_last: bool, data: LatentPairs, batch: int,
+              levels: list[int] | None = None, self_condition: bool = False, **shape):
+    """One training step of the params.yaml UNet with the given overrides (``shape``: train_ldm.unet keys), as a
+    closure; ``self_condition``: the input carries the previous estimate's channels, as the demo trains."""
     torch.manual_seed(0)
-    unet = demo_unet(LATENT, "cpu", heads=heads, levels=levels)
+    unet = demo_unet(LATENT, "cpu", heads=heads, levels=levels, self_condition=self_condition, **shape)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     unet = unet.to(memory_format=fmt)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     z, t = data.latent_mean[:batch].contiguous(memory_format=fmt), torch.randint(1000, (batch,))
+    x = torch.cat([z, z], 1).contiguous(memory_format=fmt) if self_condition else z
     emb, mask = data.text_emb[1 : batch + 1], data.text_mask[1 : batch + 1]
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+            out = unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
         loss = F.mse_loss(out.float(), z)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,23 +264,11 @@ SHAPES = {"default": {}, "narrow [32, 32, 64]": {"block_out_channels": [32, 32, 
 def shapes(data: LatentPairs, batch: int) -> dict:
     """UNet shapes around the default: parameters and seconds per training step (self-conditioned input, as the
     demo trains), so that a recipe search can give each the default's minutes (its steps = default steps / ratio)."""
-    def step(shape: dict):
-        torch.manual_seed(0)
-        unet = demo_unet(LATENT, "cpu", self_condition=True, **shape)
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-        z, t = data.latent_mean[:batch], torch.randint(1000, (batch,))
-        emb, mask = data.text_emb[1 : batch + 1], data.text_mask[1 : batch + 1]
-
-        def run():
-            out = unet(torch.cat([z, z], 1), t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-            loss = F.mse_loss(out, z)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return sum(q.numel() for q in unet.parameters()), run
-    built = {name: step(shape) for name, shape in SHAPES.items()}
-    times = interleaved({name: run for name, (_, run) in built.items()})
-    return {name: {"params_m": round(built[name][0] / 1e6, 2), "s": round(v, 4),
+    times = interleaved({name: unet_step(None, False, False, data, batch, self_condition=True, **shape)
+                         for name, shape in SHAPES.items()})
+    params = {name: sum(q.numel() for q in demo_unet(LATENT, "cpu", self_condition=True, **shape).parameters())
+              for name, shape in SHAPES.items()}
+    return {name: {"params_m": round(params[name] / 1e6, 2), "s": round(v, 4),
                    "time_ratio": round(v / times["default"], 2)} for name, v in times.items()}
 
 

@@ -13,8 +13,8 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path

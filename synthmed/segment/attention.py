@@ -120,7 +120,6 @@ def resolution_of(maps: list[torch.Tensor], dims: int) -> int:
     return max(grid_side(m.shape[-1], dims) for m in maps)
 
 
-
 @torch.no_grad()
 def image_attention(pipe, images: torch.Tensor, conditions, timestep: int, blocks, generators: list[torch.Generator]
                     ) -> tuple[torch.Tensor, int]:
