@@ -63,7 +63,8 @@ def demo_unet(latent: int, device, checkpointing: bool = False, self_condition: 
                       layers_per_block=p["layers_per_block"], cross_attention_dim=384,
                       attention_head_dim=heads or p["attention_head_dim"], norm_num_groups=p["norm_num_groups"],
                       dropout=p["dropout"], self_condition=self_condition,
-                      attention_levels=p["attention_levels"] if levels is None else levels).to(device)
+                      attention_levels=p["attention_levels"] if levels is None else levels,
+                      pooled_condition=p["pooled_condition"]).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -258,7 +259,7 @@ def compiled(data: LatentPairs, batch: int, steps: int) -> dict:
 
 SHAPES = {"default": {}, "narrow [32, 32, 64]": {"block_out_channels": [32, 32, 64]},
           "wide [64, 128, 128]": {"block_out_channels": [64, 128, 128]}, "layers_per_block 2": {"layers_per_block": 2},
-          "attention_levels [1, 2]": {"attention_levels": [1, 2]}}
+          "attention_levels [1, 2]": {"attention_levels": [1, 2]}, "pooled condition": {"pooled_condition": True}}
 
 
 def shapes(data: LatentPairs, batch: int) -> dict:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from synthmed.models.unet import downsampling
+from synthmed.models.unet import downsampling, pooling_heads
 from synthmed.models.invertible import (AdditiveCoupling, CheckerboardAttentionCoupling, InvertibleDown,
                                         InvertibleUp, ResidualFunction, ReversibleLayer, conv_nd, group_norm,
                                         reversible_sequence)
@@ -70,6 +70,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     `attention_head_dim` is the number of heads (diffusers' naming, as elsewhere in this repo).
     `encoder_hid_dim`: conditioning tokens of that width are mapped to `cross_attention_dim` by a learned Linear.
+    `addition_embed_type="text"`: the conditioning tokens, attention-pooled, are added to the timestep embedding
+    (as in diffusers' UNet2DConditionModel).
     """
 
     _supports_gradient_checkpointing = True
@@ -79,7 +81,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                  out_channels: int | None = None, block_out_channels: tuple[int, ...] = (32, 64),
                  layers_per_block: int = 1, cross_attention_dim: int = 384, encoder_hid_dim: int | None = None,
                  attention_levels: tuple[int, ...] = (1,), attention_head_dim: int = 2, norm_num_groups: int = 8,
-                 dropout: float = 0.0, backbone: str = "standard", invertible_attention: bool = False):
+                 dropout: float = 0.0, backbone: str = "standard", invertible_attention: bool = False,
+                 addition_embed_type: str | None = None):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
@@ -97,6 +100,8 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                              f"down-sampling keeps the element count), got {chans}; use e.g. [32, 64, 128]")
         if invertible_attention and backbone != "invertible":
             raise ValueError("invertible_attention needs backbone: invertible")
+        if addition_embed_type not in (None, "text"):
+            raise ValueError(f"addition_embed_type must be None or 'text', got {addition_embed_type!r}")
         self.gradient_checkpointing = False
         if sample_size % self.total_stride:
             raise _size_error(sample_size, self.total_stride, "sample_size")
@@ -107,6 +112,9 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
         self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
                                  if encoder_hid_dim is not None else None)
+        token_width = encoder_hid_dim or cross_attention_dim
+        self.add_embedding = (TextTimeEmbedding(token_width, temb_dim, num_heads=pooling_heads(token_width))
+                              if addition_embed_type == "text" else None)
         self.conv_in = conv_nd(dims, in_channels, chans[0])
         self.norm_out = group_norm(chans[0], norm_num_groups)
         self.conv_out = conv_nd(dims, chans[0], self.out_ch)
@@ -193,12 +201,14 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                 encoder_attention_mask: Tensor | None = None, return_dict: bool = True):
         self._validate(sample, encoder_hidden_states)
         ctx = encoder_hidden_states.to(sample.dtype)
+        temb = self._time(timestep, sample.shape[0], sample)
+        if self.add_embedding is not None:  # pooled from the tokens as they come, as diffusers does
+            temb = temb + self.add_embedding(ctx)
         if self.encoder_hid_proj is not None:
             ctx = self.encoder_hid_proj(ctx)
         mask = encoder_attention_mask
         if mask is not None and mask.shape != ctx.shape[:2]:
             raise ValueError(f"encoder_attention_mask: expected {list(ctx.shape[:2])}, got {list(mask.shape)}")
-        temb = self._time(timestep, sample.shape[0], sample)
         h = self.conv_in(sample)
         if self.config.backbone == "standard":
             h = self._standard(h, temb, ctx, mask)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -24,6 +25,7 @@ class UNetParams:
     norm_num_groups: int
     dropout: float
     self_condition: bool  # feed the previous x0 estimate back as input (MSDM); doubles the UNet's input channels
+    pooled_condition: bool  # the condition's tokens, attention-pooled, added to the timestep embedding too
 
     def __post_init__(self):
         from synthmed.core.config import require_at_least_one
@@ -39,7 +41,7 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
                dropout: float, self_condition: bool = False,
                attention_levels: list[int] | None = None,
                encoder_hid_dim: int | None = None, dims: int = 2, backbone: str = "standard",
-               invertible_attention: bool = False) -> UNet2DConditionModel:
+               invertible_attention: bool = False, pooled_condition: bool = False) -> UNet2DConditionModel:
     """Transformer blocks (self-attention, cross-attention to the text, feed-forward) at the resolution
     levels in ``attention_levels`` (0 = the latent's full resolution) and in the middle block.
     None = every level but the lowest, whose resolution the middle block's attention already covers (MSDM).
@@ -49,6 +51,10 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
 
     With ``self_condition`` the input has twice the latent channels: the noisy latent and
     the model's previous clean estimate (the sampler and trainer detect this from the config).
+
+    With ``pooled_condition`` the conditioning tokens are also attention-pooled into one vector added to the
+    timestep embedding (diffusers' ``addition_embed_type="text"``, DeepFloyd IF's global text condition): every
+    block, not only those with cross-attention, sees the caption.
     """
     n = len(block_out_channels)
     levels = set(range(n - 1) if attention_levels is None else attention_levels)
@@ -66,7 +72,7 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
             cross_attention_dim=cross_attention_dim, encoder_hid_dim=encoder_hid_dim,
             attention_levels=tuple(sorted(levels)), attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups, dropout=dropout, backbone=backbone,
-            invertible_attention=invertible_attention)
+            invertible_attention=invertible_attention, addition_embed_type="text" if pooled_condition else None)
     down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -83,7 +89,14 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         dropout=dropout,
+        addition_embed_type="text" if pooled_condition else None,
+        addition_embed_type_num_heads=pooling_heads(encoder_hid_dim or cross_attention_dim),
     )
+
+
+def pooling_heads(width: int) -> int:
+    """Heads of the condition's attention pooling: diffusers' 64 where they divide the token width."""
+    return math.gcd(width, 64)
 
 
 def downsampling(block_out_channels) -> int:
@@ -119,7 +132,8 @@ def unet_for_training(p: UNetParams, latents, unet_dims: dict[str, int], gradien
                           block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
                           attention_head_dim=p.attention_head_dim, norm_num_groups=p.norm_num_groups,
                           dropout=p.dropout, self_condition=p.self_condition, attention_levels=p.attention_levels,
-                          backbone=p.backbone, invertible_attention=p.invertible_attention, **unet_dims)
+                          backbone=p.backbone, invertible_attention=p.invertible_attention,
+                          pooled_condition=p.pooled_condition, **unet_dims)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
     except ValueError as exc:  # an option the backbone cannot honour, a grid its strides do not divide
