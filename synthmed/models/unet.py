@@ -58,6 +58,7 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
     """
     n = len(block_out_channels)
     levels = set(range(n - 1) if attention_levels is None else attention_levels)
+    addition_embed_type = "text" if pooled_condition else None
     if not levels <= set(range(n)):
         raise ValueError(f"attention_levels must be among 0..{n - 1} (one per block_out_channels entry), "
                          f"got {sorted(levels)}")
@@ -72,7 +73,7 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
             cross_attention_dim=cross_attention_dim, encoder_hid_dim=encoder_hid_dim,
             attention_levels=tuple(sorted(levels)), attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups, dropout=dropout, backbone=backbone,
-            invertible_attention=invertible_attention, addition_embed_type="text" if pooled_condition else None)
+            invertible_attention=invertible_attention, addition_embed_type=addition_embed_type)
     down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -89,7 +90,7 @@ def build_unet(*, sample_size: int, in_channels: int, block_out_channels: list[i
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         dropout=dropout,
-        addition_embed_type="text" if pooled_condition else None,
+        addition_embed_type=addition_embed_type,
         addition_embed_type_num_heads=pooling_heads(encoder_hid_dim or cross_attention_dim),
     )
 
