@@ -183,7 +183,7 @@ def vae_train_config(**kw):
     from synthmed.models.autoencoder import VAETrainConfig
 
     base = dict(steps=40, batch_size=8, lr=3e-3, kl_weight=1e-6, recon_loss="l1", ssim_weight=0.0,
-                warmup_steps=0, mixed_precision="no", checkpoint_every=0, keep_checkpoints=2)
+                perceptual_weight=0.0, warmup_steps=0, mixed_precision="no", checkpoint_every=0, keep_checkpoints=2)
     return VAETrainConfig(**{**base, **kw})
 
 

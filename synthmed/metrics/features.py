@@ -7,6 +7,7 @@ The offline default is EfficientNet-Lite0 with ImageNet weights from the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +92,19 @@ class EfficientNetLite0(nn.Module):
             mode="bilinear", align_corners=False, antialias=True,
         )
         return (images - self.mean) / self.std
+
+    def stage_maps(self, images: torch.Tensor, stages: int) -> list[torch.Tensor]:
+        """The feature maps of the stem and of the first ``stages`` resolution stages, at the images' own size
+        (no resize): the early, local layers a perceptual loss compares."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        h = F.relu6(self._bn0(self._conv_stem((images.float() - self.mean) / self.std)))
+        maps, ends = [h], set(np.cumsum([repeats for *_, repeats in _LITE0_STAGES])[:stages])
+        for i, block in enumerate(self._blocks[: max(ends)], 1):
+            h = block(h)
+            if i in ends:
+                maps.append(h)
+        return maps
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         h = F.relu6(self._bn0(self._conv_stem(self.preprocess(images))))

@@ -42,3 +42,27 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pair PSNR [N] (dB, peak 1) of images or volumes [N, ...]."""
     mse = (x - y).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+class PerceptualDistance(torch.nn.Module):
+    """Per-pair distance [N] of images in [0, 1] [N, 1 or 3, H, W] on the early feature maps of the offline
+    EfficientNet-Lite0 (stem and ``stages`` stages, at the images' own size): each map unit-normalised over
+    channels, squared differences summed over channels, averaged over positions, summed over maps (LPIPS
+    without its learned weights). Frozen; differentiable in its inputs (a training loss). The maps stop at the
+    third of seven stages, far from the pooled 1,280-d features that the fidelity metrics compare."""
+
+    def __init__(self, stages: int = 3):
+        super().__init__()
+        from synthmed.metrics.features import load_effnet_lite0
+
+        self.net, self.stages = load_effnet_lite0(), stages
+        self.eval()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros(len(x))
+        with torch.no_grad():  # the reference images' maps need no gradient
+            targets = self.net.stage_maps(y, self.stages)
+        for a, b in zip(self.net.stage_maps(x, self.stages), targets):
+            a, b = F.normalize(a, dim=1, eps=1e-8), F.normalize(b, dim=1, eps=1e-8)
+            total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
+        return total

@@ -18,7 +18,7 @@ from synthmed.core.config import require_at_least_one, require_non_negative
 from synthmed.data.dataset import to_model_range
 from synthmed.data.disk_array import rows_per_batch
 from synthmed.diffusion.checkpoint import capture, resume, save_checkpoint
-from synthmed.metrics.similarity import psnr, ssim
+from synthmed.metrics.similarity import PerceptualDistance, psnr, ssim
 from synthmed.models.pixel_space import PixelSpace
 from synthmed.models.volume_autoencoder import VolumeAutoencoderKL
 from synthmed.core.progress import progress
@@ -93,6 +93,7 @@ class VAETrainConfig:
     kl_weight: float
     recon_loss: Literal["l1", "l2", "l1+l2"]
     ssim_weight: float  # 0 = off; else weight of (1 - SSIM)
+    perceptual_weight: float  # 0 = off; else weight of the perceptual distance (synthmed.metrics.similarity)
     warmup_steps: int  # linear warm-up, then cosine decay to 0
     mixed_precision: Literal["auto", "no", "bf16"]  # auto: bf16 autocast where the device runs it natively
     checkpoint_every: int  # 0 = no checkpoints
@@ -100,11 +101,12 @@ class VAETrainConfig:
 
     def __post_init__(self):  # checked when params.yaml is read, before anything is trained
         require_at_least_one(self, "steps", "batch_size")
-        require_non_negative(self, "lr", "kl_weight", "ssim_weight", "warmup_steps", "checkpoint_every",
-                             "keep_checkpoints")
+        require_non_negative(self, "lr", "kl_weight", "ssim_weight", "perceptual_weight", "warmup_steps",
+                             "checkpoint_every", "keep_checkpoints")
 
 
-def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> torch.Tensor:
+def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig,
+                perceptual: PerceptualDistance | None) -> torch.Tensor:
     loss = torch.zeros((), device=x.device)
     if "l1" in cfg.recon_loss:
         loss = loss + F.l1_loss(recon, x)
@@ -112,6 +114,8 @@ def _recon_loss(recon: torch.Tensor, x: torch.Tensor, cfg: VAETrainConfig) -> to
         loss = loss + F.mse_loss(recon, x)
     if cfg.ssim_weight > 0:
         loss = loss + cfg.ssim_weight * (1 - ssim((recon + 1) / 2, (x + 1) / 2).mean())
+    if perceptual is not None:
+        loss = loss + cfg.perceptual_weight * perceptual((recon + 1) / 2, (x + 1) / 2).mean()
     return loss
 
 
@@ -152,6 +156,10 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     step_module = _Reconstruction(vae)
+    perceptual = PerceptualDistance().to(device) if cfg.perceptual_weight > 0 else None
+    if perceptual is not None and images.ndim != 4:
+        raise ValueError("perceptual_weight: the perceptual term is 2-D only (an ImageNet network); set it to 0 "
+                         "for volumes")
     model, opt = acc.prepare(step_module, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.mixed_precision))
     stateful = {"vae": vae, "optimizer": opt, "lr_scheduler": lr_sched}
@@ -164,7 +172,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
         x = as_model_range(images[idx]).to(device)
         with autocast:
             recon, moments = model(x, generator, cfg.batch_size, mine)
-        rec = _recon_loss(recon.float(), x, cfg)
+        rec = _recon_loss(recon.float(), x, cfg, perceptual)
         kl = step_module.posterior(moments).kl().mean()
         loss = rec + cfg.kl_weight * kl
         parts = torch.stack([loss, rec, kl]).detach()

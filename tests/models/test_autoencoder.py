@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -64,3 +65,19 @@ def test_posterior_noise_fraction_tells_noisy_latents_from_clean_ones():
         mean_var = float(vae.encode(images).latent_dist.mean.double().var())
     noise = math.exp(-8.0)
     assert abs(posterior_noise_fraction(*encode_posterior(vae, images)) - noise / (mean_var + noise)) < 1e-6
+
+
+def test_perceptual_term_trains_2d_and_is_refused_for_volumes():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
+    plain = train_autoencoder(tiny_vae(), images, vae_train_config(steps=15), torch.Generator().manual_seed(1))
+    vae = tiny_vae()
+    log = train_autoencoder(vae, images, vae_train_config(steps=15, perceptual_weight=0.5),
+                            torch.Generator().manual_seed(1))
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[0]["recon"] > plain[0]["recon"]  # the same first batch, the perceptual distance added to its loss
+    volumes = torch.rand(4, 1, 8, 8, 8, generator=g) * 2 - 1
+    vae3d = build_autoencoder(in_channels=1, block_out_channels=[8, 8], layers_per_block=1, latent_channels=4,
+                              norm_num_groups=4, sample_size=8, mid_attention=False, dims=3)
+    with pytest.raises(ValueError, match="perceptual_weight"):
+        train_autoencoder(vae3d, volumes, vae_train_config(steps=2, perceptual_weight=0.5), g)
