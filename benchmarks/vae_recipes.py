@@ -46,6 +46,7 @@ RECIPES = {  # overrides of BASE; "attn": self-attention in the middle blocks (t
     "f4_32_64_64_c16_perc1": {"block_out_channels": [32, 64, 64], "latent_channels": 16, "perceptual_weight": 1.0},
     "f2_16_32": {"block_out_channels": [16, 32]},
     "f2_32_32": {"block_out_channels": [32, 32]},
+    "f2_32_32_perc1": {"block_out_channels": [32, 32], "perceptual_weight": 1.0},
     "f2_32_64": {"block_out_channels": [32, 64]},
     "f2_32_64_attn": {"block_out_channels": [32, 64], "mid_attention": True},
 }

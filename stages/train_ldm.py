@@ -47,6 +47,7 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
     augment_copies: int  # brightness/contrast-augmented encodings per image (0 = off); no flips
     brightness: float  # max shift, as a fraction of the intensity range
     contrast: float  # max relative contrast change
+    seed_offset: int  # added to `seed` for this stage's randomness (weights, batches, noise); the split stays
 
     MOVED = {k: f"unet.{k}" for k in UNET_KEYS}  # the flat keys before the model's were grouped
 
@@ -60,7 +61,8 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
 
 
 def main(stage: Stage) -> None:
-    p, g = stage.params, seed_everything(stage.seed)
+    p = stage.params
+    g = seed_everything(stage.seed + p.seed_offset)
     accelerator = make_accelerator(p.mixed_precision)
     dataset, pairs_file, vae_dir = (stage.dep(k) for k in ("ingest/dataset", "paraphrase/pairs.csv", "train_vae/vae"))
     pairs, rows, images, val_rows, val_images = training_rows(dataset, pairs_file, p.caption_sources)
@@ -99,7 +101,7 @@ def main(stage: Stage) -> None:
         return
     metrics = {**result.metrics, "train_images": int(len(rows)), "train_pairs": int(len(cond.pairs)),
                "unique_captions": len(set(cond.pairs["text"])), "parameters": sum(x.numel() for x in unet.parameters())}
-    save_model(pipe, result.ema, model_card(p, stage.seed, fingerprint, metrics), stage.out_path("model"))
+    save_model(pipe, result.ema, model_card(p, stage.seed + p.seed_offset, fingerprint, metrics), stage.out_path("model"))
     log = pd.DataFrame(result.log)
     write_csv(stage.out_path("loss.csv"), log[["step", "loss", "lr"]])
     write_csv(stage.out_path("val_loss.csv"), log.dropna(subset=["val_loss_ema"])[["step", "val_loss_ema", "val_loss_raw"]])
