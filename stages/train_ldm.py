@@ -62,7 +62,8 @@ class TrainLDMParams(LDMTrainConfig):  # the training-loop knobs, plus the model
 
 def main(stage: Stage) -> None:
     p = stage.params
-    g = seed_everything(stage.seed + p.seed_offset)
+    seed = stage.seed + p.seed_offset  # this training run's randomness; the upstream split keeps `seed`
+    g = seed_everything(seed)
     accelerator = make_accelerator(p.mixed_precision)
     dataset, pairs_file, vae_dir = (stage.dep(k) for k in ("ingest/dataset", "paraphrase/pairs.csv", "train_vae/vae"))
     pairs, rows, images, val_rows, val_images = training_rows(dataset, pairs_file, p.caption_sources)
@@ -101,7 +102,7 @@ def main(stage: Stage) -> None:
         return
     metrics = {**result.metrics, "train_images": int(len(rows)), "train_pairs": int(len(cond.pairs)),
                "unique_captions": len(set(cond.pairs["text"])), "parameters": sum(x.numel() for x in unet.parameters())}
-    save_model(pipe, result.ema, model_card(p, stage.seed + p.seed_offset, fingerprint, metrics), stage.out_path("model"))
+    save_model(pipe, result.ema, model_card(p, seed, fingerprint, metrics), stage.out_path("model"))
     log = pd.DataFrame(result.log)
     write_csv(stage.out_path("loss.csv"), log[["step", "loss", "lr"]])
     write_csv(stage.out_path("val_loss.csv"), log.dropna(subset=["val_loss_ema"])[["step", "val_loss_ema", "val_loss_raw"]])
