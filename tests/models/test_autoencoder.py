@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from synthmed.models.autoencoder import (VAETrainConfig, build_autoencoder, encode_posterior, latent_scaling_factor,
+from synthmed.models.autoencoder import (build_autoencoder, encode_posterior, latent_scaling_factor,
                                          posterior_noise_fraction, reconstruct, reconstruction_metrics,
                                          train_autoencoder)
 from tests.helpers import tiny_vae, vae_train_config
