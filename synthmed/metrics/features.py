@@ -84,21 +84,20 @@ class EfficientNetLite0(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, resize: bool = True) -> torch.Tensor:
+        """RGB, resized to ``input_size`` (unless ``resize`` is off) and ImageNet-normalised."""
+        images = images.float()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        images = F.interpolate(
-            images.float(), size=(self.input_size, self.input_size),
-            mode="bilinear", align_corners=False, antialias=True,
-        )
+        if resize:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
         return (images - self.mean) / self.std
 
     def stage_maps(self, images: torch.Tensor, stages: int) -> list[torch.Tensor]:
         """The feature maps of the stem and of the first ``stages`` resolution stages, at the images' own size
         (no resize): the early, local layers a perceptual loss compares."""
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        h = F.relu6(self._bn0(self._conv_stem((images.float() - self.mean) / self.std)))
+        h = F.relu6(self._bn0(self._conv_stem(self.preprocess(images, resize=False))))
         maps, ends = [h], set(np.cumsum([repeats for *_, repeats in _LITE0_STAGES])[:stages])
         for i, block in enumerate(self._blocks[: max(ends)], 1):
             h = block(h)

@@ -156,10 +156,10 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainCon
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     step_module = _Reconstruction(vae)
-    perceptual = PerceptualDistance().to(device) if cfg.perceptual_weight > 0 else None
-    if perceptual is not None and images.ndim != 4:
+    if cfg.perceptual_weight > 0 and images.ndim != 4:
         raise ValueError("perceptual_weight: the perceptual term is 2-D only (an ImageNet network); set it to 0 "
                          "for volumes")
+    perceptual = PerceptualDistance().to(device) if cfg.perceptual_weight > 0 else None
     model, opt = acc.prepare(step_module, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.mixed_precision))
     stateful = {"vae": vae, "optimizer": opt, "lr_scheduler": lr_sched}
