@@ -5,7 +5,9 @@ captions they were generated from: train/val captions, never test), `real_synth`
 Every arm trains for the same steps from the same seeds; each model is then scored on the
 real test split by linear probing (with 1 %, 10 %, 100 % of the labelled real train images),
 zero-shot classification (one caption per label) and image<->text retrieval over every caption
-of the test images, beside the chance level. Unlabelled data gets retrieval only.
+of the test images, beside the chance level. Unlabelled data gets retrieval only. Arms are compared
+with `real` over the test items, paired (each item's seed-averaged difference; `resamples` draws for
+the bootstrap interval and the sign-flip p-value), with the smallest gain this test set can detect.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ class EvaluateVLPParams(VLPConfig):
     seeds: int
     probe_fractions: list[float]
     zero_shot_templates: dict[str, str]  # label -> caption; labels without one are left out of zero-shot
+    resamples: int  # draws over the test items for each gain's bootstrap interval and sign-flip p-value
 
     def __post_init__(self):
-        require_at_least_one(self, "seeds", "steps", "batch_size", "width", "depth", "embed_dim")
+        require_at_least_one(self, "seeds", "steps", "batch_size", "width", "depth", "embed_dim", "resamples")
         require_fractions(self, "probe_fractions")
 
 
@@ -81,20 +84,22 @@ def main(stage: Stage) -> None:
     for note in data.notes:
         print(f"evaluate_vlp: {note}")
     tower = TextTower(TextEncoder(p.text_encoder, p.text_max_length), p.text_trainable_layers)
-    rows = []
+    rows, items = [], {}
     for arm, pairs in corpora(p, real, synth_dir).items():
         for rep in range(p.seeds):
             model_seed = derive_seed(seed, "vlp", rep) % 2**31  # the same for every arm
             model, tuned, log = pretrain(pairs.images, pairs.captions, tower, p, model_seed,
                                          desc=f"vlp {arm} seed {rep}", image_of=pairs.image_of)
+            scores, items[(arm, rep)] = evaluate_model(model, tuned, data, p.probe_fractions,
+                                                       p.zero_shot_templates, rep, seed)
             rows.append({"arm": arm, "rep": rep, "pairs": len(pairs), "final_loss": float(np.mean(log[-20:])),
-                         "temperature": 1 / model.logit_scale.exp().item(),
-                         **evaluate_model(model, tuned, data, p.probe_fractions, p.zero_shot_templates, rep, seed)})
+                         "temperature": 1 / model.logit_scale.exp().item(), **scores})
     runs = pd.DataFrame(rows)
-    table, flat = summarise(runs)
+    table, flat = summarise(runs, items, p.resamples, seed)
     chance = retrieval_chance(data.positives)
     flat.update({f"vlp_{k}": v for k, v in chance.items()})
-    text = report(table, p.arms, p.probe_fractions, p.seeds, p.steps, p.test_split, chance, data.notes)
+    text = report(table, p.arms, p.probe_fractions, p.seeds, p.steps, p.test_split, chance, data.notes,
+                  p.resamples)
     write_outputs(stage, runs, table, flat, text)
     print(text)
 

@@ -11,8 +11,10 @@ import torch
 
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.corpus import scoring_set, split_pairs
-from synthmed.vlp.evaluation import linear_probe, retrieval_chance, retrieval_recall, zero_shot
-from synthmed.vlp.report import report, summarise
+from synthmed.metrics.stats import macro_auc
+from synthmed.vlp.evaluation import (ClassScores, linear_probe, linear_probe_items, retrieval_chance, retrieval_hits,
+                                     retrieval_recall, zero_shot, zero_shot_items)
+from synthmed.vlp.report import headline, report, summarise
 from synthmed.vlp.model import MAX_LOGIT_SCALE, info_nce
 from synthmed.vlp.text import TextTower
 from synthmed.vlp.train import VLPConfig, distinct_pairs, pretrain
@@ -177,3 +179,81 @@ def test_pairs_keep_every_caption_and_zero_shot_says_what_it_skips(tmp_path, cap
 def test_a_batch_keeps_one_pair_per_caption_and_per_image():
     caption_ids, image_ids = torch.tensor([0, 1, 0, 2, 3, 4]), torch.tensor([0, 0, 1, 2, 2, 3])
     assert distinct_pairs(caption_ids, image_ids).tolist() == [0, 3, 5]  # 1: image 0 again; 2: caption 0; 4: image 2
+
+
+def test_per_item_results_average_to_the_scores():
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(30, 8, generator=g), torch.randn(20, 8, generator=g)
+    positives = torch.rand(30, 20, generator=g).numpy() < 0.15
+    hits = retrieval_hits(img, txt, positives, chunk=7)
+    assert hits["i2t_r5"].shape == (30,) and hits["t2i_r5"].shape == (20,)  # one per image, one per caption
+    assert {k: float(v.mean()) for k, v in hits.items()} == pytest.approx(retrieval_recall(img, txt, positives))
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.normal(0, 1, (60, 4)) + np.repeat(np.eye(3, 4), 20, 0) * 1.5)
+    y = np.repeat([0, 1, 2], 20)
+    scores, items = linear_probe_items(x[::2], y[::2], x, y, n_classes=4)
+    assert scores == linear_probe(x[::2], y[::2], x, y)
+    assert items["acc"].mean() == pytest.approx(scores["acc"])
+    assert items["auc"].scores.shape == (60, 4) and np.isnan(items["auc"].scores[:, 3]).all()  # class 3 unseen
+    assert macro_auc(items["auc"].scores, items["auc"].labels)[0] == pytest.approx(scores["auc"])
+    scores, items = zero_shot_items(x[:, :3], torch.eye(3, dtype=x.dtype), y)
+    assert scores == zero_shot(x[:, :3], torch.eye(3, dtype=x.dtype), y)
+    assert items["acc"].mean() == pytest.approx(scores["acc"])
+    assert macro_auc(items["auc"].scores, items["auc"].labels)[0] == pytest.approx(scores["auc"])
+
+
+def study(n_items=46, seeds=2):
+    """Runs and per-item results of three arms: real_synth clearly better than real on accuracy, synth the same."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, n_items)
+    difficulty = rng.normal(0, 1.5, n_items)
+    rows, items = [], {}
+    for arm, shift in (("real", 0.0), ("real_synth", 1.2), ("synth", 0.0)):
+        for rep in range(seeds):
+            correct = (rng.random(n_items) < 1 / (1 + np.exp(-(difficulty + shift)))).astype(float)
+            recall = (rng.random(n_items) < 0.5).astype(float)
+            probs = np.eye(3)[labels] * (1 + shift) + rng.normal(0, 1, (n_items, 3))
+            items[(arm, rep)] = {"probe_acc_1pct": correct, "probe_auc_1pct": ClassScores(probs, labels),
+                                 "i2t_r10": recall}
+            rows.append({"arm": arm, "rep": rep, "pairs": 10, "probe_acc_1pct": correct.mean(),
+                         "probe_auc_1pct": macro_auc(probs, labels)[0], "i2t_r10": recall.mean(),
+                         "final_loss": 1.0, "temperature": 0.07})
+    return pd.DataFrame(rows), items
+
+
+def test_vlp_gains_are_tested_over_the_test_items():
+    runs, items = study()
+    table, flat = summarise(runs, items, draws=2000, seed=0)
+    for m in ("probe_acc_1pct", "probe_auc_1pct", "i2t_r10"):
+        for col in ("", "_ci_low", "_ci_high", "_p", "_p_holm", "_p_seeds", "_ci95_seeds", "_items",
+                    "_min_detectable"):
+            assert f"gain_{m}{col}" in table.columns, (m, col)
+        assert f"gain_{m}_ci95" not in table.columns  # the seed interval is the _seeds one now
+        for arm in ("real_synth", "synth"):
+            for key in ("", "_ci_low", "_ci_high", "_p", "_p_holm", "_p_seeds"):
+                assert f"vlp_gain_{m}_{arm}{key}" in flat
+            assert flat[f"vlp_min_detectable_gain_{m}_{arm}"] > 0
+            # the gain is the seed mean of the score's gain, whatever the test
+            gain = runs[runs["arm"] == arm][m].mean() - runs[runs["arm"] == "real"][m].mean()
+            assert flat[f"vlp_gain_{m}_{arm}"] == pytest.approx(gain)
+    row = table.set_index("arm").loc["real_synth"]
+    assert row["gain_probe_acc_1pct_items"] == 46
+    # two seeds: the t-test cannot reach 0.05 on this gain; the items can, and Holm over the two arms keeps it
+    assert flat["vlp_gain_probe_acc_1pct_real_synth_p_seeds"] > 0.05
+    assert flat["vlp_gain_probe_acc_1pct_real_synth_p_holm"] < 0.05
+    assert flat["vlp_gain_probe_auc_1pct_real_synth_p_holm"] < 0.05
+    # Holm over the family of two gains: the smaller p doubled, the larger kept (running maximum)
+    assert flat["vlp_gain_probe_acc_1pct_real_synth_p_holm"] == pytest.approx(
+        2 * flat["vlp_gain_probe_acc_1pct_real_synth_p"])
+    assert flat["vlp_gain_probe_acc_1pct_synth_p_holm"] == pytest.approx(flat["vlp_gain_probe_acc_1pct_synth_p"])
+    assert summarise(runs, items, draws=2000, seed=0)[1] == flat  # seeded
+    key, p_key = headline(["real", "real_synth", "synth"], [0.01], flat)
+    assert key == "vlp_gain_probe_auc_1pct_real_synth" and p_key == key + "_p_holm"  # the names dvc exp show has
+
+    chance = {"i2t_candidates": 46, "t2i_candidates": 46, "i2t_r10_chance": 0.217}
+    text = report(table, ["real", "real_synth", "synth"], [0.01], 2, 5, "test", chance, [], 2000)
+    assert "### `real_synth` - `real`" in text and "### `synth` - `real`" in text
+    assert "| probe_acc_1pct | 46 | +0." in text and "2000 draws" in text and "80 % power" in text
+    assert f"| {row['gain_probe_auc_1pct_min_detectable']:.3f} |" in text
