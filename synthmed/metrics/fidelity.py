@@ -50,24 +50,33 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def _mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD^2 under the cubic polynomial kernel (x.y / D + 1)^3 of KID (Binkowski et al. 2018)."""
-    kernel = lambda p, q: (p @ q.T / x.shape[1] + 1) ** 3  # noqa: E731
-    m = len(x)
+    """Unbiased MMD^2 under the cubic polynomial kernel (x.y / D + 1)^3 of KID (Binkowski et al. 2018), of each
+    pair of subsets x[s], y[s] ([subsets, m, D] each)."""
+    kernel = lambda p, q: (p @ q.transpose(1, 2) / x.shape[-1] + 1) ** 3  # noqa: E731
+    m = x.shape[1]
     k_xx, k_yy = kernel(x, x), kernel(y, y)
-    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-    return within - 2 * kernel(x, y).mean()
+    within = (k_xx.sum((1, 2)) - k_xx.diagonal(dim1=1, dim2=2).sum(1) + k_yy.sum((1, 2))
+              - k_yy.diagonal(dim1=1, dim2=2).sum(1)) / (m * (m - 1))
+    return within - 2 * kernel(x, y).mean((1, 2))
+
+
+KID_BLOCK = 2**25  # kernel entries computed at once (256 MB of float64)
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int,
                     seed: int) -> tuple[float, float, int]:
     """KID mean and std over random subsets (each drawn without replacement from both sets; seeded). A subset
     is a proper one, at most half the smaller set: at the whole set every subset would be the same, and the
-    spread a fake 0."""
+    spread a fake 0. The subsets are computed as a batch, KID_BLOCK kernel entries at a time."""
     size = max(2, min(subset_size, len(real) // 2, len(fake) // 2))
     g = torch.Generator().manual_seed(seed)
     real, fake = real.double(), fake.double()
-    values = torch.stack([_mmd2(real[torch.randperm(len(real), generator=g)[:size]],
-                                fake[torch.randperm(len(fake), generator=g)[:size]]) for _ in range(subsets)])
+    picks = [(torch.randperm(len(real), generator=g)[:size], torch.randperm(len(fake), generator=g)[:size])
+             for _ in range(subsets)]  # drawn in torchmetrics' order: real then fake, subset by subset
+    per_block = max(1, KID_BLOCK // (3 * size * size))
+    values = torch.cat([_mmd2(real[torch.stack([r for r, _ in picks[i : i + per_block]])],
+                              fake[torch.stack([f for _, f in picks[i : i + per_block]])])
+                        for i in range(0, subsets, per_block)])
     return float(values.mean()), float(values.std(unbiased=False)), size  # torchmetrics: the population std
 
 
@@ -79,28 +88,75 @@ def set_figures(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, ki
             "kid_subset_size": size, **prdc(real, fake, prdc_k)}
 
 
+def group_codes(groups, n: int) -> np.ndarray:
+    """Integer group codes of ``n`` rows: the rows' leakage units (patient, volume, source image), each row its own
+    group when ``groups`` is None."""
+    if groups is None:
+        return np.arange(n)
+    return pd.factorize(pd.Series(np.asarray(groups), dtype="string").fillna(""))[0]
+
+
+def draw_groups(codes: np.ndarray, share: float, least: int, g: torch.Generator) -> tuple[torch.Tensor, int, int]:
+    """Rows of a random ``share`` of the groups, drawn without replacement (more groups while fewer than ``least``
+    rows, never all of them); with the number of groups drawn and of groups in all."""
+    n_groups = int(codes.max()) + 1
+    order = torch.randperm(n_groups, generator=g).numpy()
+    sizes = np.bincount(codes, minlength=n_groups)[order]
+    take = min(max(int(n_groups * share), int(np.searchsorted(np.cumsum(sizes), least)) + 1), n_groups - 1)
+    chosen = np.zeros(n_groups, bool)
+    chosen[order[:take]] = True
+    return torch.from_numpy(np.flatnonzero(chosen[codes])), take, n_groups
+
+
+def full_sample_variance(var_half: float, var_quarter: float, half: tuple[float, float],
+                         quarter: tuple[float, float]) -> float:
+    """The variance of a figure at the full sample size from its variances over half- and quarter-samples.
+
+    A figure built from pairs of images (FD, KID, PRDC) varies as V1 + V2: V1 from each image alone (falling as
+    1/n) and V2 from pairs (1/n^2, the larger part while images are few against dimensions, and all of it when
+    two sets come from one distribution). A subsample of b of G groups drawn without replacement varies as
+    V1 (G/b - 1) + V2 (G^2/b^2 - 1) (``half``, ``quarter``: those two factors at each size): at b = G/2, V1 + 3 V2.
+    Two sizes give both parts; Politis & Romano's sqrt(b/n) scaling assumes V2 = 0 and b/n -> 0."""
+    (a1, a2), (b1, b2) = half, quarter
+    det = a1 * b2 - a2 * b1
+    v1, v2 = (var_half * b2 - var_quarter * a2) / det, (a1 * var_quarter - b1 * var_half) / det
+    if v2 < 0:  # first order only (the noise of two estimated variances can put a part below 0)
+        return var_half / a1
+    if v1 < 0:
+        return var_half / a2
+    return v1 + v2
+
+
 def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, point: dict[str, float], draws: int,
-                       seed: int, least: int = 2, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """A ``level`` interval for each figure ``figures(real, fake)`` returns (``point``: its value on the full
-    sets), from resampling the images: half of
-    each set drawn without replacement, ``draws`` times (seeded), the figures' spread around their mean scaled
-    by sqrt(1/2) to the full sets' size, and turned around the full sets' figure (subsampling, Politis &
-    Romano 1994). The plain bootstrap (draws with replacement) repeats images, which moves FD, KID and the
-    nearest-neighbour figures themselves: on the demo its intervals for FD and KID of real vs real missed
-    the figure. Every set keeps at least ``least`` images (PRDC's k + 1)."""
+                       seed: int, least: int = 2, level: float = 0.95, groups: tuple = (None, None)
+                       ) -> dict[str, tuple[float, float]]:
+    """A ``level`` interval for each figure ``figures(real, fake)`` returns (``point``: its value on the full sets),
+    by subsampling the images: ``draws`` times (seeded) half and a quarter of each set's groups (``groups``: a
+    label per row of real and of fake, e.g. patient; None: each image its own) drawn without replacement. The
+    half-samples' spread around their mean, rescaled to the full sets' variance (full_sample_variance), turned
+    around the full sets' figure. Coverage is measured by benchmarks/coverage.py. The plain bootstrap (draws with
+    replacement) repeats images, which moves FD, KID and the nearest-neighbour figures themselves. Every subsample
+    keeps at least ``least`` images (PRDC's k + 1); a set with a single group has no interval (NaN)."""
+    codes = [group_codes(x, len(s)) for x, s in zip(groups, (real, fake))]
+    if min(int(c.max()) + 1 for c in codes) < 2:
+        return {k: (float("nan"), float("nan")) for k in point}
     g = torch.Generator().manual_seed(derive_seed(seed, "resampled_interval"))
-    sizes = [min(len(x), max(len(x) // 2, least)) for x in (real, fake)]
-    samples: dict[str, list[float]] = {}
+    samples: dict[float, dict[str, list[float]]] = {0.5: {}, 0.25: {}}
+    factors: dict[float, list] = {0.5: [], 0.25: []}
     for _ in range(draws):
-        r = real[torch.randperm(len(real), generator=g)[:sizes[0]]]
-        f = fake[torch.randperm(len(fake), generator=g)[:sizes[1]]]
-        for key, value in figures(r, f).items():
-            samples.setdefault(key, []).append(value)
-    scale = (min(sizes[0] / len(real), sizes[1] / len(fake))) ** 0.5
+        for share, values in samples.items():
+            (r, br, gr), (f, bf, gf) = draw_groups(codes[0], share, least, g), draw_groups(codes[1], share, least, g)
+            factors[share].append([(gr / br - 1 + gf / bf - 1) / 2, (gr**2 / br**2 - 1 + gf**2 / bf**2 - 1) / 2])
+            for key, value in figures(real[r], fake[f]).items():
+                values.setdefault(key, []).append(value)
+    half, quarter = (tuple(np.mean(factors[s], axis=0)) for s in (0.5, 0.25))
     tail = (1 - level) / 2
     out = {}
-    for key, values in samples.items():
-        spread = scale * (np.asarray(values) - np.mean(values))
+    for key, values in samples[0.5].items():
+        values, var_quarter = np.asarray(values), float(np.var(samples[0.25][key]))
+        var_half = float(values.var())
+        scale = (full_sample_variance(var_half, var_quarter, half, quarter) / var_half) ** 0.5 if var_half > 0 else 0.0
+        spread = scale * (values - values.mean())
         out[key] = (float(point[key] - np.quantile(spread, 1 - tail)), float(point[key] - np.quantile(spread, tail)))
     return out
 
@@ -128,10 +184,12 @@ RANGES = {"precision": (0, 1), "recall": (0, 1), "coverage": (0, 1), "f1_pr": (0
 
 
 def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torch.Tensor, kid_subset_size: int,
-                            kid_subsets: int, prdc_k: int, seed: int, resamples: int = 0) -> dict[str, float]:
+                            kid_subsets: int, prdc_k: int, seed: int, resamples: int = 0,
+                            groups: dict | None = None) -> dict[str, float]:
     """FD/KID/PRDC of synthetic vs real test features, each beside real train vs real test (`_real_train_vs_test`),
     with FD-infinity, the sizes they rest on, and (``resamples`` draws) 95 % intervals from resampling the images
-    (`_ci_low`, `_ci_high`; resampled_interval).
+    (`_ci_low`, `_ci_high`; resampled_interval) by group: ``groups`` maps "test", "synth" and "train" to a label per
+    row (patient, volume, source image; a set left out: each image its own).
 
     The real reference is a seeded random subset of train as large as the synthetic set: FD and PRDC
     depend on sample size, so only equal sizes compare. FD needs far more images than feature dimensions
@@ -150,12 +208,15 @@ def fidelity_with_reference(test: torch.Tensor, synth: torch.Tensor, train: torc
         return {k: v for k, v in set_figures(real, fake, kid_subset_size, kid_subsets, prdc_k, seed).items()
                 if k not in ("kid_effnet_std", "kid_subset_size")}
 
-    for suffix, fake in (("", synth), ("_real_train_vs_test", train[pick])):
+    groups = groups or {}
+    train_groups = None if groups.get("train") is None else np.asarray(groups["train"])[pick]
+    for suffix, fake, fake_groups in (("", synth, groups.get("synth")), ("_real_train_vs_test", train[pick], train_groups)):
         point = set_figures(test, fake, kid_subset_size, kid_subsets, prdc_k, seed)
         out.update({f"{k}{suffix}": v for k, v in point.items()})
         out[f"fd_effnet_inf{suffix}"] = frechet_extrapolated(test, fake, seed)
         if resamples:
-            for k, (low, high) in resampled_interval(test, fake, figures, point, resamples, seed, prdc_k + 1).items():
+            for k, (low, high) in resampled_interval(test, fake, figures, point, resamples, seed, prdc_k + 1,
+                                                   groups=(groups.get("test"), fake_groups)).items():
                 floor, ceiling = RANGES.get(k, (-np.inf, np.inf))  # a share's interval stays a share
                 out[f"{k}{suffix}_ci_low"], out[f"{k}{suffix}_ci_high"] = max(low, floor), min(high, ceiling)
     out["prdc_points"] = min(len(test), n, PRDC_MAX_POINTS)  # the smaller side PRDC saw (subsampled above it)

@@ -1,0 +1,116 @@
+"""Empirical coverage of every nominal 95 % interval the pipeline emits, by simulation: many replicate data sets
+drawn from a known distribution, and the share of replicates whose interval contains the true value.
+
+Prints JSON: {study: {scenario: {n: {figure: coverage, ...}}}} with the replicates, the draws and the time.
+
+- fidelity: FD, KID and PRDC of two feature sets (d = 32 Gaussians, as evaluate compares real test features
+  with synthetic ones) through `set_figures` + `resampled_interval`, exactly as `fidelity_with_reference` calls
+  them. Scenarios: `shifted` (the synthetic set's mean moved by 0.25 and its spread by 1.2 in every dimension) and
+  `twin` (both sets from one distribution: the real-train-vs-test reference). The true value of a figure is its
+  expectation at that n (the mean over all replicates): KID is unbiased, so for KID this is the population
+  MMD^2; FD and PRDC depend on n by construction, and an interval is about the figure at the size measured.
+  `clustered` draws the images in groups of 4 sharing a group effect (slices of one patient) and resamples by
+  group, as evaluate does with a `group` column; `clustered_by_image` resamples the same data image by image.
+- adherence: the share of synthetic images the judges take for their prompt's label (the mean of several
+  judges' hits per image), with `bootstrap_ci` over images.
+
+    python benchmarks/coverage.py                       # 500 replicates at n = 46, 200, 1000
+    python benchmarks/coverage.py --replicates 100 --sizes 46 200 --studies adherence
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import zlib
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+
+from synthmed.metrics.fidelity import resampled_interval, set_figures
+from synthmed.metrics.stats import bootstrap_ci
+
+DIMS = 32
+PARAMS = {"kid_subset_size": 50, "kid_subsets": 100, "prdc_k": 5, "resamples": 200}  # params.yaml's evaluate
+CLUSTER = 4  # images per group in the clustered scenario
+
+
+def _draw(scenario: str, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    def gaussian(shift: float, scale: float) -> np.ndarray:
+        if scenario.startswith("clustered"):  # a group effect shared by CLUSTER images: half the variance
+            groups = rng.standard_normal((-(-n // CLUSTER), DIMS)).repeat(CLUSTER, axis=0)[:n]
+            return shift + scale * (np.sqrt(0.5) * groups + np.sqrt(0.5) * rng.standard_normal((n, DIMS)))
+        return shift + scale * rng.standard_normal((n, DIMS))
+
+    real = gaussian(0.0, 1.0)
+    fake = gaussian(0.0, 1.0) if scenario == "twin" else gaussian(0.25, 1.2)
+    groups = np.arange(n) // CLUSTER if scenario == "clustered" else None
+    return torch.from_numpy(real), torch.from_numpy(fake), groups
+
+
+def _fidelity_replicate(args) -> dict:
+    scenario, n, rep, draws = args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([n, rep, zlib.crc32(scenario.encode())])
+    real, fake, groups = _draw(scenario, n, rng)
+    p = PARAMS
+
+    def figures(r, f):
+        return {k: v for k, v in set_figures(r, f, p["kid_subset_size"], p["kid_subsets"], p["prdc_k"], rep).items()
+                if k not in ("kid_effnet_std", "kid_subset_size")}
+
+    point = figures(real, fake)
+    ci = resampled_interval(real, fake, figures, point, draws, rep, p["prdc_k"] + 1, groups=(groups, groups))
+    return {k: (point[k], *ci[k]) for k in point}
+
+
+def fidelity(scenario: str, n: int, replicates: int, draws: int, workers: int) -> dict:
+    with get_context("spawn").Pool(workers) as pool:
+        results = pool.map(_fidelity_replicate, [(scenario, n, rep, draws) for rep in range(replicates)], chunksize=4)
+    out = {}
+    for key in results[0]:
+        values = np.array([r[key] for r in results])  # [replicates, (point, low, high)]
+        truth = values[:, 0].mean()
+        out[key] = {"coverage": float(((values[:, 1] <= truth) & (truth <= values[:, 2])).mean()),
+                    "truth": float(truth), "mean_width": float((values[:, 2] - values[:, 1]).mean())}
+    return out
+
+
+def adherence(n: int, replicates: int, draws: int, judges: int = 3) -> dict:
+    """Each synthetic image shows its prompt's label with its own probability (Beta(4, 1.5): mean 0.73); each judge
+    sees it right with that probability; adherence = the mean over images of the judges' mean hit."""
+    rng = np.random.default_rng(n)
+    inside = []
+    for rep in range(replicates):
+        p = rng.beta(4, 1.5, n)
+        hits = (rng.random((judges, n)) < p).mean(0)
+        _, low, high = bootstrap_ci(hits, draws, rep)
+        inside.append(low <= 4 / 5.5 <= high)
+    return {"adherence_acc": {"coverage": float(np.mean(inside)), "truth": 4 / 5.5}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicates", type=int, default=500)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[46, 200, 1000])
+    ap.add_argument("--draws", type=int, default=PARAMS["resamples"])
+    ap.add_argument("--studies", nargs="+", default=["fidelity", "adherence"])
+    ap.add_argument("--scenarios", nargs="+", default=["shifted", "twin", "clustered", "clustered_by_image"])
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    start = time.time()
+    report = {"replicates": args.replicates, "draws": args.draws, "dims": DIMS, "studies": {}}
+    if "fidelity" in args.studies:
+        report["studies"]["fidelity"] = {s: {n: fidelity(s, n, args.replicates, args.draws, args.workers)
+                                             for n in args.sizes} for s in args.scenarios}
+    if "adherence" in args.studies:
+        report["studies"]["adherence"] = {"beta": {n: adherence(n, args.replicates, args.draws) for n in args.sizes}}
+    report["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
