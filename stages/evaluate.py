@@ -1,9 +1,11 @@
 """DVC stage `evaluate`: fidelity, privacy (memorization audit) and downstream usefulness.
 
 Synthetic images from `fidelity_split` captions are compared with the real images of that
-split; synthetic images from `augment_splits` captions (never the test split) are the pool
-that augments the classifier. Images from a prompt file without a split column or from
-templates may come from test captions: they serve fidelity only. Every image is embedded once (feature cache
+split. Synthetic images from train captions are the augmentation pool, and each classifier cell uses only
+those made from its own labelled real subset (synthmed.metrics.augmentation: no label leaves the subset, val
+captions never feed a classifier). Prompt adherence is scored on images of val/test captions, whose images the
+generator never saw (train captions' apart, a diagnostic). Images from a prompt file without a split column or
+from templates may come from test captions: they serve fidelity only. Every image is embedded once (feature cache
 keyed by pixel sha256, in the local store). An image-conditioned model's images come in generation modes, each
 scored on its own (synthmed.metrics.evaluation).
 """
@@ -35,7 +37,6 @@ from synthmed.core.stage import Stage, run_stage
 @dataclass
 class EvaluateParams:
     fidelity_split: str
-    augment_splits: list[str]
     kid_subset_size: int
     kid_subsets: int
     prdc_k: int
@@ -69,9 +70,6 @@ def headline(p: EvaluateParams) -> list[str]:
 
 def main(stage: Stage) -> None:
     p, seed, out = stage.params, stage.seed, str(stage.out)
-    if p.fidelity_split in p.augment_splits:
-        raise PipelineError("params.yaml: evaluate.augment_splits must not contain evaluate.fidelity_split "
-                            "(synthetic images from test captions would leak into classifier training)")
     real_dir, synth_dir = stage.dep("ingest/dataset"), stage.dep("generate/dataset")
     seed_everything(seed)
     real = read_metadata(real_dir)
@@ -82,16 +80,13 @@ def main(stage: Stage) -> None:
             "synth": read_metadata(synth_dir).drop_duplicates("file_name").reset_index(drop=True)}
     # images without a split (prompt file without a split column, templates) serve fidelity only
     fid_mask = split_mask(rows["synth"], [p.fidelity_split], unsplit=True)
-    pool_mask = split_mask(rows["synth"], p.augment_splits)
     if not fid_mask.any():
         raise PipelineError(f"{synth_dir}/metadata.csv: no synthetic images from {p.fidelity_split} captions; add "
                             f"{p.fidelity_split} to prompts.splits or set evaluate.fidelity_split")
-    rows["pool"] = rows["synth"][pool_mask]
     # uint8 images on disk (decoded once into the local store), read a batch at a time by every metric
     images = {k: image_rows(real_dir, rows[k]) for k in ("train", "test")}
     images["val"] = image_rows(real_dir, rows["val"]) if has_val else images["train"].subset([])
     images["synth"] = image_rows(synth_dir, rows["synth"])
-    images["pool"] = images["synth"].subset(pool_mask)
 
     volumes = images["train"].ndim == 5  # a volume is seen by the 2-D extractor through its central planes
     extractor, name = load_effnet_lite0(), "effnet_lite0"

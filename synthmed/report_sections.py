@@ -143,12 +143,16 @@ def augmentation_section(dep: Dep) -> Section:
         table = pd.DataFrame()
     blocks: list = [Figure("augmentation", png(dep("evaluate/augmentation.png")), "macro AUC and balanced accuracy")]
     if not table.empty:
-        cols = [c for c in ["regime", "arm", "seeds", "n_real", "n_synth", "auc", "auc_ci95", "gain_auc",
-                            "gain_auc_p_holm"] if c in table]
+        cols = [c for c in ["regime", "arm", "seeds", "n_real_images", "n_synth", "n_labels", "n_pool_conditions",
+                            "auc", "auc_ci95", "gain_auc", "gain_auc_p_holm"] if c in table]
         blocks.insert(0, frame_table(table, cols))
+        if "claim" in table:  # each arm's information, in words: what it trained on, where its labels came from
+            blocks[1:1] = [f"{row.regime} {row.arm}: {row.claim}." for row in table.itertuples()]
     return Section("Does synthetic data help a classifier?", "each arm against the real-only classifier of the same "
                    "regime (share of real train), paired by seed; a gain counts when its Holm-corrected p < 0.05 "
-                   "(* in the plot).", blocks)
+                   "(* in the plot). An arm's synthetic images come from its own real subset's captions alone "
+                   "(`n_labels`: the labelled real images it learned from, directly or through them), but the "
+                   "generator that made them trained on every train caption; `100pct real` is the ceiling.", blocks)
 
 
 def vlp_section(dep: Dep) -> Section:

@@ -111,7 +111,6 @@ def test_a_sampler_the_model_cannot_use_is_one_line_and_nothing_written(workdir)
 
 
 @pytest.mark.parametrize("stage, key, value, fragment", [
-    ("evaluate", "augment_splits", ["val", "test"], "augment_splits must not contain evaluate.fidelity_split"),
     ("evaluate_vlp", "synthetic_splits", ["test"], "synthetic_splits must not contain evaluate_vlp.test_split"),
 ])
 def test_evaluation_refuses_synthetic_images_from_test_captions_in_training(workdir, stage, key, value, fragment):

@@ -2,7 +2,8 @@
 
 The rule: up to ``steps`` minibatch steps (drawn with replacement, so 3 images or 3,000 get the same
 budget) with random shifts, blur and intensity jitter, cosine learning rate, and, when real validation images
-are given, the weights of the step that scored best on them (early stopping by selection).
+are given, the weights of the step that scored best on them (early stopping by selection). A run may start
+from another run's weights (``init``: synthetic pretraining, then real fine-tuning by the same rule).
 """
 
 from __future__ import annotations
@@ -89,13 +90,17 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def train_classifier(images, labels: torch.Tensor, n_classes: int, cfg: ClassifierConfig,
-                     seed: int, val: tuple | None = None) -> SmallCNN:
+                     seed: int, val: tuple | None = None, init: dict | None = None) -> SmallCNN:
     """Train by the module's rule on uint8 ``images`` (a tensor, DiskArray or Rows: each step reads its batch);
-    ``val``: real (uint8 images, labels) that pick the kept weights."""
+    ``val``: real (uint8 images, labels) that pick the kept weights; ``init``: a SmallCNN state dict of the same
+    shape to start from (fine-tuning: a fresh optimizer and learning-rate schedule, the same step budget)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     device = pick_device()
-    model = SmallCNN(images.shape[1], n_classes).to(device)
+    model = SmallCNN(images.shape[1], n_classes)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     select = val is not None and cfg.val_every > 0 and len(val[1]) > 0

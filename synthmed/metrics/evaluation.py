@@ -61,29 +61,38 @@ def privacy(feat: dict, images: dict, rows: dict, p, out: str) -> tuple[dict, st
 
 
 def downstream(images: dict, rows: dict, p, seed: int, out: str, real: str) -> dict:
-    """The augmentation study (one set of synthetic arms per generation mode) and prompt adherence (with the
-    label each synthetic image is taken for: adherence.csv), their tables and figure in ``out`` (``p``: the evaluate params; ``real``: the real dataset, named in errors); for
-    unlabelled data or volumes, empty tables and a figure that says why (DVC declares them as outputs, and
-    every input kind runs the whole DAG)."""
+    """The augmentation study (one set of synthetic arms per generation mode; each cell's synthetic images those
+    made from its own real train subset, every arm with its information budget and claim: augmentation.csv) and
+    prompt adherence (its figure on images of val/test captions, with the label each is taken for:
+    adherence.csv; train captions' apart), their tables and figure in ``out`` (``p``: the evaluate params;
+    ``real``: the real dataset, named in errors); for unlabelled data or volumes, empty tables and a figure
+    that says why (DVC declares them as outputs, and every input kind runs the whole DAG)."""
+    from synthmed.data.imagefolder import read_metadata
+
     classes = sorted(set(rows["train"]["label"]) - {""})
     volumes = images["train"].ndim == 5
     if len(classes) >= 2 and not volumes:
-        sets = {k: (images[k], aug.encode(rows[k]["label"], classes)) for k in ("train", "val", "pool", "test", "synth")}
+        sets = {k: (images[k], aug.encode(rows[k]["label"], classes)) for k in ("train", "val", "test", "synth")}
         if not (sets["test"][1] >= 0).any():
             raise PipelineError(f"{real}/metadata.csv: no {p.fidelity_split} image has a label seen in train; the "
                                 "classifier cannot be scored (check the labels or evaluate.fidelity_split)")
         modes = modes_of(rows["synth"])
-        pools = {m: aug.subset(sets["pool"], mode_mask(rows["pool"], m)) for m in modes}
+        pools = aug.synthetic_pools(rows["synth"], images["synth"], sets["synth"][1], rows["train"]["file_name"], modes)
+        n_generator = aug.n_generator_captions(read_metadata(real), next(iter(pools.values())).kind)
         a, cfg = p.augmentation, p.classifier
         study = aug.run_study(sets["train"], pools, sets["test"], len(classes), a.fractions, a.ratios, a.arms,
-                              a.seeds, cfg, seed, val=sets["val"])
+                              a.seeds, cfg, seed, val=sets["val"], n_generator=n_generator)
+        for line in study.table.get("claim", []):
+            print(f"evaluate: {line}")
         metrics, confusions = dict(study.flat), []
         judge = replace(cfg, steps=p.adherence.steps, augment=True, blur_sigma=p.adherence.blur_sigma)
         judges = (aug.train_judges(sets["train"], len(classes), judge, p.adherence.seeds, seed, val=sets["val"])
                   if (sets["synth"][1] >= 0).any() else [])
+        split = rows["synth"]["split"] if "split" in rows["synth"] else pd.Series("", index=rows["synth"].index)
         for mode, suffix in modes.items():
-            synth = aug.subset(sets["synth"], mode_mask(rows["synth"], mode))
-            adherence, confusion = aug.prompt_adherence(judges, synth, sets["test"], len(classes), seed, p.resamples)
+            sel = mode_mask(rows["synth"], mode)
+            adherence, confusion = aug.prompt_adherence(judges, aug.subset(sets["synth"], sel), sets["test"],
+                                                        len(classes), seed, p.resamples, splits=split[sel].to_numpy())
             metrics.update({k + suffix: v for k, v in adherence.items()})
             confusions.append(confusion.assign(mode=mode) if len(modes) > 1 else confusion)
         confusion = pd.concat(confusions, ignore_index=True)

@@ -94,3 +94,15 @@ def test_a_classifier_on_disk_trains_as_in_memory_and_reads_one_batch_a_step(tmp
     in_memory = train_classifier(x[1:], y[1:], 2, cfg, seed=3, val=(tx, ty))
     assert all(torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), streamed.state_dict().values()))
     assert np.array_equal(predict(streamed, Rows(disk)), predict(in_memory, x))
+
+
+def test_training_can_start_from_given_weights():
+    g = torch.Generator().manual_seed(0)
+    x, y = blobs(12, g)
+    pretrained = train_classifier(x, y, 2, ClassifierConfig(steps=5, lr=1e-2, batch_size=8), seed=1).state_dict()
+    frozen = ClassifierConfig(steps=2, lr=0.0, batch_size=8)  # no step moves a weight: what it started from stays
+    tuned = train_classifier(x, y, 2, frozen, seed=2, init=pretrained).state_dict()
+    fresh = train_classifier(x, y, 2, frozen, seed=2).state_dict()
+    weights = [k for k in pretrained if k.endswith("weight")]
+    assert all(torch.equal(tuned[k], pretrained[k]) for k in weights)
+    assert not all(torch.equal(fresh[k], pretrained[k]) for k in weights)
