@@ -37,17 +37,19 @@ def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
 
 def privacy(feat: dict, images: dict, rows: dict, p, out: str) -> tuple[dict, str | None]:
     """Memorization table and the closest pairs figure (in ``out``), per generation mode; the gate's message
-    when armed (``p``: evaluate.privacy) and exceeded in any mode."""
-    space = {k: {"feature": feat[k], "pixel": PixelSpace(images[k], p.pixel_resolution)} for k in ("train", "test")}
+    when armed (``p``: evaluate.privacy) and fired in any mode. The reference is ``feat``/``images``
+    "held_out": every real image that is not train (val and test; "test" alone where no "held_out" is given)."""
+    ref = "held_out" if "held_out" in feat else "test"
+    space = {k: {"feature": feat[k], "pixel": PixelSpace(images[k], p.pixel_resolution)} for k in ("train", ref)}
     tables, summary, verdicts = [], {"mem_pixel_side": space["train"]["pixel"].side}, []
     for mode, suffix in modes_of(rows["synth"]).items():
         sel = mode_mask(rows["synth"], mode)
         synth = {"feature": feat["synth"][sel], "pixel": PixelSpace(images["synth"].subset(sel), p.pixel_resolution)}
-        table, mode_summary = memorization_table(synth, space["train"], space["test"], rows["synth"][sel],
-                                                 rows["train"]["file_name"])
+        table, mode_summary = memorization_table(synth, space["train"], space[ref], rows["synth"][sel],
+                                                 rows["train"]["file_name"], alpha=p.alpha, mirror=p.mirror)
         tables.append(table.assign(mode=mode) if suffix or "mode" in rows["synth"] else table)
         summary.update({k + suffix: v for k, v in mode_summary.items()})
-        verdicts.append(gate(mode_summary, p.max_fraction_below_p1) if p.fail_on_violation else None)
+        verdicts.append(gate(mode_summary, p.gate_level, p.max_excess) if p.fail_on_violation else None)
     table = pd.concat(tables, ignore_index=True)
     write_csv(f"{out}/memorization.csv", table)
     tiles, captions = [], []

@@ -1,10 +1,14 @@
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy import stats
 
 import pandas as pd
 
 from synthmed.metrics import privacy
-from synthmed.metrics.privacy import PixelSpace, audit, closest_pairs, gate, memorization_table, nearest
+from synthmed.metrics.privacy import (PixelSpace, PrivacyParams, audit, closest_pairs, copy_test, gate,
+                                      memorization_table, nearest, threshold)
 
 
 def _images(n, g):
@@ -18,8 +22,10 @@ def test_a_copied_training_image_is_flagged_and_fresh_samples_mostly_are_not():
     table, summary = audit({"pixel": (PixelSpace(synth), PixelSpace(train), PixelSpace(test))})
     assert table["flagged"].iloc[-1] and table["nn_train_index_pixel"].iloc[-1] == 7
     assert table["nn_distance_pixel"].iloc[-1] == pytest.approx(0, abs=1e-6)
-    assert summary["mem_frac_below_p1_pixel"] >= 1 / 20
-    assert table["flagged"].iloc[:-1].mean() < 0.2  # samples like the real test set: ~1 % expected
+    assert summary["mem_frac_below_pixel"] >= 1 / 20 and summary["mem_n_reference"] == 40
+    assert summary["mem_expected_rate_pixel"] == pytest.approx(2 / 41)  # k = floor(0.05 x 41) = 2
+    assert summary["mem_frac_below_pixel_ci_low"] <= summary["mem_frac_below_pixel"] <= summary["mem_frac_below_pixel_ci_high"]
+    assert table["flagged"].iloc[:-1].mean() < 0.2  # samples like the real held-out set: ~5 % expected
 
 
 @pytest.mark.parametrize("reference_bytes", [1, privacy.REFERENCE_BYTES])  # blocks of 16 rows | all 30 at once
@@ -80,4 +86,65 @@ def test_memorization_table_names_files_and_the_gate_reads_the_worst_space():
     assert table.loc[9, "nn_train_file_pixel"] == "t4.png" and table.loc[9, "file_name"] == "s9.png"
     assert summary["mem_flagged"] >= 1
     assert closest_pairs(table, names, n=1) == [(9, 4, pytest.approx(0, abs=1e-6))]
-    assert gate(summary, limit=0.5) is None and "privacy gate: 10.0%" in gate(summary, limit=0.01)
+    assert gate(summary, level=1e-9) is None and gate(summary, level=0.5, max_excess=0.5) is None
+    assert "privacy gate: 10.0% of synthetic images" in gate(summary, level=0.5)
+
+
+def test_the_threshold_is_the_conformal_order_statistic_and_states_its_rate():
+    d = np.arange(99, 0, -1.0)  # m = 99: k = floor(0.05 x 100) = 5, the 5th smallest
+    assert threshold(d, 0.05) == (5.0, 5)
+    assert threshold(d[:10], 0.05) == (90.0, 1)  # too few for alpha: the smallest, at rate 1 / 11 (stated)
+    with pytest.raises(ValueError, match="held-out real images"):
+        threshold(np.array([]), 0.05)
+    with pytest.raises(ValueError, match="alpha and gate_level"):
+        PrivacyParams(fail_on_violation=False, alpha=0.0, gate_level=0.01, max_excess=0.0, mirror=True,
+                      pixel_resolution=0)
+
+
+def test_honest_images_are_flagged_at_the_expected_rate_and_the_gate_holds_its_level():
+    # many seeded "splits": train, reference and honest synthetic rows drawn from one law (a generator that
+    # copies nothing); the share below must average k / (m + 1), and the exact gate fire at most at its level
+    rng = np.random.default_rng(5)
+    m, n, level, splits = 40, 60, 0.05, 300
+    nn = lambda q, r: np.sqrt(((q[:, None] - r[None]) ** 2).sum(-1)).min(1)  # noqa: E731
+    counts = []
+    for _ in range(splits):
+        train, ref, fresh = (rng.standard_normal((k, 6)) for k in (80, m, n))
+        cut, k = threshold(nn(ref, train), 0.05)
+        counts.append(int((nn(fresh, train) < cut).sum()))
+    x = np.array(counts)
+    flagged = x / n
+    exact = sum(copy_test(c, n, k, m) < level for c in np.unique(x) for _ in range((x == c).sum()))
+    naive = int((stats.binom.sf(x - 1, n, k / (m + 1)) < level).sum())
+    assert k / (m + 1) == pytest.approx(2 / 41)
+    assert np.mean(flagged) == pytest.approx(2 / 41, abs=0.01)  # sd of the mean ~0.0017
+    assert exact / splits <= level + 0.025
+    assert naive > exact and naive / splits > level  # a binomial test at k / (m + 1) ignores the threshold's spread
+
+
+def _smooth(n, g):
+    return (F.interpolate(torch.rand(n, 1, 3, 3, generator=g), size=16, mode="bilinear", align_corners=False)
+            * 255).round().to(torch.uint8)
+
+
+def test_shifted_mirrored_noised_and_blurred_copies_fall_below_in_pixel_space_with_the_mirror_search():
+    g = torch.Generator().manual_seed(6)
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    u8 = lambda x: x.round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+    caught = {c: [] for c in ("shift", "mirror", "noise", "blur")}
+    plain_mirror = []
+    for _ in range(6):
+        train, ref = _smooth(40, g), _smooth(40, g)
+        x = train.float()
+        copies = {"shift": u8(F.pad(x, (1, 0, 0, 0), mode="replicate")[..., :16]), "mirror": train.flip(-1),
+                  "noise": u8(x + 8 * torch.randn(x.shape, generator=g)),
+                  "blur": u8(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (kernel[:, None] * kernel).view(1, 1, 3, 3)))}
+        synth = PixelSpace(torch.cat(list(copies.values())))
+        table, _ = audit({"pixel": (synth, PixelSpace(train), PixelSpace(ref))},
+                         mirrors={"pixel": (synth.mirrored(), PixelSpace(ref).mirrored())})
+        plain, _ = audit({"pixel": (synth, PixelSpace(train), PixelSpace(ref))})
+        for j, c in enumerate(caught):
+            caught[c].append(table["below_pixel"].iloc[40 * j : 40 * (j + 1)].mean())
+        plain_mirror.append(plain["below_pixel"].iloc[40:80].mean())
+    assert {c: np.mean(v) >= 0.9 for c, v in caught.items()} == {c: True for c in caught}, caught
+    assert np.mean(plain_mirror) < 0.5  # without the mirror search a flipped copy is not near its original
