@@ -39,13 +39,12 @@ from synthmed.core.provenance import derive_seed
 from synthmed.core.progress import progress
 
 METRICS = ("auc", "acc", "bacc")
-ADHERENCE_COLUMNS = ["rep", "prompt_label", "predicted_label"]
+ADHERENCE_COLUMNS = ["rep", "split", "prompt_label", "predicted_label"]
 # an arm's information budget: what it trained on, and what it learned labels from
 BUDGET = ["n_real_images", "n_synth", "n_synth_requested", "n_labels", "n_generator_captions", "n_pool_conditions",
           "pool_splits"]
 RUN_COLUMNS = ["regime", "arm", "rep", *BUDGET, *METRICS]
 SYNTHETIC_ARMS = ("real_synth", "synth", "synth_then_real")
-HELD_OUT = ("val", "test")  # captions whose images the generator never trained on
 NONE = -1  # a condition that is not there (a reconstruction's partner)
 OUTSIDE = -2  # a condition that is a real image outside the labelled real train set
 
@@ -374,42 +373,43 @@ def train_judges(real: tuple, n_classes: int, cfg: ClassifierConfig, seeds: int,
 
 
 def prompt_adherence(judges: list, synth: tuple, test: tuple, n_classes: int, seed: int, resamples: int,
-                     splits=None) -> tuple[dict[str, float], pd.DataFrame]:
+                     splits=None, report_split: str = "test") -> tuple[dict[str, float], pd.DataFrame]:
     """Share of labelled synthetic images that the judges assign to their prompt's label (their mean), with a
     bootstrap 95 % interval over the synthetic images; beside the judges' accuracy on real test (the ceiling)
     and on real test blurred by BLUR_CHECK_SIGMA (a judge that fails there reads texture, not anatomy). And
     which labels they are taken for: one row per (judge, synthetic image) with its prompt's label and the
     predicted one (class indices), the confusion table that says which levels a generator mixes up.
 
-    ``splits``: whose captions made each synthetic image. Given, the figure (`adherence_acc`, its interval,
-    `adherence_n`, `adherence_chance`) and the confusion rows score only images of val and test captions,
-    whose images the generator never saw; those of train captions give `adherence_train_captions_acc` (and
-    `_n`) apart, a diagnostic: a generator that copies its training images scores near 100 % there. Images of
-    no split (prompt files, templates) are in neither."""
+    ``splits``: whose captions made each synthetic image. Given, the figure to report (`adherence_acc`, its
+    interval, `adherence_n`, `adherence_chance`) scores only images of ``report_split`` captions, and the figure to
+    choose a recipe by (`val_adherence_acc`, ...) only those of val captions: images the generator never saw. The
+    confusion rows are those of both. Images of train captions give `adherence_train_captions_acc` (and `_n`)
+    apart, a diagnostic: a generator that copies its training images scores near 100 % there. Images of no split
+    (prompt files, templates) are in none."""
     n = len(synth[1])
-    held = np.ones(n, dtype=bool) if splits is None else np.isin(np.asarray(splits, dtype=object), HELD_OUT)
-    seen = np.zeros(n, dtype=bool) if splits is None else np.asarray(splits, dtype=object) == "train"
-    (held_x, held_y), (seen_x, seen_y) = _labelled(*subset(synth, held)), _labelled(*subset(synth, seen))
+    split = np.full(n, report_split, dtype=object) if splits is None else np.asarray(splits, dtype=object)
     test_x, test_y = _labelled(*test)
-    if not len(held_y) and not len(seen_y):
-        return {}, pd.DataFrame(columns=ADHERENCE_COLUMNS)
     figures = {"adherence_real_test_acc": float(np.mean([score_classifier(m, test_x, test_y)["acc"] for m in judges])),
                "adherence_real_test_blurred_acc": float(np.mean([score_classifier(
-                   m, test_x, test_y, blur_sigma=BLUR_CHECK_SIGMA)["acc"] for m in judges]))}
+                   m, test_x, test_y, blur_sigma=BLUR_CHECK_SIGMA)["acc"] for m in judges]))} if judges else {}
     rows = []
-    if len(held_y):
-        preds = [predict(model, held_x).argmax(1) for model in judges]
-        hits = np.mean([pred == held_y.numpy() for pred in preds], axis=0)
-        mean, low, high = bootstrap_ci(hits, resamples, derive_seed(seed, "adherence") % 2**31)
-        figures.update({"adherence_acc": mean, "adherence_acc_ci_low": low, "adherence_acc_ci_high": high,
-                        "adherence_n": len(held_y), "adherence_chance": float(
-                            np.bincount(held_y.numpy(), minlength=n_classes).max() / len(held_y))})
-        rows = [pd.DataFrame({"rep": rep, "prompt_label": held_y.numpy(), "predicted_label": pred})
-                for rep, pred in enumerate(preds)]
-    if len(seen_y):
-        figures.update({"adherence_train_captions_acc": float(np.mean(
-            [predict(model, seen_x).argmax(1) == seen_y.numpy() for model in judges])),
-            "adherence_train_captions_n": len(seen_y)})
+    for prefix, which in (("", report_split), ("val_", "val"), ("train_captions", "train")):
+        x, y = _labelled(*subset(synth, split == which))
+        if not len(y) or not judges or (prefix == "val_" and which == report_split):
+            continue
+        preds = [predict(model, x).argmax(1) for model in judges]
+        hits = np.mean([pred == y.numpy() for pred in preds], axis=0)
+        if which == "train":  # the diagnostic: no interval
+            figures.update({"adherence_train_captions_acc": float(hits.mean()), "adherence_train_captions_n": len(y)})
+            continue
+        mean, low, high = bootstrap_ci(hits, resamples, derive_seed(seed, "adherence", which) % 2**31)
+        figures.update({f"{prefix}adherence_acc": mean, f"{prefix}adherence_acc_ci_low": low,
+                        f"{prefix}adherence_acc_ci_high": high, f"{prefix}adherence_n": len(y),
+                        f"{prefix}adherence_chance": float(np.bincount(y.numpy(), minlength=n_classes).max() / len(y))})
+        rows += [pd.DataFrame({"rep": rep, "split": which, "prompt_label": y.numpy(), "predicted_label": pred})
+                 for rep, pred in enumerate(preds)]
+    if not any(k.endswith("_n") for k in figures):  # no labelled synthetic image of any split
+        return {}, pd.DataFrame(columns=ADHERENCE_COLUMNS)
     return figures, (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ADHERENCE_COLUMNS))
 
 

@@ -105,6 +105,7 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
     assert evaluation["kid_effnet_ci_low"] <= evaluation["kid_effnet_ci_high"] and evaluation["kid_effnet_std"] > 0
     assert evaluation["kid_subset_size"] <= evaluation["n_synthetic_fidelity"] // 2 and evaluation["fd_reliable"] == 0
     confusion = pd.read_csv(dag / "data/evaluate/adherence.csv")  # the labels synthetic images are taken for
+    confusion = confusion[confusion["split"] == "test"]  # the reported figure; val's is val_adherence_acc
     hits = (confusion["prompt_label"] == confusion["predicted_label"]).mean()
     assert evaluation["adherence_acc_ci_low"] <= evaluation["adherence_acc"] <= evaluation["adherence_acc_ci_high"]
     assert abs(hits - evaluation["adherence_acc"]) < 1e-9 and set(confusion["prompt_label"]) <= set(

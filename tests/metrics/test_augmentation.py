@@ -253,7 +253,7 @@ def test_every_arm_states_its_information_budget_and_claim():
     assert "aug_gain_auc_50pct_synth_then_real" in study.flat and "aug_auc_100pct_real" in study.flat
 
 
-def test_adherence_headline_scores_only_images_of_val_and_test_captions():
+def test_adherence_reports_test_captions_and_chooses_on_val_captions_apart_from_train_ones():
     g = torch.Generator().manual_seed(2)
     real, test = brightness(30, g), brightness(20, g)
     x, y = brightness(16, g)
@@ -263,9 +263,13 @@ def test_adherence_headline_scores_only_images_of_val_and_test_captions():
     cfg = ClassifierConfig(steps=40, lr=0.01, batch_size=16)
     judges = train_judges(real, 2, cfg, 2, 0)
     figures, confusion = prompt_adherence(judges, (x, prompt), test, 2, 0, resamples=50, splits=splits)
-    assert figures["adherence_n"] == 8 and figures["adherence_acc"] > 0.9  # held-out captions only
+    assert figures["adherence_n"] == 4 and figures["adherence_acc"] > 0.9  # test captions only
+    assert figures["val_adherence_n"] == 4 and figures["val_adherence_acc"] > 0.9  # val captions, to choose by
     assert figures["adherence_train_captions_n"] == 6 and figures["adherence_train_captions_acc"] < 0.1
-    assert len(confusion) == 2 * 8 and confusion["prompt_label"].tolist()[:8] == prompt[:8].tolist()
-    assert figures["adherence_chance"] == pytest.approx(0.5)
+    assert len(confusion) == 2 * 8 and set(confusion["split"]) == {"test", "val"}
+    test_rows = confusion[confusion["split"] == "test"]
+    assert test_rows["prompt_label"].tolist()[:4] == prompt[4:8].tolist()
+    assert (test_rows["prompt_label"] == test_rows["predicted_label"]).mean() == pytest.approx(figures["adherence_acc"])
+    assert figures["adherence_chance"] >= 0.5
     only_train, _ = prompt_adherence(judges, (x[8:14], prompt[8:14]), test, 2, 0, 0, splits=splits[8:14])
     assert "adherence_acc" not in only_train and only_train["adherence_train_captions_n"] == 6
