@@ -127,12 +127,16 @@ def fidelity_section(dep: Dep, m: dict) -> Section:
 
 
 def privacy_section(dep: Dep, m: dict) -> Section:
-    keys = [k for k in ("mem_frac_below_p1_feature", "mem_frac_below_p1_pixel", "mem_frac_below_p5_feature",
-                        "mem_source_frac_below_p1_feature", "mem_flagged") if k in m]
-    return Section("Privacy: memorization audit", "the synthetic images closest to a training image, beside it; a "
-                   "generator that does not copy puts about 1 % of its images below the 1st percentile of real "
-                   "test images' distances to train (`mem_frac_below_p1_*`).",
-                   [Table(["figure", "value"], [[k, fmt(m[k])] for k in keys]),
+    rows = [[space, fmt(m.get(f"mem_frac_below_{space}")),
+             f"[{fmt(m.get(f'mem_frac_below_{space}_ci_low'))}, {fmt(m.get(f'mem_frac_below_{space}_ci_high'))}]",
+             fmt(m.get(f"mem_expected_rate_{space}")), fmt(m.get(f"mem_p_{space}"))]
+            for space in ("feature", "pixel") if f"mem_frac_below_{space}" in m]
+    n = m.get("mem_n_reference")
+    return Section("Privacy: memorization audit", "the share of synthetic images closer to a training image than "
+                   f"all but the nearest few of the {fmt(n)} held-out real images are (each space's threshold, an "
+                   "order statistic of their distances to train); a generator that copies nothing puts the expected "
+                   "rate below it. The synthetic images closest to a training image, beside it.",
+                   [Table(["space", "share below", "95 % interval", "expected if no copies", "p (more copies)"], rows),
                     Figure("closest_pairs", png(dep("evaluate/closest_pairs.png")), "closest synthetic–train pairs")])
 
 

@@ -77,7 +77,7 @@ def test_image_conditioning_runs_the_whole_dag_on_images_without_captions(tmp_pa
 
     m = json.loads((repo / "metrics/all/evaluate.json").read_text())
     assert m["fd_effnet"] > 0 and m["fd_effnet_interpolation"] > 0
-    assert 0 <= m["mem_source_frac_below_p1_pixel"] <= 1 and m["mem_source_median_pixel"] > 0
+    assert 0 <= m["mem_source_frac_below_pixel"] <= 1 and m["mem_source_median_pixel"] > 0
     assert "aug_gain_auc_100pct_1x" in m and "aug_gain_auc_100pct_1x_interpolation" in m
     memo = pd.read_csv(repo / "data/evaluate/memorization.csv")
     train = set(real.index[real["split"] == "train"])

@@ -54,7 +54,7 @@ def test_volumes_run_the_whole_dag_with_the_invertible_backbone(tmp_path: Path):
     evaluation = json.loads((repo / "metrics/all/evaluate.json").read_text())
     for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "fd_effnet_axial", "fd_effnet_coronal",
                 "fd_effnet_sagittal", "precision", "volume_psnr", "volume_ssim", "volume_ssim_real_test_vs_train",
-                "mem_frac_below_p1_pixel"):
+                "mem_frac_below_pixel"):
         assert np.isfinite(evaluation[key]), key
     assert 0 < evaluation["volume_ssim_real_test_vs_train"] < 1
     assert not [k for k in evaluation if k.startswith(("aug_", "adherence_"))]  # the classifier is 2-D
