@@ -13,6 +13,10 @@ Prints JSON: {study: {scenario: {n: {figure: coverage, ...}}}} with the replicat
   group, as evaluate does with a `group` column; `clustered_by_image` resamples the same data image by image.
 - adherence: the share of synthetic images the judges take for their prompt's label (the mean of several
   judges' hits per image), with `bootstrap_ci` over images.
+- memorization: the share of an honest generator's images below the audit's threshold, its Clopper-Pearson
+  interval, and its mean against the stated expected rate.
+- gains: a gain of one arm over another scored on the same test items (augmentation: 5 seeds that also redraw the
+  real subset; VLP: 2 seeds), with the t-interval over seeds and the paired bootstrap over items.
 
     python benchmarks/coverage.py                       # 500 replicates at n = 46, 200, 1000
     python benchmarks/coverage.py --replicates 100 --sizes 46 200 --studies adherence
@@ -30,12 +34,16 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
+from scipy import stats
+
 from synthmed.metrics.fidelity import resampled_interval, set_figures
-from synthmed.metrics.stats import bootstrap_ci
+from synthmed.metrics.privacy import clopper_pearson, threshold
+from synthmed.metrics.stats import bootstrap_ci, mean_ci, paired_item_gain
 
 DIMS = 32
 PARAMS = {"kid_subset_size": 50, "kid_subsets": 100, "prdc_k": 5, "resamples": 200}  # params.yaml's evaluate
 CLUSTER = 4  # images per group in the clustered scenario
+ALPHA = 0.05  # params.yaml's evaluate.privacy.alpha
 
 
 def _draw(scenario: str, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
@@ -92,12 +100,62 @@ def adherence(n: int, replicates: int, draws: int, judges: int = 3) -> dict:
     return {"adherence_acc": {"coverage": float(np.mean(inside)), "truth": 4 / 5.5}}
 
 
+def memorization(n: int, replicates: int) -> dict:
+    """An honest generator: its n images' nearest-train distances and the m = n held-out reference distances come
+    from one distribution (uniform: a distance's quantile is its value). The audit's threshold is the k-th smallest
+    reference distance; the true rate of the generator behind the share below it is the threshold's quantile. The
+    share's Clopper-Pearson interval, and the mean share against the stated expected rate k / (m + 1)."""
+    rng = np.random.default_rng(n + 1)
+    inside, shares, expected = [], [], 0.0
+    for _ in range(replicates):
+        cut, k = threshold(rng.random(n), ALPHA)
+        x = int((rng.random(n) < cut).sum())
+        low, high = clopper_pearson(x, n)
+        inside.append(low <= cut <= high)
+        shares.append(x / n)
+        expected = k / (n + 1)
+    return {"mem_frac_below": {"coverage": float(np.mean(inside)), "mean_share": float(np.mean(shares)),
+                               "expected_rate": expected}}
+
+
+def _item_scores(rng, quality: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
+    """0/1 scores [models, items]: model r gets item i right with probability Phi(quality_r - difficulty_i)."""
+    return (rng.random((len(quality), len(difficulty))) < stats.norm.cdf(quality[:, None] - difficulty)).astype(float)
+
+
+def _true_gain(control: float, treated: float, spread: float) -> float:
+    """The population gain: the difference of P(right) over items of difficulty N(0, 1) and models N(mean, spread)."""
+    scale = np.sqrt(1 + 1 + spread**2)
+    return float(stats.norm.cdf(treated / scale) - stats.norm.cdf(control / scale))
+
+
+def gains(n: int, replicates: int, draws: int, seeds: int, spread: float) -> dict:
+    """Two arms scored on the same n test items (difficulty N(0, 1) per item) by models of ``seeds`` seeds (quality
+    N(0.8, spread) for the control, 0.3 more for the treated arm; the augmentation study's seeds also redraw the
+    real subset, hence the spread). The gain's true value is over new items and new seeds. Intervals: the
+    t-interval over seeds of the per-seed differences (summarise_arms), and the paired bootstrap over items
+    (paired_item_gain, the VLP study's)."""
+    rng = np.random.default_rng(n + 2)
+    truth = _true_gain(0.8, 1.1, spread)
+    seed_t, items = [], []
+    for rep in range(replicates):
+        difficulty = rng.standard_normal(n)
+        control = _item_scores(rng, 0.8 + spread * rng.standard_normal(seeds), difficulty)
+        treated = _item_scores(rng, 1.1 + spread * rng.standard_normal(seeds), difficulty)
+        mean, half = mean_ci(treated.mean(1) - control.mean(1))
+        seed_t.append(mean - half <= truth <= mean + half)
+        paired = paired_item_gain(treated, control, draws, rep)
+        items.append(paired.ci_low <= truth <= paired.ci_high)
+    return {"seed_t_interval": {"coverage": float(np.mean(seed_t)), "truth": truth},
+            "item_bootstrap": {"coverage": float(np.mean(items)), "truth": truth}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicates", type=int, default=500)
     ap.add_argument("--sizes", type=int, nargs="+", default=[46, 200, 1000])
     ap.add_argument("--draws", type=int, default=PARAMS["resamples"])
-    ap.add_argument("--studies", nargs="+", default=["fidelity", "adherence"])
+    ap.add_argument("--studies", nargs="+", default=["fidelity", "adherence", "memorization", "gains"])
     ap.add_argument("--scenarios", nargs="+", default=["shifted", "twin", "clustered", "clustered_by_image"])
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     args = ap.parse_args()
@@ -108,6 +166,12 @@ def main() -> None:
                                              for n in args.sizes} for s in args.scenarios}
     if "adherence" in args.studies:
         report["studies"]["adherence"] = {"beta": {n: adherence(n, args.replicates, args.draws) for n in args.sizes}}
+    if "memorization" in args.studies:
+        report["studies"]["memorization"] = {"honest": {n: memorization(n, args.replicates) for n in args.sizes}}
+    if "gains" in args.studies:  # the augmentation study's 5 seeds (seeds redraw the subset), the VLP study's 2
+        report["studies"]["gains"] = {
+            "augmentation_5_seeds": {n: gains(n, args.replicates, 2000, 5, 0.3) for n in args.sizes},
+            "vlp_2_seeds": {n: gains(n, args.replicates, 2000, 2, 0.1) for n in args.sizes}}
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report, indent=1))
 

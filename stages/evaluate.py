@@ -65,9 +65,9 @@ def headline(p: EvaluateParams) -> list[str]:
     # docs/metrics.md); KID is unbiased at any n (its interval beside it; every figure's is in metrics/all).
     plain = ["kid_effnet", "kid_effnet_ci_low", "kid_effnet_ci_high", "kid_effnet_real_train_vs_test", "precision",
              "recall", "n_synthetic_fidelity", "grid_excess_db", "mem_frac_below_feature", "mem_frac_below_pixel",
-             "mem_expected_rate_feature", "adherence_acc", "adherence_acc_ci_low", "adherence_acc_ci_high",
-             "adherence_n", "adherence_real_test_acc", f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p_holm"]
-    choose = [VAL + k for k in ("kid_effnet", "precision", "recall", "adherence_acc")]  # val captions: to choose by
+             "adherence_acc", "adherence_acc_ci_low", "adherence_acc_ci_high", "adherence_real_test_acc",
+             f"aug_gain_auc_{cell}", f"aug_gain_auc_{cell}_p_holm"]
+    choose = [VAL + k for k in ("kid_effnet", "adherence_acc")]  # val captions: to choose by
     mode = "_interpolation"
     return plain + choose + ["volume_ssim", "volume_ssim_real_test_vs_train", "mem_source_frac_below_feature"] + [
         f"kid_effnet{mode}", f"precision{mode}", f"recall{mode}", f"aug_gain_auc_{cell}{mode}"]

@@ -13,6 +13,7 @@ or `dvc exp run`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def test_every_stage_writes_its_declared_outputs_and_metrics(dag: Path):
         metrics.update({f"{stage}.{k}": v for k, v in json.loads((dag / f"metrics/all/{stage}.json").read_text()).items()})
         headline.update({f"{stage}.{k}": v for k, v in json.loads((dag / f"metrics/{stage}.json").read_text()).items()})
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()), metrics
-    assert headline.items() <= metrics.items() and len(headline) <= 31, sorted(headline)  # `dvc exp show` fits
+    assert headline.items() <= metrics.items() and len(headline) <= 34, sorted(headline)  # `dvc exp show` fits
     assert "evaluate.aug_gain_auc_50pct_1x" in headline and "evaluate.kid_effnet_ci_high" in headline
     evaluation = json.loads((dag / "metrics/all/evaluate.json").read_text())
     for key in ("fd_effnet", "fd_effnet_real_train_vs_test", "fd_effnet_inf", "fd_reliable", "kid_effnet",
@@ -267,11 +268,14 @@ def test_the_armed_privacy_gate_stops_evaluate_on_a_synthetic_set_of_training_co
     write_params(repo, params)
     real = pd.read_csv(repo / "data/ingest/dataset/metadata.csv", dtype=str, keep_default_na=False)
     train = real[real["split"] == "train"]["file_name"].tolist()
-    synth = pd.read_csv(repo / "data/generate/dataset/metadata.csv", dtype=str, keep_default_na=False)
+    folder = repo / "data/generate/dataset"
+    synth = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
     for i, name in enumerate(synth["file_name"].drop_duplicates()):
-        target = repo / "data/generate/dataset" / name
-        target.unlink()  # not written through: the file may be a link into the DVC cache
-        shutil.copyfile(repo / "data/ingest/dataset" / train[i % len(train)], target)
+        (folder / name).unlink()  # not written through: the file may be a link into the DVC cache
+        shutil.copyfile(repo / "data/ingest/dataset" / train[i % len(train)], folder / name)
+    synth["sha256"] = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in synth["file_name"]]
+    (folder / "metadata.csv").unlink()
+    synth.to_csv(folder / "metadata.csv", index=False)
     failed = dvc(repo, "repro", "--single-item", "evaluate", check=False)
     assert failed.returncode != 0 and "privacy gate" in failed.stderr + failed.stdout, failed.stderr[-2000:]
 
