@@ -4,7 +4,11 @@ For each experiment name: the overrides against its base commit's params.yaml, e
 "finished in" line in `dvc queue logs`), and the fidelity, adherence and augmentation figures of
 metrics/all/evaluate.json with their 95 % intervals. Prints a Markdown table (or JSON with --json).
 
-    .venv/bin/python benchmarks/recipe_table.py lr1e3 flow vzsnr [--json]
+A recipe is chosen on the val figures (synthetic images of val captions against the real val images: the
+default, `--split val`); the one chosen is then reported on test (`--split test`). An experiment scored before
+evaluate wrote val figures shows "—" on val.
+
+    .venv/bin/python benchmarks/recipe_table.py lr1e3 flow vzsnr [--split val|test] [--json]
 """
 
 from __future__ import annotations
@@ -72,21 +76,26 @@ def cached_images(ref: str, out: str = "data/generate/dataset"):
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
-def row(name: str) -> dict:
+PREFIX = {"val": "val_", "test": ""}  # evaluate's names for the figures of each split's captions
+
+
+def row(name: str, split: str = "val") -> dict:
     ref = exp_ref(name)
     ev = json.loads(git("show", f"{ref}:metrics/all/evaluate.json"))
     ldm = json.loads(git("show", f"{ref}:metrics/all/train_ldm.json"))
     out = {"name": name, "overrides": overrides(ref), "seconds": stage_seconds(name),
            "val_loss_ema": ldm.get("val_loss_ema")}
-    if "grid_excess_db" not in ev:  # scored before the figure existed: measured here on its images
+    if "grid_excess_db" not in ev and split == "test":  # scored before the figure existed: measured here on its images
         from synthmed.metrics.grid_artifacts import grid_excess_db, grid_ratios
 
         value, low, high = grid_excess_db(grid_ratios(cached_images(ref)), 200, 0)
         ev.update(grid_excess_db=value, grid_excess_db_ci_low=low, grid_excess_db_ci_high=high)
-    for k in FIGURES:
-        out[k] = [ev.get(k), ev.get(f"{k}_ci_low"), ev.get(f"{k}_ci_high")]
-    out["adherence"] = [ev.get(k) for k in ("adherence_acc", "adherence_acc_ci_low", "adherence_acc_ci_high",
-                                             "adherence_real_test_acc")]
+    pre = PREFIX[split]
+    for k in FIGURES:  # the checkerboard is measured on every synthetic image: the same on both sides
+        key = k if k == "grid_excess_db" else pre + k
+        out[k] = [ev.get(key), ev.get(f"{key}_ci_low"), ev.get(f"{key}_ci_high")]
+    out["adherence"] = [ev.get(pre + k) for k in ("adherence_acc", "adherence_acc_ci_low", "adherence_acc_ci_high")]
+    out["adherence"].append(ev.get("adherence_real_test_acc"))
     out["gains"] = {k: v for k, v in ev.items() if k.startswith("aug_gain_") and "synth" not in k}
     return out
 
@@ -99,26 +108,27 @@ def cell(v) -> str:
     return f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ["name", "overrides", "train_ldm s", "kid_effnet [95 % CI]", "precision", "recall", "fd_effnet_inf",
-            "grid dB", "adherence (ceiling)"]
+def markdown(rows: list[dict], split: str = "val") -> str:
+    head = ["name", "overrides", "train_ldm s", f"{split} kid_effnet [95 % CI]", "precision", "recall",
+            "fd_effnet_inf", "grid dB", f"{split} adherence (ceiling)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         o = " ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "—"
         a, seconds = r["adherence"], r["seconds"].get("train_ldm")
         lines.append("| " + " | ".join([r["name"], o, "(cached)" if seconds is None else f"{seconds:.0f}",
                                         *(cell(r[k]) for k in FIGURES),
-                                        "—" if a[0] is None else f"{cell(a[:3])} ({a[3]:.3f})"]) + " |")
+                                        "—" if a[0] is None else f"{cell(a[:3])} ({a[3] or float('nan'):.3f})"]) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="+")
+    ap.add_argument("--split", choices=sorted(PREFIX), default="val", help="val: to choose a recipe; test: to report it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = [row(n) for n in args.names]
-    print(json.dumps(rows, indent=1) if args.json else markdown(rows))
+    rows = [row(n, args.split) for n in args.names]
+    print(json.dumps(rows, indent=1) if args.json else markdown(rows, args.split))
     return 0
 
 
