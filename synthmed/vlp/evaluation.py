@@ -56,15 +56,10 @@ def _auc(y: np.ndarray, probs: np.ndarray, classes: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray
-                 ) -> dict[str, float]:
-    """Logistic regression on frozen, standardised features: accuracy and macro AUC on test."""
-    return linear_probe_items(train_x, train_y, test_x, test_y)[0]
-
-
-def linear_probe_items(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
+def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                        n_classes: int | None = None) -> tuple[dict[str, float], ItemScores]:
-    """``linear_probe``'s scores and per test image: correct (0/1) and the class probabilities over
+    """Logistic regression on frozen, standardised features: accuracy and macro AUC on test, and per test image:
+    correct (0/1) and the class probabilities over
     ``n_classes`` columns (labels are class indices; NaN columns for classes absent from train_y)."""
     scaler = StandardScaler().fit(train_x.numpy())
     clf = LogisticRegression(max_iter=2000).fit(scaler.transform(train_x.numpy()), train_y)
@@ -77,14 +72,10 @@ def linear_probe_items(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch
             {"acc": correct, "auc": ClassScores(full, np.asarray(test_y))})
 
 
-def zero_shot(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.ndarray) -> dict[str, float]:
-    """Each image gets the class whose caption embedding is most similar; y indexes class_text_emb rows."""
-    return zero_shot_items(image_emb, class_text_emb, test_y)[0]
-
-
-def zero_shot_items(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.ndarray
+def zero_shot(image_emb: torch.Tensor, class_text_emb: torch.Tensor, test_y: np.ndarray
                     ) -> tuple[dict[str, float], ItemScores]:
-    """``zero_shot``'s scores and per image: correct (0/1) and the softmax of its similarities to the classes."""
+    """Each image gets the class whose caption embedding is most similar (y indexes class_text_emb rows): accuracy
+    and macro AUC, and per image: correct (0/1) and the softmax of its similarities to the classes."""
     sims = (image_emb @ class_text_emb.T).numpy()
     probs = torch.as_tensor(sims).softmax(-1).numpy()
     correct = (sims.argmax(1) == test_y).astype(float)
@@ -164,7 +155,7 @@ def evaluate_model(model: DualEncoder, tower, data: ScoringSet, probe_fractions:
         feats_test = image_features(model, data.test.images, projected=False)
         for f in probe_fractions:
             idx = stratified_subset(data.probe_y, f, np.random.default_rng(derive_seed(seed, "probe", f, rep)))
-            scores, per_item = linear_probe_items(feats_train[idx], data.probe_y[idx], feats_test, data.test_y,
+            scores, per_item = linear_probe(feats_train[idx], data.probe_y[idx], feats_test, data.test_y,
                                                   len(data.classes))
             out.update({f"probe_{k}_{regime_name(f)}": v for k, v in scores.items()})
             items.update({f"probe_{k}_{regime_name(f)}": v for k, v in per_item.items()})
@@ -175,7 +166,7 @@ def evaluate_model(model: DualEncoder, tower, data: ScoringSet, probe_fractions:
             zs_code = {data.classes.index(c): i for i, c in enumerate(data.zs_labels)}
             mask = np.isin(data.test_y, list(zs_code))
             zs_y = np.array([zs_code[y] for y in data.test_y[mask]])
-            scores, per_item = zero_shot_items(img_emb[mask], class_emb, zs_y)
+            scores, per_item = zero_shot(img_emb[mask], class_emb, zs_y)
             out.update({f"zeroshot_{k}": v for k, v in scores.items()})
             items.update({f"zeroshot_{k}": v for k, v in per_item.items()})
         cap_emb = _embed_texts(model, tower.pooled(data.candidates))

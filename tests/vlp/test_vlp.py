@@ -12,8 +12,8 @@ import torch
 from synthmed.text.encoder import TextEncoder
 from synthmed.vlp.corpus import scoring_set, split_pairs
 from synthmed.metrics.stats import macro_auc
-from synthmed.vlp.evaluation import (ClassScores, linear_probe, linear_probe_items, retrieval_chance, retrieval_hits,
-                                     retrieval_recall, zero_shot, zero_shot_items)
+from synthmed.vlp.evaluation import (ClassScores, linear_probe, retrieval_chance, retrieval_hits,
+                                     retrieval_recall, zero_shot)
 from synthmed.vlp.report import headline, report, summarise
 from synthmed.vlp.model import MAX_LOGIT_SCALE, info_nce
 from synthmed.vlp.text import TextTower
@@ -81,12 +81,12 @@ def test_retrieval_chance_matches_every_random_ranking():
 
 def test_zero_shot_and_linear_probe_score_known_answers():
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
-    out = zero_shot(emb, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1, 1]))
+    out = zero_shot(emb, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1, 1]))[0]
     assert out["acc"] == pytest.approx(2 / 3)
     g = np.random.default_rng(0)
     x = torch.as_tensor(np.concatenate([g.normal(0, 1, (20, 4)), g.normal(4, 1, (20, 4))]))
     y = np.repeat([0, 1], 20)
-    assert linear_probe(x, y, x, y) == {"acc": 1.0, "auc": 1.0}
+    assert linear_probe(x, y, x, y)[0] == {"acc": 1.0, "auc": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +191,12 @@ def test_per_item_results_average_to_the_scores():
     rng = np.random.default_rng(0)
     x = torch.as_tensor(rng.normal(0, 1, (60, 4)) + np.repeat(np.eye(3, 4), 20, 0) * 1.5)
     y = np.repeat([0, 1, 2], 20)
-    scores, items = linear_probe_items(x[::2], y[::2], x, y, n_classes=4)
-    assert scores == linear_probe(x[::2], y[::2], x, y)
+    scores, items = linear_probe(x[::2], y[::2], x, y, n_classes=4)
+    assert scores == linear_probe(x[::2], y[::2], x, y)[0]
     assert items["acc"].mean() == pytest.approx(scores["acc"])
     assert items["auc"].scores.shape == (60, 4) and np.isnan(items["auc"].scores[:, 3]).all()  # class 3 unseen
     assert macro_auc(items["auc"].scores, items["auc"].labels)[0] == pytest.approx(scores["auc"])
-    scores, items = zero_shot_items(x[:, :3], torch.eye(3, dtype=x.dtype), y)
-    assert scores == zero_shot(x[:, :3], torch.eye(3, dtype=x.dtype), y)
+    scores, items = zero_shot(x[:, :3], torch.eye(3, dtype=x.dtype), y)
     assert items["acc"].mean() == pytest.approx(scores["acc"])
     assert macro_auc(items["auc"].scores, items["auc"].labels)[0] == pytest.approx(scores["auc"])
 
