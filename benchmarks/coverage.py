@@ -151,6 +151,22 @@ def gains(n: int, replicates: int, draws: int, seeds: int, spread: float) -> dic
     return {k: {"coverage": float(np.mean(v))} for k, v in hits.items()}
 
 
+def markdown(report: dict) -> str:
+    """One row per study, scenario and figure; one column per size."""
+    studies = report["studies"]
+    sizes = sorted({int(n) for st in studies.values() for sc in st.values() for n in sc})
+    lines = ["| study | scenario | figure | " + " | ".join(f"n = {n}" for n in sizes) + " |",
+             "|---|---|---|" + "---|" * len(sizes)]
+    for study, scenarios in studies.items():
+        for scenario, by_size in scenarios.items():
+            figures = list(dict.fromkeys(f for cells in by_size.values() for f in cells))
+            for figure in figures:
+                cells = [by_size.get(n, by_size.get(str(n), {})).get(figure, {}).get("coverage") for n in sizes]
+                lines.append(f"| {study} | {scenario} | {figure} | " +
+                             " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicates", type=int, default=500)
@@ -159,7 +175,11 @@ def main() -> None:
     ap.add_argument("--studies", nargs="+", default=["fidelity", "adherence", "memorization", "gains"])
     ap.add_argument("--scenarios", nargs="+", default=["shifted", "twin", "clustered", "clustered_by_image"])
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--markdown", metavar="JSON", help="print an earlier run's JSON as a Markdown table, and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.load(open(args.markdown))))
+        return
     start = time.time()
     report = {"replicates": args.replicates, "draws": args.draws, "dims": DIMS, "studies": {}}
     if "fidelity" in args.studies:
