@@ -13,7 +13,7 @@ Prints JSON: {study: {scenario: {n: {figure: coverage, ...}}}} with the replicat
   group, as evaluate does with a `group` column; `clustered_by_image` resamples the same data image by image.
 - adherence: the share of synthetic images the judges take for their prompt's label (the mean of several
   judges' hits per image), with `bootstrap_ci` over images.
-- memorization: the share of an honest generator's images below the audit's threshold, its Clopper-Pearson
+- memorization: the share of an honest generator's images below the audit's threshold, its Jeffreys
   interval, and its mean against the stated expected rate.
 - gains: a gain of one arm over another scored on the same test items (augmentation: 5 seeds that also redraw the
   real subset; VLP: 2 seeds), with the t-interval over seeds and the paired bootstrap over items.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import zlib
 from multiprocessing import get_context
@@ -37,7 +38,7 @@ import torch
 from scipy import stats
 
 from synthmed.metrics.fidelity import resampled_interval, set_figures
-from synthmed.metrics.privacy import clopper_pearson, threshold
+from synthmed.metrics.privacy import binomial_interval, threshold
 from synthmed.metrics.stats import bootstrap_ci, mean_ci, paired_item_gain
 
 DIMS = 32
@@ -104,13 +105,13 @@ def memorization(n: int, replicates: int) -> dict:
     """An honest generator: its n images' nearest-train distances and the m = n held-out reference distances come
     from one distribution (uniform: a distance's quantile is its value). The audit's threshold is the k-th smallest
     reference distance; the true rate of the generator behind the share below it is the threshold's quantile. The
-    share's Clopper-Pearson interval, and the mean share against the stated expected rate k / (m + 1)."""
+    share's Jeffreys interval (binomial_interval), and the mean share against the stated expected rate k / (m + 1)."""
     rng = np.random.default_rng(n + 1)
     inside, shares, expected = [], [], 0.0
     for _ in range(replicates):
         cut, k = threshold(rng.random(n), ALPHA)
         x = int((rng.random(n) < cut).sum())
-        low, high = clopper_pearson(x, n)
+        low, high = binomial_interval(x, n)
         inside.append(low <= cut <= high)
         shares.append(x / n)
         expected = k / (n + 1)
@@ -183,8 +184,12 @@ def main() -> None:
     start = time.time()
     report = {"replicates": args.replicates, "draws": args.draws, "dims": DIMS, "studies": {}}
     if "fidelity" in args.studies:
-        report["studies"]["fidelity"] = {s: {n: fidelity(s, n, args.replicates, args.draws, args.workers)
-                                             for n in args.sizes} for s in args.scenarios}
+        report["studies"]["fidelity"] = {s: {} for s in args.scenarios}
+        for n in args.sizes:  # size by size, each cell on stderr as it ends (the largest take the longest)
+            for s in args.scenarios:
+                cell = report["studies"]["fidelity"][s][n] = fidelity(s, n, args.replicates, args.draws, args.workers)
+                print(json.dumps({"scenario": s, "n": n, "seconds": round(time.time() - start),
+                                  **{k: v["coverage"] for k, v in cell.items()}}), file=sys.stderr, flush=True)
     if "adherence" in args.studies:
         report["studies"]["adherence"] = {"beta": {n: adherence(n, args.replicates, args.draws) for n in args.sizes}}
     if "memorization" in args.studies:

@@ -149,11 +149,13 @@ def threshold(reference: np.ndarray, alpha: float) -> tuple[float, int]:
     return float(np.partition(np.asarray(reference, dtype=np.float64), k - 1)[k - 1]), k
 
 
-def clopper_pearson(x: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval of the rate behind x successes in n trials."""
+def binomial_interval(x: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval of the rate behind x successes in n trials (the Beta(x + 1/2, n - x + 1/2) quantiles). Its
+    coverage stays near the level at the small rates the audit sees (benchmarks/coverage.py: 0.96, 0.95, 0.94 at
+    n = 46, 200, 1,000), where the exact Clopper-Pearson interval covers 0.99 and 0.97: wider than it says."""
     a = (1 - level) / 2
-    low = stats.beta.ppf(a, x, n - x + 1) if x > 0 else 0.0
-    high = stats.beta.ppf(1 - a, x + 1, n - x) if x < n else 1.0
+    low = stats.beta.ppf(a, x + 0.5, n - x + 0.5) if x > 0 else 0.0
+    high = stats.beta.ppf(1 - a, x + 0.5, n - x + 0.5) if x < n else 1.0
     return float(low), float(high)
 
 
@@ -181,7 +183,7 @@ def audit(spaces: dict[str, tuple], sources: np.ndarray | None = None, alpha: fl
 
     Returns a per-synthetic-image table (nearest train index and distance per space, `below_<space>` when under
     the space's threshold, `flagged` when under it in any space) and the summary per space: the share below
-    (`mem_frac_below_<space>`) with its exact 95 % interval (`_ci_low`, `_ci_high`), the expected rate of a
+    (`mem_frac_below_<space>`) with its 95 % (Jeffreys) interval (`_ci_low`, `_ci_high`), the expected rate of a
     generator that copies nothing (`mem_expected_rate_<space>` = k / (m + 1), see `threshold`), the excess over
     it, the exact one-sided p-value of that excess (`mem_p_<space>`, `copy_test`), the threshold and medians;
     `mem_n_reference` = m.
@@ -225,7 +227,7 @@ def audit(spaces: dict[str, tuple], sources: np.ndarray | None = None, alpha: fl
         table[f"below_{name}"] = below
         flagged = below if flagged is None else flagged | below
         x = int(below.sum())
-        low, high = clopper_pearson(x, n)
+        low, high = binomial_interval(x, n)
         summary.update({
             f"mem_frac_below_{name}": x / max(n, 1),
             f"mem_frac_below_{name}_ci_low": low,
