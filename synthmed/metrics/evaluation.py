@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from synthmed.core import store
-from synthmed.data.dataset import mode_mask, modes_of
+from synthmed.data.dataset import mode_mask, modes_of, split_mask
 from synthmed.data.disk_array import Rows
 from synthmed.core.errors import PipelineError
 from synthmed.core.io import write_csv
@@ -72,8 +72,7 @@ class EvaluationSets:
     def synthetic_of(self, split: str, unsplit: bool = False) -> np.ndarray:
         """Mask of the synthetic images made from ``split``'s captions (with ``unsplit``: also those of no split,
         e.g. a prompt file's, which serve the report split's fidelity only)."""
-        split_col = self.synth.rows["split"] if "split" in self.synth.rows else pd.Series("", index=self.synth.rows.index)
-        return (split_col.isin([split]) | (unsplit & (split_col == ""))).to_numpy(copy=True)
+        return split_mask(self.synth.rows, [split], unsplit)
 
 
 def inception_metrics(path: str, real_test, synth_fid) -> dict[str, float]:
