@@ -9,6 +9,8 @@ problem in place of a 3,840 x 3,840 non-symmetric eigendecomposition.
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pandas as pd
 import torch
@@ -113,13 +115,16 @@ def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, point: d
                        ) -> dict[str, tuple[float, float]]:
     """A ``level`` interval for each figure ``figures(real, fake)`` returns (``point``: its value on the full sets),
     by half-sampling: ``draws`` times (seeded) half of each set's groups (``groups``: a label per row of real and
-    of fake, e.g. patient; None: each image its own) drawn without replacement. The halves' spread around their
-    mean, scaled by sqrt(b / (G - b)) (b of G groups drawn: 1 at b = G/2), turned around the full sets' figure.
+    of fake, e.g. patient; None: each image its own) drawn without replacement. The standard error is the halves'
+    standard deviation scaled by sqrt(b / (G - b)) (b of G groups drawn: 1 at b = G/2); the interval is the full
+    sets' figure +- z times it.
 
     That is the delete-d jackknife with d = n/2: a half drawn without replacement varies about as much as the full
     sets' figure (the finite-population factor); Politis & Romano's sqrt(b/n) holds only for b/n -> 0 and made
-    intervals 0.71x too narrow. Coverage is measured by benchmarks/coverage.py: near 95 % where a figure's spread
-    is first order (a real difference between the sets); wider than needed for a figure of two sets from one
+    intervals 0.71x too narrow. The interval is symmetric, not the halves' reflected quantiles: a figure near its
+    bound (recall near 1) has skewed halves whose reflected tail points away from the truth (coverage 0.81 against
+    0.94). Coverage is measured by benchmarks/coverage.py (docs/benchmarks.md): near 95 % where a figure's spread is
+    first order (a real difference between the sets); wider than needed for FD and KID of two sets from one
     distribution, whose spread falls as 1/n (real train vs test). The plain bootstrap (draws with replacement)
     repeats images, which moves FD, KID and the nearest-neighbour figures themselves. Every half keeps at least
     ``least`` images (PRDC's k + 1); a set with a single group has no interval (NaN)."""
@@ -134,13 +139,9 @@ def resampled_interval(real: torch.Tensor, fake: torch.Tensor, figures, point: d
         factors.append((br / (gr - br) + bf / (gf - bf)) / 2)
         for key, value in figures(real[r], fake[f]).items():
             samples.setdefault(key, []).append(value)
-    scale = float(np.mean(factors)) ** 0.5
-    tail = (1 - level) / 2
-    out = {}
-    for key, values in samples.items():
-        spread = scale * (np.asarray(values) - np.mean(values))
-        out[key] = (float(point[key] - np.quantile(spread, 1 - tail)), float(point[key] - np.quantile(spread, tail)))
-    return out
+    half = float(np.mean(factors)) ** 0.5 * NormalDist().inv_cdf(0.5 + level / 2)
+    return {key: (point[key] - half * float(np.std(values)), point[key] + half * float(np.std(values)))
+            for key, values in samples.items()}
 
 
 def frechet_extrapolated(real: torch.Tensor, fake: torch.Tensor, seed: int, fractions=(0.5, 0.625, 0.75, 0.875, 1.0),
