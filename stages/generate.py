@@ -82,7 +82,8 @@ def main(stage: Stage, shard: tuple[int, int] = (1, 1)) -> None:
                                                guidance_scale=p.guidance_scale, batch_size=p.batch_size):
             yield from (to_array(img) for img in images)
 
-    shards = stage.run_dir(fingerprint) / "shards"  # a killed run resumes after its finished shards
+    # a killed run resumes after its finished shards; shard workers share the folder (a shared lock, per-shard claims)
+    shards = stage.run_dir(fingerprint, shared=shard != (1, 1)) / "shards"
     meta, stats = write_shards(plan, shards, p.shard_size, fingerprint, render, shard)
     if shard != (1, 1):  # one of N workers: the merge (a plain run) publishes
         print(f"generate: shard {shard[0]}/{shard[1]}: {stats['rendered']} images rendered into {shards}; "

@@ -18,7 +18,8 @@ import numpy as np
 
 from synthmed.core.io import manifest_hash, sha256_bytes, sha256_file, sha256_tree, write_json
 
-_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "pillow", "nilearn")
+# the packages whose version can change a run's numbers: in the provenance record and the run fingerprint
+_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "numpy", "pillow", "nilearn")
 
 
 def seed_everything(seed: int) -> "torch.Generator":
@@ -79,15 +80,41 @@ def stage_code_hash(stage: str) -> str:
     return h.hexdigest()
 
 
+def run_record(stage: str, *, params: dict, seed: int, inputs: list[str | Path], **extra) -> dict:
+    """Everything that decides a run's numbers: params, seed, input hashes, the stage's code and the machine's side
+    (`run_environment`); as JSON would give it back (run.json in the run's folder keeps it)."""
+    record = {"stage": stage, "params": params, "seed": seed, "inputs": input_hashes(inputs),
+              "code": stage_code_hash(stage), **extra, "environment": run_environment()}
+    return json.loads(json.dumps(record, default=str))
+
+
+def fingerprint_of(record: dict) -> str:
+    return sha256_bytes(json.dumps(record, sort_keys=True, default=str).encode())
+
+
 def run_fingerprint(stage: str, *, params: dict, seed: int, inputs: list[str | Path], **extra) -> str:
-    """One fingerprint of a run: params, seed, input hashes and the stage's code.
+    """One fingerprint of a run (`run_record`'s hash).
 
     Resume state (checkpoints, finished shards) is reused only by a run with the same fingerprint,
-    so a code fix, like a changed param or input, starts afresh.
+    so a code fix, like a changed param or input, starts afresh, and so does a run on another device, in
+    another precision, with another number of processes, CPU mode or package version: a checkpoint of a run
+    killed on the CPU is never continued on a GPU.
     """
-    record = {"stage": stage, "params": params, "seed": seed, "inputs": input_hashes(inputs),
-              "code": stage_code_hash(stage), **extra}
-    return sha256_bytes(json.dumps(record, sort_keys=True, default=str).encode())
+    return fingerprint_of(run_record(stage, params=params, seed=seed, inputs=inputs, **extra))
+
+
+def run_environment() -> dict[str, str]:
+    """What besides params, inputs and code changes a run's numbers: the device (and GPU model), the precision
+    ``mixed_precision: auto`` runs in there, the number of processes (data-parallel), the CPU mode where the CPU
+    computes (strict or native kernels, threads, ISA, bf16) and the versions of the packages that compute. The same
+    in every process of a data-parallel run."""
+    from synthmed.core import reproducibility, runtime  # torch: only the stages that train or sample ask
+
+    device = runtime.device_kind()
+    env = {"device": device, "precision": runtime.auto_precision(), "processes": str(runtime.process_count())}
+    if device == "cpu":  # on a GPU the CPU's kernels compute none of the model
+        env["cpu"] = reproducibility.cpu_mode()
+    return {**env, **package_versions()}
 
 
 def package_versions() -> dict[str, str]:

@@ -116,6 +116,19 @@ def pin_cpu(threads: int, *, strict: bool = True, cross_vendor: bool = True) -> 
     return record
 
 
+def cpu_mode() -> str:
+    """This process's CPU numerics as the run fingerprint records them: strict kernels (with MKL's branch) or native
+    ones, the thread count, ATen's vector ISA and whether oneDNN runs bf16 (the VAE's autocast on "auto")."""
+    import torch
+
+    mkl = os.environ.get("MKL_CBWR", "")
+    strict = (os.environ.get("ATEN_CPU_CAPABILITY") == STRICT_ENV["ATEN_CPU_CAPABILITY"]
+              and mkl in (STRICT_ENV["MKL_CBWR"], _SAME_VENDOR_MKL))
+    bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (f"{f'strict (MKL {mkl})' if strict else 'native'}, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'yes' if bf16 else 'no'}")
+
+
 def needs_reexec(threads: int, *, cross_vendor: bool = True) -> bool:
     """Try pin_cpu(threads); True when the process must restart with strict_env() set."""
     try:

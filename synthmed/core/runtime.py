@@ -31,6 +31,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_kind() -> str:
+    """The device as it decides a run's numbers: "cpu", or "cuda (<GPU model>, CUDA <version>, cuDNN <version>)"
+    (the first visible GPU's: the processes of a data-parallel run use identical ones)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return (f"cuda ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()})")
+
+
+def auto_precision() -> str:
+    """What ``mixed_precision: auto`` trains in here: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the
+    CPU (the VAE's bf16 autocast there follows oneDNN: reproducibility.cpu_mode records it)."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def process_count() -> int:
+    """The processes this run trains as (WORLD_SIZE of a data-parallel run, else 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -47,7 +69,7 @@ def make_accelerator(mixed_precision: str = "auto"):
     if not cuda:
         mixed_precision = "no"
     elif mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        mixed_precision = auto_precision()
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
 
 

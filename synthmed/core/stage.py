@@ -74,6 +74,9 @@ class Stage:
     seed: int
     inputs: list[str]  # its data deps from dvc.yaml, ${section.key} filled in from params.yaml, empty ones dropped
     outputs: list[str]  # its outs, plots and metrics from dvc.yaml
+    # the components of each fingerprint this stage computed (for its run folder's run.json), and the folders it holds
+    _records: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _runs: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def load(cls, name: str, params_cls: type | None, path: str | Path = PARAMS_FILE) -> "Stage":
@@ -113,22 +116,39 @@ class Stage:
         return path
 
     def fingerprint(self, inputs: list[str] | None = None, **extra) -> str:
-        """The run fingerprint (params, seed, input hashes, code) that resume state is keyed by."""
-        from synthmed.core.provenance import run_fingerprint
+        """The run fingerprint that resume state is keyed by: params, seed, input hashes, code, and the device,
+        precision, processes, CPU mode and package versions (synthmed.core.provenance.run_record)."""
+        from synthmed.core.provenance import fingerprint_of, run_record
 
-        return run_fingerprint(self.name, params=self.params_dict(), seed=self.seed,
-                               inputs=self.inputs if inputs is None else inputs, **extra)
+        record = run_record(self.name, params=self.params_dict(), seed=self.seed,
+                            inputs=self.inputs if inputs is None else inputs, **extra)
+        fingerprint = fingerprint_of(record)
+        self._records[fingerprint] = record
+        return fingerprint
 
-    def run_dir(self, fingerprint: str) -> Path:
+    def run_dir(self, fingerprint: str, *, shared: bool = False) -> Path:
+        """The run's resume-state folder in the local store, held by this process until the stage ends (a second
+        process of the same run stops with one line); the stage's abandoned runs are removed, with one line saying
+        what changed. ``shared``: one of several workers dividing the run (generate --shard i/N)."""
         from synthmed.core import store
 
-        return store.run_dir(self.name, fingerprint)
+        self._runs.add(fingerprint)
+        return store.open_run(self.name, fingerprint, self._records.get(fingerprint), shared=shared)
 
     def finish_run(self, fingerprint: str) -> None:
         """Drop the run's resume state (checkpoints, caches of encodings) once its outputs are written."""
         from synthmed.core import store
 
+        self._runs.discard(fingerprint)
         store.finish_run(self.name, fingerprint)
+
+    def close(self) -> None:
+        """Let go of the run folders this stage holds (its end does; so does the end of the process)."""
+        from synthmed.core import store
+
+        for fingerprint in self._runs:
+            store.close_run(self.name, fingerprint)
+        self._runs.clear()
 
     def params_dict(self) -> dict:
         return as_dict(self.params) if self.params is not None else {}
@@ -208,7 +228,11 @@ def run_stage(main: Callable[[Stage], None], params_cls: type | None, argv: list
             if n > 1:
                 return runtime.launch_ranks(name, n)
         apply_cpu_params(pin=argv is None)
-        main(Stage.load(name, params_cls))
+        stage = Stage.load(name, params_cls)
+        try:
+            main(stage)
+        finally:
+            stage.close()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

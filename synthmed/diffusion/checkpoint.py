@@ -1,7 +1,9 @@
 """Training checkpoints: written atomically every N steps, last M kept, resumed after a kill.
 
-A checkpoint carries a fingerprint of everything that determines the run (params,
-seed, inputs); a checkpoint of another run is never resumed, it is cleared.
+A checkpoint carries a fingerprint of everything that determines the run (params, seed, inputs, code,
+device, precision, processes, CPU mode, package versions: synthmed.core.provenance.run_record) and lives
+in that run's folder of the local store (synthmed.core.store), which the run holds locked; a checkpoint
+of another run is never resumed, it is cleared.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int) -> Pa
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     for _, old in _existing(folder)[:-keep] if keep > 0 else []:
-        old.unlink()
+        old.unlink(missing_ok=True)
     return path
 
 
@@ -41,8 +43,9 @@ def load_latest(folder: str | Path, fingerprint: str) -> dict | None:
     if not ckpts:
         return None
     state = torch.load(ckpts[-1][1], map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        shutil.rmtree(folder)  # params or inputs changed since: start afresh
+    if state.get("fingerprint") != fingerprint:  # never in a stage (its folder is keyed by the fingerprint)
+        print(f"{folder}: checkpoints of another run; starting fresh", flush=True)
+        shutil.rmtree(folder)
         return None
     return state
 
