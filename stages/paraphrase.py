@@ -1,9 +1,15 @@
-"""DVC stage `paraphrase`: augment captions; write the (image, caption) pair table."""
+"""DVC stage `paraphrase`: augment captions; write the (image, caption) pair table.
+
+With `scrub: true` (default) each caption is scrubbed (synthmed.text.scrub) before it is paraphrased, so the
+paraphrases come from the scrubbed text and never repeat an identifier; only scrubbed text is sent to an LLM
+that is not on this machine, and only with `openai.allow_remote: true`. The original rows keep ingest's
+captions: every later stage (prompts, evaluate) reads those, so scrubbing them belongs to ingest, not here."""
 
 from __future__ import annotations
 
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,9 +17,10 @@ from synthmed.data.imagefolder import metadata_chunks
 from synthmed.core.errors import PipelineError
 from synthmed.core.io import atomic_path
 from synthmed.core.stage import Stage, run_stage
-from synthmed.text.backend import backend_used, make_paraphraser, report_declined
+from synthmed.text.backend import backend_used, make_paraphraser, report_declined, report_scrubbed
 from synthmed.text.llm import LLMStats, OpenAIParams
 from synthmed.text.paraphrase import augment_pairs
+from synthmed.text.scrub import CATEGORIES, scrub_captions
 
 
 @dataclass
@@ -27,6 +34,7 @@ class ParaphraseParams:
     vocabulary: str  # finding/anatomy terms a paraphrase must keep
     min_length_ratio: float
     max_length_ratio: float
+    scrub: bool  # scrub each caption before it is paraphrased; always true for an endpoint off this machine
     openai: OpenAIParams
 
 
@@ -42,9 +50,15 @@ def main(stage: Stage) -> None:
         before.update(chunk["text"])
         eligible.update(chunk.loc[chunk["split"].isin(p.splits), "text"])
     unique = sorted(eligible - {""})  # an image without a caption has nothing to rephrase
-    paraphrases = paraphraser.paraphrase(unique, p.n_per_caption)
+    scrubbed, found = scrub_captions(unique) if p.scrub else (unique, Counter())
+    changed = sum(a != b for a, b in zip(unique, scrubbed))
+    report_scrubbed(changed, len(unique), found)
+    # captions that differ only in what was scrubbed share one request; one that was nothing else gets none
+    sent = sorted(set(scrubbed) - {""})
+    replies = paraphraser.paraphrase(sent, p.n_per_caption)
+    paraphrases = {c: replies.get(s, []) for c, s in zip(unique, scrubbed)}
     declined = getattr(paraphraser, "declined", {})
-    report_declined(declined, len(unique))
+    report_declined(declined, len(sent))
     rng, after, n_pairs = random.Random(seed), set(), 0
     columns = ["file_name", "text", "caption_source", "split", "label", "group"]
     with atomic_path(stage.out_path("pairs.csv")) as tmp:
@@ -75,6 +89,10 @@ def main(stage: Stage) -> None:
         "cache_hits": stats.cache_hits,
         "tokens": stats.prompt_tokens + stats.completion_tokens,
         **{f"rejected_{r}": stats.rejected.get(r, 0) for r in reasons},
+        # what the scrubber removed from the unique captions before paraphrasing (per category, in all)
+        **{f"scrubbed_{c}": found.get(c, 0) for c in CATEGORIES},
+        "scrubbed_total": sum(found.values()),
+        "scrubbed_captions": changed,
     }, headline=["unique_captions_after"])
     print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {n_pairs} pairs; "
           f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")

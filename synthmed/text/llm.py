@@ -2,15 +2,21 @@
 
 Every response is stored in a content-addressed cache (one JSON file per request,
 written atomically as soon as it arrives), keyed by everything that determines
-it: model, prompt template hash, caption, temperature, n, seed and attempt. A
-rerun over an unchanged cache makes no request and yields the same paraphrases.
-The API key is read from the environment variable named in the params and is
-never written anywhere.
+it: endpoint, model, prompt template hash, caption, temperature, n, seed and
+attempt (two servers that call different models by one name never share a
+reply). A rerun over an unchanged cache makes no request and yields the same
+paraphrases. The API key is read from the environment variable named in the
+params and is never written anywhere.
+
+Captions leave this machine only when the user says so: an endpoint that is not
+on it (``is_local``) needs ``allow_remote: true``, and is sent scrubbed captions
+only (synthmed.text.scrub; the paraphrase stage scrubs them, this client checks).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import random
@@ -22,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -29,6 +36,7 @@ from synthmed.core.errors import PipelineError
 from synthmed.core.io import atomic_path
 from synthmed.core.progress import progress
 from synthmed.text.salient import missing_salient
+from synthmed.text.scrub import scrub
 
 _sleep = time.sleep  # a seam, so tests can record waits instead of waiting
 _REFUSAL = re.compile(r"\b(i'?m sorry|i cannot|i can'?t|i am unable|as an ai|i won'?t)\b", re.IGNORECASE)
@@ -48,6 +56,74 @@ class OpenAIParams:
     api_key_env: str  # name of the environment variable holding the key
     # without the key: "none" stops the stage; "rule" runs the offline rule backend and records that it did
     fallback: Literal["none", "rule"]
+    allow_remote: bool = False  # send (scrubbed) captions to an endpoint that is not on this machine
+    local_hosts: list[str] = field(default_factory=list)  # names, IPs or networks treated as this machine
+
+
+OPENAI_URL = "https://api.openai.com/v1"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def endpoint(base_url: str) -> str:
+    """Where requests go, normalised (the cache key and messages use it): "" is OpenAI's API; the
+    OPENAI_BASE_URL variable is not consulted, so that params.yaml alone says where captions go. Scheme and
+    host lower-cased; user info, a default port and a trailing slash dropped."""
+    url = urlsplit(base_url.strip() or OPENAI_URL)
+    try:
+        scheme, host, port = url.scheme.lower(), url.hostname, url.port
+    except ValueError:
+        scheme, host, port = "", None, None
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise PipelineError(f"paraphrase.openai.base_url = {base_url!r} is not an http(s) URL; use e.g. "
+                            "http://localhost:11434/v1 (a server on a unix socket: serve it on 127.0.0.1 instead)")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    return urlunsplit((scheme, netloc, url.path.rstrip("/"), url.query, ""))
+
+
+def _network(entry: str, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """A local_hosts entry: an IP network (an address is a network of one), or a host name in lower case."""
+    text = entry.strip().lower().rstrip(".")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        pass
+    if not text or not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", text):
+        raise PipelineError(f"{where} = {entry!r} is neither a host name nor an IP address or network; "
+                            "write e.g. gpu-box.internal, 10.0.0.5 or 10.0.0.0/8")
+    return text
+
+
+def is_local(base_url: str, local_hosts: list[str] = ()) -> bool:
+    """Whether requests to ``base_url`` stay on this machine: host ``localhost``, an address in 127.0.0.0/8 or
+    ::1; or whether its host is listed in ``local_hosts`` (the user's trust boundary: a hospital's LAN server).
+    Names are not resolved (a DNS answer can change between this check and the request), so any other
+    name, and every private LAN address not listed, counts as remote."""
+    host = urlsplit(endpoint(base_url)).hostname.rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1
+    listed_hosts = [_network(e, f"paraphrase.openai.local_hosts[{i}]") for i, e in enumerate(local_hosts)]
+    if host == "localhost" or (address is not None and address.is_loopback):
+        return True
+    for listed in listed_hosts:
+        if listed == host or (address is not None and not isinstance(listed, str)
+                              and address.version == listed.version and address in listed):
+            return True
+    return False
+
+
+def check_endpoint(p: OpenAIParams) -> None:
+    """Before any request: an endpoint that is not on this machine needs the explicit opt-in."""
+    if not p.allow_remote and not is_local(p.base_url, p.local_hosts):
+        raise PipelineError(
+            f"paraphrase.openai.base_url is {endpoint(p.base_url)}, not this machine: captions would leave it; set "
+            "paraphrase.openai.allow_remote: true to send them (scrubbed), list the host in "
+            "paraphrase.openai.local_hosts if it is inside your network, or serve the model on localhost")
 
 
 @dataclass
@@ -145,12 +221,15 @@ class OpenAIParaphraser:
                  seed: int):
         import openai
 
+        check_endpoint(params)
+        self.endpoint, self.local = endpoint(params.base_url), is_local(params.base_url, params.local_hosts)
         key = os.environ.get(params.api_key_env, "")
         if not key:
             raise PipelineError(f"environment variable {params.api_key_env} is not set; export the API key there")
         self.p, self.rules, self.cache, self.seed = params, rules, cache, seed
         self.prompt, self.prompt_sha = load_prompt(prompt_path)
-        self.client = openai.OpenAI(api_key=key, base_url=params.base_url or None, timeout=params.timeout_s,
+        # base_url given, never None: openai would otherwise read OPENAI_BASE_URL, a destination params don't show
+        self.client = openai.OpenAI(api_key=key, base_url=params.base_url or OPENAI_URL, timeout=params.timeout_s,
                                     max_retries=0)  # retries are ours: Retry-After, budget, counting
         self.stats = LLMStats()
         self._lock = threading.Lock()
@@ -167,8 +246,9 @@ class OpenAIParaphraser:
                 f"{self.p.max_requests}: raise paraphrase.openai.max_requests to {needed} or more")
 
     def _key(self, caption: str, attempt: int) -> str:
-        return self.cache.key(model=self.p.model, prompt_sha256=self.prompt_sha, caption=caption,
-                              temperature=self.p.temperature, n=self.n, seed=self.seed, attempt=attempt)
+        return self.cache.key(endpoint=self.endpoint, model=self.p.model, prompt_sha256=self.prompt_sha,
+                              caption=caption, temperature=self.p.temperature, n=self.n, seed=self.seed,
+                              attempt=attempt)
 
     # -- one HTTP request, with retries -------------------------------------------------
     def _spend(self) -> None:
@@ -254,8 +334,18 @@ class OpenAIParaphraser:
                 break
         return accepted
 
+    def _check_scrubbed(self, captions: list[str]) -> None:
+        """Before the first request to a remote endpoint: every caption must be one the scrubber leaves alone."""
+        if self.local:
+            return
+        raw = sum(1 for c in captions if scrub(c)[1])
+        if raw:
+            raise PipelineError(f"{raw} of {len(captions)} captions still hold dates, identifiers or de-identification "
+                                f"markers and {self.endpoint} is not this machine: set paraphrase.scrub: true")
+
     def paraphrase(self, captions: list[str], n: int) -> dict[str, list[str]]:
         self.n = n
+        self._check_scrubbed(captions)
         self._check_budget(captions)
         with ThreadPoolExecutor(max_workers=self.p.max_concurrency) as pool:
             results = list(progress(pool.map(self._one, captions), total=len(captions), desc="paraphrase"))

@@ -226,6 +226,17 @@ def scrub(text: str) -> tuple[str, Counter]:
     90+), and how many of each category it changed. Text with none comes back unchanged."""
     counts: Counter = Counter()
     out = text.translate({ord(c): None for c in _MARKS + _CAP})
+    for _ in range(4):  # to a fixed point: a removal can bring two pieces together that form another identifier
+        out, found = _scrub_once(out)
+        if not found:
+            break
+        counts += found
+    return (out, counts) if counts else (text, counts)
+
+
+def _scrub_once(text: str) -> tuple[str, Counter]:
+    counts: Counter = Counter()
+    out = text
     for category, pattern, repl in _RULES:
         def sub(m: re.Match, category=category, repl=repl) -> str:
             new = repl(m) if callable(repl) else repl

@@ -9,7 +9,8 @@ import pytest
 
 import synthmed.text.llm as llm
 from synthmed.core.errors import PipelineError
-from synthmed.text.llm import OpenAIParams, OpenAIParaphraser, ResponseCache, Validation, parse_reply
+from synthmed.text.llm import (OpenAIParams, OpenAIParaphraser, ResponseCache, Validation, endpoint, is_local,
+                               parse_reply)
 from synthmed.text.salient import load_vocabulary
 from tests.conftest import REPO_ROOT
 from tests.text.fake_openai import FakeOpenAI, completion, paraphrases
@@ -199,3 +200,73 @@ def test_parse_reply_variants():
     assert parse_reply("") == ([], "empty")
     assert parse_reply("I'm sorry, but I cannot do that.") == ([], "refusal")
     assert parse_reply('{"paraphrase": "a"}') == ([], "malformed")
+
+
+def test_the_cache_key_holds_the_endpoint(tmp_path, monkeypatch):
+    def key(url):
+        para = make(tmp_path, url, monkeypatch)
+        para.n = 2
+        return para._key(CAPTIONS[0], 0)
+
+    assert key("http://127.0.0.1:8000/v1") != key("http://127.0.0.1:8001/v1")
+    assert key("http://LOCALHOST:8000/v1/") == key("http://localhost:8000/v1")  # normalised
+    # two servers answering to one model name never share a reply
+    with FakeOpenAI(good) as a, FakeOpenAI(good) as b:
+        make(tmp_path, a.url, monkeypatch).paraphrase(CAPTIONS, n=2)
+        make(tmp_path, b.url, monkeypatch).paraphrase(CAPTIONS, n=2)
+        make(tmp_path, a.url, monkeypatch).paraphrase(CAPTIONS, n=2)
+    assert len(a.requests) == 2 and len(b.requests) == 2
+
+
+@pytest.mark.parametrize(("url", "local"), [
+    ("http://localhost:11434/v1", True), ("http://127.0.0.1:8000/v1", True), ("http://127.8.9.10/v1", True),
+    ("http://[::1]:8000/v1", True), ("http://[::ffff:127.0.0.1]:8000/v1", True),
+    ("", False),  # api.openai.com
+    ("https://api.openai.com/v1", False), ("http://10.0.0.5:8000/v1", False), ("http://192.168.1.20/v1", False),
+    ("http://0.0.0.0:8000/v1", False), ("http://gpu-box.internal:8000/v1", False),
+    ("http://localhost.example.org/v1", False),
+])
+def test_what_counts_as_this_machine(url, local):
+    assert is_local(url) is local
+
+
+def test_listed_hosts_and_networks_count_as_local():
+    listed = ["10.0.0.0/8", "GPU-Box.internal", "fd00::/8"]
+    assert is_local("http://10.0.0.5:8000/v1", listed) and is_local("http://gpu-box.internal/v1", listed)
+    assert is_local("http://[fd00::5]/v1", listed) and not is_local("http://192.168.1.20/v1", listed)
+    with pytest.raises(PipelineError, match=r"local_hosts\[0\] = 'http://10.0.0.5' is neither a host name"):
+        is_local("http://127.0.0.1/v1", ["http://10.0.0.5"])
+
+
+def test_endpoint_normalisation_and_bad_urls():
+    assert endpoint("") == "https://api.openai.com/v1"
+    assert endpoint("https://user:secret@API.example.org:443/v1/") == "https://api.example.org/v1"
+    assert endpoint("http://localhost:8000/v1") == "http://localhost:8000/v1"
+    for bad in ("localhost:8000/v1", "unix:///run/llm.sock", "http://host:99999/v1"):
+        with pytest.raises(PipelineError, match="is not an http\\(s\\) URL"):
+            endpoint(bad)
+
+
+def test_a_remote_endpoint_without_the_opt_in_is_refused_before_any_request(tmp_path, monkeypatch):
+    for url in ("", "https://api.openai.com/v1", "http://10.0.0.5:8000/v1"):
+        with pytest.raises(PipelineError, match="not this machine: captions would leave it; set "
+                                                "paraphrase.openai.allow_remote: true"):
+            make(tmp_path, url, monkeypatch)
+    make(tmp_path, "http://10.0.0.5:8000/v1", monkeypatch, local_hosts=["10.0.0.0/8"])  # listed: no opt-in
+    make(tmp_path, "", monkeypatch, allow_remote=True)
+
+
+def test_an_unscrubbed_caption_never_goes_to_a_remote_endpoint(tmp_path, monkeypatch):
+    """The client's own check, for callers that forget to scrub: a remote host (reached here through the
+    local server as its proxy) gets no request while a caption still holds an identifier."""
+    with FakeOpenAI(good) as server:
+        for var in ("http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", server.url.removesuffix("/v1"))
+        para = make(tmp_path, "http://llm.example.org/v1", monkeypatch, allow_remote=True)
+        with pytest.raises(PipelineError, match=r"1 of 2 captions still hold dates, identifiers or de-identification "
+                                                r"markers and http://llm.example.org/v1 is not this machine"):
+            para.paraphrase([CAPTIONS[0], "Chest X-ray, MRN 1234567"], n=2)
+        assert server.requests == []
+        para.paraphrase(CAPTIONS, n=2)
+    assert {r["headers"]["host"] for r in server.requests} == {"llm.example.org"} and len(server.requests) == 2
