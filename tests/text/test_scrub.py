@@ -42,6 +42,9 @@ SCRUBBED = [
      "Portable chest x-ray, T2/FLAIR hyperintensity", {"dates": 1}),
     ("At 1430 hours the line was repositioned.", "The line was repositioned.", {"dates": 1}),
     ("Prior exam on the 4th of March: no effusion.", "Prior exam: no effusion.", {"dates": 1}),
+    ("CT 03.04.21 head", "CT head", {"dates": 1}),
+    ("CT 03/2021 head", "CT head", {"dates": 1}),
+    ("Seen at 9 am today.", "Seen today.", {"dates": 1}),
     # record, accession and other numbers
     ("MRN: 1234567. Frontal view of the chest.", "Frontal view of the chest.", {"ids": 1}),
     ("Acc# A12345 PA and lateral views of the chest.", "PA and lateral views of the chest.", {"ids": 1}),
@@ -55,6 +58,8 @@ SCRUBBED = [
     ("Contact jane.doe@example.org or (555) 123-4567 for questions.", "Contact for questions.",
      {"emails": 1, "phones": 1}),
     ("Call +44 20 7946 0958 with results.", "Call with results.", {"phones": 1}),
+    ("Call 555-123-4567.", "Call.", {"phones": 1}),
+    ("See www.example.org.", "See.", {"urls": 1}),
     ("Page the resident, pager 4-1234.", "Page the resident.", {"phones": 1}),
     ("Images at https://pacs.example.org/study/1.2.3?id=9, see report.", "Images, see report.", {"urls": 1}),
     # ages over 89: the age group stays, the age goes
@@ -63,6 +68,7 @@ SCRUBBED = [
     ("The patient is 95 years old.", "The patient is 90+ years old.", {"ages": 1}),
     ("Patient aged 91, history of COPD.", "Patient aged 90+, history of COPD.", {"ages": 1}),
     ("97 y/o F, fall, left hip pain", "90+ y/o F, fall, left hip pain", {"ages": 1}),
+    ("Male, 93 years of age.", "Male, 90+ years of age.", {"ages": 1}),
     # names after titles and labels
     ("Dr. John Smith reviewed the images.", "Reviewed the images.", {"names": 1}),
     ("Mrs. O'Brien-Smith has a 3 cm nodule.", "Has a 3 cm nodule.", {"names": 1}),
@@ -70,6 +76,8 @@ SCRUBBED = [
     ("No acute process. Dictated by John Smith, MD on 03/04/2021 10:30.", "No acute process.",
      {"names": 1, "dates": 2}),
     ("Name: Jane Doe; DOB: 01/02/1930", "", {"names": 1, "dates": 1}),
+    ("Radiologist: Jane Roe. No effusion.", "No effusion.", {"names": 1}),
+    ("Seen <NAME>Jane</NAME> today", "Seen today", {"markers": 1}),
 ]
 
 # Ordinary clinical text, captions and prompts: none of it may change.
