@@ -1,4 +1,5 @@
-"""DVC stage `ingest`: read or build the dataset, check it, split it, hash it, describe it."""
+"""DVC stage `ingest`: read or build the dataset, check it, split it, audit the split for leakage, hash it,
+describe it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from synthmed.core.config import as_dict
 from synthmed.data.card import dataset_card
 from synthmed.data.dicom import DicomParams
 from synthmed.data.imagefolder import shard_file_names, write_imagefolder
+from synthmed.data.leakage import audit as leakage_audit
+from synthmed.data.leakage import check_max_distance, describe, stop_without_groups
 from synthmed.data.manifest import (build_manifest, build_pairs, check_pixels_not_shared, dataset_stats,
                                     write_manifest)
 from synthmed.data.nifti import NiftiParams
 from synthmed.data.problems import Problems
-from synthmed.data.sources import Demo3DParams, DemoParams, load_demo, load_samples, load_volumes, split_notes
+from synthmed.data.sources import (Demo3DParams, DemoParams, group_unit, load_demo, load_samples, load_volumes,
+                                   split_notes)
 from synthmed.data.splits import SPLITS, assign_splits, check_no_leak
 from synthmed.data.volumes import VolumeParams, check_volume_params
 from synthmed.core.errors import PipelineError
@@ -35,6 +39,8 @@ class IngestParams:
     on_error: Literal["fail", "skip"]
     workers: int  # decode processes; 0 = one per core
     max_image_pixels: int  # larger images are refused (decompression bombs)
+    image_level_splits: bool  # accept a dataset without groups whose splits share near-duplicate images
+    near_duplicate_bits: int  # two images whose 64-bit perceptual hashes differ in at most this many bits look alike
     demo: DemoParams
     nifti: NiftiParams
     dicom: DicomParams
@@ -46,6 +52,7 @@ class IngestParams:
 def main(stage: Stage) -> None:
     p, seed = stage.params, stage.seed
     check_volume_params(p.dims, p.source, p.channels, p.resolution)
+    check_max_distance(p.near_duplicate_bits)
     seed_everything(seed)
     problems = Problems(p.on_error)
     volume_notes: list[str] = []
@@ -70,9 +77,17 @@ def main(stage: Stage) -> None:
     shard_file_names(samples)  # before the manifest: its ids are the file names
     images, pairs = build_manifest(samples), build_pairs(samples)
     check_pixels_not_shared(images)
+    unit = group_unit(p, samples)
+    leaks = leakage_audit(samples, p.near_duplicate_bits)
+    if not unit.known and not p.image_level_splits:  # the split may cut patients: stop where it shows
+        stop_without_groups(leaks, samples, alone=unit.alone, fix=unit.fix)
+    for pair in leaks.listed:  # a report under either on_error: nothing is dropped
+        problems.note("near_duplicate_across_splits", describe(pair, samples), file=samples[pair.a].file_name)
     stats = dataset_stats(images, pairs)
     notes, figures = split_notes(p, samples, guard_dropped)
     notes = volume_notes + notes
+    unit_text = unit.text + (" (accepted: `ingest.image_level_splits: true`)"
+                             if not unit.known and p.image_level_splits else "")
 
     write_imagefolder(stage.out_path("dataset"), samples)
     write_manifest(stage.out_path("manifest"), images, pairs)
@@ -83,12 +98,16 @@ def main(stage: Stage) -> None:
              stage.out_path("samples.png"))
     write_text(stage.out_path("card.md"), dataset_card(source=p.source if p.source == "demo" else f"{p.source}: {p.path}",
                                               params=as_dict(p), stats=stats, images=images, pairs=pairs,
-                                              problems=problems.counts(), notes=notes, volumes=p.dims == 3))
+                                              problems=problems.counts(), notes=notes, volumes=p.dims == 3,
+                                              split_unit=unit_text, near_duplicates=leaks.pairs,
+                                              near_duplicate_bits=p.near_duplicate_bits))
     stage.write_provenance([p.path] if p.source != "demo" else [])
-    stage.write_metrics({**stats, "rows_dropped": len(problems.items), **figures}, headline=["images"])
+    stage.write_metrics({**stats, "rows_dropped": len(problems.items), "near_duplicates_across_splits": leaks.pairs,
+                         **figures}, headline=["images"])
     print(f"ingest: {stats['images']} {'volumes' if p.dims == 3 else 'images'}, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {stage.out}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {stage.out}/problems.csv" if problems.items else "")
+          + (f"; {leaks.pairs} near-duplicate pairs across splits, see {stage.out}/problems.csv" if leaks.pairs else "")
           + "".join(f"\n  {note}" for note in notes))
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.data.test_dicom import IDENTIFIERS, RAW, file_id, write_dcm
@@ -100,9 +103,9 @@ def test_dicom_ingest_keeps_a_patients_series_in_one_split(tmp_path):
             uid = f"1.2.826.0.1.3680043.8.498.8{p}{series}"
             for k in range(3):
                 rel = f"{folder}/s{series}/img{k}.dcm"
-                write_dcm(tmp_path / "data/raw/export" / rel, pixels=np.roll(RAW, 7 * k + 3 * series + 50 * p, axis=1),
-                          PatientID=patient_id, SeriesInstanceUID=uid)
-                files[file_id(rel) + ".png"] = patient_id
+                path = write_dcm(tmp_path / "data/raw/export" / rel, PatientID=patient_id, SeriesInstanceUID=uid,
+                                 pixels=np.roll(RAW, 7 * k + 3 * series + 50 * p, axis=1))
+                files[file_id(path) + ".png"] = patient_id
     proc = run_ingest(tmp_path, source="dicom", path="data/raw/export", min_images=5, resolution=16)
     assert proc.returncode == 0, proc.stderr
     images = pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")
@@ -127,7 +130,15 @@ def test_demo_ingest_guards_the_split_and_reports_the_drop(tmp_path):
         assert min(abs(h - t) for h in held for t in train) >= 6, plane
     metrics = json.loads((tmp_path / "metrics/all/ingest.json").read_text())
     assert metrics["guard_dropped"] > 0
-    assert f"Guard: {metrics['guard_dropped']} train slices dropped" in (tmp_path / "data/ingest/card.md").read_text()
+    card = (tmp_path / "data/ingest/card.md").read_text()
+    assert f"Guard: {metrics['guard_dropped']} train slices dropped" in card
+    # neighbouring val and test slices (and far lateral slices) look alike: reported, never a stop
+    near = metrics["near_duplicates_across_splits"]
+    assert near > 0 and f"Near-duplicates across splits: {near} pairs" in card
+    assert "slice position in the one MNI152 template brain" in card and "not subjects" in card
+    problems = pd.read_csv(tmp_path / "data/ingest/problems.csv")
+    assert set(problems["reason"]) == {"near_duplicate_across_splits"} and metrics["rows_dropped"] == 0
+    assert problems["file"].isin(images["id"]).all()
 
 
 def test_a_dataset_missing_from_a_checkout_says_how_to_get_it(tmp_path):
@@ -141,3 +152,109 @@ def test_a_dataset_missing_from_a_checkout_says_how_to_get_it(tmp_path):
     proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds")
     assert proc.returncode == 2 and "is empty in this checkout" in proc.stderr and "`dvc pull data/raw/ds.dvc`" in proc.stderr
     assert not (tmp_path / "data/ingest").exists()
+
+
+def near_duplicate_folder(root: Path, group: bool) -> Path:
+    """Six unrelated images and a mirrored, noisy copy of a.png, placed (split column) in test while a.png is in
+    train; ``group``: patients of two images each, the copy with a patient of its own."""
+    from tests.data.test_leakage import flipped_noisy, smooth_image
+
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "copy.png"]
+    root.mkdir(parents=True)
+    for i, name in enumerate(names[:-1]):
+        Image.fromarray(smooth_image(i)).save(root / name)
+    Image.fromarray(flipped_noisy(smooth_image(0), 1)).save(root / "copy.png")
+    meta = pd.DataFrame({"file_name": names, "text": [f"image {i}" for i in range(7)],
+                         "split": ["train", "train", "train", "val", "val", "test", "test"]})
+    if group:
+        meta["group"] = ["p1", "p1", "p2", "p3", "p3", "p4", "p5"]
+    meta.to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+def test_near_duplicates_across_an_image_level_split_stop_ingest_in_one_line(tmp_path):
+    near_duplicate_folder(tmp_path / "data/raw/ds", group=False)
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds", min_images=5, resolution=64)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "a.png in train and copy.png in test" in proc.stderr and "add a `group` column" in proc.stderr
+    assert "ingest.image_level_splits: true" in proc.stderr
+    assert not (tmp_path / "data/ingest").exists()
+
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds", min_images=5, resolution=64,
+                      image_level_splits=True)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "data/ingest"
+    problems = pd.read_csv(out / "problems.csv")
+    assert problems[["file", "reason"]].values.tolist() == [["a.png", "near_duplicate_across_splits"]]
+    assert "copy.png (test)" in problems["message"][0] and "one mirrored" in problems["message"][0]
+    metrics = json.loads((tmp_path / "metrics/all/ingest.json").read_text())
+    assert metrics["near_duplicates_across_splits"] == 1 and metrics["rows_dropped"] == 0  # a report, not a drop
+    card = (out / "card.md").read_text()
+    assert "none: each image is its own group — image-level split" in card and "image_level_splits: true" in card
+    assert "Near-duplicates across splits: 1 pairs" in card and "splits never cut a group" not in card
+
+
+def test_near_duplicates_with_groups_are_reported_not_stopped(tmp_path):
+    near_duplicate_folder(tmp_path / "data/raw/ds", group=True)
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds", min_images=5, resolution=64)  # on_error: fail
+    assert proc.returncode == 0, proc.stderr
+    assert "1 near-duplicate pairs across splits" in proc.stdout
+    card = (tmp_path / "data/ingest/card.md").read_text()
+    assert "Group (the unit no split cuts): the metadata's `group` column (e.g. patient)" in card
+    assert "Near-duplicates across splits: 1 pairs" in card
+
+
+PLANTED = ["Doe_Jane", "Jane_Doe", "MRN4455667", "19700101", "2024-01-02", "StMaryHospital"]
+
+
+def planted_tree(root: Path) -> list[str]:
+    """An export with names, record numbers and dates in its paths; returns every relative path."""
+    folder = "StMaryHospital/Doe_Jane_19700101/MRN4455667"
+    files = {f"{folder}/2024-01-02_CT/Jane_Doe_{k}.dcm": dict(pixels=np.roll(RAW, 9 * k, axis=1)) for k in range(6)}
+    files[f"{folder}/2024-01-02_CT/Jane_Doe_nolabel.dcm"] = dict(pixels=np.roll(RAW, 77, axis=1),
+                                                                 BurnedInAnnotation=None)
+    for rel, attrs in files.items():
+        write_dcm(root / rel, **attrs)
+    (root / folder / "Jane_Doe_MRN4455667_notes.txt").write_text("report")
+    (root / folder / "Doe_Jane_copy.dcm").write_bytes((root / next(iter(files))).read_bytes())
+    # (an unreadable file: tests/data/test_dicom.py; the stage's provenance, like DVC, must read every file)
+    return [*files, f"{folder}/Jane_Doe_MRN4455667_notes.txt", f"{folder}/Doe_Jane_copy.dcm"]
+
+
+def digests(text: str) -> set[str]:
+    """Unkeyed digests a careless pseudonym would show: sha256, sha1 and md5 in hex, whole and 16-digit prefixes."""
+    out = set()
+    for algo in ("sha256", "sha1", "md5"):
+        hexed = hashlib.new(algo, text.encode()).hexdigest()
+        out |= {hexed, hexed[:16], hexed[:12]}
+    return out
+
+
+@pytest.mark.parametrize("secret", ["", "hospital-key"])
+def test_planted_names_in_paths_never_reach_any_ingest_output(tmp_path, secret):
+    rels = planted_tree(tmp_path / "data/raw/export")
+    env = {"SYNTHMED_TEST_KEY": secret} if secret else None
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["ingest"].update(source="dicom", path="data/raw/export", min_images=5, resolution=16, on_error="skip")
+    params["ingest"]["dicom"].update(window="40,400", group_salt_env="SYNTHMED_TEST_KEY" if secret else "")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run_stage_here(tmp_path, "ingest", env=env)
+    assert proc.returncode == 0, proc.stderr
+    problems = pd.read_csv(tmp_path / "data/ingest/problems.csv")
+    assert sorted(problems["reason"]) == ["burned_in_unknown", "duplicate_file", "not_dicom"]
+    assert len(pd.read_parquet(tmp_path / "data/ingest/manifest/images.parquet")) == 6
+    forbidden = {s.lower() for s in PLANTED}
+    for text in PLANTED + rels + [part for rel in rels for part in rel.split("/")]:
+        forbidden |= digests(text)
+    outputs = [p for p in sorted((tmp_path / "data/ingest").rglob("*")) if p.is_file()]
+    outputs += sorted((tmp_path / "metrics").rglob("*.json"))
+    assert len(outputs) > 10
+
+    def readable(path: Path) -> bytes:  # parquet compresses its strings: scan them decoded too
+        extra = pd.read_parquet(path).to_csv().encode() if path.suffix == ".parquet" else b""
+        return (path.read_bytes() + extra).lower()
+
+    scanned = {str(p.relative_to(tmp_path)): readable(p) for p in outputs}
+    scanned["stdout/stderr"] = (proc.stdout + proc.stderr).lower().encode()
+    assert b"ct image of the chest" in scanned["data/ingest/manifest/pairs.parquet"]  # the scan sees contents
+    assert [(where, s) for where, data in scanned.items() for s in forbidden if s.encode() in data] == []

@@ -1,4 +1,5 @@
-"""A dataset card in markdown: what was ingested, how it splits, what was dropped."""
+"""A dataset card in markdown: what was ingested, how it splits and what that split guarantees, what was
+dropped, and how many near-duplicate images lie across splits."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame, pairs: pd.DataFrame,
-                 problems: dict[str, int], notes: list[str] | None = None, volumes: bool = False) -> str:
-    """``notes``: more bullets for the summary, e.g. what the split left out and why. ``volumes``:
-    the samples are 3-D cubes (``ingest.dims: 3``)."""
+                 problems: dict[str, int], split_unit: str, near_duplicates: int, near_duplicate_bits: int,
+                 notes: list[str] | None = None, volumes: bool = False) -> str:
+    """``split_unit``: what one group is (sources.group_unit), the only thing the split keeps apart;
+    ``near_duplicates``: pairs of look-alike images across splits (leakage.audit). ``notes``: more bullets for
+    the summary, e.g. what the split left out and why. ``volumes``: the samples are 3-D cubes (``ingest.dims: 3``)."""
     unit = "Volumes" if volumes else "Images"
     resolution = (f"{params['resolution']}^3 voxels, 1 channel, {params['crop']} to a cube" if volumes else
                   f"{params['resolution']} px, {params['channels']} channel(s), {params['crop']} to square")
@@ -25,11 +28,17 @@ def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame
     lengths = pairs["caption"].str.count(r"\S+")  # no list of words per caption
     examples = pairs.drop_duplicates("caption").head(5)["caption"].tolist()
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(problems.items())) or "none"
+    alike = (f"{near_duplicates} pairs, listed in `problems.csv` (each image with its closest match)" if near_duplicates
+             else "none found")
+    plane = ", volumes by their central axial plane" if volumes else ""
     return f"""# Dataset card
 
 - Source: `{source}`
 - {unit}: {stats['images']} ({stats['images_train']} train / {stats['images_val']} val / {stats['images_test']} test), \
-{stats['groups']} groups; splits never cut a group
+{stats['groups']} groups
+- Group (the unit no split cuts): {split_unit}
+- Near-duplicates across splits: {alike} (64-bit perceptual hash at most {near_duplicate_bits} bits apart, \
+mirror images included{plane})
 - Pairs (image, caption): {stats['pairs']}; unique captions: {stats['unique_captions']}; \
 captions per image: {stats['captions_per_image']}
 - Caption length (words): median {lengths.median():.0f}, min {lengths.min()}, max {lengths.max()}

@@ -1,22 +1,36 @@
 """DICOM folders: every file under ``ingest.path``, one Sample per image frame.
 
 Privacy comes first. Captions are built only from whitelisted, non-identifying
-attributes; file names, groups and sources are pseudonymous digests; problems
-name a file by its digest, never by its path (real exports put patient names in
-paths). ``python -m synthmed.data.dicom FOLDER [ID]`` maps digests back to paths
-on the machine that holds the data.
+attributes; file names, groups and sources are pseudonyms; problems name a file
+by its pseudonym, never by its path (real exports put patient names and record
+numbers in paths). ``python -m synthmed.data.dicom FOLDER [ID] [--key-env NAME]``
+maps pseudonyms back to paths on the machine that holds the data.
 
-File digests are plain (unkeyed) SHA-256 of the relative path: pseudonyms, not
-anonymisation. Groups are the leakage unit, the patient: a keyed digest (HMAC) of
-PatientID, so that two series or studies of one patient never straddle a split.
-An unkeyed digest of an ID from a small space (a 7-digit MRN) is reversed by
-hashing every candidate, so the key is one no output holds: by default a digest of
-the bytes of every file read (anyone who can recompute it holds the IDs anyway; a
-changed or added file changes every pseudonym and so the deal of groups to splits),
-or the secret in the environment variable ``ingest.dicom.group_salt_env`` names,
-for pseudonyms stable across versions of the dataset. Keep that secret out of the
-repository: with it, a guessed ID can be confirmed. Without PatientID a file is
-grouped by study, else series, else file, and counted in the metrics and the card.
+A path never determines a public name on its own. A file's name is, with the
+secret in the environment variable ``ingest.dicom.group_salt_env`` names, a keyed
+digest (HMAC-SHA256) of its relative path: stable across versions of the dataset,
+and a guessed path cannot be confirmed without the secret. Without a secret it is
+the SHA-256 of the file's bytes (nothing about the path; a file's bytes are not
+guessable), and a file that cannot be read at all is named by its position in
+the sorted listing, ``dicom_unreadable-0003``. A plain digest of the path would be
+reversed by hashing candidate paths (names, record numbers, dates).
+
+Groups are the leakage unit, the patient: a keyed digest (HMAC) of PatientID, so
+that two series or studies of one patient never straddle a split. An unkeyed
+digest of an ID from a small space (a 7-digit MRN) is reversed by hashing every
+candidate, so the key is one no output holds: by default a digest of the bytes of
+every file read (anyone who can recompute it holds the IDs anyway; a changed or
+added file changes every pseudonym and so the deal of groups to splits), or the
+same secret as above, for pseudonyms stable across versions of the dataset. Keep
+that secret out of the repository: with it, a guessed ID or path can be
+confirmed. Without PatientID a file is grouped by study, else series, else file,
+and counted in the metrics and the card.
+
+Burned-in text: a file flagged ``BurnedInAnnotation=YES`` is always refused; by
+default (``ingest.dicom.burned_in: require_no``) so is one without an explicit NO,
+since most exports leave the tag out; ``allow_missing`` keeps those once the user
+has looked at the pixels. docs/deidentification.md compares all this with the
+DICOM PS3.15 Basic Application Level Confidentiality Profile.
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ _CODE = re.compile(r"[A-Z0-9 _]{1,16}")  # the DICOM Code String alphabet
 SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
                          "YBR_PARTIAL_420"}  # pydicom hands the colour ones back as RGB
 KNOWN_PHOTOMETRIC = SUPPORTED_PHOTOMETRIC | {"PALETTE COLOR", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK", "XYB"}
+BURNED_IN = ("require_no", "allow_missing")  # what a file without BurnedInAnnotation=NO gets
 _EXAMPLE = {"modality": "CT", "body_part": "chest", "view": "PA", "laterality": "left", "rows": 512, "columns": 512}
 
 
@@ -66,11 +81,15 @@ class DicomParams:
     window: str = "auto"  # auto | percentile | "<center>,<width>" e.g. "40,400"
     caption_template: str = DEFAULT_TEMPLATE  # str.format over FIELDS
     label_field: str = ""  # "" or one of FIELDS; the label takes the plain value ("chest", "PA")
-    group_salt_env: str = ""  # "" or an environment variable holding the key of the patient pseudonyms
+    group_salt_env: str = ""  # "" or an environment variable holding the key of the file and patient pseudonyms
+    burned_in: str = "require_no"  # require_no: keep only files flagged NO | allow_missing: a missing flag passes
 
     def __post_init__(self) -> None:
         parse_window(self.window)
         check_template(self.caption_template)
+        if self.burned_in not in BURNED_IN:
+            raise PipelineError(f"ingest.dicom.burned_in: unknown value {self.burned_in!r}; use require_no (keep only "
+                                "files flagged BurnedInAnnotation=NO) or allow_missing (a file without the flag passes)")
         if self.label_field not in ("",) + FIELDS:
             raise PipelineError(
                 f"ingest.dicom.label_field: unknown field '{self.label_field}'; use \"\" or one of {', '.join(FIELDS)}"
@@ -121,6 +140,22 @@ def _os_clutter(rel: Path) -> bool:
     return rel.name == "Thumbs.db" or any(part.startswith(".") for part in rel.parts)
 
 
+def dicom_files(folder: Path) -> list[Path]:
+    """The files read, sorted: read_dicom and the locator list the same ones, so positions agree."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.rglob("*") if f.is_file() and not _os_clutter(f.relative_to(folder)))
+
+
+def secret_from_env(salt_env: str) -> str:
+    """The key of the pseudonyms: "" when ``salt_env`` is ""; an unset or empty variable stops here."""
+    secret = os.environ.get(salt_env, "") if salt_env else ""
+    if salt_env and not secret:
+        raise PipelineError(f"ingest.dicom.group_salt_env: the environment variable {salt_env} is unset or empty; "
+                            "export the secret key, or set the param to \"\" to key by the files' bytes")
+    return secret
+
+
 def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str, channels: int,
                problems: Problems, workers: int = 0) -> list[Sample]:
     """Read every file under ``folder`` (recursively, sorted); bad files go to ``problems``.
@@ -131,25 +166,31 @@ def read_dicom(folder: str | Path, p: DicomParams, *, resolution: int, crop: str
     folder = Path(folder)
     window = parse_window(p.window)
     check_template(p.caption_template)
-    paths = sorted(f for f in folder.rglob("*") if f.is_file() and not _os_clutter(f.relative_to(folder))) \
-        if folder.is_dir() else []
+    paths = dicom_files(folder)
     if not paths:
         raise PipelineError("ingest.path: the DICOM folder is missing or has no files; "
                             "point it at a folder of DICOM files")
     pseudonyms = Pseudonyms(p.group_salt_env)  # an unset variable stops here, before any file is read
     n = processes(len(paths), workers)
-    jobs = [(path, path.relative_to(folder).as_posix(), p, window, resolution, crop, channels, n == 1)
-            for path in paths]
+    jobs = [(path, path.relative_to(folder).as_posix(), index, pseudonyms.secret, p, window, resolution, crop,
+             channels, n == 1) for index, path in enumerate(paths)]
     samples: list[Sample] = []
+    first_of: dict[str, str] = {}  # sha256 of a file's bytes -> the id of the first file with them
     spill = PixelSpill()
     with contextlib.closing(map_ordered(_read_job, jobs, n, desc="dicom")) as results:
-        for (path, rel, *_), got in zip(jobs, results):
+        for (path, *_), got in zip(jobs, results):
             for item in got.problems:  # raises at the first one under on_error: fail
                 problems.report(item.reason, item.message, file=item.file)
             if got.unit is None:
                 continue
+            digest = got.digest
+            if digest in first_of:  # a copy adds nothing, and without a secret it would reuse the first's name
+                problems.report("duplicate_file", f"{_ref(got.fid)}: a byte-identical copy of DICOM file "
+                                f"{first_of[digest]}; remove one of the copies", file=got.fid)
+                continue
+            first_of[digest] = got.fid
             if got.data is None and not pseudonyms.secret:  # read in a worker: read again, not sent back
-                got.data = _read_again(path, rel, got.stamp)
+                got.data = _read_again(path, got.fid, got.stamp)
             group = pseudonyms.placeholder(got.unit, got.data)
             for s in got.samples:
                 s.group, s.pixels = group, spill.put(s.pixels)
@@ -166,10 +207,7 @@ class Pseudonyms:
     """
 
     def __init__(self, salt_env: str = "") -> None:
-        self.secret = os.environ.get(salt_env, "") if salt_env else ""
-        if salt_env and not self.secret:
-            raise PipelineError(f"ingest.dicom.group_salt_env: the environment variable {salt_env} is unset or empty; "
-                                "export the secret key, or set the param to \"\" to key by the files' bytes")
+        self.secret = secret_from_env(salt_env)
         self.content = hashlib.sha256()
         self.units: dict[tuple[str, str], str] = {}
 
@@ -214,9 +252,15 @@ def _quiet_pydicom() -> Iterator[None]:
         log.disabled = was_disabled
 
 
-def file_id(rel: str) -> str:
-    """Pseudonymous id of a file from its path relative to the DICOM folder."""
-    return "dicom_" + sha256_bytes(rel.encode())[:16]
+def file_id(rel: str, digest: str | None, secret: str = "", index: int = 0) -> str:
+    """Public name of a file (see the module docstring): HMAC-SHA256 of its path relative to the DICOM folder
+    under ``secret``; without one the SHA-256 ``digest`` of its bytes, or, unreadable (None), its ``index`` in
+    the sorted listing. Never an unkeyed digest of the path."""
+    if secret:  # "path:" keeps these apart from the groups' "file:<path>" under the same key
+        return "dicom_" + hmac.new(secret.encode(), f"path:{rel}".encode(), hashlib.sha256).hexdigest()[:16]
+    if digest is not None:
+        return "dicom_" + digest[:16]
+    return f"dicom_unreadable-{index:04d}"
 
 
 def _ref(fid: str) -> str:
@@ -229,23 +273,25 @@ class _Read:
     samples: list[Sample] = field(default_factory=list)  # group still unset
     problems: list[Problem] = field(default_factory=list)
     unit: tuple[str, str] | None = None  # the leakage unit; None when the file gave no samples
+    fid: str = ""  # the file's public name
+    digest: str = ""  # sha256 of the file's bytes
     data: bytes | None = None  # the file's bytes, for the default key: kept only when read in read_dicom's process
     stamp: tuple[int, int] = (0, 0)  # size and mtime_ns as read
 
 
 def _read_job(job: tuple) -> _Read:
     """Read one file with pydicom muted (in a worker too), its problems recorded for read_dicom to report."""
-    path, rel, p, window, resolution, crop, channels, keep_bytes = job
+    path, rel, index, secret, p, window, resolution, crop, channels, keep_bytes = job
     problems = Problems("skip")
     with _quiet_pydicom():
-        got = _read_file(path, rel, p, window, resolution, crop, channels, problems)
+        got = _read_file(path, rel, index, secret, p, window, resolution, crop, channels, problems)
     got.problems = problems.items
     if not keep_bytes:
         got.data = None  # sending every file's bytes back would cost more than reading them again
     return got
 
 
-def _read_again(path: Path, rel: str, stamp: tuple[int, int]) -> bytes:
+def _read_again(path: Path, fid: str, stamp: tuple[int, int]) -> bytes:
     """The bytes a worker decoded, for the default key; a file changed in between would key other bytes."""
     try:
         with path.open("rb") as f:
@@ -254,21 +300,24 @@ def _read_again(path: Path, rel: str, stamp: tuple[int, int]) -> bytes:
     except OSError:
         same = False
     if not same:
-        raise PipelineError(f"{_ref(file_id(rel))}: changed or removed while ingest read it; "
+        raise PipelineError(f"{_ref(fid)}: changed or removed while ingest read it; "
                             "rerun ingest once the export is complete")
     return data
 
 
-def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, float], resolution: int,
-               crop: str, channels: int, problems: Problems) -> _Read:
-    fid = file_id(rel)
-    ref = _ref(fid)
+def _read_file(path: Path, rel: str, index: int, secret: str, p: DicomParams, window: str | tuple[float, float],
+               resolution: int, crop: str, channels: int, problems: Problems) -> _Read:
     try:
         with path.open("rb") as f:
             data, st = f.read(), os.fstat(f.fileno())
     except OSError as exc:  # str(exc) would quote the path
-        problems.report("unreadable_file", f"{ref}: cannot read ({exc.strerror}); check its permissions", file=fid)
+        fid = file_id(rel, None, secret, index)
+        problems.report("unreadable_file", f"{_ref(fid)}: cannot read ({exc.strerror}); check its permissions",
+                        file=fid)
         return _Read()
+    digest = sha256_bytes(data)
+    fid = file_id(rel, digest, secret, index)
+    ref = _ref(fid)
     try:  # parse from memory so no pydicom message can quote the path
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except Exception:  # InvalidDicomError, or any parse failure of a damaged header
@@ -281,9 +330,14 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
         problems.report("no_pixel_data", f"{ref}: DICOM without pixel data (a report, structured document or "
                         "presentation state?); remove it from the folder", file=fid)
         return _Read()
-    if _code(ds, "BurnedInAnnotation") == "YES":
+    burned_in = _code(ds, "BurnedInAnnotation")
+    if burned_in == "YES":
         problems.report("burned_in_annotation", f"{ref}: flagged BurnedInAnnotation=YES, its pixels may show "
                         "patient details; remove it or export a de-identified copy", file=fid)
+        return _Read()
+    if burned_in != "NO" and p.burned_in == "require_no":  # most exports leave the flag out: unknown, not clean
+        problems.report("burned_in_unknown", f"{ref}: no BurnedInAnnotation=NO, its pixels may show patient "
+                        "details; check the pixels, then set ingest.dicom.burned_in: allow_missing", file=fid)
         return _Read()
     photometric = _code(ds, "PhotometricInterpretation")
     if photometric not in SUPPORTED_PHOTOMETRIC:
@@ -308,7 +362,6 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
         problems.report("empty_caption", f"{ref}: ingest.dicom.caption_template gives an empty caption for it; "
                         "add a field it has, e.g. {modality}", file=fid)
         return _Read()
-    digest = sha256_bytes(data)
     out = []
     for k, frame in enumerate(frames, start=1):
         pixels = prepare(frame, resolution, crop)
@@ -324,7 +377,7 @@ def _read_file(path: Path, rel: str, p: DicomParams, window: str | tuple[float, 
             source="dicom:" + fid.removeprefix("dicom_"),
             source_sha256=digest,
         ))
-    return _Read(out, unit=_unit(ds, rel), data=data, stamp=(st.st_size, st.st_mtime_ns))
+    return _Read(out, unit=_unit(ds, rel), fid=fid, digest=digest, data=data, stamp=(st.st_size, st.st_mtime_ns))
 
 
 def _frames(ds: pydicom.Dataset, photometric: str, window: str | tuple[float, float],
@@ -409,11 +462,54 @@ def _render(plain: dict[str, object]) -> dict[str, object]:
     }
 
 
-if __name__ == "__main__":  # local use only: prints real paths
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m synthmed.data.dicom FOLDER [ID]   (lists 'id  relative/path')")
-    root = Path(sys.argv[1])
-    for f in sorted(f for f in root.rglob("*") if f.is_file()):
-        rel = f.relative_to(root).as_posix()
-        if len(sys.argv) == 2 or file_id(rel) == sys.argv[2]:
-            print(f"{file_id(rel)}  {rel}")
+def _default_key_env() -> str:
+    """ingest.dicom.group_salt_env of ./params.yaml, so that the locator keys ids as ingest did."""
+    try:
+        import yaml
+
+        return str(yaml.safe_load(Path("params.yaml").read_text())["ingest"]["dicom"].get("group_salt_env") or "")
+    except (OSError, KeyError, TypeError, ValueError):
+        return ""
+
+
+def locate(folder: Path, wanted: str = "", key_env: str = "") -> list[tuple[str, str]]:
+    """(id, relative path) of every file read_dicom reads, ids computed as read_dicom does; only ``wanted``'s
+    when given (byte-identical copies share an id without a key)."""
+    secret, out = secret_from_env(key_env), []
+    for index, f in enumerate(dicom_files(folder)):
+        rel = f.relative_to(folder).as_posix()
+        try:
+            digest = None if secret else sha256_bytes(f.read_bytes())
+        except OSError:
+            digest = None
+        fid = file_id(rel, digest, secret, index)
+        if not wanted or fid == wanted:
+            out.append((fid, rel))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Local use only: prints real paths."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m synthmed.data.dicom",
+                                     description="List 'id  relative/path' for the files of a DICOM folder.")
+    parser.add_argument("folder", type=Path, help="the folder ingest.path names")
+    parser.add_argument("id", nargs="?", default="", help="print only this id's file(s)")
+    parser.add_argument("--key-env", default=None, metavar="NAME",
+                        help="the environment variable with the secret key, as ingest.dicom.group_salt_env "
+                             "(default: that param in ./params.yaml); \"\" for ids from the files' bytes")
+    args = parser.parse_args(argv)
+    key_env = _default_key_env() if args.key_env is None else args.key_env
+    try:
+        found = locate(args.folder, args.id, key_env)
+    except PipelineError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for fid, rel in found:
+        print(f"{fid}  {rel}")
+    return 0 if found or not args.id else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where ingest's samples come from, by `ingest.source`: the embedded 2-D and 3-D demos, the ImageFolder,
 ImageCLEF, NIfTI and DICOM readers; a dataset path a checkout lacks, in one line saying how to get it there;
-and what each source's split had to leave out, for the dataset card."""
+what each source's split had to leave out, and what its groups are, for the dataset card."""
 
 from __future__ import annotations
 
@@ -103,6 +103,54 @@ def load_volumes(p, seed: int, problems: Problems) -> tuple[list[Sample], int, l
 
     samples, spacing = read_volumes(p.path, p.volume, resolution=p.resolution, crop=p.crop, problems=problems)
     return samples, 0, [f"Volumes resampled to {spacing:g} mm isotropic voxels, RAS voxel order"] if samples else []
+
+
+@dataclass
+class GroupUnit:
+    """What one group of a source is: the unit a split keeps whole, and so all the split guarantees."""
+    text: str  # for the dataset card
+    known: bool  # False: the data gave no groups, every image is its own, the split is image-level
+    alone: str = ""  # unknown: what fell back to a group of its own, e.g. "each image"
+    fix: str = ""  # unknown: how to give the images groups
+
+    @classmethod
+    def none(cls, alone: str, level: str, fix: str) -> "GroupUnit":
+        return cls(f"none: {alone} is its own group — {level}-level split; images of one patient may fall in "
+                   "different splits", False, alone, fix)
+
+
+def group_unit(p, samples: list[Sample]) -> GroupUnit:
+    """Where each source's groups come from (see its reader), worded for the card; ``known`` is False where the
+    data gave none, so each image (volume, DICOM file) fell back to a group of its own."""
+    volumes = p.dims == 3
+    if p.source == "demo":
+        what, guard = ("cube", "ingest.demo3d.guard_mm") if volumes else ("slice", "ingest.demo.guard_mm")
+        return GroupUnit(f"{what} position in the one MNI152 template brain (mirror images share one): every image "
+                         f"shows the same subject, so the split separates positions, `{guard}` apart, not subjects",
+                         True)
+    singletons = len({s.group for s in samples}) == len(samples)
+    if p.source == "nifti" and volumes:
+        if singletons:
+            return GroupUnit.none("each volume", "volume", "add a `group` column (the patient ID) to the "
+                                  "captions CSV (ingest.volume.captions)")
+        return GroupUnit("the captions CSV's `group` column (e.g. patient); a volume without one is its own group", True)
+    if p.source == "nifti":
+        if p.nifti.slab_slices:
+            return GroupUnit(f"slab of {p.nifti.slab_slices} neighbouring slices of one volume: the slabs of one "
+                             "volume, and so near-identical slices at slab borders, fall in different splits", True)
+        return GroupUnit("volume (one NIfTI file): a volume's slices share a split; two volumes of one patient "
+                         "may not", True)
+    if p.source == "dicom":
+        n = without_patient_id(samples)
+        if samples and all(s.group.startswith("file-") for s in samples):
+            return GroupUnit.none("each file", "file", "no file has PatientID, StudyInstanceUID or "
+                                  "SeriesInstanceUID: export them with PatientID (or those UIDs) kept")
+        return GroupUnit("patient (a keyed pseudonym of PatientID)" + (
+            f"; {n} images without PatientID are grouped by study, series or file" if n else ""), True)
+    metadata = "prompt-gt.csv" if p.source == "imageclef" else "the metadata (metadata.csv or metadata.jsonl)"
+    if singletons:
+        return GroupUnit.none("each image", "image", f"add a `group` column (the patient ID) to {metadata}")
+    return GroupUnit("the metadata's `group` column (e.g. patient); an image without one is its own group", True)
 
 
 def split_notes(p, samples: list[Sample], guard_dropped: int) -> tuple[list[str], dict[str, int]]:

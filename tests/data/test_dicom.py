@@ -1,5 +1,6 @@
 import hashlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ def write_dcm(path: Path, pixels: np.ndarray | None = RAW, photometric: str = "M
     ds.StudyDescription, ds.SeriesDescription = "Chest pain Jane Doe", "Doe PA chest"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CT", "CHEST", "PA"
+    ds.BurnedInAnnotation = "NO"  # the default policy keeps only files flagged NO
     if pixels is not None:
         ds.set_pixel_data(pixels, photometric, 8 * pixels.dtype.itemsize)
     ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
@@ -67,8 +69,9 @@ def read(folder, on_error="fail", resolution=40, channels=1, crop="pad", workers
     return samples, problems
 
 
-def file_id(rel: str) -> str:
-    return "dicom_" + hashlib.sha256(rel.encode()).hexdigest()[:16]
+def file_id(path: Path) -> str:
+    """A file's name without a secret: from its bytes, never its path."""
+    return "dicom_" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def image(sample) -> np.ndarray:
@@ -82,8 +85,8 @@ def test_shape_dtype_names_and_hashes(tmp_path):
     (rgb,), _ = read(tmp_path, resolution=16, channels=3)
     assert grey.array().shape == (16, 16) and grey.array().dtype == np.uint8
     assert rgb.array().shape == (16, 16, 3) and (rgb.array() == grey.array()[..., None]).all()
-    assert grey.file_name == file_id("Doe_Jane/scan1.dcm") + ".png"
-    assert grey.source == "dicom:" + file_id("Doe_Jane/scan1.dcm").removeprefix("dicom_")
+    assert grey.file_name == file_id(path) + ".png"
+    assert grey.source == "dicom:" + file_id(path).removeprefix("dicom_")
     assert grey.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -182,7 +185,7 @@ def test_no_identifier_reaches_samples_messages_warnings_or_logs(tmp_path, caplo
     text += repr([str(w.message) for w in caught]) + caplog.text
     leaked = [i for i in IDENTIFIERS if i.lower() in text.lower()]
     assert leaked == [], leaked
-    assert all(file_id(f"Doe_Jane/{n}") in m for n, m in zip(bad, messages))
+    assert all(file_id(patient / n) in m for n, m in zip(bad, messages))
 
 
 def test_groups_are_patients_else_study_series_or_file(tmp_path):
@@ -195,10 +198,10 @@ def test_groups_are_patients_else_study_series_or_file(tmp_path):
     write_dcm(tmp_path / "p5" / "s1.dcm", PatientID=" ", StudyInstanceUID=None, SeriesInstanceUID=None)
     samples, _ = read(tmp_path)
     group = {s.file_name: s.group for s in samples}
-    p1 = {group[file_id(f"p1/{n}.dcm") + ".png"] for n in ("s1", "s2")}
-    p1 |= {group[file_id("p1/multi.dcm") + f"_f{k:03d}.png"] for k in (1, 2, 3)}
+    p1 = {group[file_id(tmp_path / f"p1/{n}.dcm") + ".png"] for n in ("s1", "s2")}
+    p1 |= {group[file_id(tmp_path / "p1/multi.dcm") + f"_f{k:03d}.png"] for k in (1, 2, 3)}
     assert len(samples) == 9 and len(p1) == 1 and re.fullmatch(r"patient-[0-9a-f]{16}", p1.pop())
-    kinds = [group[file_id(f"p{i}/s1.dcm") + ".png"].split("-")[0] for i in (2, 3, 4, 5)]
+    kinds = [group[file_id(tmp_path / f"p{i}/s1.dcm") + ".png"].split("-")[0] for i in (2, 3, 4, 5)]
     assert kinds == ["patient", "study", "series", "file"] and len(set(group.values())) == 5
     assert without_patient_id(samples) == 3
 
@@ -225,12 +228,12 @@ def test_non_dicom_file_fails_or_is_skipped(tmp_path):
     write_dcm(tmp_path / "a.dcm")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not an image")
-    with pytest.raises(PipelineError, match=file_id("notes/readme.txt")) as err:
+    with pytest.raises(PipelineError, match=file_id(tmp_path / "notes/readme.txt")) as err:
         read(tmp_path)
     assert "not a DICOM file" in str(err.value)
     samples, problems = read(tmp_path, on_error="skip")
-    assert [s.file_name for s in samples] == [file_id("a.dcm") + ".png"]
-    assert problems.counts() == {"not_dicom": 1} and problems.items[0].file == file_id("notes/readme.txt")
+    assert [s.file_name for s in samples] == [file_id(tmp_path / "a.dcm") + ".png"]
+    assert problems.counts() == {"not_dicom": 1} and problems.items[0].file == file_id(tmp_path / "notes/readme.txt")
 
 
 @pytest.mark.parametrize(
@@ -248,7 +251,7 @@ def test_unusable_dicom_is_reported(tmp_path, make, reason, params):
     make(tmp_path / "bad.dcm")
     samples, problems = read(tmp_path, on_error="skip", **params)
     assert len(samples) == 1 and problems.counts() == {reason: 1}
-    assert problems.items[0].file == file_id("bad.dcm")
+    assert problems.items[0].file == file_id(tmp_path / "bad.dcm")
 
 
 def test_compressed_without_decoder_is_corrupt_image(tmp_path):
@@ -293,6 +296,7 @@ def test_rgb_kept_or_converted(tmp_path):
         ({"window": "40,-400"}, "ingest.dicom.window"),
         ({"window": "level,width"}, "ingest.dicom.window"),
         ({"label_field": "PatientID"}, "ingest.dicom.label_field"),
+        ({"burned_in": "ignore"}, "ingest.dicom.burned_in"),
     ],
 )
 def test_bad_params_name_the_key(params, name):
@@ -311,19 +315,13 @@ def test_pydicom_sample_files(tmp_path):
         pytest.skip("pydicom test files not installed")
     for name, path in zip(names, paths):
         shutil.copy(path, tmp_path / name)
-    samples, _ = read(tmp_path, window="auto", resolution=32)
+    with pytest.raises(PipelineError, match="burned_in: allow_missing"):  # neither file carries the flag
+        read(tmp_path, window="auto", resolution=32)
+    samples, _ = read(tmp_path, window="auto", resolution=32, burned_in="allow_missing")
     assert [s.captions for s in samples] == [[f"{m} image of the unknown body part"] for m in ("CT", "MR")]
     assert all(s.array().shape == (32, 32) and s.array().std() > 10 for s in samples)
     text = repr([(s.captions, s.file_name, s.group, s.source) for s in samples]).lower()
     assert not any(i in text for i in ("compressedsamples", "1ct1", "4mr1", "jfk", "toshiba", "ct_small", "mr_small"))
-
-
-def test_locator_maps_an_id_back_to_its_path(tmp_path):
-    write_dcm(tmp_path / "Doe_Jane" / "scan1.dcm")
-    fid = file_id("Doe_Jane/scan1.dcm")
-    out = subprocess.run([sys.executable, "-m", "synthmed.data.dicom", str(tmp_path), fid],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]).stdout
-    assert out.strip() == f"{fid}  Doe_Jane/scan1.dcm"
 
 
 def test_os_clutter_is_ignored(tmp_path):
@@ -401,10 +399,108 @@ def test_a_file_changed_between_worker_and_key_stops_the_read(tmp_path):
 
     path = write_dcm(tmp_path / "Doe_Jane" / "a.dcm")
     st = path.stat()
-    assert _read_again(path, "Doe_Jane/a.dcm", (st.st_size, st.st_mtime_ns)) == path.read_bytes()
-    with pytest.raises(PipelineError, match=f"DICOM file {file_id('Doe_Jane/a.dcm')} .*changed or removed") as err:
-        _read_again(path, "Doe_Jane/a.dcm", (st.st_size + 1, st.st_mtime_ns))
+    fid = file_id(path)
+    assert _read_again(path, fid, (st.st_size, st.st_mtime_ns)) == path.read_bytes()
+    with pytest.raises(PipelineError, match=f"DICOM file {fid} .*changed or removed") as err:
+        _read_again(path, fid, (st.st_size + 1, st.st_mtime_ns))
     assert "Doe" not in str(err.value).split("<ingest.path>")[1]
     path.unlink()
     with pytest.raises(PipelineError, match="changed or removed"):
-        _read_again(path, "Doe_Jane/a.dcm", (st.st_size, st.st_mtime_ns))
+        _read_again(path, fid, (st.st_size, st.st_mtime_ns))
+
+
+def unkeyed_path_digests(rel: str) -> set[str]:
+    """What an unkeyed file name from a path would be: sha256 hex prefixes of the path and its parts."""
+    texts = [rel, *rel.split("/"), f"path:{rel}"]
+    return {hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts}
+
+
+def test_file_names_are_keyed_by_the_secret_else_the_bytes_never_the_path(tmp_path, monkeypatch):
+    rel = "Doe_Jane/MRN-4455667/scan1.dcm"
+    path = write_dcm(tmp_path / rel)
+    (plain,), _ = read(tmp_path)
+    monkeypatch.setenv("FILE_KEY", "secret one")
+    (one,), _ = read(tmp_path, group_salt_env="FILE_KEY")
+    monkeypatch.setenv("FILE_KEY", "secret two")
+    (two,), _ = read(tmp_path, group_salt_env="FILE_KEY")
+    names = [s.file_name.removeprefix("dicom_").removesuffix(".png") for s in (plain, one, two)]
+    assert len(set(names)) == 3 and not set(names) & unkeyed_path_digests(rel)
+    assert plain.file_name == file_id(path) + ".png"  # without a secret: the bytes
+    moved = tmp_path / "elsewhere" / "x.dcm"  # the same bytes under another path: the same name
+    moved.parent.mkdir()
+    path.rename(moved)
+    assert read(tmp_path)[0][0].file_name == plain.file_name
+    assert read(tmp_path, group_salt_env="FILE_KEY")[0][0].file_name != two.file_name  # keyed by the path
+    moved.rename(path)
+    write_dcm(path, ViewPosition="AP")  # changed bytes, same path: the keyed name stays
+    assert read(tmp_path, group_salt_env="FILE_KEY")[0][0].file_name == two.file_name
+    assert read(tmp_path)[0][0].file_name != plain.file_name
+    assert all(s.source == "dicom:" + s.file_name.removeprefix("dicom_").removesuffix(".png") for s in (one, two))
+
+
+def test_an_unreadable_file_is_named_by_its_position(tmp_path, monkeypatch):
+    write_dcm(tmp_path / "Doe_Jane" / "a.dcm")
+    (tmp_path / "Doe_Jane").joinpath("b_MRN4455667.dcm").symlink_to("/proc/self/mem")  # read() fails with EIO
+    samples, problems = read(tmp_path, on_error="skip")
+    assert len(samples) == 1 and problems.counts() == {"unreadable_file": 1}
+    assert problems.items[0].file == "dicom_unreadable-0001"  # second in sorted order; nothing of its path
+    assert "MRN4455667" not in problems.items[0].message and "cannot read" in problems.items[0].message
+    monkeypatch.setenv("FILE_KEY", "k")
+    keyed = read(tmp_path, on_error="skip", group_salt_env="FILE_KEY")[1].items[0].file
+    assert re.fullmatch(r"dicom_[0-9a-f]{16}", keyed) and keyed.removeprefix("dicom_") not in unkeyed_path_digests(
+        "Doe_Jane/b_MRN4455667.dcm")
+
+
+def test_byte_identical_copies_are_reported_once(tmp_path):
+    first = write_dcm(tmp_path / "a" / "x.dcm")
+    (tmp_path / "b").mkdir()
+    shutil.copy(first, tmp_path / "b" / "x.dcm")
+    samples, problems = read(tmp_path, on_error="skip")
+    assert [s.file_name for s in samples] == [file_id(first) + ".png"]
+    assert problems.counts() == {"duplicate_file": 1} and "remove one of the copies" in problems.items[0].message
+    with pytest.raises(PipelineError, match="byte-identical copy"):
+        read(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # writing the garbled flag
+def test_burned_in_annotation_must_be_no_unless_missing_is_allowed(tmp_path):
+    write_dcm(tmp_path / "no.dcm")
+    missing = write_dcm(tmp_path / "missing.dcm", BurnedInAnnotation=None, pixels=RAW // 2)
+    write_dcm(tmp_path / "garbled.dcm", BurnedInAnnotation="Doe^Jane", pixels=RAW // 3)  # not a Code String
+    write_dcm(tmp_path / "yes.dcm", BurnedInAnnotation="YES", pixels=RAW // 4)
+    samples, problems = read(tmp_path, on_error="skip")
+    assert len(samples) == 1 and problems.counts() == {"burned_in_unknown": 2, "burned_in_annotation": 1}
+    with pytest.raises(PipelineError) as err:  # the default stops at the first file without the flag
+        read(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "ingest.dicom.burned_in: allow_missing" in message
+    assert re.search(r"DICOM file dicom_[0-9a-f]{16}\b", message) and "Doe" not in message.split("<ingest.path>")[1]
+    kept, problems = read(tmp_path, on_error="skip", burned_in="allow_missing")
+    assert len(kept) == 3 and problems.counts() == {"burned_in_annotation": 1}  # YES is refused either way
+    assert file_id(missing) + ".png" in {s.file_name for s in kept}
+
+
+def test_locator_keys_ids_as_ingest_does(tmp_path):
+    patient = tmp_path / "Doe_Jane"
+    write_dcm(patient / "scan1.dcm")
+    write_dcm(patient / "scan2.dcm", pixels=RAW // 2)
+    (patient / ".DS_Store").write_bytes(b"clutter")  # not read, so not listed
+    samples, _ = read(tmp_path)
+
+    def locate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "synthmed.data.dicom", str(tmp_path), *args],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[2],
+                              env={**os.environ, **(env or {})})
+
+    listing = locate("--key-env", "").stdout.splitlines()
+    assert sorted(line.split("  ")[0] + ".png" for line in listing) == sorted(s.file_name for s in samples)
+    fid = samples[0].file_name.removesuffix(".png")
+    assert locate(fid, "--key-env", "").stdout.strip() == f"{fid}  Doe_Jane/scan1.dcm"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FILE_KEY", "s3cret")
+        keyed = read(tmp_path, group_salt_env="FILE_KEY")[0][0].file_name.removesuffix(".png")
+    out = locate(keyed, "--key-env", "FILE_KEY", env={"FILE_KEY": "s3cret"})
+    assert out.returncode == 0 and out.stdout.strip() == f"{keyed}  Doe_Jane/scan1.dcm"
+    assert locate(keyed, "--key-env", "").returncode == 1  # another key: not found
+    unset = locate("--key-env", "NOT_SET_ANYWHERE")
+    assert unset.returncode == 2 and "NOT_SET_ANYWHERE is unset" in unset.stderr

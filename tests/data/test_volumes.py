@@ -192,7 +192,12 @@ def test_ingest_stage_on_a_nifti_folder(tmp_path):
         affine = np.diag([1.5, 1.5, 1.5, 1.0])
         affine[:3, 3] = [-35.25 + i, -39.25, -29.25]  # shifted copies: distinct cubes
         save(folder / f"sub-{i:02d}_T1w.nii.gz", volume_on((48, 56, 40), affine), affine)
+    # shifted copies of one phantom, without groups: the leakage audit stops ingest unless volume-level splits
+    # are accepted
     proc = run_ingest(tmp_path, source="nifti", path="data/raw/vols", dims=3, resolution=16, min_images=4)
+    assert proc.returncode == 2 and "each volume is its own" in proc.stderr and "ingest.volume.captions" in proc.stderr
+    proc = run_ingest(tmp_path, source="nifti", path="data/raw/vols", dims=3, resolution=16, min_images=4,
+                      image_level_splits=True)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "data/ingest"
     images = pd.read_parquet(out / "manifest/images.parquet")
@@ -202,6 +207,7 @@ def test_ingest_stage_on_a_nifti_folder(tmp_path):
     assert load_images(out / "dataset", rows["file_name"].tolist()).shape == (6, 1, 16, 16, 16)
     card = (out / "card.md").read_text()
     assert "- Volumes: 6" in card and "16^3 voxels" in card and "isotropic" in card
+    assert "none: each volume is its own group — volume-level split" in card and "central axial plane" in card
 
 
 def test_ingest_stage_refuses_dims_3_for_image_sources(tmp_path):
