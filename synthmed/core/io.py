@@ -254,16 +254,35 @@ class FileLock:
             if not create:
                 return False
         self.fd, self.shared = fd, shared
-        line = f"pid {os.getpid()} on {socket.gethostname()}" + (f" ({who})" if who else "")
-        os.pwrite(fd, line.encode()[:_HOLDER_BYTES].ljust(_HOLDER_BYTES), 0)  # one write: shared holders overwrite whole
+        if not (shared and self._named_alive()):  # a shared lock keeps naming its first live holder
+            line = f"pid {os.getpid()} on {socket.gethostname()}" + (f" ({who})" if who else "")
+            os.pwrite(fd, line.encode()[:_HOLDER_BYTES].ljust(_HOLDER_BYTES), 0)  # one write: never half a line
         return True
 
     def holder(self) -> str:
-        """Who holds (or last held) the lock, as its holder wrote it."""
+        """Who holds the lock, as its holder wrote it ("another process" where the one named has exited)."""
+        return self._line() if self._named_alive() is not False else "another process"
+
+    def _line(self) -> str:
         try:
-            return self.path.read_bytes().decode(errors="replace").strip() or "another process"
+            return self.path.read_bytes().decode(errors="replace").strip()
         except OSError:
-            return "another process"
+            return ""
+
+    def _named_alive(self) -> bool | None:
+        """Whether the process the file names is alive (None: not known, e.g. on another host)."""
+        words = self._line().split()
+        if len(words) < 4 or words[0] != "pid" or not words[1].isdigit():
+            return False
+        if words[3] != socket.gethostname():
+            return None
+        try:
+            os.kill(int(words[1]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
     def release(self) -> None:
         if self.fd is not None:

@@ -168,3 +168,53 @@ def test_shard_workers_and_the_merge_write_what_a_single_run_writes(tmp_path):
     for bad in ("3/2", "0/2", "2", "a/b"):
         with pytest.raises(PipelineError, match=f"--shard {bad}: give i/N with 1 <= i <= N"):
             parse_shard(bad)
+
+
+@pytest.mark.slow
+def test_workers_started_together_on_one_plan_render_every_shard_exactly_once(tmp_path):
+    """Two whole runs and two shard workers at once on one folder: each shard is rendered by exactly one of them, no
+    one deletes another's folder, and every whole run returns the single run's rows and bytes."""
+    script = [sys.executable, "-m", "tests.diffusion.shard_script"]
+    single = subprocess.run([*script, str(tmp_path / "single"), "--delay", "0"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    specs = ["1/1", "1/1", "1/2", "2/2"]
+    procs = [subprocess.Popen([*script, str(tmp_path / "out"), "--shard", spec, "--csv", str(tmp_path / f"{k}.csv"),
+                               "--go", str(tmp_path / "go"), "--delay", "0.1"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k, spec in enumerate(specs)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    (tmp_path / "go").touch()
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+    rendered = [int(line.split()[1]) for out, _ in outputs for line in out.splitlines() if line.startswith("rendered")]
+    assert sorted(rendered) == list(range(100, 110))  # every image once, by one worker
+    assert sum(int(out.split("stats ")[1].split()[0]) for out, _ in outputs) == 10
+    expected = pd.read_csv(tmp_path / "single.csv")
+    for k in (0, 1):  # the whole runs: every row, as one run writes them
+        assert pd.read_csv(tmp_path / f"{k}.csv").equals(expected)
+    for name in expected["file_name"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fingerprint.txt"] + [
+        f"shard_{i:05d}" for i in range(4)]  # no claim, no half shard left
+
+
+def test_a_folder_of_another_run_is_cleared_only_when_no_worker_is_in_it(tmp_path, capsys):
+    from synthmed.core.io import FileLock
+
+    plan = pd.DataFrame({"image_index": range(4), "text": ["p"] * 4, "seed": range(4)})
+
+    def render(rows):
+        yield from (np.full((8, 8), int(s), dtype=np.uint8) for s in rows["seed"])
+
+    write_shards(plan, tmp_path / "out", 2, "run-a", render, (1, 2))  # shard 0 of run a
+    worker = FileLock(tmp_path / ".out.lock")
+    assert worker.acquire(shared=True)  # a worker of run a, still inside
+    with pytest.raises(PipelineError, match=r"out: shards of another run are being written by pid \d+ on "):
+        write_shards(plan, tmp_path / "out", 2, "run-b", render)
+    assert (tmp_path / "out/shard_00000/shard.csv").is_file()  # its finished shard untouched
+    worker.release()
+    capsys.readouterr()
+    meta, stats = write_shards(plan, tmp_path / "out", 2, "run-b", render)
+    assert "/out: shards of another run (fingerprint run-a); starting fresh\n" in capsys.readouterr().out
+    assert stats["rendered"] == 4 and (tmp_path / "out/fingerprint.txt").read_text() == "run-b"
