@@ -59,6 +59,9 @@ def test_imagefolder_skip_mode_writes_report_card_and_manifest(tmp_path):
     assert metrics["rows_dropped"] == 2 and metrics["images"] == 15 and metrics["labels"] == 2
     card = (out / "card.md").read_text()
     assert "corrupt_image: 1, empty_caption: 1" in card and "| c0 |" in card
+    assert "Group (the unit no split cuts): the metadata's `group` column" in card
+    assert "Near-duplicates across splits: none found (64-bit perceptual hashes at most 4 bits apart" in card
+    assert metrics["near_duplicates_across_splits"] == 0
     assert (out / "samples.png").stat().st_size > 0
 
     first = images[["id", "split"]].copy()  # the split is a pure function of data and seed

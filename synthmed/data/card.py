@@ -28,17 +28,17 @@ def dataset_card(*, source: str, params: dict, stats: dict, images: pd.DataFrame
     lengths = pairs["caption"].str.count(r"\S+")  # no list of words per caption
     examples = pairs.drop_duplicates("caption").head(5)["caption"].tolist()
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(problems.items())) or "none"
-    alike = (f"{near_duplicates} pairs, listed in `problems.csv` (each image with its closest match)" if near_duplicates
-             else "none found")
     plane = ", volumes by their central axial plane" if volumes else ""
+    how = f"64-bit perceptual hashes at most {near_duplicate_bits} bits apart, mirror images included{plane}"
+    alike = (f"{near_duplicates} pairs ({how}); each such image is listed with its closest match in `problems.csv`"
+             if near_duplicates else f"none found ({how})")
     return f"""# Dataset card
 
 - Source: `{source}`
 - {unit}: {stats['images']} ({stats['images_train']} train / {stats['images_val']} val / {stats['images_test']} test), \
 {stats['groups']} groups
 - Group (the unit no split cuts): {split_unit}
-- Near-duplicates across splits: {alike} (64-bit perceptual hash at most {near_duplicate_bits} bits apart, \
-mirror images included{plane})
+- Near-duplicates across splits: {alike}
 - Pairs (image, caption): {stats['pairs']}; unique captions: {stats['unique_captions']}; \
 captions per image: {stats['captions_per_image']}
 - Caption length (words): median {lengths.median():.0f}, min {lengths.min()}, max {lengths.max()}
