@@ -2,7 +2,8 @@
 tasks on a Dask cluster (prefect-dask's DaskTaskRunner: a LocalCluster by default, or a running scheduler's
 address), then `dvc repro generate`, which finds every shard finished and publishes the dataset a single run
 writes. The workers share the checkout's resume store (`.synthmed/`): processes on one machine, or machines
-that mount the same checkout.
+that mount the same checkout. Each shard is claimed by the worker that renders it (synthmed.diffusion.shards), so a
+retried task or a second flow on the same plan never renders a shard twice.
 
     python -m flows.generate_shards --shards 2                          # a local cluster of 2 workers
     python -m flows.generate_shards --shards 8 --address tcp://scheduler:8786

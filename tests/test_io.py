@@ -109,3 +109,14 @@ def test_concurrent_writers_of_one_target_never_clear_each_other(tmp_path):
         assert first.read_text() == "first"
     assert target.read_text() == "first"  # the last rename wins, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+def test_a_file_written_inside_a_folder_being_written_is_fsynced_once_with_the_folder(tmp_path, monkeypatch):
+    from synthmed.core import io
+
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    with atomic_path(tmp_path / "shard", is_dir=True) as tmp:
+        write_json(tmp / "a.json", {})
+        assert synced == []
+    assert sum(p.endswith("/shard/a.json") for p in synced) == 1

@@ -88,11 +88,15 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     work = tmp / target.name
     if is_dir:
         work.mkdir()
+    # inside another writer's temporary folder (a shard's image) that writer fsyncs the whole folder before its rename
+    durable = not any(_leftover_of(part) for part in target.parent.parts)
     try:
         yield work
-        _fsync_tree(work)
+        if durable:
+            _fsync_tree(work)
         _swap_in(work, target, tmp / f"~{target.name}")
-        _fsync(target.parent)
+        if durable:
+            _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
