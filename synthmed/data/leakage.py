@@ -10,9 +10,10 @@ The hash is a 64-bit DCT perceptual hash (pHash): the image in grey, resized to
 32x32, the 8x8 lowest frequencies of its 2-D DCT, one bit per coefficient above
 the mean of the 63 non-constant ones. (The usual median threshold is unstable on
 near-symmetric anatomy: half the coefficients are then about zero, the median
-lands among them and noise flips a quarter of the bits.) Two images are near-duplicates when their hashes differ in at most
-``max_distance`` bits, either as they are or with one mirrored left-right (a
-flipped copy is the same anatomy). A volume is hashed by its central axial plane.
+lands among them and noise flips a quarter of the bits.) Two images are
+near-duplicates when their hashes differ in at most ``max_distance`` bits, either
+as they are or with one mirrored left-right (a flipped copy is the same anatomy).
+A volume is hashed by its central axial plane.
 
 Finding the pairs without comparing all of them: split the 64 bits into
 ``max_distance + 1`` bands; two hashes within ``max_distance`` bits agree exactly
