@@ -1,5 +1,6 @@
 """A stage's facts come from dvc.yaml: its inputs (templated ones filled from params.yaml), its outputs, the
-stage order; asking for an input that is missing or undeclared, or writing an undeclared output, is one line."""
+stage order; asking for an input that is missing or undeclared, or writing an undeclared output, is one line; a stage
+holds its run folder in the local store while it runs."""
 
 from __future__ import annotations
 
@@ -64,3 +65,26 @@ def test_a_missing_or_undeclared_input_or_output_is_one_line(project):
 def test_the_repository_stages_run_in_dvc_yaml_order():
     names = stage_names(REPO_ROOT / "dvc.yaml")
     assert names[0] == "ingest" and names[-1] == "report" and names.index("train_vae") < names.index("train_ldm")
+
+
+def test_a_stage_holds_its_run_folder_while_it_runs_and_lets_go_at_its_end(project, monkeypatch, capsys):
+    from synthmed.core import store
+    from synthmed.core.io import FileLock
+    from synthmed.core.stage import run_stage
+
+    monkeypatch.setenv(store.ENV, str(project / "store"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "cpu": {"mode": "native", "threads": 1}}))
+    (project / "data/first").mkdir(parents=True)
+    (project / "data/first/table.csv").write_text("a\n")
+    held = []
+
+    def main(stage):
+        folder = stage.run_dir(stage.fingerprint())
+        assert stage.run_dir(stage.fingerprint()) == folder  # asked again: the same folder, still held
+        held.append(FileLock(folder / store.LOCK).acquire())  # what another process would find: taken
+        assert (folder / store.RECORD).is_file()  # the fingerprint's components, to name what changed later
+
+    assert run_stage(main, None, [], name="second") == 0
+    folder = store.run_dir("second", Stage.load("second", None).fingerprint())
+    assert held == [False] and FileLock(folder / store.LOCK).acquire()  # free once the stage ended
