@@ -124,10 +124,11 @@ def group_unit(p, samples: list[Sample]) -> GroupUnit:
     data gave none, so each image (volume, DICOM file) fell back to a group of its own."""
     volumes = p.dims == 3
     if p.source == "demo":
-        what, guard = ("cube", "ingest.demo3d.guard_mm") if volumes else ("slice", "ingest.demo.guard_mm")
-        return GroupUnit(f"{what} position in the one MNI152 template brain (mirror images share one): every image "
-                         f"shows the same subject, so the split separates positions, `{guard}` apart, not subjects",
-                         True)
+        what, guard, mirror = (("cube", "ingest.demo3d.guard_mm", "the guard covers a cube's left-right mirror")
+                               if volumes else ("slice", "ingest.demo.guard_mm", "a sagittal slice and its mirror "
+                                                "share one"))
+        return GroupUnit(f"{what} position in the one MNI152 template brain ({mirror}): every image shows the same "
+                         f"subject, so the split separates positions, `{guard}` apart, not subjects", True)
     singletons = len({s.group for s in samples}) == len(samples)
     if p.source == "nifti" and volumes:
         if singletons:
