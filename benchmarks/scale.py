@@ -62,7 +62,8 @@ def make_dataset(root: Path, n: int, size: int, channels: int, captions: int) ->
 def params_for(data: Path, resolution: int, channels: int, base: dict | None = None) -> dict:
     """``base`` (default: params.yaml) on ``data`` with training cut to a few steps and the smallest studies."""
     p = base or yaml.safe_load((REPO / "params.yaml").read_text())
-    p["ingest"].update(source="imagefolder", path=str(data), resolution=resolution, channels=channels, min_images=1)
+    p["ingest"].update(source="imagefolder", path=str(data), resolution=resolution, channels=channels, min_images=1,
+                       image_level_splits=True)  # generated images share looks across splits, no patients
     p["train_vae"].update(CUT)
     p["train_ldm"].update(CUT, validate_every=3)
     p["prompts"].update(source="file", file=str(data.parent / "plan.txt"))

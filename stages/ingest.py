@@ -25,6 +25,7 @@ from synthmed.core.errors import PipelineError
 from synthmed.core.io import write_text
 from synthmed.core.provenance import seed_everything
 from synthmed.core.stage import Stage, run_stage
+from synthmed.text.scrub import CATEGORIES, scrub_captions
 from synthmed.viz import image_grid, save_png
 
 @dataclass
@@ -39,6 +40,7 @@ class IngestParams:
     on_error: Literal["fail", "skip"]
     workers: int  # decode processes; 0 = one per core
     max_image_pixels: int  # larger images are refused (decompression bombs)
+    scrub_captions: bool  # dates, record numbers, names and de-identification markers out of every caption
     image_level_splits: bool  # accept a dataset without groups whose splits share near-duplicate images
     near_duplicate_bits: int  # two images whose 64-bit perceptual hashes differ in at most this many bits look alike
     demo: DemoParams
@@ -60,6 +62,7 @@ def main(stage: Stage) -> None:
         samples, guard_dropped, volume_notes = load_volumes(p, seed, problems)
     else:
         samples, guard_dropped = load_demo(p, seed) if p.source == "demo" else (load_samples(p, problems), 0)
+    scrubbed = _scrub(samples) if p.scrub_captions else {}
     if len(samples) < p.min_images:
         raise PipelineError(
             f"ingest found {len(samples)} usable images, fewer than ingest.min_images={p.min_images}; "
@@ -85,7 +88,9 @@ def main(stage: Stage) -> None:
         problems.note("near_duplicate_across_splits", describe(pair, samples), file=samples[pair.a].file_name)
     stats = dataset_stats(images, pairs)
     notes, figures = split_notes(p, samples, guard_dropped)
-    notes = volume_notes + notes
+    notes = volume_notes + notes + ([f"Captions scrubbed (`ingest.scrub_captions`): {scrubbed['captions_scrubbed']} "
+                                     "changed (dates, record numbers, names, contacts, de-identification markers)"]
+                                    if scrubbed else [])
     unit_text = unit.text + (" (accepted: `ingest.image_level_splits: true`)"
                              if not unit.known and p.image_level_splits else "")
 
@@ -103,12 +108,24 @@ def main(stage: Stage) -> None:
                                               near_duplicate_bits=p.near_duplicate_bits))
     stage.write_provenance([p.path] if p.source != "demo" else [])
     stage.write_metrics({**stats, "rows_dropped": len(problems.items), "near_duplicates_across_splits": leaks.pairs,
-                         **figures}, headline=["images"])
+                         **scrubbed, **figures}, headline=["images"])
     print(f"ingest: {stats['images']} {'volumes' if p.dims == 3 else 'images'}, {stats['pairs']} pairs "
           f"({stats['images_train']}/{stats['images_val']}/{stats['images_test']}) -> {stage.out}/dataset"
           + (f"; {len(problems.items)} rows dropped, see {stage.out}/problems.csv" if problems.items else "")
           + (f"; {leaks.pairs} near-duplicate pairs across splits, see {stage.out}/problems.csv" if leaks.pairs else "")
           + "".join(f"\n  {note}" for note in notes))
+
+
+def _scrub(samples) -> dict[str, int]:
+    """Scrub every caption in place (synthmed.text.scrub): the generator trains on what is left. Returns the
+    captions changed and the removals per category, for the metrics."""
+    flat, counts = scrub_captions([c for s in samples for c in s.captions])
+    changed, it = 0, iter(flat)
+    for s in samples:
+        new = [next(it) for _ in s.captions]
+        changed += sum(a != b for a, b in zip(s.captions, new))
+        s.captions = new
+    return {"captions_scrubbed": changed, **{f"scrubbed_{k}": counts[k] for k in CATEGORIES}}
 
 
 def cli(argv: list[str] | None = None) -> int:

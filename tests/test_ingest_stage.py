@@ -71,6 +71,24 @@ def test_imagefolder_skip_mode_writes_report_card_and_manifest(tmp_path):
     assert pd.read_parquet(out / "manifest/images.parquet")[["id", "split"]].equals(first)
 
 
+@pytest.mark.parametrize("scrub", [True, False])
+def test_ingest_scrubs_identifiers_out_of_the_captions_the_generator_trains_on(tmp_path, scrub):
+    planted = ("MRN 4471203", "03/04/2021", "Dr. Jane Roe", "[** Hospital 12 **]")
+    rows = [(f"{i}.png", f"Axial slice {i}") for i in range(12)]
+    rows[3] = ("3.png", f"Axial slice 3, {planted[0]}, seen {planted[1]} by {planted[2]} at {planted[3]}")
+    write_imagefolder(tmp_path / "data/raw/ds", rows, group=[f"patient{i}" for i in range(12)])
+    proc = run_ingest(tmp_path, source="imagefolder", path="data/raw/ds", min_images=1, resolution=16,
+                      scrub_captions=scrub)
+    assert proc.returncode == 0, proc.stderr
+    text, metrics = outputs_text(tmp_path), json.loads((tmp_path / "metrics/all/ingest.json").read_text())
+    if scrub:
+        assert not [p for p in planted if p in text]
+        assert metrics["captions_scrubbed"] == 1 and metrics["scrubbed_ids"] >= 1 and metrics["scrubbed_dates"] == 1
+        assert "Axial slice 3" in pd.read_csv(tmp_path / "data/ingest/dataset/metadata.csv")["text"].str.cat()
+    else:
+        assert all(p in text for p in planted) and "captions_scrubbed" not in metrics
+
+
 def test_fail_mode_writes_nothing(tmp_path):
     root = write_imagefolder(tmp_path / "data/raw/ds", [(f"{i}.png", "x") for i in range(6)])
     (root / "3.png").unlink()

@@ -42,7 +42,7 @@ def uncaptioned_files(n: int = 48) -> dict[str, bytes]:
 
 def test_image_conditioning_runs_the_whole_dag_on_images_without_captions(tmp_path: Path):
     params = tiny_params()
-    params["ingest"].update(source="imagefolder", path="data/raw")
+    params["ingest"].update(source="imagefolder", path="data/raw", image_level_splits=True)  # generated images, no patients: no group column
     params["evaluate"]["augmentation"]["fractions"] = [1.0]  # one regime per generation mode is enough here
     repo = make_repo(tmp_path / "repo", params, uncaptioned_files())
 

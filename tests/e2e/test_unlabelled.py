@@ -45,7 +45,7 @@ def imageclef_files(n: int = 40) -> dict[str, bytes]:
 
 def test_unlabelled_imageclef_data_runs_the_whole_dag(tmp_path: Path):
     params = tiny_params()
-    params["ingest"].update(source="imageclef", path="data/raw")
+    params["ingest"].update(source="imageclef", path="data/raw", image_level_splits=True)  # generated images, no patients: no group column
     repo = make_repo(tmp_path / "repo", params, imageclef_files())
     dvc(repo, "repro")
     assert_declared_outputs(repo)
