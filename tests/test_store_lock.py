@@ -112,8 +112,8 @@ def test_what_changed_is_named_for_each_component():
     new = record()
     assert store.describe_changes(record(), new) == "another fingerprint"
     assert store.describe_changes(None, new) == "its settings were not recorded"
-    assert store.describe_changes(record(processes="2", cpu="native, 2 threads, AVX512, bf16 yes"), new) == (
-        "processes 2 -> 1, cpu native, 2 threads, AVX512, bf16 yes -> none")
+    assert store.describe_changes(record(processes="2", cpu="native, AVX512, bf16 yes"), new) == (
+        "processes 2 -> 1, cpu native, AVX512, bf16 yes -> none")
     old = {**record(), "params": {"lr": 0.2, "unet": {"channels": [32]}}, "seed": 2, "inputs": {"data/x": "h0"},
            "code": "c0"}
     assert store.describe_changes(old, new) == "code, inputs (data/x), params (lr, unet.channels), seed 2 -> 1"

@@ -118,15 +118,17 @@ def pin_cpu(threads: int, *, strict: bool = True, cross_vendor: bool = True) -> 
 
 def cpu_mode() -> str:
     """This process's CPU numerics as the run fingerprint records them: strict kernels (with MKL's branch) or native
-    ones, the thread count, ATen's vector ISA and whether oneDNN runs bf16 (the VAE's autocast on "auto")."""
+    ones, ATen's vector ISA and whether oneDNN runs bf16 (the VAE's autocast on "auto"). Not the thread count: it
+    moves rounding only, and a stage run inside another process (the shard workers of a test, a notebook) keeps that
+    process's count where `dvc repro` pins params.yaml's; the provenance record has it."""
     import torch
 
     mkl = os.environ.get("MKL_CBWR", "")
     strict = (os.environ.get("ATEN_CPU_CAPABILITY") == STRICT_ENV["ATEN_CPU_CAPABILITY"]
               and mkl in (STRICT_ENV["MKL_CBWR"], _SAME_VENDOR_MKL))
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return (f"{f'strict (MKL {mkl})' if strict else 'native'}, {torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'yes' if bf16 else 'no'}")
+    return (f"{f'strict (MKL {mkl})' if strict else 'native'}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'yes' if bf16 else 'no'}")
 
 
 def needs_reexec(threads: int, *, cross_vendor: bool = True) -> bool:

@@ -118,26 +118,25 @@ def write_shards(plan: pd.DataFrame, out: str | Path, shard_size: int, fingerpri
         finished = [_finished(out, i) for i in range(len(starts))]
         resumed = sum(len(plan.iloc[start : start + shard_size]) for start, done in zip(starts, finished) if done)
         bar = progress(desc="generate", total=len(plan), initial=resumed, unit="image")  # rates count rendered images
-        done, rendered, seconds, claimed_elsewhere = {}, 0, 0.0, []
-        for i, start in enumerate(starts):
-            if finished[i]:
-                done[i] = read_table(out / shard_name(i) / "shard.csv")
-            elif _is_mine(i, i_worker, n_workers):
-                tick = time.perf_counter()
-                result = _render_shard(out, i, plan.iloc[start : start + shard_size].copy(), render, bar, wait=False)
-                if result is None:
-                    claimed_elsewhere.append(i)
-                    continue
-                done[i], n = result
-                rendered += n
-                seconds += time.perf_counter() - tick if n else 0.0
+        done = {i: read_table(out / shard_name(i) / "shard.csv") for i, f in enumerate(finished) if f}
+        rendered, seconds = 0, 0.0
+
+        def take(i: int, wait: bool) -> bool:  # False: another worker has the shard claimed
+            nonlocal rendered, seconds
+            tick = time.perf_counter()
+            rows = plan.iloc[starts[i] : starts[i] + shard_size].copy()
+            result = _render_shard(out, i, rows, render, bar, wait=wait)
+            if result is None:
+                return False
+            done[i], n = result
+            rendered, seconds = rendered + n, seconds + (time.perf_counter() - tick if n else 0.0)
+            return True
+
+        claimed_elsewhere = [i for i in range(len(starts))
+                             if not finished[i] and _is_mine(i, i_worker, n_workers) and not take(i, wait=False)]
         if n_workers == 1:  # the whole plan is this run's: wait for the shards other workers are rendering
             for i in claimed_elsewhere:
-                tick = time.perf_counter()
-                done[i], n = _render_shard(out, i, plan.iloc[starts[i] : starts[i] + shard_size].copy(), render, bar,
-                                           wait=True)
-                rendered += n
-                seconds += time.perf_counter() - tick if n else 0.0
+                take(i, wait=True)
         bar.close()
     stats = {"images": len(plan), "rendered": rendered, "resumed": resumed,
              "render_s": round(seconds, 2), "images_per_s": round(rendered / seconds, 3) if seconds else None}
