@@ -52,7 +52,8 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, caps
     assert all("lora_" in k for k in kept) if mode == ("lora",) else len(kept) == len(a["weights"])
 
 
-def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
     save_checkpoint(tmp_path / "c", 10, {"fingerprint": "old", "step": 10}, keep=2)
     assert load_latest(tmp_path / "c", "old")["step"] == 10
     assert load_latest(tmp_path / "c", "new") is None and not (tmp_path / "c").exists()
+    assert capsys.readouterr().out == f"{tmp_path / 'c'}: checkpoints of another run; starting fresh\n"
