@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -91,7 +92,13 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     # inside another writer's temporary folder (a shard's image) that writer fsyncs the whole folder before its rename
     durable = not any(_leftover_of(part) for part in target.parent.parts)
     try:
-        yield work
+        try:
+            yield work
+        except Exception as exc:
+            refused = None if isinstance(exc, OSError) else _refused(work)
+            if refused:  # torch and safetensors report a failed write without its errno or path
+                raise OSError(refused, os.strerror(refused), str(target)) from exc
+            raise
         if durable:
             _fsync_tree(work)
         _swap_in(work, target, tmp / f"~{target.name}")
@@ -100,6 +107,21 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
+
+
+def _refused(work: Path) -> int | None:
+    """ENOSPC when the file system under ``work`` has no block left for us, EFBIG when a file written there
+    reached the process's file-size limit (ulimit -f), else None: the cause of a writer's error without an errno."""
+    try:
+        if os.statvfs(work.parent).f_bavail == 0:
+            return errno.ENOSPC
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [work] if work.is_file() else [f for f in work.rglob("*") if f.is_file()]
+        if limit != resource.RLIM_INFINITY and any(f.stat().st_size >= limit for f in files):
+            return errno.EFBIG
+    except OSError:
+        pass
+    return None
 
 
 def _leftover_of(name: str) -> str | None:

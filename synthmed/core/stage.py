@@ -175,6 +175,7 @@ def _lookup(data: dict, dotted: str):
 
 # Errors of the machine that no retry fixes: one line and exit 2, like bad params.
 _USER_FIXABLE_OS_ERRORS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+                           errno.EFBIG: "free disk space or raise the file-size limit (ulimit -f)",
                            errno.EROFS: "make the output folder writable", errno.EACCES: "fix its permissions",
                            errno.EPERM: "fix its permissions"}
 
