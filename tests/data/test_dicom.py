@@ -241,6 +241,7 @@ def test_non_dicom_file_fails_or_is_skipped(tmp_path):
     [
         (lambda p: write_dcm(p, pixels=None), "no_pixel_data", {}),
         (lambda p: write_dcm(p, PixelData=b"\0" * 10), "corrupt_image", {}),
+        (lambda p: p.write_bytes(write_dcm(p).read_bytes()[:2000]), "corrupt_image", {}),  # truncated in its pixels
         (lambda p: write_dcm(p, BurnedInAnnotation="YES"), "burned_in_annotation", {}),
         (lambda p: write_dcm(p, PhotometricInterpretation="PALETTE COLOR"), "unsupported_image", {}),
         (lambda p: write_dcm(p, ViewPosition=None), "empty_caption", {"caption_template": "{view}"}),
