@@ -68,7 +68,7 @@ LoRA fine-tune of the {p.base} pipeline `{p.base_path}`{f" (prior `{p.kandinsky.
 {'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, caption) pairs at
   {metrics['resolution']} px; dataset sha256 `{data_sha}`
-- Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
+- Run fingerprint (params, seed {seed}, input hashes, code, device, precision, processes, CPU mode, package versions): `{fingerprint}`
 - Validation loss (these weights, then the raw training weights): {losses}
 
 ```python

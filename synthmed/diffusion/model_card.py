@@ -45,7 +45,7 @@ def model_card(p, seed: int, fingerprint: str, metrics: dict) -> str:
 {USAGE[p.condition].format(p=p)}
 Weights: {'the EMA (decay ' + str(p.ema_decay) + ')' if p.ema_decay > 0 else 'the final training weights'}.
 
-- Run fingerprint (params, seed {seed}, input hashes, code): `{fingerprint}`
+- Run fingerprint (params, seed {seed}, input hashes, code, device, precision, processes, CPU mode, package versions): `{fingerprint}`
 - Training data: {metrics['train_images']} images, {metrics['train_pairs']} (image, condition) pairs, \
 {metrics['unique_captions']} unique captions; hashes in `provenance.json` next to this folder
 - Loss (min-SNR-weighted as trained): training, mean of the last {min(TAIL, p.steps)} steps \
