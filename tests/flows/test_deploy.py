@@ -124,7 +124,9 @@ def test_nightly_on_a_worker_comes_back_to_the_workstation(tmp_path: Path, prefe
     deployment = [d for d in client.post("/deployments/filter", json={
         "deployments": {"name": {"any_": ["nightly-gpu"]}}}).json() if d["work_pool_name"] == "gpu-nightly"]
     assert len(deployment) == 1 and deployment[0]["parameters"]["stages"] == ["ingest", "paraphrase"]
-    run_id = client.post(f"/deployments/{deployment[0]['id']}/create_flow_run", json={}).json()["id"]
+    created = client.post(f"/deployments/{deployment[0]['id']}/create_flow_run", json={})
+    assert created.status_code == 201, f"{created.status_code}: {created.text}\n{tail(server_log)}"
+    run_id = created.json()["id"]
     worker, worker_log = start_worker(env, tmp_path, "gpu-nightly")
     alive, logs = watch(worker, server_log, worker_log)
     try:
