@@ -78,6 +78,9 @@ def test_a_dicom_export_full_of_identifiers_leaves_none_in_any_output(tmp_path: 
     params = tiny_params()
     params["ingest"].update(source="dicom", path="data/raw/export", dicom={**params["ingest"]["dicom"], "label_field": "body_part"})
     params["paraphrase"].update(backend="openai")
+    for trainer in ("train_vae", "train_ldm"):  # what is written matters here, not what is learnt
+        params[trainer].update(steps=10, checkpoint_every=10)
+    params["train_ldm"]["validate_every"] = 10
     with FakeOpenAI(good) as server:
         params["paraphrase"]["openai"].update(base_url=server.url, api_key_env=ENV, backoff_s=0.01)
         repo = make_repo(tmp_path / "repo", params, files)
