@@ -25,7 +25,7 @@ from synthmed.core.errors import PipelineError
 from synthmed.core.io import write_text
 from synthmed.core.provenance import seed_everything
 from synthmed.core.stage import Stage, run_stage
-from synthmed.text.scrub import CATEGORIES, scrub_captions
+from synthmed.text.scrub import scrub_captions, scrub_figures
 from synthmed.viz import image_grid, save_png
 
 @dataclass
@@ -88,7 +88,7 @@ def main(stage: Stage) -> None:
         problems.note("near_duplicate_across_splits", describe(pair, samples), file=samples[pair.a].file_name)
     stats = dataset_stats(images, pairs)
     notes, figures = split_notes(p, samples, guard_dropped)
-    notes = volume_notes + notes + ([f"Captions scrubbed (`ingest.scrub_captions`): {scrubbed['captions_scrubbed']} "
+    notes = volume_notes + notes + ([f"Captions scrubbed (`ingest.scrub_captions`): {scrubbed['scrubbed_captions']} "
                                      "changed (dates, record numbers, names, contacts, de-identification markers)"]
                                     if scrubbed else [])
     unit_text = unit.text + (" (accepted: `ingest.image_level_splits: true`)"
@@ -119,13 +119,12 @@ def main(stage: Stage) -> None:
 def _scrub(samples) -> dict[str, int]:
     """Scrub every caption in place (synthmed.text.scrub): the generator trains on what is left. Returns the
     captions changed and the removals per category, for the metrics."""
-    flat, counts = scrub_captions([c for s in samples for c in s.captions])
-    changed, it = 0, iter(flat)
+    before = [c for s in samples for c in s.captions]
+    after, counts = scrub_captions(before)
+    it = iter(after)
     for s in samples:
-        new = [next(it) for _ in s.captions]
-        changed += sum(a != b for a, b in zip(s.captions, new))
-        s.captions = new
-    return {"captions_scrubbed": changed, **{f"scrubbed_{k}": counts[k] for k in CATEGORIES}}
+        s.captions = [next(it) for _ in s.captions]
+    return scrub_figures(before, after, counts)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from synthmed.core.stage import Stage, run_stage
 from synthmed.text.backend import backend_used, make_paraphraser, report_declined, report_scrubbed
 from synthmed.text.llm import LLMStats, OpenAIParams
 from synthmed.text.paraphrase import augment_pairs
-from synthmed.text.scrub import CATEGORIES, scrub_captions
+from synthmed.text.scrub import scrub_captions, scrub_figures
 
 
 @dataclass
@@ -51,8 +51,8 @@ def main(stage: Stage) -> None:
         eligible.update(chunk.loc[chunk["split"].isin(p.splits), "text"])
     unique = sorted(eligible - {""})  # an image without a caption has nothing to rephrase
     scrubbed, found = scrub_captions(unique) if p.scrub else (unique, Counter())
-    changed = sum(a != b for a, b in zip(unique, scrubbed))
-    report_scrubbed(changed, len(unique), found)
+    scrub_metrics = scrub_figures(unique, scrubbed, found)
+    report_scrubbed(scrub_metrics["scrubbed_captions"], len(unique), found)
     # captions that differ only in what was scrubbed share one request; one that was nothing else gets none
     sent = sorted(set(scrubbed) - {""})
     replies = paraphraser.paraphrase(sent, p.n_per_caption)
@@ -89,10 +89,7 @@ def main(stage: Stage) -> None:
         "cache_hits": stats.cache_hits,
         "tokens": stats.prompt_tokens + stats.completion_tokens,
         **{f"rejected_{r}": stats.rejected.get(r, 0) for r in reasons},
-        # what the scrubber removed from the unique captions before paraphrasing (per category, in all)
-        **{f"scrubbed_{c}": found.get(c, 0) for c in CATEGORIES},
-        "scrubbed_total": sum(found.values()),
-        "scrubbed_captions": changed,
+        **scrub_metrics,  # what the scrubber removed from the unique captions before paraphrasing
     }, headline=["unique_captions_after"])
     print(f"paraphrase: {len(unique)} unique captions -> {n_para} paraphrases; {n_pairs} pairs; "
           f"{stats.requests} requests, {stats.cache_hits} cache hits, {sum(stats.rejected.values())} rejected")

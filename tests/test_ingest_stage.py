@@ -83,10 +83,10 @@ def test_ingest_scrubs_identifiers_out_of_the_captions_the_generator_trains_on(t
     text, metrics = outputs_text(tmp_path), json.loads((tmp_path / "metrics/all/ingest.json").read_text())
     if scrub:
         assert not [p for p in planted if p in text]
-        assert metrics["captions_scrubbed"] == 1 and metrics["scrubbed_ids"] >= 1 and metrics["scrubbed_dates"] == 1
+        assert metrics["scrubbed_captions"] == 1 and metrics["scrubbed_ids"] >= 1 and metrics["scrubbed_dates"] == 1
         assert "Axial slice 3" in pd.read_csv(tmp_path / "data/ingest/dataset/metadata.csv")["text"].str.cat()
     else:
-        assert all(p in text for p in planted) and "captions_scrubbed" not in metrics
+        assert all(p in text for p in planted) and "scrubbed_captions" not in metrics
 
 
 def test_fail_mode_writes_nothing(tmp_path):

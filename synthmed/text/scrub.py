@@ -252,6 +252,13 @@ def _scrub_once(text: str) -> tuple[str, Counter]:
     return _tidy(out), counts
 
 
+def scrub_figures(before: list[str], after: list[str], counts: Counter) -> dict[str, int]:
+    """The metrics of one scrub (ingest's and paraphrase's alike): the captions it changed, the removals in all and
+    per category."""
+    return {"scrubbed_captions": sum(a != b for a, b in zip(before, after)), "scrubbed_total": sum(counts.values()),
+            **{f"scrubbed_{c}": counts.get(c, 0) for c in CATEGORIES}}
+
+
 def scrub_captions(captions: list[str]) -> tuple[list[str], Counter]:
     """Each caption scrubbed (see ``scrub``), in order, and the changes per category summed over the list:
     a caption that occurs three times counts three times. Repeated captions are scrubbed once."""

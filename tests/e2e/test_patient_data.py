@@ -5,7 +5,6 @@ log, cache, DVC cache entry, request sent to the LLM or line printed."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from tests.data.test_dicom import write_dcm
 from tests.e2e.harness import dvc, make_repo, tiny_params
+from tests.test_ingest_stage import digests  # sha256, sha1 and md5 hex, whole and as 12/16-digit prefixes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -47,14 +47,6 @@ def export(root: Path) -> list[str]:
                       PatientID=mrn, PatientBirthDate=dob, InstitutionName=HOSPITAL, BodyPartExamined=part,
                       ImageComments=report, StudyDescription=f"CT {part.lower()} for {last}")
     return planted
-
-
-def unkeyed_digests(text: str) -> set[str]:
-    out = set()
-    for algo in ("sha256", "sha1", "md5"):
-        hexed = hashlib.new(algo, text.encode()).hexdigest()
-        out |= {hexed, hexed[:16], hexed[:12]}
-    return out
 
 
 def readable(path: Path) -> str:
@@ -101,6 +93,6 @@ def test_a_dicom_export_full_of_identifiers_leaves_none_in_any_output(tmp_path: 
         looked += 1
     assert looked > 100  # outputs, metrics, logs, the store's caches and DVC's cache entries
     text = "\n".join(sources)
-    needles = set(planted) | {d for p in planted for d in unkeyed_digests(p)}
+    needles = set(planted) | {d for p in planted for d in digests(p)}
     found = sorted(n for n in needles if n in text)
     assert not found, f"identifiers in the outputs: {found[:10]}"
